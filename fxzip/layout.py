@@ -9,6 +9,15 @@ A tensor read from a parameter by view ops carries a ``ParamView`` instead:
 which parameter axis each tensor axis is, so an op that combines it with a
 channel tensor (layer scale, position embedding) can bind the parameter to
 that space.
+
+Attention and other grouped ops spread one space over two axes: after
+``reshape(B, N, H, D)`` element ``[h, d]`` of the channel axes is unit
+``h * D + d``; ``group_dim`` is the head axis and ``dim`` the axis of units
+within a head. A fused projection reshaped to ``(3, H, D)`` also has a
+``stack_dim``: index ``i`` along it is ``segments[i]`` (q, k, v), each its own
+space. An attention map ``softmax(q k^T)`` keeps only the head axis
+(``group_dim`` set, ``dim`` None): its heads must follow the heads of the
+values it multiplies.
 """
 from __future__ import annotations
 
@@ -42,10 +51,32 @@ class Layout:
     dim: int | None = None
     segments: tuple[Segment, ...] = ()
     param: ParamView | None = None
+    group_dim: int | None = None
+    stack_dim: int | None = None
 
     @property
     def has_channels(self) -> bool:
         return self.dim is not None
+
+    @property
+    def grouped(self) -> bool:
+        """Channels spread over several axes (heads, a stacked q/k/v): only
+        rules marked ``group_aware`` may see such a tensor."""
+        return self.group_dim is not None or self.stack_dim is not None
+
+    def permuted(self, perm: list[int]) -> "Layout":
+        """The layout after ``x.permute(perm)``: every tracked axis moves."""
+        where = {old: new for new, old in enumerate(perm)}
+        pick = lambda d: None if d is None else where[d]  # noqa: E731
+        axes = self.param.axes if self.param is not None else None
+        param = ParamView(self.param.name, tuple(axes[p] for p in perm)) if axes is not None else None
+        return replace(self, dim=pick(self.dim), group_dim=pick(self.group_dim), stack_dim=pick(self.stack_dim),
+                       param=param)
+
+    def shifted(self, by: int) -> "Layout":
+        """Every tracked axis moved by ``by`` (broadcasting added leading axes)."""
+        pick = lambda d: None if d is None else d + by  # noqa: E731
+        return replace(self, dim=pick(self.dim), group_dim=pick(self.group_dim), stack_dim=pick(self.stack_dim))
 
     @property
     def length(self) -> int:

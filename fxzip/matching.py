@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .stats import SpaceStats
 
-__all__ = ["Match", "register_matcher", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
+__all__ = ["Match", "Similarity", "register_matcher", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
            "cluster_assignment", "mean_matched_correlation"]
 
 
@@ -28,6 +28,41 @@ class Match:
     cross: int                               # merges that joined features of different models only
     budget_relaxed: bool = False             # zipit had to exceed beta's budget to finish
     extra: dict = field(default_factory=dict)
+
+
+class Similarity:
+    """A similarity matrix over the stacked features [model 0 | model 1 | ...],
+    with the duck type of ``SpaceStats`` that matchers read: ``correlation()``,
+    ``constant()`` and ``mean``.
+
+    Why a separate type: MuDSC matches on a blend of activation and weight
+    similarity, and group-aware matching runs a matcher on the sub-matrix of
+    one group; both need a matcher input that is not a streamed statistic.
+    ``constant``/``mean`` describe features that are constant on the data
+    (only activations know that); without them nothing is constant.
+    """
+
+    def __init__(self, matrix: torch.Tensor, constant: torch.Tensor | None = None,
+                 mean: torch.Tensor | None = None):
+        self.matrix = matrix
+        self._constant = constant if constant is not None else torch.zeros(matrix.shape[0], dtype=torch.bool)
+        self.mean = mean if mean is not None else torch.zeros(matrix.shape[0], dtype=matrix.dtype)
+
+    @classmethod
+    def of(cls, stats: "SpaceStats | Similarity") -> "Similarity":
+        if isinstance(stats, Similarity):
+            return stats
+        return cls(stats.correlation(), stats.constant(), stats.mean)
+
+    def correlation(self) -> torch.Tensor:
+        return self.matrix
+
+    def constant(self) -> torch.Tensor:
+        return self._constant
+
+    def subset(self, index: torch.Tensor) -> "Similarity":
+        """The features ``index`` (stacked indices), in that order."""
+        return Similarity(self.matrix[index][:, index], self._constant[index], self.mean[index])
 
 
 Matcher = Callable[..., Match]

@@ -18,7 +18,10 @@ from tqdm.auto import tqdm
 from .analysis import GraphAnalysis, analyze
 from .cuts import find_cuts, resolve_cut
 from .data import Batches
-from .matching import Match, get_matcher, mean_matched_correlation, weight_average
+from .grouped import blocks_of, identity_match, match_all, match_units
+from .mudsc import dual_space_match
+from .permute import default_example
+from .matching import Similarity, get_matcher, mean_matched_correlation
 from .passes.fold import fold
 from .passes.observe import OBSERVERS, insert_observers
 from .passes.reset_norm import reset_batch_norm
@@ -30,9 +33,10 @@ from .trace import trace
 __all__ = ["merge", "calibrate", "Calibration", "check_same_architecture"]
 
 
-def merge(*models: nn.Module, data: Iterable[Any], method: str = "zipit", alpha: float = 0.3,
-          beta: float = 0.125, stop_at: Any = None, reset_bn: bool = True, max_batches: int | None = None,
-          inputs: Callable[[Any], Any] | None = None, progress: bool = True) -> fx.GraphModule:
+def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit", alpha: float = 0.3,
+          beta: float = 0.125, stop_at: Any = None, reset_bn: bool | None = None, max_batches: int | None = None,
+          inputs: Callable[[Any], Any] | None = None, progress: bool = True, weight_similarity: float = 0.5,
+          example_inputs: Any = None, seed: int = 0) -> fx.GraphModule:
     """Merge models of one architecture, trained on different tasks, into one.
 
     Args:
@@ -40,15 +44,28 @@ def merge(*models: nn.Module, data: Iterable[Any], method: str = "zipit", alpha:
             torch.fx can trace, timm models included). They are never modified.
         data: unlabeled calibration batches (a DataLoader, or a list of tensors or
             of (x, y) tuples); a few hundred images suffice. A ``Calibration``
-            from ``fxzip.calibrate`` reuses its statistics.
-        method: a registered matcher: "zipit", "permute" or "weight_average".
-        alpha, beta: zipit's repeated-matching factor and within-model budget.
+            from ``fxzip.calibrate`` reuses its statistics. ``None``: a data-free
+            merge (``method="mudsc"``/``"mudsc_permute"`` with
+            ``weight_similarity=1.0``, or ``"weight_average"``); then
+            ``example_inputs`` gives the shapes for tracing.
+        method: "zipit", "permute", "weight_average" (or another registered
+            matcher), or MuDSC's dual-space matching on top of zipit ("mudsc") or
+            of permute ("mudsc_permute").
+        alpha, beta: zipit's repeated-matching factor and within-model budget
+            (also used by "mudsc").
         stop_at: partial zip: a cut point's name, a ``CutPoint`` or an int k (the
             last cut with ``k`` or fewer layers zipped; 0 zips nothing). The result
             then returns a tuple with one output per model (see ``fxzip.cut_points``).
-        reset_bn: recompute batch-norm statistics of the result on ``data``.
+        reset_bn: recompute batch-norm statistics of the result on ``data``
+            (default: whenever there is data). Without data the running
+            statistics are merged like the weights.
         max_batches: use at most this many batches of ``data``.
         inputs: picks the model input out of a batch, e.g. ``lambda b: b["image"]``.
+        weight_similarity: MuDSC's balance: similarity = ``weight_similarity *
+            S_weights + (1 - weight_similarity) * S_activations``.
+        example_inputs: an input batch for tracing when ``data`` is None (timm
+            models with a declared input size need none).
+        seed: seeds MuDSC's order of re-matching spaces.
 
     Returns:
         Full zip: a ``GraphModule`` with the architecture's nodes and parameter
@@ -57,8 +74,12 @@ def merge(*models: nn.Module, data: Iterable[Any], method: str = "zipit", alpha:
         ``result.meta["fxzip"]`` is a ``MergeReport``.
     """
     matcher = _check_args(models, method, alpha, beta, stop_at)
+    reset_bn = _check_data_free(models, data, method, weight_similarity, reset_bn, example_inputs)
     if isinstance(data, Calibration):
         cal = data.reused_for(models)
+    elif data is None:
+        cal = _prepare(models, [example_inputs if example_inputs is not None else default_example(models[0])],
+                       None, inputs)
     else:
         cal = _prepare(models, data, max_batches, inputs)
     seconds = dict(cal.seconds)
@@ -66,11 +87,18 @@ def merge(*models: nn.Module, data: Iterable[Any], method: str = "zipit", alpha:
     with _timed(seconds, "analysis"):
         cut = resolve_cut(stop_at, find_cuts(gms[0], analysis)) if stop_at is not None else None
     report_warnings = _output_warnings(analysis) if cut is None else []
-    if method != "weight_average" and not (cut is not None and cut.k == 0):
+    data_free = data is None
+    needs_activations = method != "weight_average" and not (method in DUAL_SPACE and weight_similarity == 1.0)
+    if needs_activations and not data_free and not (cut is not None and cut.k == 0):
         with _timed(seconds, "calibration"):
             cal.run(progress)  # a no-op when the statistics were computed before
+    details: dict[str, Any] = {}
     with _timed(seconds, "matching"):
-        matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method)
+        if method in DUAL_SPACE:
+            matches, rows, details = _dual_space(analysis, gms, cal.stats, matcher, len(models), alpha, beta, method,
+                                                 weight_similarity, seed, progress)
+        else:
+            matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method)
     with _timed(seconds, "folding"):
         assign = {i: m.assign for i, m in matches.items()}
         merged = fold(gms[0], gms, analysis, assign)
@@ -81,7 +109,7 @@ def merge(*models: nn.Module, data: Iterable[Any], method: str = "zipit", alpha:
             reset_batch_norm(merged, batches, lambda m, b: m(*b))
     seconds["total"] = sum(seconds.values())
     report = MergeReport(method, len(models), rows, seconds, cal.n_batches, cal.n_samples, report_warnings, cut,
-                         _macs(merged, gms, batches.example))
+                         _macs(merged, gms, batches.example), details)
     merged.meta["fxzip"] = report
     return merged
 
@@ -138,6 +166,31 @@ def _prepare(models, data, max_batches, inputs) -> Calibration:
     return Calibration(models, gms, analysis, batches, seconds)
 
 
+DUAL_SPACE = {"mudsc": "zipit", "mudsc_permute": "permute"}
+"""MuDSC methods and the matcher each re-runs on the blended similarity."""
+
+
+def _check_data_free(models, data, method: str, weight_similarity: float, reset_bn: bool | None,
+                     example_inputs: Any) -> bool:
+    """Validate the data-free options before any work; returns the effective reset_bn."""
+    if not 0.0 <= weight_similarity <= 1.0:
+        raise ValueError(f"weight_similarity must be in [0, 1], got {weight_similarity}")
+    if data is not None:
+        return True if reset_bn is None else reset_bn
+    if reset_bn:
+        raise ValueError("reset_bn=True needs data to recompute the norm statistics on; with data=None they "
+                         "are merged like the weights. Pass data=..., or reset_bn=False.")
+    if method in DUAL_SPACE and weight_similarity != 1.0:
+        raise ValueError(f"data=None leaves method={method!r} no activations to compare; a data-free MuDSC merge "
+                         "matches on weights alone: pass weight_similarity=1.0 (or give data).")
+    if method not in DUAL_SPACE and method != "weight_average":
+        raise ValueError(f"method={method!r} matches features by their activations and needs data; for a data-free "
+                         "merge use method='mudsc' (or 'mudsc_permute') with weight_similarity=1.0.")
+    if example_inputs is None:
+        default_example(models[0])  # raises, naming example_inputs, when the model declares no input size
+    return False
+
+
 def _check_args(models: Sequence[nn.Module], method: str, alpha: float, beta: float, stop_at: Any):
     if len(models) < 2:
         raise ValueError(f"merge needs at least two models, got {len(models)}")
@@ -151,12 +204,12 @@ def _check_args(models: Sequence[nn.Module], method: str, alpha: float, beta: fl
             + ", ".join(f"model {k}: {d} {t}" for k, (d, t) in enumerate(devices))
             + ". Move them to one, e.g. model.to('cpu', torch.float32), before merging."
         )
-    matcher = get_matcher(method)
+    matcher = get_matcher(DUAL_SPACE.get(method, method))
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if method == "zipit" and alpha == 0 and len(models) > 2:
+    if method in ("zipit", "mudsc") and alpha == 0 and len(models) > 2:
         raise ValueError("zipit with alpha=0 never lets a merged cluster re-enter the pool, so only pairs "
                          f"form; merging {len(models)} models needs alpha > 0.")
     return matcher
@@ -221,7 +274,7 @@ def _meta_shape_of(meta):
 def _output_warnings(analysis: GraphAnalysis) -> list[str]:
     out = []
     for sp in analysis.spaces:
-        if sp.touches_output and len(sp.producers) > 1:
+        if sp.touches_output and len(sp.producers) > 1 and sp.consumers:
             msg = (f"the output space ({sp.size} channels) also contains internal producers "
                    f"{sp.producers[:6]}{'...' if len(sp.producers) > 6 else ''}: the whole stream is averaged "
                    "without matching (e.g. a backbone with num_classes=0). Add a head, or cut earlier.")
@@ -246,26 +299,52 @@ def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches
 
 
 def _match_all(analysis, stats, matcher, n_models, alpha, beta, method):
-    matches: dict[int, Match] = {}
+    sims = {i: Similarity.of(st) for i, st in stats.items()}
+    matches = match_all(analysis, sims, matcher, n_models, alpha=alpha, beta=beta)
+    return matches, _report_rows(analysis, sims, matches, method)
+
+
+def _dual_space(analysis, gms, stats, matcher, n_models, alpha, beta, method, weight_similarity, seed, progress):
+    """MuDSC (``fxzip.mudsc``): the units it re-matches are ``grouped.blocks_of``,
+    each matched by the group-aware ``match_units`` on the blended similarity."""
+    activation = {i: Similarity.of(st) for i, st in stats.items()} if weight_similarity < 1.0 else None
+    units = [block for block in blocks_of(analysis) if any(analysis.spaces[i].mergeable for i in block)]
+
+    def match_block(unit, sims):
+        return match_units(analysis, unit, sims, matcher, n_models, alpha=alpha, beta=beta)
+
+    best, history = dual_space_match(analysis, [gm.state_dict() for gm in gms], units, activation, None,
+                                     weight_similarity=weight_similarity, seed=seed, progress=progress,
+                                     match_block=match_block)
+    matches = {sp.index: best.get(sp.index) or identity_match(n_models, sp.size) for sp in analysis.spaces}
+    rows = _report_rows(analysis, activation or {}, matches, method)
+    return matches, rows, {"mudsc": history}
+
+
+def _report_rows(analysis, sims, matches, method) -> list[SpaceReport]:
     rows: list[SpaceReport] = []
     for sp in analysis.spaces:
-        if sp.index in stats:
-            st = stats[sp.index]
-            m = matcher(st, n_models, sp.size, alpha=alpha, beta=beta)
-            corr = st.correlation()
-            const = int(st.constant().sum())
-            rows.append(SpaceReport(sp.index, sp.name, sp.size, True, m.within, m.cross, const,
-                                    mean_matched_correlation(corr, m.assign),
-                                    "budget relaxed" if m.budget_relaxed else ""))
+        m = matches[sp.index]
+        notes = []
+        if sp.groups > 1:
+            notes.append(f"{sp.groups} groups" + (f", tied with {[i for i in sp.tie if i != sp.index]}"
+                                                  if len(sp.tie) > 1 else ""))
+        if sp.bilinear:
+            notes.append("q.k: cross-model only")
+        if m.budget_relaxed:
+            notes.append("budget relaxed")
+        if sp.index in sims and sp.mergeable:
+            sim = sims[sp.index]
+            rows.append(SpaceReport(sp.index, sp.name, sp.size, True, m.within, m.cross,
+                                    int(sim.constant().sum()), mean_matched_correlation(sim.correlation(), m.assign),
+                                    "; ".join(notes)))
         else:
-            m = weight_average(None, n_models, sp.size)
             why = ("output" if sp.touches_output else "; ".join(sorted(set(sp.fixed)))[:60] if sp.fixed
                    else "no probe point" if not sp.probes else method)
             rows.append(SpaceReport(sp.index, sp.name, sp.size, method == "weight_average" and not sp.fixed
                                     and not sp.touches_output, m.within, m.cross, 0, float("nan"),
-                                    "identity: " + why))
-        matches[sp.index] = m
-    return matches, rows
+                                    "; ".join(["identity: " + why] + notes)))
+    return rows
 
 
 def _macs(merged: fx.GraphModule, gms: Sequence[fx.GraphModule], example: tuple) -> dict[str, float]:

@@ -12,11 +12,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .analysis import analyze
+from .analysis import GraphAnalysis, analyze
+from .grouped import blocks_of
 from .trace import trace
 from .passes.fold import fold
 
-__all__ = ["permute_channels", "default_example"]
+__all__ = ["permute_channels", "random_assignment", "default_example"]
 
 
 def default_example(model: nn.Module) -> torch.Tensor:
@@ -35,14 +36,33 @@ def permute_channels(model: nn.Module, seed: int = 0, example_inputs: Any = None
     """A copy of ``model`` with a random channel permutation in every mergeable space.
 
     Spaces pinned to the identity (the model's output, anything fed by the raw
-    input) are left alone, exactly as a merge leaves them.
+    input) are left alone, exactly as a merge leaves them. Grouped spaces keep
+    their groups: one random group (head) permutation per tie block (shared by
+    q, k, v and proj of an attention; by a grouped conv's input and output),
+    then a random permutation of units inside every group.
     """
     example = default_example(model) if example_inputs is None else example_inputs
     gm = trace(model, example)
     analysis = analyze(gm)
+    return fold(gm, [gm], analysis, random_assignment(analysis, seed))
+
+
+def random_assignment(analysis: GraphAnalysis, seed: int = 0) -> dict[int, torch.Tensor]:
+    """A random permutation per mergeable space that respects groups and ties
+    (``assign[space]`` of shape (1, size), as ``fold`` takes it)."""
     gen = torch.Generator().manual_seed(seed)
     assign = {}
-    for sp in analysis.spaces:
-        perm = torch.randperm(sp.size, generator=gen) if sp.mergeable else torch.arange(sp.size)
-        assign[sp.index] = perm[None, :]
-    return fold(gm, [gm], analysis, assign)
+    for block in blocks_of(analysis):
+        spaces = [analysis.spaces[i] for i in block]
+        groups = spaces[0].groups
+        movable = all(sp.mergeable for sp in spaces)
+        order = torch.randperm(groups, generator=gen) if movable else torch.arange(groups)
+        for sp in spaces:
+            d = sp.group_size
+            if not sp.mergeable:
+                assign[sp.index] = torch.arange(sp.size)[None, :]
+                continue
+            inner = torch.stack([torch.randperm(d, generator=gen) for _ in range(groups)])  # (groups, d)
+            # unit (g, i) goes to group order[g], position inner[g, i]
+            assign[sp.index] = (order[:, None] * d + inner).reshape(1, -1)
+    return assign

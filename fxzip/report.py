@@ -31,6 +31,7 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
     cut: object = None  # the CutPoint of a partial zip (None: full zip)
     macs: dict[str, float] = field(default_factory=dict)  # per input: merged, original, ensemble
+    details: dict = field(default_factory=dict)  # method-specific, e.g. details["mudsc"]: the sweep history
 
     def table(self) -> str:
         head = ["space", "size", "within/model", "cross", "const", "corr", "note"]

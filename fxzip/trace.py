@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -97,6 +98,10 @@ class _Tracer(fx.Tracer):
         return _is_torch_leaf(m)
 
     def call_module(self, m, forward, args, kwargs):
+        if isinstance(m, nn.MultiheadAttention) and type(m) not in _USER_LEAVES:
+            # traced as its functional decomposition so the analysis sees q, k, v and heads
+            self.decomposed = True
+            return _multihead_attention(m, self.path_of_module(m), *args, **kwargs)
         if not self.leaf_timm and type(m) in self.notrace_modules and type(m) not in _USER_LEAVES:
             qualname = self.path_of_module(m)
             calls = self.leaf_shapes.get(qualname)
@@ -109,6 +114,44 @@ class _Tracer(fx.Tracer):
                     for a, s in zip(args, shapes + [None] * len(args))
                 )
         return super().call_module(m, forward, args, kwargs)
+
+
+def _multihead_attention(m: nn.MultiheadAttention, name: str, query, key, value, key_padding_mask=None,
+                         need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                         is_causal: bool = False):
+    """``nn.MultiheadAttention`` (eval mode, self-attention) as the ops it runs:
+    packed in-projection, heads, scaled dot-product attention, out-projection.
+    Its parameters are read in place, so the state_dict keeps its keys."""
+    unsupported = []
+    if not (query is key and key is value):
+        unsupported.append("cross-attention (query, key and value are different tensors)")
+    if not m._qkv_same_embed_dim:
+        unsupported.append("kdim/vdim different from embed_dim (separate q/k/v weights)")
+    if m.bias_k is not None or m.add_zero_attn:
+        unsupported.append("add_bias_kv / add_zero_attn")
+    if key_padding_mask is not None or attn_mask is not None or is_causal:
+        unsupported.append("masks (key_padding_mask, attn_mask, is_causal)")
+    if unsupported:
+        raise TraceError(
+            f"nn.MultiheadAttention '{name}': fxzip merges self-attention with packed q/k/v weights and no "
+            f"masks; this call uses {', '.join(unsupported)}. Register the module with "
+            "fxzip.register_leaf_module and a rule with fxzip.register_rule, or reformulate it with "
+            "separate nn.Linear layers and F.scaled_dot_product_attention."
+        )
+    heads, head_dim = m.num_heads, m.head_dim
+    x = query if m.batch_first else query.transpose(0, 1)
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.linear(out.transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    weights = None
+    if need_weights:
+        weights = ((q * head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        if average_attn_weights:
+            weights = weights.mean(1)
+    return out, weights
 
 
 def _record_leaf_shapes(gm: fx.GraphModule, notrace: set[type]) -> dict[str, list[list]]:
@@ -128,8 +171,11 @@ def _record_leaf_shapes(gm: fx.GraphModule, notrace: set[type]) -> dict[str, lis
 
 def _run_trace(tracer: _Tracer, model: nn.Module) -> fx.GraphModule:
     graph = tracer.trace(model)
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if getattr(tracer, "decomposed", False):
+        gm.graph.eliminate_dead_code()  # attention weights nobody reads (need_weights=True by default)
+        gm.recompile()
+    return gm
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> fx.GraphModule:

@@ -34,8 +34,38 @@ def _axis_counts(segments: Sequence[Segment], counts: Mapping[int, torch.Tensor]
     return torch.cat([counts[s.space].repeat_interleave(s.inner) for s in segments])
 
 
+def block_diagonal(t: torch.Tensor, grouped: AxisRole, out_axis: int) -> torch.Tensor:
+    """A grouped conv weight (C_out, C_in / g, ...) as the dense (C_out, C_in, ...)
+    block-diagonal matrix it stands for, so it folds like any dense weight."""
+    g = grouped.groups
+    moved = t.movedim((out_axis, grouped.axis), (0, 1))
+    c_out, c_in_g = moved.shape[:2]
+    dense = moved.new_zeros((c_out, g, c_in_g) + moved.shape[2:])
+    group_of_row = torch.arange(c_out, device=t.device) // (c_out // g)
+    dense[torch.arange(c_out, device=t.device), group_of_row] = moved
+    return dense.reshape((c_out, g * c_in_g) + moved.shape[2:]).movedim((0, 1), (out_axis, grouped.axis))
+
+
+def block_diagonal_part(dense: torch.Tensor, grouped: AxisRole, out_axis: int) -> torch.Tensor:
+    """Inverse of ``block_diagonal``: the diagonal blocks of a folded weight. Exact
+    because grouped spaces share one group assignment (``GraphAnalysis.ties``)."""
+    g = grouped.groups
+    moved = dense.movedim((out_axis, grouped.axis), (0, 1))
+    c_out, c_in = moved.shape[:2]
+    blocks = moved.reshape((c_out, g, c_in // g) + moved.shape[2:])
+    group_of_row = torch.arange(c_out, device=dense.device) // (c_out // g)
+    part = blocks[torch.arange(c_out, device=dense.device), group_of_row]
+    return part.movedim((0, 1), (out_axis, grouped.axis))
+
+
 def _fold_tensor(tensors: Sequence[torch.Tensor], roles: Sequence[AxisRole],
                  assign: Mapping[int, torch.Tensor], counts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    grouped = [r for r in roles if r.groups > 1]
+    if grouped:
+        (g_role,), out_axis = grouped, next(r.axis for r in roles if r.role == "M")
+        dense_roles = [AxisRole(r.axis, r.segments, r.role) for r in roles]
+        total = _fold_tensor([block_diagonal(t, g_role, out_axis) for t in tensors], dense_roles, assign, counts)
+        return block_diagonal_part(total, g_role, out_axis)
     total = None
     for k, t in enumerate(tensors):
         out = t
@@ -67,7 +97,7 @@ def fold_state(states: Sequence[Mapping[str, torch.Tensor]], analysis: GraphAnal
     """
     counts = {s: torch.stack([torch.bincount(a[k].long(), minlength=a.shape[1]) for k in range(a.shape[0])]).sum(0)
               for s, a in assign.items()}
-    resolved = {name: [AxisRole(r.axis, analysis.resolved(r.segments), r.role) for r in roles]
+    resolved = {name: [AxisRole(r.axis, analysis.resolved(r.segments), r.role, r.groups) for r in roles]
                 for name, roles in analysis.param_roles.items()}
     merged = {}
     for name, first in states[0].items():

@@ -149,24 +149,6 @@ def test_unknown_op_on_channels(op: str, name: str, observer_calls: list[int]) -
     assert observer_calls == []
 
 
-class Grouped(nn.Module):
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.mid = nn.Conv2d(8, 8, 3, padding=1, groups=2) if kind == "conv" else nn.GroupNorm(2, 8)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.mid(torch.relu(self.conv(x)))).mean((2, 3)))
-
-
-@pytest.mark.parametrize("kind,what", [("conv", r"groups=2"), ("norm", r"GroupNorm with 2 groups over 8")])
-def test_group_structure_not_implemented(kind: str, what: str, observer_calls: list[int]) -> None:
-    with pytest.raises(NotImplementedError, match=rf"node 'mid'.*{what}.*group structure"):
-        merge(Grouped(kind), Grouped(kind))
-    assert observer_calls == []
-
-
 def test_depthwise_and_layer_like_group_norm_are_fine() -> None:
     """The boundaries of the group check: groups == C (depthwise) and GroupNorm(1, C) merge."""
 

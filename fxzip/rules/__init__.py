@@ -13,7 +13,9 @@ Register your own::
     def my_block(ctx, node): ...
 
 An op with no rule whose inputs carry channels stops the analysis with an
-error naming the op, so nothing is ever guessed.
+error naming the op, so nothing is ever guessed. The same holds for tensors
+whose channels are spread over several axes (attention heads): only rules
+marked ``@group_aware`` see them; any other rule stops the analysis.
 """
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Callable, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
-__all__ = ["register_rule", "lookup_rule", "Rule"]
+__all__ = ["register_rule", "lookup_rule", "group_aware", "Rule"]
+
+
+def group_aware(rule: Rule) -> Rule:
+    """Mark ``rule`` as correct for grouped layouts (``Layout.grouped``): head and
+    stack axes, attention maps. Unmarked rules never see them."""
+    rule.group_aware = True  # type: ignore[attr-defined]
+    return rule
 
 
 def register_rule(*keys: type | Callable | str) -> Callable[[Rule], Rule]:
@@ -62,7 +71,7 @@ def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
 
 
 def _load_builtin_rules() -> None:
-    from . import elementwise, layers, shape  # noqa: F401  (registration side effects)
+    from . import attention, elementwise, layers, shape  # noqa: F401  (registration side effects)
 
 
 _load_builtin_rules()

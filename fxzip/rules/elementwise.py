@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout
-from . import register_rule
+from . import group_aware, register_rule
 
 _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -34,6 +34,7 @@ _UNARY_METHODS = (
 
 
 @register_rule(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
+@group_aware
 def unary(ctx, node: fx.Node) -> None:
     """Channel i in, channel i out. For nonlinear ops this is the papers' approximation."""
     lay = ctx.layout(node.args[0])
@@ -48,6 +49,7 @@ def unary(ctx, node: fx.Node) -> None:
 
 
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+@group_aware
 def softmax(ctx, node: fx.Node) -> None:
     """Softmax commutes with a permutation of any axis, so channels pass through."""
     ctx.set(node, ctx.layout(node.args[0]), passthrough=True)
@@ -87,12 +89,16 @@ _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm"
 
 
 @register_rule(*_REDUCTIONS, torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
+@group_aware
 def reduce(ctx, node: fx.Node) -> None:
     """Reductions over non-channel axes keep channels (global pooling). A
     reduction over the channel axis leaves a channel-free tensor (e.g. the mean
     of a hand-written layer norm), which is then only broadcast back."""
     x = node.args[0]
     lay = ctx.layout(x)
+    if lay.grouped:
+        _reduce_grouped(ctx, node, lay)
+        return
     if not lay.has_channels:
         ctx.set(node, NO_CHANNELS, passthrough=True)
         return
@@ -114,6 +120,25 @@ def reduce(ctx, node: fx.Node) -> None:
     ctx.set(node, lay.moved(new_dim), passthrough=True)
 
 
+def _reduce_grouped(ctx, node: fx.Node, lay: Layout) -> None:
+    """Over heads (an attention map averaged over heads) the result no longer
+    depends on the head order; over other axes the head axes just move."""
+    nd = ctx.ndim(node.args[0])
+    dims = ctx.arg(node, 1, "dim")
+    keepdim = ctx.arg(node, 2, "keepdim", False)
+    if dims is None or lay.stack_dim is not None or node.target in ("max", "min"):
+        ctx.fail(node, f"reduces a head layout ({lay}) in a way fxzip does not follow.")
+    dims = [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+    if lay.group_dim in dims or lay.dim in dims:
+        if lay.dim is not None and lay.dim not in dims:
+            ctx.fail(node, "reduces over heads but keeps head channels; fxzip cannot follow that.")
+        ctx.set(node, NO_CHANNELS)
+        return
+    move = (lambda d: d) if keepdim else (lambda d: d - sum(r < d for r in dims))
+    ctx.set(node, Layout(None if lay.dim is None else move(lay.dim), lay.segments, group_dim=move(lay.group_dim)),
+            passthrough=True)
+
+
 _BINARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
     operator.isub, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
@@ -122,6 +147,7 @@ _BINARY = (
 
 
 @register_rule(*_BINARY)
+@group_aware
 def binary(ctx, node: fx.Node) -> None:
     """Broadcasting arithmetic. Two channel tensors must share one basis (residual
     add, gating multiply); a parameter broadcast along the channel axis follows
@@ -135,6 +161,9 @@ def binary(ctx, node: fx.Node) -> None:
         return
     la, lb = ctx.layout(a), ctx.layout(b)
     ops = [(x, l) for x, l in ((a, la), (b, lb)) if isinstance(x, fx.Node) and ctx.shape(x) is not None]
+    if any(l.grouped for _, l in ops):
+        _binary_grouped(ctx, node, ops, out_nd)
+        return
     chan = [(x, l, l.dim + out_nd - ctx.ndim(x)) for x, l in ops if l.has_channels]
     if not chan:
         ctx.set(node, NO_CHANNELS, passthrough=True)
@@ -158,6 +187,37 @@ def binary(ctx, node: fx.Node) -> None:
             source = "model input" if any(n.op == "placeholder" for n in _ancestors(x)) else "untracked tensor"
             ctx.fix(l0.segments, f"{source}: meets channel-free {x.name} at {node.name}")
     ctx.set(node, l0.moved(d0), passthrough=True)
+
+
+def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
+    """Arithmetic on head layouts (``q * scale``, ``attn + mask``): two head
+    tensors must have the same axes and join their spaces; a channel-free
+    tensor must broadcast over every head axis, or the heads are pinned."""
+    grouped = [(x, l.shifted(out_nd - ctx.ndim(x))) for x, l in ops if l.grouped]
+    x0, l0 = grouped[0]
+    axes = lambda l: (l.dim, l.group_dim, l.stack_dim)  # noqa: E731
+    for x, l in grouped[1:]:
+        if axes(l) != axes(l0):
+            ctx.fail(node, f"combines head layouts {l0} ({x0.name}) and {l} ({x.name}) with different axes.")
+        if len(l.segments) != len(l0.segments):
+            ctx.fail(node, f"combines {x0.name} and {x.name}, stacks of different length.")
+        ctx.unify(node, l0.segments, l.segments)
+        ctx.tie_groups(node, l0.segments, l.segments)
+    for x, l in ops:
+        if l.grouped:
+            continue
+        if l.has_channels:
+            ctx.fail(node, f"combines the head layout of {x0.name} with {x.name}, whose channels sit on one axis.")
+        shape = ctx.shape(x)
+        lead = out_nd - len(shape)
+        for d in (v for v in axes(l0) if v is not None):
+            if d - lead < 0 or shape[d - lead] == 1:
+                continue
+            if l.param is not None:
+                ctx.fail(node, f"adds the parameter {l.param.name} per head or per head channel; fxzip does not "
+                               "bind per-head parameters (relative position tables, per-head scales) yet.")
+            ctx.fix(l0.segments, f"untracked tensor: {x.name} varies per head at {node.name}")
+    ctx.set(node, l0, passthrough=True)
 
 
 def _ancestors(node: fx.Node, limit: int = 64) -> list[fx.Node]:

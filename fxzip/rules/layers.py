@@ -7,12 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, Segment
-from . import register_rule
-
-_GROUP_ISSUE = (
-    "fxzip does not merge grouped channels yet (grouped convolutions, depthwise with a channel "
-    "multiplier, GroupNorm with 1 < groups < C); see the issue 'Transformers and group structure'."
-)
+from . import group_aware, register_rule
 
 
 def _module_param(ctx, node: fx.Node, attr: str) -> str | None:
@@ -62,8 +57,8 @@ def _weighted(ctx, node: fx.Node, x, weight: tuple[str, tuple] | None, bias: tup
                 ctx.role(node, bias[0], bias[1][0], segs_in, "M")
             ctx.set(node, Layout(out_dim % nd_out, segs_in) if segs_in else NO_CHANNELS, passthrough=True)
             return
-        raise NotImplementedError(f"node '{node.name}': groups={groups} with {in_size} -> {out_size} "
-                                  f"channels. {_GROUP_ISSUE}")
+        _grouped_conv(ctx, node, segs_in, weight, bias, out_size, out_dim, groups)
+        return
     segs_out = ctx.new_space(node, out_size)
     if weight is not None:
         ctx.role(node, weight[0], weight[1][0], segs_out, "M")
@@ -72,6 +67,25 @@ def _weighted(ctx, node: fx.Node, x, weight: tuple[str, tuple] | None, bias: tup
     if bias is not None:
         ctx.role(node, bias[0], bias[1][0], segs_out, "M")
     ctx.set(node, Layout(out_dim % nd_out, segs_out))
+
+
+def _grouped_conv(ctx, node: fx.Node, segs_in, weight, bias, out_size: int, out_dim: int, groups: int) -> None:
+    """Grouped (and depthwise with a channel multiplier) convolution: output group
+    g reads only input group g, so both spaces are split into ``groups`` groups
+    that share one group assignment; the folded weight stays block-diagonal."""
+    if segs_in is None:
+        ctx.fail(node, f"is a grouped convolution (groups={groups}) on the raw input; fxzip cannot keep its "
+                       "groups aligned with an input it does not merge.")
+    segs_out = ctx.new_space(node, out_size)
+    ctx.set_groups(node, segs_in, groups)
+    ctx.set_groups(node, segs_out, groups)
+    ctx.tie_groups(node, segs_in, segs_out)
+    if weight is not None:
+        ctx.role(node, weight[0], weight[1][0], segs_out, "M")
+        ctx.role(node, weight[0], weight[1][1], segs_in, "U", groups=groups)
+    if bias is not None:
+        ctx.role(node, bias[0], bias[1][0], segs_out, "M")
+    ctx.set(node, Layout(out_dim % ctx.ndim(node), segs_out))
 
 
 def _named(ctx, node, attr):
@@ -162,12 +176,14 @@ def batch_norm_function(ctx, node: fx.Node) -> None:
 
 
 @register_rule(nn.LayerNorm)
+@group_aware
 def layer_norm_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     _layer_norm(ctx, node, node.args[0], tuple(m.normalized_shape), _named(ctx, node, "weight"), _named(ctx, node, "bias"))
 
 
 @register_rule(F.layer_norm)
+@group_aware
 def layer_norm_function(ctx, node: fx.Node) -> None:
     shape = tuple(ctx.arg(node, 1, "normalized_shape"))
     w, b = ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias")
@@ -178,6 +194,11 @@ def layer_norm_function(ctx, node: fx.Node) -> None:
 def _layer_norm(ctx, node, x, normalized_shape, weight, bias) -> None:
     lay = ctx.layout(x)
     nd = ctx.ndim(x)
+    if lay.grouped:
+        ctx.fail(node, "normalises each attention head with one LayerNorm shared by all heads (timm's "
+                       "qk_norm=True). Its weight acts on head_dim position d of every head at once, so units "
+                       "could not be matched separately per head; fxzip does not merge qk_norm models. Build "
+                       "the models with qk_norm=False.")
     if lay.has_channels and len(normalized_shape) != 1:
         ctx.fail(node, f"normalises over {normalized_shape}, more than the channel axis; fxzip merges "
                        "layer norms over the channel axis only.")
@@ -200,7 +221,9 @@ def group_norm_function(ctx, node: fx.Node) -> None:
 
 
 def _group_norm(ctx, node, groups: int, channels: int, weight, bias) -> None:
-    if groups not in (1, channels) and ctx.layout(node.args[0]).has_channels:
-        raise NotImplementedError(f"node '{node.name}': GroupNorm with {groups} groups over {channels} "
-                                  f"channels. {_GROUP_ISSUE}")
+    """Channels are normalised together within a group: they may move only
+    inside it (groups as wholes), or the merged statistics mix groups."""
+    lay = ctx.layout(node.args[0])
+    if groups not in (1, channels) and lay.has_channels:
+        ctx.set_groups(node, lay.segments, groups)
     _per_channel(ctx, node, node.args[0], [weight, bias], dim=1)

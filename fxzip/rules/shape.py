@@ -12,10 +12,10 @@ import torch.fx as fx
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment
-from . import register_rule
+from . import group_aware, register_rule
 
-_HEADS = ("splitting a channel axis into several axes (attention heads, fused qkv) is not supported yet; "
-          "see the issue 'Transformers and group structure'.")
+_HEADS = ("fxzip splits a channel axis only into (heads, head_dim) or (parts, heads, head_dim) — "
+          "the way attention reshapes a projection; register a rule for other layouts.")
 
 
 @register_rule(builtins.getattr, "size", "dim", "numel")
@@ -54,6 +54,8 @@ def _groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], lis
 def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx.Node, ctx) -> Layout:
     if lay.param is not None and not lay.has_channels:
         return _reshape_param(src, dst, lay.param)
+    if lay.grouped:
+        return _reshape_grouped(src, dst, lay, node, ctx)
     if not lay.has_channels:
         return NO_CHANNELS
     for gi, gj in _groups(src, dst):
@@ -75,8 +77,60 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
         tail = math.prod(dst[k] for k in big_out[1:])
         if all((s.inner * post) % tail == 0 for s in lay.segments):
             return Layout(big_out[0], tuple(Segment(s.space, s.size, s.inner * post // tail) for s in lay.segments))
+        if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
+            return _split_heads(ctx, node, lay, [dst[k] for k in big_out], big_out)
         ctx.fail(node, f"reshapes the channel axis {lay.dim} of {tuple(src)} into {tuple(dst[k] for k in gj)}; {_HEADS}")
     ctx.fail(node, f"cannot follow the channel axis through reshape {tuple(src)} -> {tuple(dst)}")
+
+
+def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[int]) -> Layout:
+    """``C -> (H, D)``: heads of one space. ``3C -> (3, H, D)``: a fused projection
+    becomes three spaces (q, k, v), each with H heads; a freshly produced space
+    is split, a concatenation of equal spaces is used as it is."""
+    if len(sizes) == 2:
+        ctx.set_groups(node, lay.segments, sizes[0])
+        return Layout(axes[1], lay.segments, group_dim=axes[0])
+    parts, heads, _ = sizes
+    segs = lay.segments
+    if len(segs) == parts and len({s.size for s in segs}) == 1:
+        pieces = segs
+    elif len(segs) == 1:
+        pieces = ctx.split_space(node, segs[0], parts)
+    else:
+        ctx.fail(node, f"splits channels made of {len(segs)} concatenated spaces into {parts} parts; the parts "
+                       "must be the concatenated spaces themselves, or one fresh projection.")
+    for piece in pieces:
+        ctx.set_groups(node, (piece,), heads)
+    return Layout(axes[2], tuple(pieces), group_dim=axes[1], stack_dim=axes[0])
+
+
+def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx.Node, ctx) -> Layout:
+    """Reshapes of head layouts: axes without channels may change freely; the
+    head and head_dim axes may only be merged back into one channel axis
+    (``(B, N, H, D) -> (B, N, C)``), in that order."""
+    tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim}
+    new: dict[str, int | None] = {k: None for k in tracked}
+    merged_back = False
+    for gi, gj in _groups(src, dst):
+        inside = {k: v for k, v in tracked.items() if v is not None and v in gi}
+        if not inside:
+            continue
+        big_in = [k for k in gi if src[k] != 1]
+        big_out = [k for k in gj if dst[k] != 1]
+        if len(inside) == 1 and len(big_in) <= 1 and len(big_out) <= 1:
+            (key, _), = inside.items()
+            new[key] = big_out[0] if big_out else gj[0]
+            continue
+        if set(inside) == {"dim", "group_dim"} and big_in == [lay.group_dim, lay.dim] and len(big_out) == 1 \
+                and lay.stack_dim is None:
+            new["dim"] = big_out[0]
+            merged_back = True
+            continue
+        ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the head axes of {lay} with other axes; "
+                       "fxzip follows heads only when (heads, head_dim) are merged back into one channel axis.")
+    if merged_back:
+        return Layout(new["dim"], lay.segments)
+    return Layout(new["dim"], lay.segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"])
 
 
 def _reshape_param(src, dst, view: ParamView) -> Layout:
@@ -94,6 +148,7 @@ def _reshape_param(src, dst, view: ParamView) -> Layout:
 @register_rule(torch.flatten, "flatten", "view", "reshape", torch.reshape, "unflatten", torch.unflatten,
                nn.Flatten, nn.Unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "view_as",
                "reshape_as")
+@group_aware
 def reshape(ctx, node: fx.Node) -> None:
     src, dst = ctx.shape(node.args[0]), ctx.shape(node)
     if src is None or dst is None:
@@ -124,13 +179,14 @@ def _perm_of(node: fx.Node, nd: int) -> list[int]:
 
 
 @register_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", "t")
+@group_aware
 def permute(ctx, node: fx.Node) -> None:
     x = node.args[0]
     lay = ctx.layout(x)
     nd = ctx.ndim(x)
     perm = _perm_of(node, nd)
-    if lay.has_channels:
-        ctx.set(node, lay.moved(perm.index(lay.dim)), passthrough=True)
+    if lay.has_channels or lay.grouped:
+        ctx.set(node, lay.permuted(perm), passthrough=True)
     elif lay.param is not None:
         ctx.set(node, Layout(param=ParamView(lay.param.name, tuple(lay.param.axes[p] for p in perm))), passthrough=True)
     else:
@@ -191,9 +247,11 @@ def cat(ctx, node: fx.Node) -> None:
 
 
 @register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")
+@group_aware
 def split(ctx, node: fx.Node) -> None:
     """Splits produce a tuple; ``getitem`` picks a part. Splitting the channel
-    axis must fall on segment boundaries (a cat undone)."""
+    axis must fall on segment boundaries (a cat undone); unbinding a stacked
+    q/k/v axis gives each part its own space."""
     x = node.args[0]
     lay = ctx.layout(x)
     out_meta = node.meta.get("tensor_meta")
@@ -204,6 +262,9 @@ def split(ctx, node: fx.Node) -> None:
     dim = ctx.arg(node, 1 if name == "unbind" else 2, "dim", 0)
     nd = ctx.ndim(x)
     dim %= nd
+    if lay.grouped:
+        ctx.set(node, _split_grouped(ctx, node, lay, name, dim, len(out_meta)), passthrough=True)
+        return
     if not lay.has_channels:
         ctx.set(node, tuple(NO_CHANNELS for _ in out_meta))
         return
@@ -235,7 +296,33 @@ def split(ctx, node: fx.Node) -> None:
     ctx.set(node, tuple(pieces), passthrough=True)
 
 
+def _drop_axis(lay: Layout, axis: int) -> dict[str, int | None]:
+    """Tracked axes after removing ``axis``."""
+    out = {}
+    for key in ("dim", "group_dim", "stack_dim"):
+        d = getattr(lay, key)
+        out[key] = None if d is None else d - (d > axis)
+    return out
+
+
+def _split_grouped(ctx, node: fx.Node, lay: Layout, name: str, dim: int, parts: int) -> tuple[Layout, ...]:
+    if dim == lay.stack_dim:
+        if name != "unbind" and not (parts == len(lay.segments)):
+            ctx.fail(node, "splits a stacked q/k/v axis into parts other than its spaces.")
+        axes = _drop_axis(lay, dim) if name == "unbind" else {"dim": lay.dim, "group_dim": lay.group_dim,
+                                                              "stack_dim": None}
+        return tuple(Layout(axes["dim"], (seg,), group_dim=axes["group_dim"]) for seg in lay.segments)
+    if dim in (lay.dim, lay.group_dim):
+        ctx.fail(node, f"splits a head axis ({lay}); fxzip keeps heads whole.")
+    if name == "unbind":
+        axes = _drop_axis(lay, dim)
+        return tuple(Layout(axes["dim"], lay.segments, group_dim=axes["group_dim"], stack_dim=axes["stack_dim"])
+                     for _ in range(parts))
+    return tuple(lay for _ in range(parts))
+
+
 @register_rule(operator.getitem)
+@group_aware
 def getitem(ctx, node: fx.Node) -> None:
     src = node.args[0]
     lay = ctx.layout(src)
@@ -251,6 +338,9 @@ def getitem(ctx, node: fx.Node) -> None:
         return
     if lay.param is not None and not lay.has_channels:
         ctx.set(node, NO_CHANNELS)  # indexing a parameter: opaque, the parameter is averaged
+        return
+    if lay.grouped:
+        ctx.set(node, _index_grouped(ctx, node, lay, idx), passthrough=True)
         return
     index = idx if isinstance(idx, tuple) else (idx,)
     nd = ctx.ndim(src)
@@ -278,3 +368,38 @@ def getitem(ctx, node: fx.Node) -> None:
             out_dim += 1
         src_dim += 1
     ctx.fail(node, "cannot follow the channel axis through this indexing.")
+
+
+def _index_grouped(ctx, node: fx.Node, lay: Layout, idx: Any) -> Layout:
+    """Basic indexing of a head layout: an int on the stacked q/k/v axis picks
+    that part; head and head_dim axes must be kept whole."""
+    index = idx if isinstance(idx, tuple) else (idx,)
+    nd = ctx.ndim(node.args[0])
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in index:
+        expanded.extend([slice(None)] * (nd - n_real) if i is Ellipsis else [i])
+    expanded.extend([slice(None)] * (nd - sum(1 for i in expanded if i is not None)))
+    tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim}
+    new: dict[str, int | None] = {k: None for k in tracked}
+    segments = lay.segments
+    src_dim = out_dim = 0
+    for i in expanded:
+        if i is None:
+            out_dim += 1
+            continue
+        if not isinstance(i, (int, slice)):
+            ctx.fail(node, f"indexes a head layout with {i!r}; only ints and slices are followed.")
+        key = next((k for k, v in tracked.items() if v == src_dim), None)
+        if key is not None:
+            if isinstance(i, slice) and i == slice(None):
+                new[key] = out_dim
+            elif key == "stack_dim" and isinstance(i, int):
+                segments = (lay.segments[i],)
+            else:
+                ctx.fail(node, f"indexes the {key.replace('_', ' ')} of a head layout with {i!r}; fxzip keeps "
+                               "heads and their channels whole.")
+        if isinstance(i, slice):
+            out_dim += 1
+        src_dim += 1
+    return Layout(new["dim"], segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"])

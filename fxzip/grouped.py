@@ -1,0 +1,154 @@
+"""Matching under group structure (MuDSC section 3.3) and bilinear spaces.
+
+A grouped space (attention heads, GroupNorm groups, grouped-conv groups) may
+only move units inside a group and groups as wholes, and spaces tied by the
+analysis (q/k and v of one attention; a grouped conv's input and output)
+must share one group assignment. So matching is two-level:
+
+1. groups to groups: the similarity of group g of model 0 and group h of
+   model k is the mean similarity of the best one-to-one assignment of their
+   units, summed over the spaces of the tie block; each model's groups are
+   aligned to model 0's by a linear sum assignment;
+2. units within matched groups, by the chosen matcher, on the sub-matrix of
+   those groups (zipit's within-model merges therefore stay inside a group).
+
+Merged group g holds merged units ``g * D ... (g + 1) * D - 1``: heads stay
+heads, ``num_heads`` and ``head_dim`` stay valid.
+
+Bilinear spaces (q and k, read as ``q . k`` with no weight layer to absorb the
+unmerge) get cross-model matches only (``beta = 0``): a within-model merge
+would count a merged unit twice in one model's logits and once in the merged
+model's (``U^T U`` is not the identity there), while one-to-one matches keep
+``q . k`` exactly. We chose this over rescaling q and k rows because the
+rescaling differs per model and cannot be folded into one set of weights.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .analysis import FeatureSpace, GraphAnalysis
+from .matching import Match, Similarity, weight_average
+
+__all__ = ["identity_match", "match_space", "match_block", "match_all", "group_scores", "blocks_of"]
+
+Matcher = Callable[..., Match]
+
+
+def identity_match(n_models: int, size: int) -> Match:
+    """Channel i of every model is one feature (what unmatched spaces keep)."""
+    return weight_average(None, n_models, size)
+
+
+def _kwargs(space: FeatureSpace, kwargs: Mapping) -> dict:
+    out = dict(kwargs)
+    if space.bilinear:
+        out["beta"] = 0.0
+    return out
+
+
+def match_space(space: FeatureSpace, sim: Similarity, matcher: Matcher, n_models: int, **kwargs) -> Match:
+    """One ungrouped space."""
+    return matcher(sim, n_models, space.size, **_kwargs(space, kwargs))
+
+
+def group_scores(matrix: torch.Tensor, size: int, groups: int, k: int) -> np.ndarray:
+    """(groups, groups): mean similarity of the best unit assignment between
+    group g of model 0 and group h of model k."""
+    d = size // groups
+    block = matrix[:size, k * size:(k + 1) * size].double()
+    pairs = block.reshape(groups, d, groups, d).permute(0, 2, 1, 3)  # (g, h, i, j)
+    if d == 1:
+        return pairs[..., 0, 0].numpy()
+    if d <= 5:  # all d! assignments at once: cheaper than G^2 calls into scipy
+        perms = torch.tensor(list(itertools.permutations(range(d))))
+        vals = pairs[:, :, torch.arange(d)[None, :], perms]  # (g, h, d!, d)
+        return vals.mean(-1).amax(-1).numpy()
+    out = np.empty((groups, groups))
+    arr = pairs.numpy()
+    for g in range(groups):
+        for h in range(groups):
+            r, c = linear_sum_assignment(arr[g, h], maximize=True)
+            out[g, h] = arr[g, h][r, c].mean()
+    return out
+
+
+def match_block(block: Sequence[FeatureSpace], sims: Mapping[int, Similarity], matcher: Matcher,
+                n_models: int, **kwargs) -> dict[int, Match]:
+    """Spaces sharing one group assignment: groups first, then units inside."""
+    groups = block[0].groups
+    movable = all(sp.mergeable for sp in block)
+    order = [np.arange(groups)]
+    for k in range(1, n_models):
+        score = np.zeros((groups, groups))
+        for sp in block:
+            if sp.index in sims and movable:
+                score += group_scores(sims[sp.index].correlation(), sp.size, groups, k)
+        if movable and score.any():
+            rows, cols = linear_sum_assignment(score, maximize=True)
+            perm = np.empty(groups, dtype=np.int64)
+            perm[rows] = cols
+        else:
+            perm = np.arange(groups)
+        order.append(perm)
+    out: dict[int, Match] = {}
+    for sp in block:
+        out[sp.index] = _within_groups(sp, sims.get(sp.index) if sp.mergeable else None, order, matcher,
+                                       n_models, kwargs)
+    return out
+
+
+def _within_groups(sp: FeatureSpace, sim: Similarity | None, order: list[np.ndarray], matcher: Matcher,
+                   n_models: int, kwargs: Mapping) -> Match:
+    d, n = sp.group_size, sp.size
+    assign = torch.empty(n_models, n, dtype=torch.long)
+    within = [0] * n_models
+    cross, relaxed = 0, False
+    local = torch.arange(d)
+    for g in range(sp.groups):
+        starts = [int(order[k][g]) * d for k in range(n_models)]
+        if sim is None:
+            for k in range(n_models):
+                assign[k, starts[k]:starts[k] + d] = g * d + local
+            cross += d * (n_models - 1)
+            continue
+        index = torch.cat([k * n + starts[k] + local for k in range(n_models)])
+        m = matcher(sim.subset(index), n_models, d, **_kwargs(sp, kwargs))
+        for k in range(n_models):
+            assign[k, starts[k]:starts[k] + d] = g * d + m.assign[k]
+        within = [a + b for a, b in zip(within, m.within)]
+        cross += m.cross
+        relaxed |= m.budget_relaxed
+    return Match(assign, within, cross, relaxed)
+
+
+def blocks_of(analysis: GraphAnalysis) -> list[tuple[int, ...]]:
+    """The units of matching: every tie block, then every other space alone."""
+    tied = {i for block in analysis.ties for i in block}
+    return list(analysis.ties) + [(sp.index,) for sp in analysis.spaces if sp.index not in tied]
+
+
+def match_all(analysis: GraphAnalysis, sims: Mapping[int, Similarity], matcher: Matcher, n_models: int,
+              **kwargs) -> dict[int, Match]:
+    """A match for every space: grouped blocks two-level, plain spaces directly,
+    spaces without a similarity (fixed, output, no probe) the identity."""
+    out: dict[int, Match] = {}
+    for block in blocks_of(analysis):
+        out.update(match_units(analysis, block, sims, matcher, n_models, **kwargs))
+    return out
+
+
+def match_units(analysis: GraphAnalysis, block: tuple[int, ...], sims: Mapping[int, Similarity],
+                matcher: Matcher, n_models: int, **kwargs) -> dict[int, Match]:
+    """Match one unit of ``blocks_of``: what MuDSC re-matches in each step."""
+    spaces = [analysis.spaces[i] for i in block]
+    if spaces[0].groups > 1:
+        return match_block(spaces, sims, matcher, n_models, **kwargs)
+    sp = spaces[0]
+    if sp.index in sims and sp.mergeable:
+        return {sp.index: match_space(sp, sims[sp.index], matcher, n_models, **kwargs)}
+    return {sp.index: identity_match(n_models, sp.size)}

@@ -180,7 +180,7 @@ def test_empty_data(observer_calls: list[int]) -> None:
 
 
 def test_no_data(observer_calls: list[int]) -> None:
-    with pytest.raises(ValueError, match="data is None"):
+    with pytest.raises(ValueError, match="needs data"):
         merge(cnn(0), cnn(1), data=None)
     with pytest.raises(TypeError, match="single tensor"):
         merge(cnn(0), cnn(1), data=torch.randn(4, 3, 8, 8))
@@ -294,3 +294,21 @@ def test_merge_is_deterministic() -> None:
     for model in (a, b):
         state = model.state_dict()
         assert any(not torch.equal(first[k], state[k]) for k in first if first[k].is_floating_point())
+
+
+# ------------------------------------------------------------------- data-free merges
+
+def test_data_free_needs_a_weight_only_method(observer_calls: list[int]) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"method='zipit' matches features by their activations.*mudsc"):
+        fxzip.merge(cnn(0), cnn(1), data=None, example_inputs=x)
+    with pytest.raises(ValueError, match=r"no activations.*weight_similarity=1.0"):
+        fxzip.merge(cnn(0), cnn(1), data=None, example_inputs=x, method="mudsc")
+    with pytest.raises(ValueError, match=r"reset_bn=True needs data"):
+        fxzip.merge(cnn(0), cnn(1), data=None, example_inputs=x, method="mudsc", weight_similarity=1.0,
+                    reset_bn=True)
+    with pytest.raises(TypeError, match=r"example_inputs"):
+        fxzip.merge(cnn(0), cnn(1), data=None, method="mudsc", weight_similarity=1.0)
+    with pytest.raises(ValueError, match=r"weight_similarity must be in \[0, 1\]"):
+        fxzip.merge(cnn(0), cnn(1), data=[x], method="mudsc", weight_similarity=1.5)
+    assert observer_calls == []

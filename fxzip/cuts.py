@@ -56,7 +56,9 @@ def find_cuts(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[CutPoint]:
         graph.add_node(n.name)
         for inp in n.all_input_nodes:
             graph.add_edge(inp.name, n.name)
-        if n.op == "placeholder":
+        if n.op == "placeholder" and n.meta.get("tensor_meta") is not None:
+            # only inputs that carry data: an optional argument left at None (timm's
+            # attn_mask) reaches every attention without being a data path
             graph.add_edge(source, n.name)
     reachable = nx.descendants(graph, source) | {source}
     flow = graph.subgraph(reachable)

@@ -37,6 +37,9 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
         cut_node = by_name[cut.name]
         flow = nx.DiGraph((i.name, n.name) for n in nodes for i in n.all_input_nodes)
         trunk = {by_name[a] for a in nx.ancestors(flow, cut.name)} | {cut_node}
+        # every input stays an input of the whole module (also optional ones the
+        # trunk does not read, such as timm's attn_mask)
+        trunk |= {n for n in nodes if n.op == "placeholder"}
     absorbing = absorbing_users(cut_node, analysis) if cut_node is not None else set()
     root = nn.Module()
     root.add_module("trunk", merged)

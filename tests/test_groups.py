@@ -253,3 +253,23 @@ def test_nn_multihead_cross_attention_is_rejected():
 
     with pytest.raises(fxzip.TraceError, match=r"nn.MultiheadAttention 'attn'.*cross-attention"):
         fxzip.merge(Cross(), Cross(), data=batches((2, 5, 8), 1), progress=False)
+
+
+def test_vit_cut_points_and_partial_zip():
+    """Every block output of a ViT is a cut (timm's optional attn_mask input is not
+    a data path), and a partial zip with a head-permuted copy gives each model's
+    own outputs back."""
+    data = batches((8, 3, 32, 32), 2)
+    model = prepared(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10),
+                     data)
+    cuts = fxzip.cut_points(model, data[0])
+    assert [c.k for c in cuts] == [0, 1, 3, 5, 7, 9, 11, 13, 14]
+    permuted = fxzip.permute_channels(model, seed=2, example_inputs=data[0])
+    for stop_at in (5, 9):
+        partial = fxzip.merge(model, permuted, data=data, method="permute", stop_at=stop_at, reset_bn=False,
+                              progress=False)
+        for x in data:
+            with torch.no_grad():
+                want, (out_a, out_b) = model(x), partial(x)
+            for got in (out_a, out_b):
+                assert float((want - got).abs().max() / want.abs().max()) <= 1e-5

@@ -102,6 +102,8 @@ def absorbing_users(node: fx.Node, analysis: GraphAnalysis) -> set[fx.Node]:
     for user in node.users:
         if user.name not in analysis.consumed or not user.args or user.args[0] is not node:
             continue
+        if any(r.groups > 1 for p, _, _ in analysis.consumed[user.name] for r in analysis.param_roles.get(p, ())):
+            continue  # a grouped conv's weight holds one group's inputs: it reads through a gather
         if user.op == "call_module" and calls[user.target] > 1:
             continue
         if user.op != "call_module" and any(isinstance(a, fx.Node) and a.op != "get_attr" and a is not node

@@ -21,7 +21,7 @@ from .data import Batches
 from .grouped import blocks_of, identity_match, match_all, match_units
 from .mudsc import dual_space_match
 from .permute import default_example
-from .matching import Similarity, get_matcher, mean_matched_correlation
+from .matching import MATCHERS, Similarity, get_matcher, mean_matched_correlation
 from .passes.fold import fold
 from .passes.observe import OBSERVERS, insert_observers
 from .passes.reset_norm import reset_batch_norm
@@ -204,6 +204,8 @@ def _check_args(models: Sequence[nn.Module], method: str, alpha: float, beta: fl
             + ", ".join(f"model {k}: {d} {t}" for k, (d, t) in enumerate(devices))
             + ". Move them to one, e.g. model.to('cpu', torch.float32), before merging."
         )
+    if method not in MATCHERS and method not in DUAL_SPACE:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(MATCHERS) + sorted(DUAL_SPACE)}")
     matcher = get_matcher(DUAL_SPACE.get(method, method))
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -286,6 +288,8 @@ def _output_warnings(analysis: GraphAnalysis) -> list[str]:
 def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches, progress: bool):
     joint, node_maps = side_by_side(gms)
     insert_observers(joint, node_maps, analysis, spaces)
+    device, _ = _device_dtype(gms[0])
+    joint.get_submodule(OBSERVERS).to(device)  # statistics accumulate where the features are (GPU models)
     joint.eval()
     n_batches = n_samples = 0
     with torch.no_grad():
@@ -313,7 +317,8 @@ def _dual_space(analysis, gms, stats, matcher, n_models, alpha, beta, method, we
     def match_block(unit, sims):
         return match_units(analysis, unit, sims, matcher, n_models, alpha=alpha, beta=beta)
 
-    best, history = dual_space_match(analysis, [gm.state_dict() for gm in gms], units, activation, None,
+    states = [{k: v.detach().cpu() for k, v in gm.state_dict().items()} for gm in gms]  # matching runs on CPU
+    best, history = dual_space_match(analysis, states, units, activation, None,
                                      weight_similarity=weight_similarity, seed=seed, progress=progress,
                                      match_block=match_block)
     matches = {sp.index: best.get(sp.index) or identity_match(n_models, sp.size) for sp in analysis.spaces}

@@ -62,7 +62,7 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
             idx = assign[cut.space][k].to(torch.long)
             identity = torch.equal(idx, torch.arange(len(idx)))
             if set(cut_node.users) - absorbing:  # registered even when identity: one structure per cut
-                root.register_buffer(f"unmerge{k}", idx.clone())
+                root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
                 gather = graph.call_function(torch.index_select, (env[cut_node], cut.dim, graph.get_attr(f"unmerge{k}")))
             for user in absorbing:
                 if not identity:
@@ -104,6 +104,12 @@ def _absorb_unmerge(head: fx.GraphModule, node_name: str, analysis: GraphAnalysi
             tensor = _get(head, param)
             idx = axis_index(analysis.resolved(segments), assign, k).to(tensor.device)
             tensor.copy_(torch.zeros_like(tensor).index_add_(axis, idx, tensor))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _get(module: nn.Module, target: str) -> torch.Tensor:

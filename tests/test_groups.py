@@ -273,3 +273,21 @@ def test_vit_cut_points_and_partial_zip():
                 want, (out_a, out_b) = model(x), partial(x)
             for got in (out_a, out_b):
                 assert float((want - got).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_partial_zip_at_every_cut_of_a_grouped_net():
+    """Cuts read by a depthwise-multiplier or grouped conv: those weights hold one
+    group's inputs, so the head reads the cut through a gather, not by absorbing U."""
+    data = batches((32, 3, 8, 8), 2)
+    model = prepared(TinyGrouped(), data)
+    permuted = fxzip.permute_channels(model, seed=0, example_inputs=data[0])
+    cuts = fxzip.cut_points(model, data[0])
+    assert len(cuts) >= 4
+    for cut in cuts[1:-1]:
+        partial = fxzip.merge(model, permuted, data=data, method="permute", stop_at=cut.name, reset_bn=False,
+                              progress=False)
+        for x in data:
+            with torch.no_grad():
+                want, outs = model(x), partial(x)
+            for got in outs:
+                assert float((want - got).abs().max() / want.abs().max()) <= 1e-5, cut.name

@@ -312,7 +312,7 @@ def _dual_space(analysis, gms, stats, matcher, n_models, alpha, beta, method, we
     """MuDSC (``fxzip.mudsc``): the units it re-matches are ``grouped.blocks_of``,
     each matched by the group-aware ``match_units`` on the blended similarity."""
     activation = {i: Similarity.of(st) for i, st in stats.items()} if weight_similarity < 1.0 else None
-    units = [block for block in blocks_of(analysis) if any(analysis.spaces[i].mergeable for i in block)]
+    units = [block for block in blocks_of(analysis) if all(analysis.spaces[i].mergeable for i in block)]
 
     def match_block(unit, sims):
         return match_units(analysis, unit, sims, matcher, n_models, alpha=alpha, beta=beta)
@@ -320,7 +320,7 @@ def _dual_space(analysis, gms, stats, matcher, n_models, alpha, beta, method, we
     states = [{k: v.detach().cpu() for k, v in gm.state_dict().items()} for gm in gms]  # matching runs on CPU
     best, history = dual_space_match(analysis, states, units, activation, None,
                                      weight_similarity=weight_similarity, seed=seed, progress=progress,
-                                     match_block=match_block)
+                                     match_block=match_block, align=method == "mudsc_permute")
     matches = {sp.index: best.get(sp.index) or identity_match(n_models, sp.size) for sp in analysis.spaces}
     rows = _report_rows(analysis, activation or {}, matches, method)
     return matches, rows, {"mudsc": history}

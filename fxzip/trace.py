@@ -49,7 +49,24 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     return set(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
 
 
+def _known_leaves() -> tuple[type, ...]:
+    """Modules kept whole because their forward computes the weight it uses
+    (timm's weight-standardised convs): traced through, the conv would read a
+    computed tensor fxzip cannot fold into. As leaves they are convs whose
+    standardisation commutes with permuting input and output channels."""
+    try:
+        from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+    except ImportError:
+        return ()
+    return (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+
+
+_KNOWN_LEAVES = _known_leaves()
+
+
 def _is_torch_leaf(m: nn.Module) -> bool:
+    if isinstance(m, _KNOWN_LEAVES):
+        return True
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
         m, nn.Sequential
@@ -91,7 +108,7 @@ class _Tracer(fx.Tracer):
         self._calls: dict[str, int] = defaultdict(int)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in _USER_LEAVES:
+        if type(m) in _USER_LEAVES or isinstance(m, _KNOWN_LEAVES):
             return True
         if type(m) in self.notrace_modules:
             return self.leaf_timm

@@ -291,3 +291,23 @@ def test_partial_zip_at_every_cut_of_a_grouped_net():
                 want, outs = model(x), partial(x)
             for got in outs:
                 assert float((want - got).abs().max() / want.abs().max()) <= 1e-5, cut.name
+
+
+MORE = {
+    "pvt_v2_b0": lambda: timm.create_model("pvt_v2_b0", num_classes=10),  # spatial-reduction attention, 1-head k/v
+    "vit_tiny_r_s16_p8": lambda: timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, num_classes=10),  # StdConv+GN
+    "convnextv2_atto": lambda: timm.create_model("convnextv2_atto", num_classes=10),  # GRN (addcmul)
+    "regnetx_002": lambda: timm.create_model("regnetx_002", num_classes=10),  # grouped convs
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_families_self_merge_and_data_free_recovery(name):
+    data = batches((4, 3, 64, 64), 2)
+    model = prepared(MORE[name](), data)
+    merged = fxzip.merge(model, copy.deepcopy(model), data=data, method="zipit", reset_bn=False, progress=False)
+    assert_same_function(model, merged, data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    merged = fxzip.merge(model, permuted, data=None, example_inputs=data[0], method="mudsc_permute",
+                         weight_similarity=1.0, progress=False)
+    assert_same_function(model, merged, data)

@@ -77,7 +77,13 @@ def pool(ctx, node: fx.Node) -> None:
         if node.op == "call_module":
             k = next(v for c, v in _POOL_MODULES.items() if isinstance(ctx.module(node), c))
         elif node.target is F.pad:
-            k = len(ctx.arg(node, 1, "pad")) // 2
+            pad = list(ctx.arg(node, 1, "pad"))
+            pairs = [pad[i:i + 2] for i in range(0, len(pad), 2)]  # last axis first
+            padded = [nd - 1 - i for i, p in enumerate(pairs) if any(v != 0 for v in p)]
+            if lay.dim in padded:
+                ctx.fail(node, f"pads axis {lay.dim}, which holds channels.")
+            ctx.set(node, lay, passthrough=True)
+            return
         else:
             k = _POOL_FUNCTIONS[node.target]
         if lay.dim >= nd - k:
@@ -155,12 +161,25 @@ def binary(ctx, node: fx.Node) -> None:
     without channels (the raw input, or something fxzip cannot follow) pins the
     space to the identity alignment."""
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else ctx.arg(node, 1, "other")
+    broadcast(ctx, node, [a, b])
+
+
+@register_rule(torch.addcmul, "addcmul", torch.addcdiv, "addcdiv")
+@group_aware
+def addcmul(ctx, node: fx.Node) -> None:
+    """``input + value * t1 * t2`` (or ``/ t2``): broadcasting over three operands
+    (ConvNeXt-V2's GlobalResponseNorm)."""
+    operands = [ctx.arg(node, i, n) for i, n in enumerate(("input", "tensor1", "tensor2"))]
+    broadcast(ctx, node, operands)
+
+
+def broadcast(ctx, node: fx.Node, operands: list) -> None:
+    """The shared logic of elementwise ops over any number of broadcast operands."""
     out_nd = ctx.ndim(node)
     if out_nd is None:
         ctx.set(node, NO_CHANNELS)
         return
-    la, lb = ctx.layout(a), ctx.layout(b)
-    ops = [(x, l) for x, l in ((a, la), (b, lb)) if isinstance(x, fx.Node) and ctx.shape(x) is not None]
+    ops = [(x, ctx.layout(x)) for x in operands if isinstance(x, fx.Node) and ctx.shape(x) is not None]
     if any(l.grouped for _, l in ops):
         _binary_grouped(ctx, node, ops, out_nd)
         return
@@ -169,8 +188,7 @@ def binary(ctx, node: fx.Node) -> None:
         ctx.set(node, NO_CHANNELS, passthrough=True)
         return
     x0, l0, d0 = chan[0]
-    if len(chan) == 2:
-        x1, l1, d1 = chan[1]
+    for x1, l1, d1 in chan[1:]:
         if d0 != d1:
             ctx.fail(node, f"combines {x0.name} (channels on axis {d0}) with {x1.name} (channels on axis {d1}).")
         ctx.unify(node, l0.segments, l1.segments)

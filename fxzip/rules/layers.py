@@ -101,6 +101,11 @@ def conv_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     _weighted(ctx, node, node.args[0], _named(ctx, node, "weight"), _named(ctx, node, "bias"),
               in_dim=1, out_size=m.out_channels, out_dim=1, groups=m.groups, in_size=m.in_channels)
+    gain = _named(ctx, node, "gain")  # timm's ScaledStdConv2d: one gain per output channel
+    if gain is not None:
+        lay = ctx.layouts[node]
+        if lay.has_channels:
+            ctx.role(node, gain[0], 0, lay.segments, "M")
 
 
 @register_rule(F.conv1d, F.conv2d, F.conv3d)

@@ -78,6 +78,8 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
         if all((s.inner * post) % tail == 0 for s in lay.segments):
             return Layout(big_out[0], tuple(Segment(s.space, s.size, s.inner * post // tail) for s in lay.segments))
         if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
+            if len(big_out) == 2 and len(gj) == 3 and dst[gj[1]] == 1:
+                big_out = list(gj)  # (parts, 1 head, head_dim): a fused k/v of a one-head attention
             return _split_heads(ctx, node, lay, [dst[k] for k in big_out], big_out)
         ctx.fail(node, f"reshapes the channel axis {lay.dim} of {tuple(src)} into {tuple(dst[k] for k in gj)}; {_HEADS}")
     ctx.fail(node, f"cannot follow the channel axis through reshape {tuple(src)} -> {tuple(dst)}")
@@ -92,6 +94,8 @@ def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[i
         return Layout(axes[1], lay.segments, group_dim=axes[0])
     parts, heads, _ = sizes
     segs = lay.segments
+    if heads == 1:  # one head: a stack of plain spaces, nothing to group
+        axes = [axes[0], axes[2]]
     if len(segs) == parts and len({s.size for s in segs}) == 1:
         pieces = segs
     elif len(segs) == 1:
@@ -99,6 +103,8 @@ def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[i
     else:
         ctx.fail(node, f"splits channels made of {len(segs)} concatenated spaces into {parts} parts; the parts "
                        "must be the concatenated spaces themselves, or one fresh projection.")
+    if heads == 1:
+        return Layout(axes[1], tuple(pieces), stack_dim=axes[0])
     for piece in pieces:
         ctx.set_groups(node, (piece,), heads)
     return Layout(axes[2], tuple(pieces), group_dim=axes[1], stack_dim=axes[0])

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -109,11 +110,20 @@ def load_pair(ckpt_dir: Path, pair: int, width: int) -> tuple[list[torch.nn.Modu
         if info.get("width", width) != width:
             raise ValueError(f"pair{pair}_{name}: trained at width {info.get('width')}, not {width}")
         m = resnet20(width, out_dim=OUT_DIM)
-        m.load_state_dict(torch.load(ckpt_dir / f"pair{pair}_{name}_final.pt", map_location="cpu",
-                                     weights_only=True))
+        path = _checkpoint(ckpt_dir, pair, name)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        m.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+        if path.name.endswith("_fp16.pt"):
+            info = {**info, "stored_fp16": True}
         models.append(m.eval())
         infos.append(info)
     return models, infos
+
+
+def _checkpoint(ckpt_dir: Path, pair: int, name: str) -> Path:
+    """``pair{p}_{m}_final.pt`` (fp32), else ``pair{p}_{m}_final_fp16.pt`` (fp16 copy, cast back to fp32)."""
+    p = ckpt_dir / f"pair{pair}_{name}_final.pt"
+    return p if p.exists() else ckpt_dir / f"pair{pair}_{name}_final_fp16.pt"
 
 
 def random_pair(pair: int, width: int) -> tuple[list[torch.nn.Module], list[dict]]:
@@ -128,28 +138,71 @@ def random_pair(pair: int, width: int) -> tuple[list[torch.nn.Module], list[dict
     return models, infos
 
 
+def _to(pair: tuple[list[torch.nn.Module], list[dict]], device: torch.device
+        ) -> tuple[list[torch.nn.Module], list[dict]]:
+    models, infos = pair
+    return [m.to(device) for m in models], infos
+
+
 def pair_available(ckpt_dir: Path, pair: int) -> bool:
-    return all((ckpt_dir / f"pair{pair}_{n}{s}").exists() for n in ("A", "B") for s in ("_final.pt", ".json"))
+    return all((ckpt_dir / f"pair{pair}_{n}.json").exists() and _checkpoint(ckpt_dir, pair, n).exists()
+               for n in ("A", "B"))
 
 
-def calib_batches(data: cifar_data.CIFAR10, classes: Sequence[int], n: int, batch: int, seed: int) -> list[torch.Tensor]:
-    """``n`` augmented, normalised training images of ``classes``, fixed once (re-iterable)."""
+def calib_batches(data: cifar_data.CIFAR10, classes: Sequence[int], n: int, batch: int, seed: int,
+                  device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """``n`` augmented, normalised training images of ``classes``, fixed once (re-iterable), on ``device``.
+
+    The images and augmentation are drawn on the CPU (the same on every device).
+    """
     x, _ = cifar_data.subset_classes(data.x_train, data.y_train, classes, relabel=False)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=g)[:n]
-    xb = cifar_data.normalize(cifar_data.augment(x[idx], g))
+    xb = cifar_data.normalize(cifar_data.augment(x[idx], g)).to(device)
     return list(torch.split(xb, batch))
 
 
 def test_batches(data: cifar_data.CIFAR10, classes: Sequence[int], batch: int = 1000,
-                 per_class: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised test images of ``classes`` (optionally the first ``per_class`` of each)."""
+                 per_class: int | None = None, device: torch.device | str = "cpu",
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised test images of ``classes`` (optionally the first ``per_class`` of each), on ``device``."""
     x, y = cifar_data.subset_classes(data.x_test, data.y_test, classes, relabel=False)
     if per_class is not None:
         keep = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in classes]).sort().values
         x, y = x[keep], y[keep]
-    return [(xb.contiguous(memory_format=torch.channels_last), yb)
+    return [(xb.to(device).contiguous(memory_format=torch.channels_last), yb.to(device))
             for xb, yb in cifar_data.batches(x, y, batch)]
+
+
+_HOOK: list = []
+
+
+def _follow_device_hook() -> None:
+    """Work-around for fxzip on CUDA (fxzip at commit 495076c): modules fxzip builds itself keep CPU buffers.
+
+    ``fxzip.stats.SpaceObserver`` (the calibration observers inserted by
+    ``passes/observe.py``) registers its ``count/total/gram/shift`` buffers on the
+    CPU and ``forward`` mixes them with the CUDA features ("Expected all tensors to
+    be on the same device" at ``stats.py`` ``x = x - self.shift.to(x.dtype)``), and
+    ``passes/split.py`` registers a partial zip's ``unmerge{k}`` index buffers on
+    the CPU (``torch.index_select`` of CUDA features then fails, inside ``merge``'s
+    norm reset and MAC count). This global forward pre-hook moves a module's own
+    buffers to the device of its first tensor input before it runs; it is a no-op
+    on the CPU and for modules already on the right device. Installed only for
+    ``--device cuda``.
+    """
+    if _HOOK:
+        return
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if dev is None or dev.type == "cpu":
+            return
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != dev:
+                module._buffers[name] = buf.to(dev)
+
+    _HOOK.append(torch.nn.modules.module.register_module_forward_pre_hook(hook))
 
 
 # --------------------------------------------------------------------------- #
@@ -203,8 +256,8 @@ def eval_pair(models, infos, data, vecs, args, alpha: float, beta: float, cache:
               log, save=lambda: None, only_base: bool = False) -> list[dict]:
     tasks = [list(infos[0]["classes"]), list(infos[1]["classes"])]
     classes = sorted(tasks[0] + tasks[1])
-    calib = calib_batches(data, classes, args.calib_images, args.calib_batch, seed=1000 + pair)
-    test = test_batches(data, classes, per_class=args.test_per_class)
+    calib = calib_batches(data, classes, args.calib_images, args.calib_batch, seed=1000 + pair, device=args.device)
+    test = test_batches(data, classes, per_class=args.test_per_class, device=args.device)
     cal = None
     stored: dict[str, Any] = {}
     rows = []
@@ -224,7 +277,7 @@ def eval_pair(models, infos, data, vecs, args, alpha: float, beta: float, cache:
                 originals = [reset_copy(m, calib).to(memory_format=torch.channels_last) for m in models]
                 outs = [_outputs(m, test) for m in originals]
                 offsets = torch.cumsum(torch.tensor([0] + [len(y) for _, y in test]), 0)
-                stored["test"] = [(torch.arange(int(offsets[i]), int(offsets[i + 1])), y)
+                stored["test"] = [(torch.arange(int(offsets[i]), int(offsets[i + 1]), device=y.device), y)
                                   for i, (_, y) in enumerate(test)]
                 stored["lookups"] = [_Lookup(o) for o in outs]
                 stored["macs"] = [macs_g(m) for m in originals] + [macs_g(Ensemble(*originals))]
@@ -237,7 +290,7 @@ def eval_pair(models, infos, data, vecs, args, alpha: float, beta: float, cache:
                 cal = fxzip.calibrate(*models, data=calib, progress=False)
             extra = {"alpha": alpha, "beta": beta} if is_zip else {}
             model = fxzip.merge(*models, data=cal, progress=False, **kw, **extra)
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(args.device, memory_format=torch.channels_last)
             row = {"method": label, "zipped": zipped, "macs_g": macs_g(model), **score(model, test, tasks, vecs)}
         row["seconds"] = time.perf_counter() - t0
         if is_zip:
@@ -253,8 +306,8 @@ def eval_pair(models, infos, data, vecs, args, alpha: float, beta: float, cache:
 def run_grid(models, infos, data, vecs, args, pair: int, cache: dict, log, save=lambda: None) -> dict:
     tasks = [list(infos[0]["classes"]), list(infos[1]["classes"])]
     classes = sorted(tasks[0] + tasks[1])
-    calib = calib_batches(data, classes, args.calib_images, args.calib_batch, seed=1000 + pair)
-    test = test_batches(data, classes, per_class=args.grid_per_class)
+    calib = calib_batches(data, classes, args.calib_images, args.calib_batch, seed=1000 + pair, device=args.device)
+    test = test_batches(data, classes, per_class=args.grid_per_class, device=args.device)
     alphas, betas = (ALPHAS[:2], BETAS[:1]) if args.smoke else (ALPHAS, BETAS)
     alphas = args.grid_alphas or alphas
     betas = args.grid_betas or betas
@@ -269,7 +322,7 @@ def run_grid(models, infos, data, vecs, args, pair: int, cache: dict, log, save=
                     cal = fxzip.calibrate(*models, data=calib, progress=False)
                 t1 = time.perf_counter()
                 model = fxzip.merge(*models, data=cal, method="zipit", alpha=a, beta=b, progress=False)
-                model = model.to(memory_format=torch.channels_last)
+                model = model.to(args.device, memory_format=torch.channels_last)
                 cache[key] = {"alpha": a, "beta": b, **score(model, test, tasks, vecs),
                               "seconds": time.perf_counter() - t1}
                 save()
@@ -345,18 +398,20 @@ def write_markdown(path: Path, result: dict) -> None:
         lines += ["**SMOKE RUN: random-init models and synthetic images; the numbers mean nothing.**", ""]
     low = s["base_model_min_task_acc"]
     lines += [
-        f"**Warning: the base models are below the papers' bar.** They were trained {s['epochs']} epochs on "
-        f"CPU; own-task (5-way) test accuracy of the models used ranges "
-        f"{100 * s['base_model_task_acc_range'][0]:.1f}-{100 * s['base_model_task_acc_range'][1]:.1f} % "
-        f"(minimum {100 * low:.1f} %), far below the 90 % own-task bar and below the papers' "
-        f"~96-97 %. Every number below inherits this." if low is not None and low < 0.9 else
+        f"**Warning: {_below_text(s)} below the 90 % own-task bar.** The models were trained {s['epochs']} "
+        f"epochs on {s.get('base_model_training_device', 'CPU')}; own-task (5-way) test accuracy of the models "
+        f"used ranges {100 * s['base_model_task_acc_range'][0]:.1f}-{100 * s['base_model_task_acc_range'][1]:.1f} %"
+        f" (papers ~96-97 % at x4). Every number below inherits this." if low is not None and low < 0.9 else
         "Base models: random init (smoke run)." if low is None else
-        f"Base models: own-task test accuracy >= {100 * low:.1f} %.", "",
+        f"Base models: trained {s['epochs']} epochs on {s.get('base_model_training_device', '?')}; own-task "
+        f"(5-way) test accuracy {100 * s['base_model_task_acc_range'][0]:.1f}-"
+        f"{100 * s['base_model_task_acc_range'][1]:.1f} % (all above the 90 % bar; papers ~96-97 % at x4).", "",
         f"Setting: {s['dataset']}; model `{s['model']}`; loss: {s['loss']}; evaluation pairs "
         f"{s['pairs']} (mean ± std over pairs, std with ddof=1); ZipIt alpha = {s['alpha']}, beta = {s['beta']} "
         f"({s['alpha_beta_source']}); calibration / norm-reset data: {s['calib_images']} augmented training "
         f"images of both tasks per pair (batches of {s['calib_batch']}); test: {s['test_images']}; "
-        f"device: {s['device']}; wall time {s['wall_seconds'] / 60:.1f} min for this invocation, "
+        f"device: {s['device']}; wall time {s['wall_seconds'] / 60:.1f} min for this invocation"
+        + (f" (CPU time {s['cpu_seconds'] / 60:.1f} min, user + system)" if s.get("cpu_seconds") else "") + ", "
         f"{s['compute_seconds'] / 60:.1f} min summed over all rows and grid entries (some read from a cache).", "",
         f"Command: `{s['command']}`", "",
         "Accuracies in %. MACs in G per 32x32 image (`fxzip.evaluate.count_macs`, conv + linear "
@@ -416,6 +471,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__}, fp32 with cuDNN's "
+                f"default TF32 convolutions; host {_cpu_name()}, {os.cpu_count()} cores)")
+    return (f"cpu ({_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; load average at the end {os.getloadavg()[0]:.1f})")
+
+
+def _below_text(s: dict) -> str:
+    """'pair0_A (89.2 %) is' / '8 models (72.5-85.9 %) are' for the models under the bar."""
+    below = {k: v["test_acc"] for k, v in s.get("base_models", {}).items() if v.get("test_acc", 1.0) < 0.9}
+    if len(below) == len(s.get("base_models", {})):
+        return f"all {len(below)} base models are"
+    names = ", ".join(f"{k} ({100 * v:.1f} %)" for k, v in sorted(below.items()))
+    return f"{names} {'is' if len(below) == 1 else 'are'}"
+
+
+def _short_device(d: str | None) -> str:
+    """'cuda (NVIDIA H100 80GB HBM3)' -> 'GPU (NVIDIA H100 80GB HBM3)'; missing (older checkpoints) -> 'CPU'."""
+    if not d:
+        return "CPU"
+    return "GPU " + d[len("cuda "):] if d.startswith("cuda") else "CPU"
+
+
 def _one_or_list(v: list) -> Any:
     return v[0] if len(v) == 1 else v
 
@@ -430,14 +509,23 @@ def differences_text(rows: list[dict], setting: dict) -> list[str]:
     by = {r["method"]: r for r in rows}
     lo, hi = setting["base_model_task_acc_range"] or (float("nan"), float("nan"))
     out = [
-        f"Width x{setting['width']} instead of x4 (x4 has about 16x the MACs: {setting['macs_x4_g']:.3f} G "
-        "with this counter; papers 0.68 G). Narrow networks have fewer "
-        "redundant features, so matching across models finds worse partners and every merge loses more; "
-        "the papers' width ablation has merging degrade as width shrinks, with ZipIt! and Permute close "
-        "together below x4 (so a ZipIt!/Permute tie at x1 would be the setting, not a bug).",
-        f"{setting['epochs']} training epochs on CPU: the base models reach only {100 * lo:.1f}-{100 * hi:.1f} % "
-        "own-task accuracy (papers ~96-97 %), so the Ensemble upper bound and the Model A/B rows are lower, "
-        "and weakly trained features are less specialised, which changes how much merging loses.",
+        (f"Width x{setting['width']} instead of x4 (x4 has about {16 / setting['width'] ** 2:g}x the MACs: "
+         f"{setting['macs_x4_g']:.3f} G with this counter; papers 0.68 G). Narrow networks have fewer "
+         "redundant features, so matching across models finds worse partners and every merge loses more; "
+         "the papers' width ablation has merging degrade as width shrinks, with ZipIt! and Permute close "
+         f"together below x4 (so a ZipIt!/Permute tie at x{setting['width']} would be the setting, not a bug)."
+         if setting["width"] != 4 else
+         "Width x4, as in the papers' Table 1."),
+        (f"{setting['epochs']} training epochs on {setting.get('base_model_training_device', 'CPU')}: the base "
+         f"models reach {100 * lo:.1f}-{100 * hi:.1f} % own-task accuracy (papers ~96-97 %; "
+         f"{sum(v.get('test_acc', 1.0) < 0.9 for v in setting.get('base_models', {}).values())} of "
+         f"{len(setting.get('base_models', {}))} below the 90 % bar), so the Ensemble upper bound and the Model A/B "
+         "rows are lower, and less trained features are less specialised, which changes how much merging loses."
+         if lo < 0.9 else
+         f"Base models: {setting['epochs']} epochs ({setting.get('base_model_training_device', '?')}"
+         f"{', bf16 autocast' if 'GPU' in str(setting.get('base_model_training_device')) else ''}), own-task "
+         f"accuracy {100 * lo:.1f}-{100 * hi:.1f} % (papers ~96-97 % at x4); lower single-model "
+         "accuracy lowers the Model A/B and Ensemble rows and every merge with them."),
         "Data: a JPEG re-encoding of CIFAR-10 (`cifar10-jpeg.tar.gz`), train and test alike; compression "
         "artefacts likely cost a little accuracy against the lossless originals (not measured here).",
         "Class vectors: all-MiniLM-L6-v2 sentence embeddings (384-d) of 'a photo of a <class>' instead of "
@@ -450,6 +538,9 @@ def differences_text(rows: list[dict], setting: dict) -> list[str]:
         f"Statistics: {len(setting['pairs'])} evaluation pairs, so the std is rough; the papers average "
         "more pairs.",
     ]
+    if any(v.get("stored_fp16") for v in setting.get("base_models", {}).values()):
+        out.append("The base checkpoints used are fp16 copies of the trained fp32 weights (the transfer limit of "
+                   "the GPU machine), cast back to fp32 for every computation here.")
     full = by.get("ZipIt 20/20")
     if full and "Model A" in by and "Model B" in by:
         single = (by["Model A"]["avg"] + by["Model B"]["avg"]) / 2
@@ -457,8 +548,8 @@ def differences_text(rows: list[dict], setting: dict) -> list[str]:
             out.append(
                 f"Full merges fall below the single models: ZipIt 20/20 avg {full['avg']:.1f} vs "
                 f"{single:.1f} for Model A/B (mean), whereas in the papers (x4) the full zip's avg per-task "
-                "accuracy is well above each single model's. A x1 ResNet-20 (16-64 channels) trained 7 "
-                "epochs has little redundancy to share between two tasks, so folding two such models into "
+                "accuracy is well above each single model's. A narrow ResNet-20 (x1: 16-64 channels) "
+                "has little redundancy to share between two tasks, so folding two such models into "
                 "one costs most of what each knew; partial zips recover steadily as fewer layers are "
                 "zipped. fxzip's invariants (self-merge = identity, permutation recovery, on ResNet-20) pass "
                 "in tests/test_invariants.py and the methods keep the papers' order, so this reads as the "
@@ -467,7 +558,8 @@ def differences_text(rows: list[dict], setting: dict) -> list[str]:
         one = by["Model A"]["macs_g"]
         ratios = ", ".join(f"{r['method']} {r['macs_g'] / one:.2f}x" for r in rows
                            if r["method"] == "Ensemble" or (r["method"].startswith("ZipIt") and r["zipped"] != "20/20"))
-        out.append(f"MACs: fxzip counts conv/linear multiply-adds only ({one:.4f} G per x1 model); for x4 the same "
+        out.append(f"MACs: fxzip counts conv/linear multiply-adds only ({one:.4f} G per x{setting['width']} model); "
+                   "for x4 the same "
                    f"counter gives {setting['macs_x4_g']:.3f} G where the papers print 0.68 G (a counting "
                    f"convention), so compare ratios to one model: {ratios}.")
     return out
@@ -550,6 +642,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the grid; use --alpha/--beta")
     ap.add_argument("--alpha", type=float, default=None, help="with --no-grid (default 0.3)")
     ap.add_argument("--beta", type=float, default=None, help="with --no-grid (default 0.125)")
+    ap.add_argument("--alpha-beta-source", type=str, default=None,
+                    help="with --no-grid: where --alpha/--beta come from, for the report")
     ap.add_argument("--grid-per-class", type=int, default=None,
                     help="grid: test images per class of the held-out pair (default: all 1000)")
     ap.add_argument("--grid-alphas", type=float, nargs="+", default=None,
@@ -560,6 +654,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="only run (this part of) the grid into --cache, then exit")
     ap.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:N]: models, calibration and test data live there (fp32 throughout)")
     ap.add_argument("--cache", type=str, default=None,
                     help="JSON file of finished rows; a re-run with the same settings skips them")
     ap.add_argument("--precompute-base", action="store_true",
@@ -589,6 +685,9 @@ def main(argv: list[str] | None = None) -> dict:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device)
+    if args.device.type != "cpu":
+        _follow_device_hook()
     out = Path(args.out) if args.out else HERE / "results" / f"cifar10_5+5_resnet20x{args.width}"
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(args.checkpoints) if args.checkpoints else HERE / "checkpoints" / f"cifar10_resnet20x{args.width}"
@@ -604,13 +703,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         data = synthetic_data()
         vecs = F.normalize(torch.randn(10, OUT_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
-        get_pair = lambda p: random_pair(p, args.width)  # noqa: E731
+        get_pair = lambda p: _to(random_pair(p, args.width), args.device)  # noqa: E731
         have = lambda p: True  # noqa: E731
         dataset = "synthetic random uint8 images (smoke)"
     else:
         data = cifar_data.load_cifar10(args.data)
         vecs = class_vectors()
-        get_pair = lambda p: load_pair(ckpt_dir, p, args.width)  # noqa: E731
+        get_pair = lambda p: _to(load_pair(ckpt_dir, p, args.width), args.device)  # noqa: E731
         have = lambda p: pair_available(ckpt_dir, p)  # noqa: E731
         dataset = f"CIFAR-10 (5+5 disjoint class splits), JPEG copy {Path(args.data).name}"
 
@@ -625,6 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
     beta = args.beta if args.beta is not None else DEFAULT_BETA
     source = "given on the command line" if args.alpha is not None or args.beta is not None else \
         "fxzip defaults, no grid run"
+    if args.alpha_beta_source:
+        source = args.alpha_beta_source
     if args.grid and not args.precompute_base:
         if args.holdout_pair >= 0 and have(args.holdout_pair):
             log(f"grid on held-out pair {args.holdout_pair}")
@@ -673,14 +774,15 @@ def main(argv: list[str] | None = None) -> dict:
         "test_images": f"{n_test} CIFAR-10 test images (both tasks" + (
             f"; the first {args.test_per_class} of each class, a subset to fit the CPU budget)"
             if args.test_per_class else ")"),
-        "device": f"cpu ({_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads; load average at the end "
-                  f"{os.getloadavg()[0]:.1f})",
+        "device": _device_text(args.device),
         "command": command,
         "base_model_min_task_acc": min(accs_ok) if accs_ok else None,
+        "base_model_training_device": _one_or_list(sorted({_short_device(i.get("device")) for p in pairs
+                                                           for i in infos_all[p]})),
         "base_model_task_acc_range": [min(accs_ok), max(accs_ok)] if accs_ok else None,
         "base_models": {f"pair{p}_{n}": {"classes": i["classes"], "test_acc": i["test_acc"],
-                                         "below_90": i.get("below_90")}
+                                         "below_90": i.get("below_90"),
+                                         **({"stored_fp16": True} if i.get("stored_fp16") else {})}
                         for p in pairs for n, i in zip("AB", infos_all[p])},
         "below_90": any(i.get("below_90", True) for p in pairs for i in infos_all[p]),
         "alpha": alpha,
@@ -698,6 +800,8 @@ def main(argv: list[str] | None = None) -> dict:
               "paper_x4": {k: {"joint": v[0], "avg": v[1]} for k, v in PAPER.items()},
               "per_pair_rows": {str(p): r for p, r in per_pair.items()}}
     setting["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    setting["cpu_seconds"] = round(ru.ru_utime + ru.ru_stime, 1)  # user + system CPU time of this process
     setting["compute_seconds"] = round(
         sum(r.get("seconds", 0.0) for rs in per_pair.values() for r in rs)
         + (sum(r.get("seconds", 0.0) for r in grid["results"]) if grid else 0.0), 1)

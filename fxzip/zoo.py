@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["resnet20", "vgg_cnn", "mlp", "small_cnn", "group_norm_groups"]
+__all__ = ["resnet20", "vgg_cnn", "mlp", "small_cnn", "group_norm_groups", "cifar_vit"]
 
 
 # --------------------------------------------------------------------------- #
@@ -259,3 +259,29 @@ def small_cnn(out_dim: int = 10, in_channels: int = 1, width: int = 16) -> nn.Mo
     seconds on a CPU; exercises convs, BatchNorm and one residual add.
     """
     return SmallCNN(out_dim=out_dim, in_channels=in_channels, width=width)
+
+
+# --------------------------------------------------------------------------- #
+# Small ViT for CIFAR (32x32)
+# --------------------------------------------------------------------------- #
+def cifar_vit(width: int = 1, out_dim: int = 384, patch_size: int = 4, depth: int = 4,
+              mlp_ratio: float = 4.0, img_size: int = 32) -> nn.Module:
+    """A small timm ``VisionTransformer`` for 32x32 images (benchmark fixture).
+
+    Patch 4 (64 patch tokens + a class token), embedding dimension
+    ``96 * width``, ``3 * width`` heads of 32 dimensions, ``depth`` pre-norm
+    blocks (LayerNorm, fused-qkv attention, GELU MLP with ``mlp_ratio``), final
+    LayerNorm, the class token as the pooled feature (``global_pool='token'``)
+    and ``Linear(96 * width, out_dim)``. At width 1 and 32 px: 29.1 M
+    multiply-adds per image (``fxzip.evaluate.count_macs``), 0.50 M
+    parameters. ``out_dim=384`` is the CLIP-style embedding of
+    ``benchmarks/train_cifar.py --arch vit``.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    w = int(width)
+    if w < 1:
+        raise ValueError("width must be a positive integer")
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=3, num_classes=out_dim,
+                             global_pool="token", embed_dim=96 * w, depth=depth, num_heads=3 * w,
+                             mlp_ratio=mlp_ratio)

@@ -1,9 +1,12 @@
 """Smoke test of benchmarks/eval_cifar.py: the whole pipeline (grid on a held-out pair,
 every row of the table, JSON / Markdown / PNG outputs) on random-init ResNet-20x1
-models and synthetic images. Needs no CIFAR-10 data and no checkpoints."""
+models and synthetic images. Needs no CIFAR-10 data and no checkpoints. Also builds the
+models of benchmarks/train_cifar.py (--arch resnet20, resnet20gn, vit) and
+benchmarks/finetune_mobilenet.py (random init, no weights file)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -68,3 +71,38 @@ def test_smoke_costs_are_consistent(smoke_run):
     assert macs["Ensemble"] == pytest.approx(2 * single)
     # partial zips cost between one model and the ensemble, more the earlier they cut
     assert single <= macs["ZipIt 19/20"] < macs["ZipIt 13/20"] < macs["ZipIt 7/20"] < macs["Ensemble"]
+
+
+def _load(name: str):
+    bench = str(ROOT / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet20gn", "vit"])
+def test_train_cifar_archs_build(arch):
+    """Every --arch of train_cifar.py builds a 384-d CLIP-style model; the ViT stays CPU-sized."""
+    import torch
+
+    from fxzip.evaluate import count_macs
+
+    tc = _load("train_cifar")
+    model = tc.build_model(arch, 1, 384).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 384)
+    if arch == "vit":
+        assert count_macs(model, torch.zeros(1, 3, 32, 32)) <= 30e6
+    assert set(tc.RECIPES[arch]) >= {"optimizer", "lr", "weight_decay", "warmup"}
+
+
+def test_finetune_mobilenet_model_and_preprocess():
+    """The MobileNetV2 fine-tuning model takes 32 px CIFAR batches upsampled to 64 px, 384-d output."""
+    import torch
+
+    fm = _load("finetune_mobilenet")
+    model = fm.build_model(384).eval()  # no weights: random init, nothing downloaded
+    x = fm.preprocess(torch.zeros(2, 3, 32, 32), 64)
+    assert x.shape == (2, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (2, 384)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SpaceStats", "SpaceObserver"]
+__all__ = ["SpaceStats", "SpaceObserver", "Workspace"]
 
 
 class SpaceStats:
@@ -67,12 +67,50 @@ class SpaceStats:
         return corr
 
 
+class Workspace:
+    """Scratch memory the observers of one calibration share (they run one at a
+    time): the shifted, channel-major copy of a chunk of samples and the float32
+    product of two blocks. Reused from batch to batch, so large activations
+    cost no fresh allocation (and no page faults) per probe."""
+
+    def __init__(self, max_floats: int = 1 << 23):
+        self.max_floats = max_floats  # 32 MB: bounds the copy, whatever the batch
+        self._rows = torch.empty(0)
+        self._prod = torch.empty(0)
+
+    def rows(self, n: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """An (n, cols) float32 view whose rows start 64-byte aligned, so every
+        block product runs the same kernel path (exact twins stay exact)."""
+        stride = -(-cols // 16) * 16
+        if self._rows.numel() < n * stride or self._rows.device != like.device:
+            self._rows = torch.empty(n * stride, dtype=torch.float32, device=like.device)
+        return self._rows[: n * stride].view(n, stride)[:, :cols]
+
+    def prod(self, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
+        if self._prod.numel() < a * b or self._prod.device != like.device:
+            self._prod = torch.empty(max(a * b, 1 << 16), dtype=torch.float32, device=like.device)
+        return self._prod[: a * b].view(a, b)
+
+
 class SpaceObserver(nn.Module):
     """Inserted into the side-by-side graph: accumulates one space's statistics
     from the N models' copies of a probe point. Every pixel/token is a sample;
-    several probe points of one space pool their samples."""
+    several probe points of one space pool their samples.
 
-    def __init__(self, n_models: int, size: int):
+    Per call, the N features (the channel slice ``[offset, offset + size)`` of
+    dimension ``dim``) are written, shifted, into one channel-major float32
+    matrix ``X`` (rows = the N*size features, columns = samples; one strided
+    copy, no ``cat``), in chunks of at most ``Workspace.max_floats``. The Gram
+    update ``X X^T`` is computed block by block, upper triangle only (the
+    blocks follow model boundaries, so model k's block against model j's has
+    the same shape as against itself), each float32 block product added into
+    the float64 sums while it is still in cache. ``stats()`` mirrors the upper
+    triangle, so the Gram matrix is exactly symmetric.
+    """
+
+    BLOCK = 128  # rows per block of the Gram product (GEMMs of 128 x chunk x 128 run near peak)
+
+    def __init__(self, n_models: int, size: int, workspace: Workspace | None = None):
         super().__init__()
         self.n_models, self.size = n_models, size
         width = n_models * size
@@ -81,19 +119,73 @@ class SpaceObserver(nn.Module):
         self.register_buffer("gram", torch.zeros(width, width, dtype=torch.float64))
         self.register_buffer("shift", torch.zeros(width, dtype=torch.float64))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+        self.workspace = workspace if workspace is not None else Workspace()
+        if size < self.BLOCK // 2:
+            # narrow spaces: one product of the whole matrix (blocks this thin run
+            # far below the GEMM's peak)
+            self._blocks = [(0, width)]
+        else:
+            parts = -(-size // self.BLOCK)
+            edges = [round(i * size / parts) for i in range(parts + 1)]
+            self._blocks = [(k * size + a, k * size + b) for k in range(n_models)
+                            for a, b in zip(edges, edges[1:])]
+        self._shift32: torch.Tensor | None = None
 
     def forward(self, *features: torch.Tensor, dim: int, offset: int) -> None:
-        cols = [f.narrow(dim, offset, self.size).movedim(dim, -1).reshape(-1, self.size) for f in features]
-        x = torch.cat(cols, dim=1)
-        if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
+        size = self.size
+        # (size, s1, s2, ...): channel-major views, no copy
+        views = [f.narrow(dim, offset, size).movedim(dim, 0) for f in features]
+        if self._shift32 is None or not bool(self.started):
+            self._start(views)
+        shift = self._shift32
+        shape = views[0].shape
+        if views[0].dim() == 1:  # one sample per feature vector
+            views = [v.unsqueeze(1) for v in views]
+            shape = views[0].shape
+        lead = shape[1] if len(shape) > 1 else 1
+        rest = views[0][0, 0].numel() if lead else 0
+        samples = lead * rest
+        if samples == 0:
+            return
+        step = max(1, min(lead, self.workspace.max_floats // max(1, self.n_models * size * rest)))
+        width = self.n_models * size
+        for s0 in range(0, lead, step):
+            s1 = min(lead, s0 + step)
+            p = (s1 - s0) * rest
+            x = self.workspace.rows(width, p, views[0])
+            for k, v in enumerate(views):
+                chunk = v.narrow(1, s0, s1 - s0)
+                sh = shift[k * size:(k + 1) * size].view((size,) + (1,) * (chunk.dim() - 1))
+                torch.sub(chunk, sh, out=x[k * size:(k + 1) * size].view(chunk.shape))
+            self.total += x.sum(1).double()
+            self._gram_update(x)
+        self.count += samples
+
+    def _start(self, views: list[torch.Tensor]) -> None:
         if not bool(self.started):
-            self.shift.copy_(x.mean(0).double())
+            means = [v.reshape(self.size, -1).float().mean(1) if v.dim() > 1 else v.float() for v in views]
+            self.shift.copy_(torch.cat(means).double())
             self.started.fill_(True)
-        x = x - self.shift.to(x.dtype)
-        self.count += x.shape[0]
-        self.total += x.sum(0).double()
-        self.gram += (x.T @ x).double()
+        self._shift32 = self.shift.float()
+
+    def _gram_update(self, x: torch.Tensor) -> None:
+        blocks, ws = self._blocks, self.workspace
+        for i, (a0, a1) in enumerate(blocks):
+            xa = x[a0:a1]
+            for b0, b1 in blocks[i:]:
+                prod = ws.prod(a1 - a0, b1 - b0, x)
+                torch.mm(xa, x[b0:b1].T, out=prod)
+                self.gram[a0:a1, b0:b1] += prod
 
     def stats(self) -> SpaceStats:
-        return SpaceStats(float(self.count), self.total.cpu(), self.gram.cpu(), self.shift.cpu())
+        # Exact symmetry: the lower triangle becomes the transposed upper one, in
+        # place and block by block (no temporary of the whole matrix; the
+        # updates only ever add to the upper blocks, so this is idempotent).
+        # As before, the returned statistics share the buffers on CPU.
+        gram = self.gram
+        for i, (a0, a1) in enumerate(self._blocks):
+            for b0, b1 in self._blocks[:i]:
+                gram[a0:a1, b0:b1] = gram[b0:b1, a0:a1].T
+            d = gram[a0:a1, a0:a1]
+            d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        return SpaceStats(float(self.count), self.total.cpu(), gram.cpu(), self.shift.cpu())

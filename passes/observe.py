@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
-from fxzip.stats import SpaceObserver
+from fxzip.stats import SpaceObserver, Workspace
 
 __all__ = ["insert_observers", "OBSERVERS"]
 
@@ -18,13 +18,15 @@ OBSERVERS = "fxzip_observers"
 def insert_observers(gm: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]],
                      analysis: GraphAnalysis, spaces: Sequence[int]) -> fx.GraphModule:
     """Adds ``fxzip_observers.s<index>`` and one call per probe point, placed
-    right after the last model's copy of the probed node."""
+    right after the last model's copy of the probed node. The observers run one
+    at a time and share one scratch ``Workspace``."""
     n_models = len(node_maps)
     holder = nn.Module()
     gm.add_module(OBSERVERS, holder)
+    workspace = Workspace()
     for index in spaces:
         sp = analysis.spaces[index]
-        holder.add_module(f"s{index}", SpaceObserver(n_models, sp.size))
+        holder.add_module(f"s{index}", SpaceObserver(n_models, sp.size, workspace))
         for probe in sp.probes:
             copies = [m[probe.node] for m in node_maps]
             with gm.graph.inserting_after(copies[-1]):

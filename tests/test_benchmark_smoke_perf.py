@@ -27,6 +27,10 @@ def test_perf_smoke_writes_schema(tmp_path):
         assert row["floor_seconds"] > 0 and row["ratio_to_floor"] > 0 and row["extra_rss_mb"] >= 0
         parts = sum(v for k, v in row["seconds"].items() if k != "total")
         assert abs(parts - row["seconds"]["total"]) < 1e-6 * max(1.0, parts)
+        # load-independent cross-check and the floor measured around the merge
+        assert row["ratio_to_floor_cpu"] > 0 and len(row["floor_seconds_before_after"]) == 2
+        assert row["gram_gmacs_per_image"] > 0 and row["forward_gmacs_per_image"] > 0
+        assert set(row["load_avg_1m_at"]) == {"floor_before", "merge", "floor_after", "end"}
 
     combos = {(r["matcher"], r["alpha"]) for r in result["matching"]}
     assert combos == {("zipit", 0.0), ("zipit", 0.3), ("permute", None)}

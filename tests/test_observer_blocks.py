@@ -1,0 +1,65 @@
+"""SpaceObserver's blocked Gram update (wide spaces, chunked samples) against a float64 reference."""
+from __future__ import annotations
+
+import torch
+
+from fxzip.stats import SpaceObserver, Workspace
+
+
+def reference(feats: list[torch.Tensor], dim: int, offset: int, size: int) -> torch.Tensor:
+    rows = [f.narrow(dim, offset, size).movedim(dim, -1).reshape(-1, size) for f in feats]
+    return torch.cat(rows, 1).double()
+
+
+def test_blocked_gram_matches_float64_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    n_models, size = 3, 200  # 2 blocks per model: 6 blocks, 21 block products
+    obs = SpaceObserver(n_models, size, Workspace(max_floats=n_models * size * 2 * 5 * 5))  # 2 images per chunk
+    assert len(obs._blocks) == 6
+    seen = []
+    for batch in range(3):
+        feats = [torch.relu(torch.randn(7, 210, 5, 5, generator=g)) + 0.5 for _ in range(n_models)]
+        if batch == 1:  # channels-last memory and a non-contiguous slice are read alike
+            feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+        obs(*feats, dim=1, offset=7)
+        seen.append(reference(feats, 1, 7, size))
+    ref = torch.cat(seen)
+    st = obs.stats()
+    assert st.count == ref.shape[0]
+    torch.testing.assert_close(st.mean, ref.mean(0), rtol=1e-6, atol=1e-6)
+    cov = torch.cov(ref.T, correction=0)
+    assert float((st.covariance() - cov).abs().max() / cov.diagonal().max()) < 1e-6
+    assert torch.equal(st.gram, st.gram.T)  # mirrored exactly
+    torch.testing.assert_close(st.correlation(), torch.corrcoef(ref.T), rtol=0, atol=1e-5)
+    st2 = obs.stats()  # idempotent
+    assert torch.equal(st2.gram, st.gram)
+
+
+def test_blocked_twins_correlate_exactly_one() -> None:
+    g = torch.Generator().manual_seed(1)
+    n = 160  # the blocked path (one 80-row block pair per model)
+    obs = SpaceObserver(2, n)
+    assert len(obs._blocks) > 2
+    for _ in range(3):
+        x = torch.relu(torch.randn(300, n, generator=g) @ torch.randn(n, n, generator=g))
+        obs(x, x.clone(), dim=1, offset=0)
+    corr = obs.stats().correlation()
+    assert torch.all(corr[:n, n:].diagonal() == 1.0)
+    assert torch.all(corr.diagonal() == 1.0)
+
+
+def test_feature_axis_last_and_single_samples() -> None:
+    """Tokens with the channel axis last (LayerNorm-style) and plain (batch, features) rows."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 6, 70, generator=g), torch.randn(4, 6, 70, generator=g)
+    obs = SpaceObserver(2, 64)
+    obs(a, b, dim=2, offset=3)
+    ref = reference([a, b], 2, 3, 64)
+    st = obs.stats()
+    assert st.count == 24
+    torch.testing.assert_close(st.covariance(), torch.cov(ref.T, correction=0), rtol=1e-5, atol=1e-5)
+    obs = SpaceObserver(2, 5)
+    x, y = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)
+    obs(x, y, dim=1, offset=0)
+    torch.testing.assert_close(obs.stats().covariance(), torch.cov(torch.cat([x, y], 1).double().T, correction=0),
+                               rtol=1e-5, atol=1e-6)

@@ -416,9 +416,12 @@ def row_config(kind: str, row: dict) -> str:
 
 
 def drive(cfgs: list[dict], out_dir: Path, budget_s: float, command: str, quiet: bool = False,
-          threads: int = 1, only: str | None = None, select: str | None = None) -> dict:
+          threads: int = 1, only: str | None = None, select: str | None = None,
+          shared_with: str | None = None) -> dict:
     result = {"merge": [], "matching": [], "inference": [], "dropped": [], "machine": machine(),
               "command": command}
+    if shared_with:
+        result["machine"]["shared_with"] = shared_with
     if only:
         # Re-run one section (or, with ``select``, the configurations of it whose
         # description contains that text) into an existing result: everything
@@ -594,8 +597,8 @@ def markdown(result: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores (AVX2, no AVX-512), {m['memory_gb']} GB RAM, torch "
              f"{m['torch']} (MKL, oneDNN), {m['torch_threads']} torch thread (OMP_NUM_THREADS={m['torch_threads']}), "
              f"Python {m['python']}, CPU only. Whole run: {m.get('wall_s')} s.", "",
-             f"Load: the 2 cores are shared with other jobs (an evaluation on CPU, test runs). 1/5/15-minute load "
-             f"average {m['load_avg_start']} at the start, {m.get('load_avg_end')} at the end"
+             f"Load: {m.get('shared_with') or 'other jobs may have shared the cores (not recorded)'}. "
+             f"1/5/15-minute load average {m['load_avg_start']} at the start, {m.get('load_avg_end')} at the end"
              + "".join(f"; `{k[:-6]}` was re-run separately afterwards ({v['load_avg_start']} -> "
                        f"{v.get('load_avg_end')}, {v.get('wall_s')} s)" for k, v in m.items() if k.endswith("_rerun"))
              + ". Every row gives the 1-minute load average when its process started and ended. Absolute "
@@ -732,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run one section into the existing perf.json/perf.md in --out")
     parser.add_argument("--select", help="with --only: re-run only the configurations whose description "
                                          "contains this text, e.g. 'resnet20x8 N=4'")
+    parser.add_argument("--shared-with", help="what else ran on the machine during the measurement, for the "
+                                              "report (e.g. 'nothing' or 'a 1-thread evaluation')")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--render", action="store_true",
                         help="rewrite perf.md and perf.png from the perf.json in --out (no measurement)")
@@ -743,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         out = Path(args.out)
         result = json.loads((out / "perf.json").read_text())
+        if args.shared_with:
+            result["machine"]["shared_with"] = args.shared_with
         result["goals"], result["notes"] = goals(result), notes(result)
         (out / "perf.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "perf.md").write_text(markdown(result))
@@ -753,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
               ("" if args.budget == 14400.0 else f" --budget {args.budget:g}") + \
               ("" if args.threads == 1 else f" --threads {args.threads}") + \
               (f" --only {args.only}" if args.only else "") + (f" --select '{args.select}'" if args.select else "")
-    drive(cfgs, Path(args.out), args.budget, command, args.quiet, args.threads, args.only, args.select)
+    drive(cfgs, Path(args.out), args.budget, command, args.quiet, args.threads, args.only, args.select,
+          args.shared_with)
     return 0
 
 

@@ -54,7 +54,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,13 +126,14 @@ def _checkpoint(ckpt_dir: Path, pair: int, name: str) -> Path:
     return p if p.exists() else ckpt_dir / f"pair{pair}_{name}_final_fp16.pt"
 
 
-def random_pair(pair: int, width: int) -> tuple[list[torch.nn.Module], list[dict]]:
-    """Random-init models with the split train_cifar.py would use (smoke mode)."""
+def random_pair(pair: int, make: Callable[[], torch.nn.Module]) -> tuple[list[torch.nn.Module], list[dict]]:
+    """Random-init models (``make()`` under the seed train_cifar.py would use) with
+    the pair's class split: smoke mode of every CIFAR evaluation script."""
     a, b = cifar_data.random_class_split(seed=pair)
     models, infos = [], []
     for k, classes in enumerate((a, b)):
         torch.manual_seed(2 * pair + k)
-        models.append(resnet20(width, out_dim=OUT_DIM).eval())
+        models.append(make().eval())
         infos.append({"classes": classes, "test_acc": float("nan"), "below_90": True, "epochs": 0,
                       "init_seed": 2 * pair + k})
     return models, infos
@@ -703,7 +704,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         data = synthetic_data()
         vecs = F.normalize(torch.randn(10, OUT_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
-        get_pair = lambda p: _to(random_pair(p, args.width), args.device)  # noqa: E731
+        get_pair = lambda p: _to(random_pair(p, lambda: resnet20(args.width, out_dim=OUT_DIM)), args.device)  # noqa: E731
         have = lambda p: True  # noqa: E731
         dataset = "synthetic random uint8 images (smoke)"
     else:

@@ -118,16 +118,6 @@ def load_pair(arch: str, ckpt_dir: Path, pair: int) -> tuple[list[torch.nn.Modul
     return models, infos
 
 
-def random_pair(arch: str, pair: int) -> tuple[list[torch.nn.Module], list[dict]]:
-    a, b = cifar_data.random_class_split(seed=pair)
-    models, infos = [], []
-    for k, classes in enumerate((a, b)):
-        torch.manual_seed(2 * pair + k)
-        models.append(build(arch, smoke=True).eval())
-        infos.append({"classes": classes, "test_acc": float("nan"), "below_90": True, "epochs": 0})
-    return models, infos
-
-
 def pair_available(ckpt_dir: Path, pair: int) -> bool:
     return ec.pair_available(ckpt_dir, pair)
 
@@ -473,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     vecs = ec.class_vectors()
     per_pair, base, notes = {}, {}, []
     for p in pairs:
-        models, infos = random_pair(args.arch, p) if args.smoke else load_pair(args.arch, ckpt, p)
+        models, infos = ec.random_pair(p, lambda: build(args.arch, smoke=True)) if args.smoke else load_pair(args.arch, ckpt, p)
         for name, info in zip("AB", infos):
             base[f"pair{p}_{name}"] = {"classes": info["classes"], "test_acc": info["test_acc"],
                                        "below_90": bool(info.get("below_90", info["test_acc"] < 0.9)),

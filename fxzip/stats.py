@@ -135,7 +135,7 @@ class SpaceObserver(nn.Module):
         size = self.size
         # (size, s1, s2, ...): channel-major views, no copy
         views = [f.narrow(dim, offset, size).movedim(dim, 0) for f in features]
-        if self._shift32 is None or not bool(self.started):
+        if self._shift32 is None:  # first call (or statistics loaded from a state dict)
             self._start(views)
         shift = self._shift32
         shape = views[0].shape

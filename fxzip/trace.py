@@ -65,8 +65,6 @@ _KNOWN_LEAVES = _known_leaves()
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:
-    if isinstance(m, _KNOWN_LEAVES):
-        return True
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
         m, nn.Sequential

@@ -11,7 +11,7 @@ fxzip cannot follow, such as the raw input).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import networkx as nx
@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from .layout import NO_CHANNELS, Layout, ParamView, Segment
+from .refine import Refinement
 from .rules import lookup_rule
 
 __all__ = ["AnalysisError", "AxisRole", "Probe", "FeatureSpace", "GraphAnalysis", "Analyzer", "analyze"]
@@ -107,25 +108,34 @@ def _shape(node: Any) -> torch.Size | None:
 
 
 class Analyzer:
-    """The state rules read and write while walking one graph."""
+    """The state rules read and write while walking one graph.
+
+    Rules name *ranges* of raw spaces (``Segment.start``/``size``); every
+    constraint is recorded against ranges and resolved only at the end, when
+    ``fxzip.refine`` has cut each raw space into the atoms that slices and
+    splits require. So a rule may slice a space that other nodes already
+    joined, read whole or split elsewhere."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.layouts: dict[fx.Node, Any] = {}
         self.passthrough: set[fx.Node] = set()
-        self.links = nx.Graph()
-        self.sizes: dict[int, int] = {}
+        self.refinement = Refinement()
         self.producers: dict[int, list[str]] = {}
-        self.consumers: dict[int, list[str]] = {}
-        self.fixed: dict[int, list[str]] = {}
         self.param_roles: dict[str, list[AxisRole]] = {}
-        self._outputs: set[int] = set()
         self.layers: list[str] = []
         self.consumed: dict[str, list[tuple[str, int, tuple[Segment, ...]]]] = {}
-        self.groups: dict[int, list[tuple[int, str]]] = {}
-        self.group_links = nx.Graph()
-        self.bilinear: set[int] = set()
-        self.aliases: dict[int, tuple[Segment, ...]] = {}
+        # constraints on ranges, resolved to atoms in _finish
+        self._consumers: list[tuple[Segment, str]] = []
+        self._fixed: list[tuple[Segment, str]] = []
+        self._outputs: list[Segment] = []
+        self._groups: list[tuple[Segment, int, str]] = []
+        self._ties: list[tuple[tuple[Segment, ...], tuple[Segment, ...], str]] = []
+        self._bilinear: list[Segment] = []
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        return self.refinement.sizes
 
     # -- reading -------------------------------------------------------------
     def layout(self, arg: Any) -> Any:
@@ -160,27 +170,34 @@ class Analyzer:
 
     def new_space(self, node: fx.Node, size: int) -> tuple[Segment, ...]:
         sid = len(self.sizes)
-        self.sizes[sid] = size
-        self.links.add_node(sid)
+        self.refinement.add_space(sid, size)
         self.producers[sid] = [node.name]
-        self.consumers[sid] = []
         return (Segment(sid, size),)
 
     def unify(self, node: fx.Node, a: Sequence[Segment], b: Sequence[Segment]) -> None:
-        """Both sides must be the same basis (a residual add, a gate, ...)."""
-        a, b = self.expand(a), self.expand(b)
-        if [(s.size, s.inner) for s in a] != [(s.size, s.inner) for s in b]:
+        """Both sides must be the same basis (a residual add, a gate, ...). The
+        two sides may be cut differently (a concatenation added to one space):
+        they are linked channel by channel, which refines both."""
+        if sum(s.length for s in a) != sum(s.length for s in b) or not _same_inner(a, b):
             raise AnalysisError(
                 f"node '{node.name}' ({_describe(node)}) combines channel axes with different "
                 f"structure: {_segs(a)} vs {_segs(b)}. fxzip can only join tensors whose channels "
-                "come from the same concatenation of feature spaces."
+                "line up one to one."
             )
-        for sa, sb in zip(a, b):
-            self.links.add_edge(sa.space, sb.space)
+        i = j = off_a = off_b = 0
+        while i < len(a) and j < len(b):
+            sa, sb = a[i], b[j]
+            n = min(sa.size - off_a, sb.size - off_b)
+            self.refinement.link(sa.space, sa.start + off_a, sb.space, sb.start + off_b, n, node.name)
+            off_a += n
+            off_b += n
+            if off_a == sa.size:
+                i, off_a = i + 1, 0
+            if off_b == sb.size:
+                j, off_b = j + 1, 0
 
     def role(self, node: fx.Node, param: str, axis: int, segments: Sequence[Segment], role: str,
              groups: int = 1) -> None:
-        segments = self.expand(segments)
         entry = AxisRole(axis, tuple(segments), role, groups)
         have = self.param_roles.setdefault(param, [])
         for old in have:
@@ -196,54 +213,27 @@ class Analyzer:
         have.append(entry)
         if role == "U":
             self.consumed.setdefault(node.name, []).append((param, axis, tuple(segments)))
-            for s in segments:
-                self.consumers[s.space].append(node.name)
+            self._consumers.extend((s, node.name) for s in segments)
 
     def mark_layer(self, node: fx.Node) -> None:
         """``node`` is a weight layer (conv/linear): what cut points count."""
         self.layers.append(node.name)
 
     def fix(self, segments: Iterable[Segment], why: str) -> None:
-        for s in self.expand(segments):
-            self.fixed.setdefault(s.space, []).append(why)
+        self._fixed.extend((s, why) for s in segments)
 
     # -- group structure ---------------------------------------------------------
-    def expand(self, segments: Sequence[Segment]) -> tuple[Segment, ...]:
-        """Segments with every split space replaced by its parts."""
-        out: list[Segment] = []
-        for seg in segments:
-            if seg.space in self.aliases:
-                out.extend(self.expand(tuple(Segment(p.space, p.size, seg.inner) for p in self.aliases[seg.space])))
-            else:
-                out.append(seg)
-        return tuple(out)
-
     def split_space(self, node: fx.Node, segment: Segment, parts: int) -> tuple[Segment, ...]:
-        """Split a freshly produced space into ``parts`` equal spaces (a fused qkv
-        projection is three projections). Only a space nothing has joined or read
-        yet can be split: afterwards every reference to it means its parts."""
-        raw = segment.space
-        if raw in self.aliases or self.links.degree(raw) or self.consumers.get(raw) or raw in self.fixed \
-                or raw in self.groups or segment.size % parts:
-            self.fail(node, f"splits a feature space of {segment.size} channels into {parts} parts after it was "
-                            "already joined with other tensors; fxzip splits a fused projection only right "
-                            "after the layer that produces it.")
-        pieces = []
-        for _ in range(parts):
-            sid = len(self.sizes)
-            self.sizes[sid] = segment.size // parts
-            self.links.add_node(sid)
-            self.producers[sid] = list(self.producers[raw])
-            self.consumers[sid] = []
-            pieces.append(Segment(sid, segment.size // parts))
-        self.aliases[raw] = tuple(pieces)
-        self.links.remove_node(raw)
-        return tuple(Segment(p.space, p.size, segment.inner) for p in pieces)
+        """``parts`` equal slices of one segment (a fused qkv projection is three
+        projections): each slice becomes its own space unless something links it."""
+        if segment.size % parts:
+            self.fail(node, f"splits {segment.size} channels into {parts} equal parts.")
+        width = segment.size // parts
+        return tuple(replace(segment, size=width, start=segment.start + i * width) for i in range(parts))
 
     def set_groups(self, node: fx.Node, segments: Sequence[Segment], groups: int) -> None:
         """Units of these channels move only inside blocks of ``length / groups``
         consecutive channels (heads, GroupNorm groups, grouped-conv groups)."""
-        segments = self.expand(segments)
         total = sum(s.size for s in segments)
         if groups <= 1:
             return
@@ -254,20 +244,17 @@ class Analyzer:
             if seg.size % width:
                 self.fail(node, f"a group of {width} channels straddles two concatenated feature spaces "
                                 f"({_segs(segments)}); fxzip cannot keep such groups whole.")
-            self.groups.setdefault(seg.space, []).append((seg.size // width, node.name))
+            self._groups.append((seg, width, node.name))
 
     def tie_groups(self, node: fx.Node, a: Sequence[Segment], b: Sequence[Segment]) -> None:
         """Group ``g`` of ``a`` and group ``g`` of ``b`` must move together (the heads
         of q/k and of v in one attention; a grouped conv's input and output)."""
-        for sa in self.expand(a):
-            for sb in self.expand(b):
-                self.group_links.add_edge(sa.space, sb.space, node=node.name)
+        self._ties.append((tuple(a), tuple(b), node.name))
 
     def mark_bilinear(self, segments: Sequence[Segment]) -> None:
         """The space is read as ``q . k`` (no weight absorbs U): only cross-model
         matches keep that product (see ``fxzip.grouped``)."""
-        for seg in self.expand(segments):
-            self.bilinear.add(seg.space)
+        self._bilinear.extend(segments)
 
     def fail(self, node: fx.Node, message: str) -> None:
         raise AnalysisError(f"node '{node.name}' ({_describe(node)}): {message}")
@@ -316,31 +303,33 @@ class Analyzer:
             for item in (lay if isinstance(lay, tuple) else (lay,)):
                 if isinstance(item, Layout) and item.has_channels:
                     self.fix(item.segments, "model output")
-                    for s in item.segments:
-                        self._outputs.add(s.space)
+                    self._outputs.extend(item.segments)
 
+    # -- resolving ranges into atoms and spaces ----------------------------------
     def _finish(self) -> GraphAnalysis:
-        self._expand_aliases()
-        components = sorted((sorted(c) for c in nx.connected_components(self.links)), key=lambda c: c[0])
-        space_of = {raw: idx for idx, comp in enumerate(components) for raw in comp}
+        ref = self.refinement
+        for seg in self._all_segments():
+            ref.add_range(seg.space, seg.start, seg.size)
+        ref.solve()
+        self._to_atoms()
+        links = nx.Graph()
+        links.add_nodes_from(ref.atom_sizes)
+        links.add_edges_from((a, b) for a, b, _ in ref.atom_edges())
+        components = sorted((sorted(c) for c in nx.connected_components(links)), key=lambda c: c[0])
+        space_of = {atom: idx for idx, comp in enumerate(components) for atom in comp}
+        per_atom = self._atom_facts()
         spaces = []
         for idx, comp in enumerate(components):
-            size = self.sizes[comp[0]]
-            for raw in comp:
-                if self.sizes[raw] != size:
-                    raise AnalysisError(
-                        f"spaces produced at {self.producers[comp[0]]} ({size} channels) and "
-                        f"{self.producers[raw]} ({self.sizes[raw]} channels) are joined but differ in size"
-                    )
-            sp = FeatureSpace(idx, size)
-            for raw in comp:
-                sp.producers += self.producers[raw]
-                sp.consumers += self.consumers[raw]
-                sp.fixed += self.fixed.get(raw, [])
-                sp.touches_output |= raw in self._outputs
-                sp.touches_input |= any(why.startswith("model input") for why in self.fixed.get(raw, []))
-                sp.bilinear |= raw in self.bilinear
-            sp.groups = self._space_groups(sp, comp)
+            sp = FeatureSpace(idx, ref.atom_sizes[comp[0]])
+            for atom in comp:
+                facts = per_atom[atom]
+                sp.producers += [p for p in facts["producers"] if p not in sp.producers]
+                sp.consumers += [c for c in facts["consumers"] if c not in sp.consumers]
+                sp.fixed += facts["fixed"]
+                sp.touches_output |= facts["output"]
+                sp.touches_input |= any(why.startswith("model input") for why in facts["fixed"])
+                sp.bilinear |= facts["bilinear"]
+            sp.groups = self._space_groups(sp, [g for atom in comp for g in per_atom[atom]["groups"]])
             spaces.append(sp)
         ties = self._resolve_ties(spaces, space_of)
         for name, roles in self.param_roles.items():
@@ -351,10 +340,36 @@ class Analyzer:
         return GraphAnalysis(spaces, self.param_roles, {n.name: l for n, l in self.layouts.items()}, space_of,
                              list(self.layers), dict(self.consumed), ties)
 
-    def _expand_aliases(self) -> None:
-        """Replace every reference to a split (fused) space by its parts."""
-        if not self.aliases:
-            return
+    def _all_segments(self) -> Iterable[Segment]:
+        """Every range any rule named: each must become a union of atoms."""
+        for lay in self.layouts.values():
+            yield from _layout_segments(lay)
+        for roles in self.param_roles.values():
+            for r in roles:
+                yield from r.segments
+        for items in self.consumed.values():
+            for _, _, segs in items:
+                yield from segs
+        yield from (s for s, _ in self._consumers)
+        yield from (s for s, _ in self._fixed)
+        yield from self._outputs
+        yield from (s for s, _, _ in self._groups)
+        for a, b, _ in self._ties:
+            yield from a
+            yield from b
+        yield from self._bilinear
+
+    def expand(self, segments: Sequence[Segment]) -> tuple[Segment, ...]:
+        """Raw-space ranges as whole atoms (valid once the refinement is solved)."""
+        out: list[Segment] = []
+        for seg in segments:
+            out.extend(Segment(atom, size, seg.inner) for atom, size in
+                       self.refinement.atoms(seg.space, seg.start, seg.size))
+        return tuple(out)
+
+    def _to_atoms(self) -> None:
+        """Rewrite every recorded layout and parameter role in atoms, so the rest
+        of fxzip sees whole spaces only."""
         self.param_roles = {name: [AxisRole(r.axis, self.expand(r.segments), r.role, r.groups) for r in roles]
                             for name, roles in self.param_roles.items()}
         self.consumed = {n: [(p, a, self.expand(segs)) for p, a, segs in items] for n, items in self.consumed.items()}
@@ -363,14 +378,44 @@ class Analyzer:
             if isinstance(lay, tuple):
                 return tuple(fix_layout(x) for x in lay)
             if isinstance(lay, Layout) and lay.segments:
-                return Layout(lay.dim, self.expand(lay.segments), lay.param, lay.group_dim, lay.stack_dim)
+                return replace(lay, segments=self.expand(lay.segments))
             return lay
 
         self.layouts = {n: fix_layout(l) for n, l in self.layouts.items()}
 
-    def _space_groups(self, sp: FeatureSpace, comp: Sequence[int]) -> int:
+    def _atom_facts(self) -> dict[int, dict[str, Any]]:
+        """Producers, consumers, fixes, groups and flags of every atom."""
+        ref = self.refinement
+        facts = {atom: {"producers": list(self.producers[raw]), "consumers": [], "fixed": [], "output": False,
+                         "bilinear": False, "groups": []} for atom, (raw, _) in ref.atom_raw.items()}
+        for seg, name in self._consumers:
+            for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
+                if name not in facts[atom]["consumers"]:
+                    facts[atom]["consumers"].append(name)
+        for seg, why in self._fixed:
+            for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
+                facts[atom]["fixed"].append(why)
+        for seg in self._outputs:
+            for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
+                facts[atom]["output"] = True
+        for seg in self._bilinear:
+            for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
+                facts[atom]["bilinear"] = True
+        for seg, width, where in self._groups:
+            for atom, size in ref.atoms(seg.space, seg.start, seg.size):
+                lo = ref.atom_raw[atom][1]
+                if (lo - seg.start) % width or size % width:
+                    raise AnalysisError(
+                        f"a slice or split cuts through a group of {width} channels (groups set at node "
+                        f"'{where}': heads, GroupNorm groups or a grouped convolution); fxzip keeps every group "
+                        "whole, so slices must fall on group boundaries."
+                    )
+                facts[atom]["groups"].append((size // width, where))
+        return facts
+
+    def _space_groups(self, sp: FeatureSpace, seen_list: list[tuple[int, str]]) -> int:
         """One group count per space: every op that groups it must agree."""
-        seen = {(g, where) for raw in comp for g, where in self.groups.get(raw, [])}
+        seen = set(seen_list)
         counts = {g for g, _ in seen}
         if len(counts) > 1:
             detail = ", ".join(f"{g} groups at {where}" for g, where in sorted(seen))
@@ -386,14 +431,17 @@ class Analyzer:
         of the tie graph); each grouped space is at least its own block."""
         graph = nx.Graph()
         graph.add_nodes_from(sp.index for sp in spaces if sp.groups > 1)
-        for a, b, data in self.group_links.edges(data=True):
-            sa, sb = spaces[space_of[a]], spaces[space_of[b]]
-            if sa.groups != sb.groups:
-                raise AnalysisError(
-                    f"node '{data['node']}' ties the groups of {sa.producers[:2]} ({sa.groups} groups) to "
-                    f"those of {sb.producers[:2]} ({sb.groups} groups); tied spaces need equal group counts."
-                )
-            graph.add_edge(sa.index, sb.index)
+        for a_segs, b_segs, where in self._ties:
+            for sa_atom in self.expand(a_segs):
+                for sb_atom in self.expand(b_segs):
+                    sa, sb = spaces[space_of[sa_atom.space]], spaces[space_of[sb_atom.space]]
+                    if sa.groups != sb.groups:
+                        raise AnalysisError(
+                            f"node '{where}' ties the groups of {sa.producers[:2]} ({sa.groups} groups) to "
+                            f"those of {sb.producers[:2]} ({sb.groups} groups); tied spaces need equal group "
+                            "counts."
+                        )
+                    graph.add_edge(sa.index, sb.index)
         blocks = sorted(tuple(sorted(c)) for c in nx.connected_components(graph))
         for block in blocks:
             for i in block:
@@ -433,6 +481,35 @@ def _carries(lay: Any) -> bool:
     if isinstance(lay, tuple):
         return any(_carries(x) for x in lay)
     return isinstance(lay, Layout) and (lay.has_channels or lay.grouped)
+
+
+def _layout_segments(lay: Any) -> Iterable[Segment]:
+    if isinstance(lay, tuple):
+        for x in lay:
+            yield from _layout_segments(x)
+    elif isinstance(lay, Layout):
+        yield from lay.segments
+
+
+def _same_inner(a: Sequence[Segment], b: Sequence[Segment]) -> bool:
+    """Channels line up one to one only if both sides give each channel the
+    same number of elements wherever they overlap."""
+    def per_element(segs):
+        return [(s.inner, s.length) for s in segs]
+    i = j = 0
+    ra = rb = 0
+    pa, pb = per_element(a), per_element(b)
+    while i < len(pa) and j < len(pb):
+        if pa[i][0] != pb[j][0]:
+            return False
+        ra, rb = ra or pa[i][1], rb or pb[j][1]
+        n = min(ra, rb)
+        ra, rb = ra - n, rb - n
+        if ra == 0:
+            i += 1
+        if rb == 0:
+            j += 1
+    return True
 
 
 def _grouped(lay: Any) -> bool:

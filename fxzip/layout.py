@@ -1,9 +1,10 @@
 """Where a tensor keeps its channels: the vocabulary shared by rules and analysis.
 
 A tensor has at most one *channel axis* (``Layout.dim``). Along that axis the
-elements are a concatenation of ``Segment``s; each segment holds ``size``
-channels of one feature space, and every channel occupies ``inner`` contiguous
-elements. ``inner > 1`` arises when a C x H x W map is flattened (a following
+elements are a concatenation of ``Segment``s; each segment holds channels
+``start .. start + size`` of one feature space, and every channel occupies
+``inner`` contiguous elements (``start > 0`` or a short ``size``: a slice of
+the space; see ``fxzip.refine``). ``inner > 1`` arises when a C x H x W map is flattened (a following
 Linear then sees ``kron(U, I_HW)``), several segments arise from ``torch.cat``.
 A tensor read from a parameter by view ops carries a ``ParamView`` instead:
 which parameter axis each tensor axis is, so an op that combines it with a
@@ -31,6 +32,7 @@ class Segment:
     space: int
     size: int
     inner: int = 1
+    start: int = 0
 
     @property
     def length(self) -> int:

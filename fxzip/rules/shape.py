@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -66,7 +67,7 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
         big_out = [k for k in gj if dst[k] != 1]
         if len(big_out) <= 1:
             out_dim = big_out[0] if big_out else gj[0]
-            segs = tuple(Segment(s.space, s.size, s.inner * post) for s in lay.segments) * pre
+            segs = tuple(replace(s, inner=s.inner * post) for s in lay.segments) * pre
             if pre > 64:
                 ctx.fail(node, f"interleaves channels with a non-channel axis of size {pre}; {_HEADS}")
             return Layout(out_dim, segs)
@@ -76,7 +77,7 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
         # whole channels at a time (an unflatten of C*H*W back to C, H, W)
         tail = math.prod(dst[k] for k in big_out[1:])
         if all((s.inner * post) % tail == 0 for s in lay.segments):
-            return Layout(big_out[0], tuple(Segment(s.space, s.size, s.inner * post // tail) for s in lay.segments))
+            return Layout(big_out[0], tuple(replace(s, inner=s.inner * post // tail) for s in lay.segments))
         if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
             if len(big_out) == 2 and len(gj) == 3 and dst[gj[1]] == 1:
                 big_out = list(gj)  # (parts, 1 head, head_dim): a fused k/v of a one-head attention
@@ -96,13 +97,15 @@ def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[i
     segs = lay.segments
     if heads == 1:  # one head: a stack of plain spaces, nothing to group
         axes = [axes[0], axes[2]]
-    if len(segs) == parts and len({s.size for s in segs}) == 1:
-        pieces = segs
-    elif len(segs) == 1:
+    if len(segs) == 1:
         pieces = ctx.split_space(node, segs[0], parts)
-    else:
-        ctx.fail(node, f"splits channels made of {len(segs)} concatenated spaces into {parts} parts; the parts "
-                       "must be the concatenated spaces themselves, or one fresh projection.")
+    else:  # a concatenation: each part must be one range of one space
+        width = lay.length // parts
+        ranges = [channel_range(ctx, node, segs, i * width, (i + 1) * width) for i in range(parts)]
+        if any(len(r) != 1 for r in ranges):
+            ctx.fail(node, f"splits channels made of {len(segs)} concatenated spaces into {parts} parts that "
+                           "straddle them; each part must lie inside one space.")
+        pieces = tuple(r[0] for r in ranges)
     if heads == 1:
         return Layout(axes[1], tuple(pieces), stack_dim=axes[0])
     for piece in pieces:
@@ -284,22 +287,51 @@ def split(ctx, node: fx.Node) -> None:
         ctx.set(node, tuple(lay for _ in out_meta), passthrough=True)
         return
     sizes = [m.shape[dim] for m in out_meta]
-    pieces, segs = [], list(lay.segments)
+    pieces, lo = [], 0
     for size in sizes:
-        taken, acc = [], 0
-        while acc < size and segs:
-            s = segs[0]
-            if acc + s.length > size:
-                if (size - acc) % s.inner:
-                    ctx.fail(node, "splits inside one channel's elements.")
-                k = (size - acc) // s.inner
-                ctx.fail(node, f"splits a feature space of {s.size} channels at channel {k}: the parts would be "
-                               "separate spaces. Split layers at the producer instead, or register a rule.")
-            taken.append(s)
-            acc += s.length
-            segs.pop(0)
-        pieces.append(Layout(dim, tuple(taken)))
+        pieces.append(Layout(dim, channel_range(ctx, node, lay.segments, lo, lo + size)))
+        lo += size
     ctx.set(node, tuple(pieces), passthrough=True)
+
+
+def channel_range(ctx, node: fx.Node, segments: Sequence[Segment], lo: int, hi: int) -> tuple[Segment, ...]:
+    """Elements ``lo .. hi`` of a channel axis laid out as ``segments``, as
+    ranges of their spaces. A range that starts or ends inside a space refines
+    it (``fxzip.refine``): the parts are matched separately wherever the space
+    appears; channels no range keeps are dead and fold like any other."""
+    out: list[Segment] = []
+    offset = 0
+    for seg in segments:
+        a, b = max(lo, offset), min(hi, offset + seg.length)
+        if a < b:
+            if (a - offset) % seg.inner or (b - offset) % seg.inner:
+                ctx.fail(node, f"cuts the channel axis at element {a if (a - offset) % seg.inner else b}, inside "
+                               f"one channel's {seg.inner} elements (a flattened C x H x W map); fxzip follows "
+                               "only cuts between whole channels.")
+            first = (a - offset) // seg.inner
+            out.append(replace(seg, start=seg.start + first, size=(b - a) // seg.inner))
+        offset += seg.length
+    return tuple(out)
+
+
+@register_rule("narrow", torch.narrow)
+def narrow(ctx, node: fx.Node) -> None:
+    """``x.narrow(dim, start, length)``: a slice."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if not lay.has_channels:
+        ctx.set(node, NO_CHANNELS)
+        return
+    nd = ctx.ndim(x)
+    dim = ctx.arg(node, 1, "dim") % nd
+    start, length = ctx.arg(node, 2, "start"), ctx.arg(node, 3, "length")
+    if isinstance(start, fx.Node) or isinstance(length, fx.Node):
+        ctx.fail(node, "narrows with a computed start or length; fxzip needs them as numbers.")
+    if dim != lay.dim:
+        ctx.set(node, lay, passthrough=True)
+        return
+    start %= lay.length
+    ctx.set(node, Layout(lay.dim, channel_range(ctx, node, lay.segments, start, start + length)), passthrough=True)
 
 
 def _drop_axis(lay: Layout, axis: int) -> dict[str, int | None]:
@@ -364,9 +396,7 @@ def getitem(ctx, node: fx.Node) -> None:
             out_dim += 1
             continue
         if src_dim == lay.dim:
-            if not (isinstance(i, slice) and i == slice(None)):
-                ctx.fail(node, f"indexes the channel axis with {i!r}; fxzip cannot follow a subset of channels.")
-            ctx.set(node, lay.moved(out_dim), passthrough=True)
+            ctx.set(node, Layout(out_dim, _sliced(ctx, node, lay, i)), passthrough=True)
             return
         if isinstance(i, fx.Node):
             ctx.fail(node, "uses tensor indexing on a tensor with channels; register a rule.")
@@ -374,6 +404,52 @@ def getitem(ctx, node: fx.Node) -> None:
             out_dim += 1
         src_dim += 1
     ctx.fail(node, "cannot follow the channel axis through this indexing.")
+
+
+def _sliced(ctx, node: fx.Node, lay: Layout, index: Any) -> tuple[Segment, ...]:
+    """The channels a basic index keeps: a slice with step 1 is a range."""
+    if isinstance(index, slice) and index == slice(None):
+        return lay.segments
+    if not isinstance(index, slice) or any(isinstance(v, fx.Node) for v in (index.start, index.stop, index.step)):
+        ctx.fail(node, f"indexes the channel axis with {index!r}; fxzip follows slices of channels "
+                       "(x[:, a:b]), not single channels or index tensors.")
+    lo, hi, step = index.indices(lay.length)
+    if step != 1:
+        ctx.fail(node, f"slices the channel axis with step {step}; fxzip follows contiguous slices only.")
+    return channel_range(ctx, node, lay.segments, lo, max(lo, hi))
+
+
+@register_rule(operator.setitem)
+def setitem(ctx, node: fx.Node) -> None:
+    """``x[:, a:b] = y`` / ``x[:, a:b] += y`` (a partial residual): the slice of
+    ``x``'s channels and ``y`` are one basis. ``x`` keeps its layout."""
+    x, index, value = node.args
+    lay = ctx.layout(x)
+    if not lay.has_channels:
+        if isinstance(value, fx.Node) and ctx.layout(value).has_channels:
+            ctx.fail(node, "writes channels into a tensor fxzip does not follow.")
+        ctx.set(node, NO_CHANNELS)
+        return
+    index = index if isinstance(index, tuple) else (index,)
+    nd = ctx.ndim(x)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (nd - len(index) + 1) + index[at + 1:]
+    if any(i is None for i in index) or len(index) > nd:
+        ctx.fail(node, "assigns through an index with new axes; fxzip follows basic slices only.")
+    index = index + (slice(None),) * (nd - len(index))
+    if any(isinstance(i, int) for i in index):
+        ctx.fail(node, "assigns into single positions; fxzip follows slice assignments only.")
+    target = _sliced(ctx, node, lay, index[lay.dim])
+    vlay = ctx.layout(value)
+    if isinstance(value, fx.Node) and vlay.has_channels:
+        vshape = ctx.shape(value)
+        if vlay.dim + (nd - len(vshape)) != lay.dim:
+            ctx.fail(node, f"assigns {value.name} with channels on axis {vlay.dim} into channels on axis {lay.dim}.")
+        ctx.unify(node, target, vlay.segments)
+    elif isinstance(value, fx.Node) and ctx.shape(value) is not None:
+        ctx.fix(target, f"untracked tensor: {value.name} is written into it at {node.name}")
+    ctx.set(node, NO_CHANNELS)
 
 
 def _index_grouped(ctx, node: fx.Node, lay: Layout, idx: Any) -> Layout:

@@ -29,7 +29,7 @@ _UNARY_FUNCTIONS = (
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "sqrt", "rsqrt", "square",
     "clamp", "clamp_", "clamp_min", "clamp_max", "neg", "contiguous", "clone", "detach", "float", "half",
-    "double", "bfloat16", "to", "type_as", "type", "pow", "erf", "sign", "softmax", "log_softmax",
+    "double", "bfloat16", "to", "type_as", "type", "erf", "sign", "softmax", "log_softmax",
 )
 
 
@@ -67,28 +67,41 @@ _POOL_FUNCTIONS = {
 }
 
 
-@register_rule(*_POOL_MODULES, *_POOL_FUNCTIONS)
+_PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+
+
+@register_rule(*_POOL_MODULES, *_POOL_FUNCTIONS, *_PAD_MODULES)
 def pool(ctx, node: fx.Node) -> None:
     """Pooling/padding over trailing spatial axes; channels must not be pooled."""
     x = node.args[0]
     lay = ctx.layout(x)
     if lay.has_channels:
         nd = ctx.ndim(x)
+        if node.op == "call_module" and isinstance(ctx.module(node), _PAD_MODULES):
+            _pad(ctx, node, lay, list(ctx.module(node).padding), nd)
+            return
         if node.op == "call_module":
             k = next(v for c, v in _POOL_MODULES.items() if isinstance(ctx.module(node), c))
         elif node.target is F.pad:
-            pad = list(ctx.arg(node, 1, "pad"))
-            pairs = [pad[i:i + 2] for i in range(0, len(pad), 2)]  # last axis first
-            padded = [nd - 1 - i for i, p in enumerate(pairs) if any(v != 0 for v in p)]
-            if lay.dim in padded:
-                ctx.fail(node, f"pads axis {lay.dim}, which holds channels.")
-            ctx.set(node, lay, passthrough=True)
+            _pad(ctx, node, lay, list(ctx.arg(node, 1, "pad")), nd)
             return
         else:
             k = _POOL_FUNCTIONS[node.target]
         if lay.dim >= nd - k:
             ctx.fail(node, f"pools over axis {lay.dim}, which holds channels.")
     ctx.set(node, lay, passthrough=True)
+
+
+def _pad(ctx, node: fx.Node, lay: Layout, pad: list, nd: int) -> None:
+    """Padding (last axis first, two values per axis) must leave the channel axis alone."""
+    pairs = [pad[i:i + 2] for i in range(0, len(pad), 2)]
+    padded = [nd - 1 - i for i, p in enumerate(pairs) if any(v != 0 for v in p)]
+    if lay.dim in padded:
+        ctx.fail(node, f"pads axis {lay.dim}, which holds channels.")
+    ctx.set(node, lay, passthrough=True)
+
 
 
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp")
@@ -149,6 +162,7 @@ _BINARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
     operator.isub, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
     torch.minimum, "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+    operator.pow, operator.ipow, torch.pow, "pow", "pow_",
 )
 
 

@@ -143,6 +143,49 @@ def _linear(ctx, node, x, weight, bias, out_features: int) -> None:
               in_size=lay.length)
 
 
+@register_rule(nn.LSTM, nn.GRU, nn.RNN)
+def recurrent(ctx, node: fx.Node) -> None:
+    """A recurrent layer is a stack of producers: every (layer, direction) has
+    its own hidden space, which its gate rows (``weight_ih``, ``weight_hh``,
+    biases: one block per gate) produce and its ``weight_hh`` columns read
+    back; the next layer reads the concatenation of the directions. Permuting
+    a hidden space consistently commutes with the recurrence."""
+    m = ctx.module(node)
+    if getattr(m, "proj_size", 0):
+        ctx.fail(node, "is an LSTM with proj_size > 0; fxzip folds plain recurrent layers only.")
+    x = node.args[0]
+    lay = ctx.layout(x)
+    nd = ctx.ndim(x)
+    if lay.has_channels and lay.dim != nd - 1:
+        ctx.fail(node, f"reads channels on axis {lay.dim}; a recurrent layer reads them on the last axis.")
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[next(c for c in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(m, c))]
+    segs_in = lay.segments if lay.has_channels else None
+    every = []
+    ctx.mark_layer(node)
+    for layer in range(m.num_layers):
+        outs: list[Segment] = []
+        for direction in range(2 if m.bidirectional else 1):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            hidden = ctx.new_space(node, m.hidden_size)
+            ctx.role(node, f"{node.target}.weight_ih{suffix}", 0, hidden * gates, "M")
+            if segs_in is not None:
+                ctx.role(node, f"{node.target}.weight_ih{suffix}", 1, segs_in, "U")
+            ctx.role(node, f"{node.target}.weight_hh{suffix}", 0, hidden * gates, "M")
+            ctx.role(node, f"{node.target}.weight_hh{suffix}", 1, hidden, "U")
+            if m.bias:
+                ctx.role(node, f"{node.target}.bias_ih{suffix}", 0, hidden * gates, "M")
+                ctx.role(node, f"{node.target}.bias_hh{suffix}", 0, hidden * gates, "M")
+            outs.extend(hidden)
+        every.extend(outs)
+        if layer < m.num_layers - 1:
+            # no tensor of the graph holds these features, so nothing can match them
+            ctx.fix(outs, f"internal layer {layer} of the recurrent module {node.target}: no tensor to observe")
+        segs_in = tuple(outs)
+    # output: (.., directions * hidden); final states: (layers * directions, B, hidden), one space per row
+    states = Layout(2, tuple(every), stack_dim=0)
+    ctx.set(node, (Layout(ctx.ndim(x) - 1, segs_in), (states, states) if isinstance(m, nn.LSTM) else states))
+
+
 @register_rule(nn.Embedding)
 def embedding(ctx, node: fx.Node) -> None:
     m = ctx.module(node)

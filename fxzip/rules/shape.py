@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment
@@ -253,6 +254,42 @@ def cat(ctx, node: fx.Node) -> None:
         else:
             ctx.fix(chan[0].segments, f"untracked tensor: {p.name} joins it at {node.name}")
     ctx.set(node, chan[0], passthrough=True)
+
+
+@register_rule(torch.stack)
+def stack(ctx, node: fx.Node) -> None:
+    """A new axis over tensors of one basis (outputs of parallel branches)."""
+    parts = list(node.args[0])
+    nd = ctx.ndim(node)
+    dim = ctx.arg(node, 1, "dim", 0) % nd
+    lays = [ctx.layout(p) for p in parts]
+    chan = [l for l in lays if l.has_channels]
+    if not chan:
+        ctx.set(node, NO_CHANNELS)
+        return
+    for p, l in zip(parts, lays):
+        if l.has_channels:
+            if l.dim != chan[0].dim:
+                ctx.fail(node, "stacks tensors whose channels sit on different axes.")
+            ctx.unify(node, chan[0].segments, l.segments)
+        else:
+            ctx.fix(chan[0].segments, f"untracked tensor: {p.name} is stacked with it at {node.name}")
+    ctx.set(node, chan[0].moved(chan[0].dim + (dim <= chan[0].dim)), passthrough=True)
+
+
+@register_rule(nn.Unfold, F.unfold)
+def unfold(ctx, node: fx.Node) -> None:
+    """im2col: (B, C, H, W) -> (B, C * kh * kw, L); every channel becomes a block
+    of kh * kw elements, like a flattened map."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if not lay.has_channels:
+        ctx.set(node, NO_CHANNELS)
+        return
+    if lay.dim != 1:
+        ctx.fail(node, f"unfolds a tensor whose channels are on axis {lay.dim}, not 1.")
+    per_channel = ctx.shape(node)[1] // lay.length
+    ctx.set(node, Layout(1, tuple(replace(s, inner=s.inner * per_channel) for s in lay.segments)))
 
 
 @register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")

@@ -246,10 +246,16 @@ class Analyzer:
                                 f"({_segs(segments)}); fxzip cannot keep such groups whole.")
             self._groups.append((seg, width, node.name))
 
-    def tie_groups(self, node: fx.Node, a: Sequence[Segment], b: Sequence[Segment]) -> None:
+    def tie_groups(self, node: fx.Node, a: Sequence[Segment], b: Sequence[Segment], groups: int | None = None) -> None:
         """Group ``g`` of ``a`` and group ``g`` of ``b`` must move together (the heads
-        of q/k and of v in one attention; a grouped conv's input and output)."""
+        of q/k and of v in one attention; a grouped conv's input and output).
+        With ``groups`` given, a slice that cuts one side between groups cuts
+        the other side between the same groups (split attention's radix)."""
         self._ties.append((tuple(a), tuple(b), node.name))
+        if groups:
+            for g in range(1, groups):
+                (ra, pa), (rb, pb) = _group_start(a, g, groups), _group_start(b, g, groups)
+                self.refinement.pair_cuts(ra, pa, rb, pb)
 
     def mark_bilinear(self, segments: Sequence[Segment]) -> None:
         """The space is read as ``q . k`` (no weight absorbs U): only cross-model
@@ -435,6 +441,8 @@ class Analyzer:
             for sa_atom in self.expand(a_segs):
                 for sb_atom in self.expand(b_segs):
                     sa, sb = spaces[space_of[sa_atom.space]], spaces[space_of[sb_atom.space]]
+                    if sa.groups == sb.groups == 1:
+                        continue  # parts of a stack: nothing left to tie
                     if sa.groups != sb.groups:
                         raise AnalysisError(
                             f"node '{where}' ties the groups of {sa.producers[:2]} ({sa.groups} groups) to "
@@ -489,6 +497,16 @@ def _layout_segments(lay: Any) -> Iterable[Segment]:
             yield from _layout_segments(x)
     elif isinstance(lay, Layout):
         yield from lay.segments
+
+
+def _group_start(segments: Sequence[Segment], g: int, groups: int) -> tuple[int, int]:
+    """(raw space, channel) where group ``g`` of ``groups`` equal groups starts."""
+    at = g * sum(s.size for s in segments) // groups
+    for seg in segments:
+        if at < seg.size:
+            return seg.space, seg.start + at
+        at -= seg.size
+    raise AssertionError("group start beyond the segments")
 
 
 def _same_inner(a: Sequence[Segment], b: Sequence[Segment]) -> bool:

@@ -44,6 +44,7 @@ class Refinement:
     def __init__(self) -> None:
         self.sizes: dict[int, int] = {}
         self.links: list[Link] = []
+        self.paired: list[tuple[int, int, int, int]] = []
         self._cuts: dict[int, set[int]] = {}
         self._atoms: dict[int, list[tuple[int, int, int]]] = {}  # raw -> [(lo, hi, atom id)]
         self.atom_sizes: dict[int, int] = {}
@@ -65,6 +66,12 @@ class Refinement:
         self.add_range(b, b_start, size)
         self.links.append(Link(a, a_start, b, b_start, size, node))
 
+    def pair_cuts(self, a: int, a_pos: int, b: int, b_pos: int) -> None:
+        """A cut at ``a_pos`` of ``a`` implies one at ``b_pos`` of ``b`` and back:
+        the boundaries of group ``g`` in two spaces whose groups are tied (a
+        grouped conv's input and output), where the groups differ in width."""
+        self.paired.append((a, a_pos, b, b_pos))
+
     def solve(self) -> None:
         """Propagate cuts across links to a fixed point, then number the atoms.
 
@@ -76,6 +83,11 @@ class Refinement:
             for ln in self.links:
                 changed |= self._carry(ln.a, ln.a_start, ln.b, ln.b_start, ln.size)
                 changed |= self._carry(ln.b, ln.b_start, ln.a, ln.a_start, ln.size)
+            for a, a_pos, b, b_pos in self.paired:
+                for src, sp, dst, dp in ((a, a_pos, b, b_pos), (b, b_pos, a, a_pos)):
+                    if sp in self._cuts[src] and dp not in self._cuts[dst]:
+                        self._cuts[dst].add(dp)
+                        changed = True
         next_id = 0
         for raw in sorted(self.sizes):
             bounds = sorted(self._cuts[raw])

@@ -1,5 +1,6 @@
 """Simple ops the analysis follows: powers (StarReLU), padding modules, im2col
-(``nn.Unfold``), recurrent layers over tokens, ``torch.stack`` of branches.
+(``nn.Unfold``), recurrent layers over tokens, ``torch.stack`` of branches,
+and split attention over a radix or path axis (ResNeSt, SKNet).
 Each in a small model, checked by self-merge identity and permutation
 recovery (and that the permutation really moved the op's weights)."""
 from __future__ import annotations
@@ -94,6 +95,50 @@ class StackNet(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+class RadixSplitAttention(nn.Module):
+    """ResNeSt's split attention: a grouped conv makes ``radix`` parts, summed for
+    the attention and weighted by a softmax over the radix axis."""
+
+    def __init__(self, c_in: int = 8, c: int = 6, radix: int = 2):
+        super().__init__()
+        self.radix = radix
+        self.stem = nn.Conv2d(3, c_in, 3, padding=1)
+        self.conv = nn.Conv2d(c_in, c * radix, 3, padding=1, groups=radix)
+        self.bn = nn.BatchNorm2d(c * radix)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c * radix, 1)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(F.relu(self.stem(x)))))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        attn = self.fc2(F.relu(self.fc1(x.sum(1).mean((2, 3), keepdim=True))))
+        attn = F.softmax(attn.view(b, 1, self.radix, -1).transpose(1, 2), dim=1).reshape(b, -1)
+        out = (x * attn.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(dim=1)
+        return self.head(out.mean((2, 3)))
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet: branches stacked on a path axis, weighted by a softmax over paths."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.paths = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 5, padding=2)])
+        self.reduce = nn.Conv2d(c, 4, 1)
+        self.select = nn.Conv2d(4, 2 * c, 1)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        x = torch.stack([F.relu(p(s)) for p in self.paths], dim=1)
+        a = self.select(F.relu(self.reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c2, h, w = a.shape
+        a = torch.softmax(a.view(b, 2, c2 // 2, h, w), dim=1)
+        return self.head(torch.sum(x * a, dim=1).mean((2, 3)))
+
+
 OPS = {
     "pow": (StarReLUNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
     "padding": (PaddedNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
@@ -101,6 +146,10 @@ OPS = {
     "recurrent": (RecurrentNet, (32, 7, 10), ["embed.weight", "lstm.weight_ih_l0", "lstm.weight_ih_l1_reverse",
                                               "lstm.weight_hh_l1", "gru.weight_hh_l0"]),
     "stack": (StackNet, (16, 3, 8, 8), ["stem.weight", "b1.weight", "b2.weight"]),
+    "radix_split_attention": (RadixSplitAttention, (16, 3, 8, 8), ["stem.weight", "conv.weight", "bn.weight",
+                                                                   "fc1.weight", "fc2.weight"]),
+    "selective_kernel": (SelectiveKernel, (16, 3, 8, 8), ["stem.weight", "paths.0.weight", "paths.1.weight",
+                                                          "reduce.weight", "select.weight"]),
 }
 
 

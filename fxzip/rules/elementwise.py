@@ -12,6 +12,7 @@ from torch import nn
 
 from ..layout import NO_CHANNELS, Layout
 from . import group_aware, register_rule
+from .shape import as_stack, join_stack
 
 _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -51,8 +52,19 @@ def unary(ctx, node: fx.Node) -> None:
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
 @group_aware
 def softmax(ctx, node: fx.Node) -> None:
-    """Softmax commutes with a permutation of any axis, so channels pass through."""
-    ctx.set(node, ctx.layout(node.args[0]), passthrough=True)
+    """Softmax commutes with a permutation of any axis, so channels pass through.
+    Over a head or stack axis it mixes channel c of every part (split
+    attention's radix softmax): the parts become one basis."""
+    lay = ctx.layout(node.args[0])
+    if node.op == "call_module":
+        dim = ctx.module(node).dim
+    else:
+        dim = ctx.arg(node, 1, "dim")
+    nd = ctx.ndim(node.args[0])
+    if isinstance(lay, Layout) and dim is not None and nd is not None and lay.dim is not None \
+            and dim % nd in (lay.group_dim, lay.stack_dim):
+        lay = join_stack(ctx, node, as_stack(ctx, node, lay))
+    ctx.set(node, lay, passthrough=True)
 
 
 _POOL_MODULES = {
@@ -145,9 +157,16 @@ def _reduce_grouped(ctx, node: fx.Node, lay: Layout) -> None:
     nd = ctx.ndim(node.args[0])
     dims = ctx.arg(node, 1, "dim")
     keepdim = ctx.arg(node, 2, "keepdim", False)
-    if dims is None or lay.stack_dim is not None or node.target in ("max", "min"):
+    if dims is None or node.target in ("max", "min"):
         ctx.fail(node, f"reduces a head layout ({lay}) in a way fxzip does not follow.")
     dims = [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+    stacked = lay.stack_dim if lay.stack_dim is not None else lay.group_dim
+    if lay.dim is not None and lay.dim not in dims and stacked in dims and len(dims) == 1:
+        # a sum over a radix / path axis: the parts are added, so they are one basis
+        parts = join_stack(ctx, node, as_stack(ctx, node, lay))
+        ctx.set(node, Layout(lay.dim if keepdim else lay.dim - (stacked < lay.dim), parts.segments[:1]),
+                passthrough=True)
+        return
     if lay.group_dim in dims or lay.dim in dims:
         if lay.dim is not None and lay.dim not in dims:
             ctx.fail(node, "reduces over heads but keeps head channels; fxzip cannot follow that.")
@@ -226,12 +245,19 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
     tensors must have the same axes and join their spaces; a channel-free
     tensor must broadcast over every head axis, or the heads are pinned."""
     grouped = [(x, l.shifted(out_nd - ctx.ndim(x))) for x, l in ops if l.grouped]
+    stacks = {l.stack_dim for _, l in grouped if l.group_dim is None and l.stack_dim is not None}
+    if stacks:  # a head axis on the same axis as another operand's stack is that stack
+        grouped = [(x, as_stack(ctx, node, l) if l.group_dim in stacks and l.stack_dim is None else l)
+                   for x, l in grouped]
+        if len(grouped) == 1 or all(l.group_dim is None for _, l in grouped):
+            _binary_stack(ctx, node, ops, grouped, out_nd)
+            return
     x0, l0 = grouped[0]
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim)  # noqa: E731
     for x, l in grouped[1:]:
         if axes(l) != axes(l0):
             ctx.fail(node, f"combines head layouts {l0} ({x0.name}) and {l} ({x.name}) with different axes.")
-        if len(l.segments) != len(l0.segments):
+        if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
             ctx.fail(node, f"combines {x0.name} and {x.name}, stacks of different length.")
         ctx.unify(node, l0.segments, l.segments)
         ctx.tie_groups(node, l0.segments, l.segments)
@@ -249,6 +275,33 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
                 ctx.fail(node, f"adds the parameter {l.param.name} per head or per head channel; fxzip does not "
                                "bind per-head parameters (relative position tables, per-head scales) yet.")
             ctx.fix(l0.segments, f"untracked tensor: {x.name} varies per head at {node.name}")
+    ctx.set(node, l0, passthrough=True)
+
+
+def _binary_stack(ctx, node: fx.Node, ops: list, stacks: list, out_nd: int) -> None:
+    """Stacks of parts (split attention's per-path weights) times the stacked
+    branches: part p of every operand is one basis; a plain tensor with its
+    channels on the stack's channel axis is every part at once."""
+    x0, l0 = stacks[0]
+    for x, l in stacks[1:]:
+        if (l.dim, l.stack_dim) != (l0.dim, l0.stack_dim) or len(l.segments) != len(l0.segments):
+            ctx.fail(node, f"combines stacks {l0} ({x0.name}) and {l} ({x.name}) that do not line up.")
+        for a, b in zip(l0.segments, l.segments):
+            ctx.unify(node, (a,), (b,))
+    for x, l in ops:
+        if l.grouped:
+            continue
+        shape = ctx.shape(x)
+        lead = out_nd - len(shape)
+        if l.has_channels:
+            if l.dim + lead != l0.dim:
+                ctx.fail(node, f"combines the stack {x0.name} with {x.name}, whose channels sit on another axis.")
+            for part in l0.segments:
+                ctx.unify(node, (part,), l.segments)
+            continue
+        for d in (l0.dim, l0.stack_dim):
+            if d - lead >= 0 and shape[d - lead] != 1:
+                ctx.fix(l0.segments, f"untracked tensor: {x.name} varies along the stack at {node.name}")
     ctx.set(node, l0, passthrough=True)
 
 

@@ -79,7 +79,7 @@ def _grouped_conv(ctx, node: fx.Node, segs_in, weight, bias, out_size: int, out_
     segs_out = ctx.new_space(node, out_size)
     ctx.set_groups(node, segs_in, groups)
     ctx.set_groups(node, segs_out, groups)
-    ctx.tie_groups(node, segs_in, segs_out)
+    ctx.tie_groups(node, segs_in, segs_out, groups)
     if weight is not None:
         ctx.role(node, weight[0], weight[1][0], segs_out, "M")
         ctx.role(node, weight[0], weight[1][1], segs_in, "U", groups=groups)

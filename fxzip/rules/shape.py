@@ -114,6 +114,33 @@ def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[i
     return Layout(axes[2], tuple(pieces), group_dim=axes[1], stack_dim=axes[0])
 
 
+def as_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
+    """A head layout whose head axis turns out to be a *stack* of parts that
+    share one basis (a radix or path axis of split attention: softmax or sum
+    over it, or a product with a plain tensor of the branches). Each group
+    becomes its own range; ``join_stack`` then links them."""
+    if lay.stack_dim is not None and lay.group_dim is None:
+        return lay
+    if lay.stack_dim is not None or lay.group_dim is None or lay.dim is None:
+        ctx.fail(node, f"treats the head axis of {lay} as a stack of parts; fxzip follows that only for tensors "
+                       "with one head axis and one channel axis.")
+    groups = ctx.shape(node.args[0])[lay.group_dim] if isinstance(node.args[0], fx.Node) else None
+    total = sum(s.size for s in lay.segments)
+    groups = groups or 1
+    width = total // groups
+    parts = [channel_range(ctx, node, lay.segments, i * width, (i + 1) * width) for i in range(groups)]
+    if any(len(p) != 1 for p in parts):
+        ctx.fail(node, "stacks parts that straddle concatenated spaces.")
+    return Layout(lay.dim, tuple(p[0] for p in parts), stack_dim=lay.group_dim)
+
+
+def join_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
+    """Every part of a stack is one basis (an op mixes channel c of every part)."""
+    for part in lay.segments[1:]:
+        ctx.unify(node, lay.segments[:1], (part,))
+    return lay
+
+
 def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx.Node, ctx) -> Layout:
     """Reshapes of head layouts: axes without channels may change freely; the
     head and head_dim axes may only be merged back into one channel axis
@@ -133,6 +160,11 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
             continue
         if set(inside) == {"dim", "group_dim"} and big_in == [lay.group_dim, lay.dim] and len(big_out) == 1 \
                 and lay.stack_dim is None:
+            new["dim"] = big_out[0]
+            merged_back = True
+            continue
+        if set(inside) == {"dim", "stack_dim"} and big_in == [lay.stack_dim, lay.dim] and len(big_out) == 1 \
+                and lay.group_dim is None:  # a stack flattened: its parts concatenate
             new["dim"] = big_out[0]
             merged_back = True
             continue

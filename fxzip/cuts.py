@@ -3,23 +3,27 @@ trunk and one head per model.
 
 A cut is a node that every data path from the model inputs to its output
 passes through (a dominator of the output, found with networkx), holding one
-whole feature space. ``k`` counts weight layers (conv/linear) on the longest
+whole feature space. Shape queries (``x.shape[-2:]`` feeding a final resize)
+are not data paths. ``k`` counts weight layers (conv/linear) on the longest
 input -> cut path, which is how the papers count (ResNet-20: m = 20, stage ends
-7/20 and 13/20).
+7/20 and 13/20). Models that differ after a shared trunk share the cuts of
+model 0 inside the common part (``fxzip.align``) that are cuts of every model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
 
 import networkx as nx
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from .align import CommonPart, GraphView, meta_shape, shape_nodes
 from .analysis import GraphAnalysis, analyze
 from .layout import Layout
 
-__all__ = ["CutPoint", "cut_points", "find_cuts", "resolve_cut"]
+__all__ = ["CutPoint", "cut_points", "find_cuts", "resolve_cut", "shared_cuts", "choose_cut"]
 
 INPUT = "<input>"
 
@@ -28,7 +32,7 @@ INPUT = "<input>"
 class CutPoint:
     name: str            # the node whose output the trunk hands to the heads ("<input>": nothing zipped)
     k: int               # weight layers zipped when cutting here
-    m: int               # weight layers on the longest input -> output path
+    m: int               # weight layers on the longest input -> output path (of model 0)
     space: int | None    # the feature space of the cut tensor
     dim: int | None      # its channel axis
     needs_gather: bool   # some head reads the cut through an index_select (identity shortcut, norm, ...)
@@ -37,48 +41,76 @@ class CutPoint:
         return f"{self.name} ({self.k}/{self.m}{', gather' if self.needs_gather else ''})"
 
 
-def cut_points(model: nn.Module, example_inputs: Any = None) -> list[CutPoint]:
-    """All cut points of ``model``, in network order; ``.name`` is accepted as ``stop_at``."""
+def cut_points(model: nn.Module, example_inputs: Any = None, *others: nn.Module) -> list[CutPoint]:
+    """All cut points of ``model``, in network order; ``.name`` is accepted as ``stop_at``.
+
+    With ``others``: the cut points ``model`` shares with every one of them
+    (models that agree up to some layer and differ after it, e.g. another head).
+    """
     from .permute import default_example
     from .trace import trace
+    from .trunk import analyze_models
 
     example = default_example(model) if example_inputs is None else example_inputs
-    gm = trace(model, example)
-    return find_cuts(gm, analyze(gm))
+    gms = [trace(m, example) for m in (model, *others)]
+    common, analysis = analyze_models(gms)
+    if common is None:
+        return find_cuts(gms[0], analysis)
+    return shared_cuts(gms, common, analysis)
 
 
-def find_cuts(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[CutPoint]:
+def _data_flow(gm: fx.GraphModule) -> tuple[nx.DiGraph, str]:
+    """The graph of data paths from a virtual source (the data-carrying inputs)."""
     nodes = list(gm.graph.nodes)
+    shapes = shape_nodes(gm.graph)
     graph = nx.DiGraph()
     source = "\0source"
     graph.add_node(source)
     for n in nodes:
+        if n in shapes:
+            continue
         graph.add_node(n.name)
         for inp in n.all_input_nodes:
-            graph.add_edge(inp.name, n.name)
+            if inp not in shapes:
+                graph.add_edge(inp.name, n.name)
         if n.op == "placeholder" and n.meta.get("tensor_meta") is not None:
             # only inputs that carry data: an optional argument left at None (timm's
             # attn_mask) reaches every attention without being a data path
             graph.add_edge(source, n.name)
     reachable = nx.descendants(graph, source) | {source}
-    flow = graph.subgraph(reachable)
+    return graph.subgraph(reachable), source
+
+
+def dominators(gm: fx.GraphModule) -> set[str]:
+    """Names of the nodes every data path to the output passes through."""
+    flow, source = _data_flow(gm)
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    idom = nx.immediate_dominators(flow, source)
+    found, cur = set(), output.name
+    while cur != source:
+        cur = idom[cur]
+        found.add(cur)
+    return found
+
+
+def find_cuts(gm: fx.GraphModule, analysis: GraphAnalysis, layers: Iterable[str] | None = None) -> list[CutPoint]:
+    """Cuts of ``gm``; ``layers`` overrides the weight layers counted (default:
+    the analysis's), for a graph analyzed only in part."""
+    nodes = list(gm.graph.nodes)
+    flow, source = _data_flow(gm)
     output = next(n for n in reversed(nodes) if n.op == "output")
-    layers = set(analysis.layers)
+    layers = set(analysis.layers if layers is None else layers)
     depth: dict[str, int] = {source: 0}
     for n in nodes:
-        if n.name in reachable:
+        if n.name in flow:
             preds = [depth[p] for p in flow.predecessors(n.name) if p in depth]
             depth[n.name] = (max(preds) if preds else 0) + (n.name in layers)
     m = depth[output.name]
-    idom = nx.immediate_dominators(flow, source)
-    dominators, cur = set(), output.name
-    while cur != source:
-        cur = idom[cur]
-        dominators.add(cur)
+    doms = dominators(gm)
     cuts = [CutPoint(INPUT, 0, m, None, None, False)]
     by_key: dict[tuple[int, int], CutPoint] = {}
     for n in nodes:
-        if n.name not in dominators or n.op in ("placeholder", "get_attr"):
+        if n.name not in doms or n.op in ("placeholder", "get_attr"):
             continue
         lay = analysis.layouts.get(n.name)
         if not isinstance(lay, Layout) or not lay.has_channels or len(lay.segments) != 1 \
@@ -87,8 +119,66 @@ def find_cuts(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[CutPoint]:
         space = analysis.space_index(lay.segments[0].space)
         cut = CutPoint(n.name, depth[n.name], m, space, lay.dim, _needs_gather(n, analysis))
         by_key[(cut.k, space)] = cut  # the last node of a run of channel-wise ops wins
-    cuts += sorted(by_key.values(), key=lambda c: [x.name for x in nodes].index(c.name))
+    order = {n.name: i for i, n in enumerate(nodes)}
+    cuts += sorted(by_key.values(), key=lambda c: order[c.name])
     return cuts
+
+
+def shared_cuts(gms: Sequence[fx.GraphModule], common: CommonPart, analysis: GraphAnalysis) -> list[CutPoint]:
+    """Cuts of model 0 inside the common part that are cuts of every model.
+
+    ``analysis`` covers model 0's common part (``fxzip.trunk``); model 0's other
+    weight layers are counted by structure so that ``m`` is still its depth.
+    ``needs_gather`` looks at every model's head (``absorbing_readers``).
+    """
+    layers = set(analysis.layers) | {n.name for n in gms[0].graph.nodes
+                                     if n.name not in common.prefix and _is_weight_layer(gms[0], n)}
+    doms = [dominators(gm) for gm in gms]
+    shared = []
+    for cut in find_cuts(gms[0], analysis, layers):
+        if cut.name != INPUT:
+            if cut.name not in common.prefix:
+                continue
+            mine = [common.views[k].resolve(common.maps[k][cut.name]) for k in range(len(gms))]
+            if not all(node.name in doms[k] for k, node in enumerate(mine)):
+                continue
+            cut = replace(cut, needs_gather=any(bool(gathering_readers(common.views[k], node, cut.dim))
+                                                for k, node in enumerate(mine)))
+        shared.append(cut)
+    return shared
+
+
+def _is_weight_layer(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Conv/linear by structure (what the analysis's rules count as layers)."""
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    return n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d, F.linear)
+
+
+def gathering_readers(view: GraphView, node: fx.Node, dim: int | None) -> set[fx.Node]:
+    """Readers of the cut ``node`` that need its channels in model k's order (a
+    gather): all but the absorbing ones and shape queries."""
+    return {r for r in view.readers[node] if r not in view.shape} - absorbing_readers(view, node, dim)
+
+
+def absorbing_readers(view: GraphView, node: fx.Node, dim: int | None) -> set[fx.Node]:
+    """Readers of ``node`` in ``view``'s graph whose weight absorbs the unmerge,
+    found by structure (heads of other models are not analyzed): an ungrouped
+    conv reading channels on axis 1, or a linear reading them on the last axis,
+    called once, with ``node`` as its only input."""
+    found = set()
+    shape = meta_shape(node)
+    for reader in view.readers[node]:
+        if reader.op != "call_module" or view.calls[reader.target] > 1 or not reader.args \
+                or not isinstance(reader.args[0], fx.Node) or view.resolve(reader.args[0]) is not node \
+                or reader.kwargs or any(isinstance(a, fx.Node) for a in reader.args[1:]):
+            continue
+        m = view.module(reader)
+        conv = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == 1 and dim == 1
+        linear = isinstance(m, nn.Linear) and shape is not None and dim == len(shape) - 1
+        if conv or linear:
+            found.add(reader)
+    return found
 
 
 def absorbing_users(node: fx.Node, analysis: GraphAnalysis) -> set[fx.Node]:
@@ -134,3 +224,27 @@ def resolve_cut(stop_at: Any, cuts: Sequence[CutPoint]) -> CutPoint:
             return c
     listing = ", ".join(str(c) for c in cuts)
     raise ValueError(f"stop_at={stop_at!r} is not a cut point of this model. Cut points (name (k/m)): {listing}")
+
+
+def choose_cut(stop_at: Any, cuts: Sequence[CutPoint], common: CommonPart) -> tuple[CutPoint | None, str]:
+    """The cut of a merge of aligned models (``cuts``: the shared ones) and why.
+
+    Models that differ after a shared trunk are zipped up to the last cut they
+    share unless ``stop_at`` picks an earlier one; a later one is an error.
+    """
+    if common.full:
+        return (None, "") if stop_at is None else (resolve_cut(stop_at, cuts), f"stop_at={stop_at!r}")
+    last = cuts[-1]
+    if stop_at is None:
+        if last.name == INPUT:
+            raise ValueError(f"{common.difference}. The models share no cut point before it, so there is "
+                             "nothing to merge: fxzip merges models of one architecture, or models that agree "
+                             "from the input up to some layer (see fxzip.cut_points(a, x, b)).")
+        return last, f"the last cut point the models share; {common.difference}"
+    name = stop_at.name if isinstance(stop_at, CutPoint) else stop_at
+    beyond = (isinstance(name, str) and common.after_common(name)) \
+        or (isinstance(name, int) and not isinstance(name, bool) and last.k < name <= last.m)
+    if beyond:
+        raise ValueError(f"stop_at={name!r} lies beyond the part the models share: {common.difference}. "
+                         f"The last cut point they share is {last}.")
+    return resolve_cut(stop_at, cuts), f"stop_at={name!r}; {common.difference}"

@@ -15,8 +15,9 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import GraphAnalysis, analyze
-from .cuts import find_cuts, resolve_cut
+from .align import CommonPart, graph_difference
+from .analysis import GraphAnalysis
+from .cuts import choose_cut, find_cuts, resolve_cut, shared_cuts
 from .data import Batches
 from .grouped import blocks_of, identity_match, match_all, match_units
 from .mudsc import dual_space_match
@@ -26,9 +27,10 @@ from .passes.fold import fold
 from .passes.observe import OBSERVERS, insert_observers
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
-from .passes.split import split_at_cut
+from .passes.split import split_aligned, split_at_cut
 from .report import MergeReport, SpaceReport
 from .trace import trace
+from .trunk import analyze_models
 
 __all__ = ["merge", "calibrate", "Calibration", "check_same_architecture"]
 
@@ -42,6 +44,12 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     Args:
         models: two or more models with the same architecture (any ``nn.Module``
             torch.fx can trace, timm models included). They are never modified.
+            Models are matched by structure and data flow, not by names: one
+            architecture from other code (timm's and torchvision's resnet18)
+            merges fully, taking model 0's structure and names. Models that
+            agree from the input up to some layer and differ after it (another
+            number of classes, another head) give a partial zip at the last cut
+            point they share (see ``stop_at``).
         data: unlabeled calibration batches (a DataLoader, or a list of tensors or
             of (x, y) tuples); a few hundred images suffice. A ``Calibration``
             from ``fxzip.calibrate`` reuses its statistics. ``None``: a data-free
@@ -56,6 +64,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         stop_at: partial zip: a cut point's name, a ``CutPoint`` or an int k (the
             last cut with ``k`` or fewer layers zipped; 0 zips nothing). The result
             then returns a tuple with one output per model (see ``fxzip.cut_points``).
+            For models that differ after a shared trunk it may pick an earlier cut
+            than the last shared one; a later one is an error.
         reset_bn: recompute batch-norm statistics of the result on ``data``
             (default: whenever there is data). Without data the running
             statistics are merged like the weights.
@@ -71,7 +81,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         Full zip: a ``GraphModule`` with the architecture's nodes and parameter
         shapes (its ``state_dict`` loads into a fresh model). Partial zip: a
         ``GraphModule`` with submodules ``trunk`` and ``head0..headN-1``.
-        ``result.meta["fxzip"]`` is a ``MergeReport``.
+        ``result.meta["fxzip"]`` is a ``MergeReport`` (``.cut`` and ``.cut_reason``
+        say where a partial zip was cut and why).
     """
     matcher = _check_args(models, method, alpha, beta, stop_at)
     reset_bn = _check_data_free(models, data, method, weight_similarity, reset_bn, example_inputs)
@@ -83,9 +94,15 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     else:
         cal = _prepare(models, data, max_batches, inputs)
     seconds = dict(cal.seconds)
-    analysis, gms, batches = cal.analysis, cal.models, cal.batches
+    analysis, gms, batches, common = cal.analysis, cal.models, cal.batches, cal.common
     with _timed(seconds, "analysis"):
-        cut = resolve_cut(stop_at, find_cuts(gms[0], analysis)) if stop_at is not None else None
+        if common is None:
+            cut = resolve_cut(stop_at, find_cuts(gms[0], analysis)) if stop_at is not None else None
+            cut_reason = "" if cut is None else f"stop_at={stop_at!r}"
+        else:
+            cut, cut_reason = choose_cut(stop_at, shared_cuts(gms, common, analysis), common)
+    # aligned models: every model's weights under model 0's names
+    states = [common.state(k) for k in range(len(gms))] if common is not None else None
     report_warnings = _output_warnings(analysis) if cut is None else []
     data_free = data is None
     needs_activations = method != "weight_average" and not (method in DUAL_SPACE and weight_similarity == 1.0)
@@ -95,21 +112,23 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     details: dict[str, Any] = {}
     with _timed(seconds, "matching"):
         if method in DUAL_SPACE:
-            matches, rows, details = _dual_space(analysis, gms, cal.stats, matcher, len(models), alpha, beta, method,
-                                                 weight_similarity, seed, progress)
+            matches, rows, details = _dual_space(analysis, states or gms, cal.stats, matcher, len(models), alpha,
+                                                 beta, method, weight_similarity, seed, progress)
         else:
             matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method)
     with _timed(seconds, "folding"):
         assign = {i: m.assign for i, m in matches.items()}
-        merged = fold(gms[0], gms, analysis, assign)
-        if cut is not None:
+        merged = fold(gms[0], states or gms, analysis, assign)
+        if cut is not None and common is not None:
+            merged = split_aligned(merged, gms, common, cut, assign)
+        elif cut is not None:
             merged = split_at_cut(merged, gms, analysis, cut, assign)
     if reset_bn:
         with _timed(seconds, "reset"):
             reset_batch_norm(merged, batches, lambda m, b: m(*b))
     seconds["total"] = sum(seconds.values())
     report = MergeReport(method, len(models), rows, seconds, cal.n_batches, cal.n_samples, report_warnings, cut,
-                         _macs(merged, gms, batches.example), details)
+                         _macs(merged, gms, batches.example, common is None or common.full), details, cut_reason)
     merged.meta["fxzip"] = report
     return merged
 
@@ -122,9 +141,10 @@ class Calibration:
     """
 
     def __init__(self, originals: Sequence[nn.Module], models: list[fx.GraphModule], analysis: GraphAnalysis,
-                 batches: Batches, seconds: dict[str, float]):
+                 batches: Batches, seconds: dict[str, float], common: CommonPart | None = None):
         self.originals = list(originals)
         self.models, self.analysis, self.batches = models, analysis, batches
+        self.common = common  # None: node-for-node identical graphs; else the alignment (fxzip.align)
         self.seconds = seconds
         self.spaces = [sp.index for sp in analysis.spaces if sp.mergeable and sp.probes]
         self.stats: dict = {}
@@ -133,7 +153,7 @@ class Calibration:
     def run(self, progress: bool = True) -> "Calibration":
         if not self.stats and self.spaces:
             self.stats, self.n_batches, self.n_samples = _calibrate(self.models, self.analysis, self.spaces,
-                                                                    self.batches, progress)
+                                                                    self.batches, progress, self.common)
         return self
 
     def reused_for(self, models: Sequence[nn.Module]) -> "Calibration":
@@ -160,10 +180,9 @@ def _prepare(models, data, max_batches, inputs) -> Calibration:
     batches = Batches(data, max_batches, inputs)
     with _timed(seconds, "trace"):
         gms = [trace(m, batches.example) for m in models]
-        check_same_architecture(gms)
     with _timed(seconds, "analysis"):
-        analysis = analyze(gms[0])
-    return Calibration(models, gms, analysis, batches, seconds)
+        common, analysis = analyze_models(gms)  # aligns the models unless their graphs are identical
+    return Calibration(models, gms, analysis, batches, seconds, common)
 
 
 DUAL_SPACE = {"mudsc": "zipit", "mudsc_permute": "permute"}
@@ -225,52 +244,12 @@ def _device_dtype(m: nn.Module) -> tuple[str, str]:
 
 
 def check_same_architecture(gms: Sequence[fx.GraphModule]) -> None:
-    """Raise ``ValueError`` naming the first node where the traced models differ."""
-    ref = list(gms[0].graph.nodes)
-    for k, gm in enumerate(gms[1:], start=1):
-        nodes = list(gm.graph.nodes)
-        for a, b in zip(ref, nodes):
-            same_call = a.op == b.op and (a.target == b.target or a.op in ("placeholder", "output"))
-            if same_call and a.op == "call_module":
-                same_call = type(gms[0].get_submodule(a.target)) is type(gm.get_submodule(b.target))
-            sa, sb = _meta_shape(a), _meta_shape(b)
-            if not same_call or sa != sb:
-                raise ValueError(
-                    f"model 0 and model {k} differ in architecture at node '{a.name}': "
-                    f"{_what(gms[0], a)} -> shape {sa} vs {_what(gm, b)} -> shape {sb}. "
-                    "fxzip merges models of one architecture; a full zip also needs equal output "
-                    "layers (a partial zip that stops before them is planned: see fxzip.cut_points)."
-                )
-        if len(nodes) != len(ref):
-            raise ValueError(f"model 0 and model {k} trace to graphs of different length "
-                             f"({len(ref)} vs {len(nodes)} nodes): they are not one architecture.")
-        sa, sb = gms[0].state_dict(), gm.state_dict()
-        for name, t in sa.items():
-            if name not in sb or sb[name].shape != t.shape:
-                other = tuple(sb[name].shape) if name in sb else "missing"
-                raise ValueError(f"model 0 and model {k} differ in parameter '{name}': {tuple(t.shape)} vs "
-                                 f"{other}. fxzip merges models of one architecture.")
-
-
-def _what(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
-    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
-
-
-def _meta_shape(node: fx.Node):
-    meta = node.meta.get("tensor_meta")
-    if meta is None:
-        return None
-    if hasattr(meta, "shape"):  # TensorMetadata (itself a NamedTuple)
-        return tuple(meta.shape)
-    if isinstance(meta, (tuple, list)):
-        return tuple(_meta_shape_of(m) for m in meta)
-    return None
-
-
-def _meta_shape_of(meta):
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
+    """Raise ``ValueError`` naming the first node where the traced graphs are not
+    node-for-node identical. ``merge`` no longer requires that (models are
+    aligned by structure, ``fxzip.align``); identical graphs skip the alignment."""
+    difference = graph_difference(gms)
+    if difference is not None:
+        raise ValueError(difference)
 
 
 def _output_warnings(analysis: GraphAnalysis) -> list[str]:
@@ -285,8 +264,9 @@ def _output_warnings(analysis: GraphAnalysis) -> list[str]:
     return out
 
 
-def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches, progress: bool):
-    joint, node_maps = side_by_side(gms)
+def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches, progress: bool,
+               common: CommonPart | None = None):
+    joint, node_maps = side_by_side(gms, common)
     insert_observers(joint, node_maps, analysis, spaces)
     device, _ = _device_dtype(gms[0])
     joint.get_submodule(OBSERVERS).to(device)  # statistics accumulate where the features are (GPU models)
@@ -308,7 +288,7 @@ def _match_all(analysis, stats, matcher, n_models, alpha, beta, method):
     return matches, _report_rows(analysis, sims, matches, method)
 
 
-def _dual_space(analysis, gms, stats, matcher, n_models, alpha, beta, method, weight_similarity, seed, progress):
+def _dual_space(analysis, models, stats, matcher, n_models, alpha, beta, method, weight_similarity, seed, progress):
     """MuDSC (``fxzip.mudsc``): the units it re-matches are ``grouped.blocks_of``,
     each matched by the group-aware ``match_units`` on the blended similarity."""
     activation = {i: Similarity.of(st) for i, st in stats.items()} if weight_similarity < 1.0 else None
@@ -317,7 +297,8 @@ def _dual_space(analysis, gms, stats, matcher, n_models, alpha, beta, method, we
     def match_block(unit, sims):
         return match_units(analysis, unit, sims, matcher, n_models, alpha=alpha, beta=beta)
 
-    states = [{k: v.detach().cpu() for k, v in gm.state_dict().items()} for gm in gms]  # matching runs on CPU
+    states = [{k: v.detach().cpu() for k, v in (m if isinstance(m, dict) else m.state_dict()).items()}
+              for m in models]  # matching runs on CPU
     best, history = dual_space_match(analysis, states, units, activation, None,
                                      weight_similarity=weight_similarity, seed=seed, progress=progress,
                                      match_block=match_block, align=method == "mudsc_permute")
@@ -352,13 +333,16 @@ def _report_rows(analysis, sims, matches, method) -> list[SpaceReport]:
     return rows
 
 
-def _macs(merged: fx.GraphModule, gms: Sequence[fx.GraphModule], example: tuple) -> dict[str, float]:
-    """Multiply-adds per input (batch of one) of the result, one original and the ensemble."""
+def _macs(merged: fx.GraphModule, gms: Sequence[fx.GraphModule], example: tuple, same: bool = True
+          ) -> dict[str, float]:
+    """Multiply-adds per input (batch of one) of the result, one original (model 0)
+    and the ensemble (``same``: the models are one architecture, N times model 0)."""
     from .evaluate import count_macs
 
     one = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
     original = count_macs(gms[0], one)
-    return {"merged": count_macs(merged, one), "original": original, "ensemble": original * len(gms)}
+    ensemble = original * len(gms) if same else original + sum(count_macs(gm, one) for gm in gms[1:])
+    return {"merged": count_macs(merged, one), "original": original, "ensemble": ensemble}
 
 
 @contextmanager

@@ -32,6 +32,7 @@ class MergeReport:
     cut: object = None  # the CutPoint of a partial zip (None: full zip)
     macs: dict[str, float] = field(default_factory=dict)  # per input: merged, original, ensemble
     details: dict = field(default_factory=dict)  # method-specific, e.g. details["mudsc"]: the sweep history
+    cut_reason: str = ""  # why the partial zip was cut where it was (e.g. the models differ after it)
 
     def table(self) -> str:
         head = ["space", "size", "within/model", "cross", "const", "corr", "note"]
@@ -43,6 +44,8 @@ class MergeReport:
         zipped = f"partial zip at {self.cut}" if self.cut is not None else "full zip"
         lines = [f"fxzip {self.method}: {self.n_models} models, {zipped}, {len(self.spaces)} spaces, "
                  f"{self.calib_batches} batches"]
+        if self.cut_reason:
+            lines.append(f"cut: {self.cut_reason}")
         lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         if self.macs:
             lines.append("MACs per input: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.macs.items()))

@@ -109,11 +109,12 @@ def fold_state(states: Sequence[Mapping[str, torch.Tensor]], analysis: GraphAnal
     return merged
 
 
-def fold(gm: fx.GraphModule, models: Sequence[fx.GraphModule], analysis: GraphAnalysis,
+def fold(gm: fx.GraphModule, models: Sequence[fx.GraphModule | Mapping[str, torch.Tensor]], analysis: GraphAnalysis,
          assign: Mapping[int, torch.Tensor]) -> fx.GraphModule:
-    """A copy of ``gm`` whose weights are the fold of ``models`` (same structure)."""
+    """A copy of ``gm`` whose weights are the fold of ``models`` (same structure),
+    or of state dicts under ``gm``'s names (models aligned by ``fxzip.align``)."""
     out = copy.deepcopy(gm)
-    state = fold_state([m.state_dict() for m in models], analysis, assign)
+    state = fold_state([m if isinstance(m, Mapping) else m.state_dict() for m in models], analysis, assign)
     with torch.no_grad():
         for name, tensor in out.state_dict(keep_vars=True).items():
             tensor.copy_(state[name])

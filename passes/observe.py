@@ -24,12 +24,14 @@ def insert_observers(gm: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]]
     holder = nn.Module()
     gm.add_module(OBSERVERS, holder)
     workspace = Workspace()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for index in spaces:
         sp = analysis.spaces[index]
         holder.add_module(f"s{index}", SpaceObserver(n_models, sp.size, workspace))
         for probe in sp.probes:
             copies = [m[probe.node] for m in node_maps]
-            with gm.graph.inserting_after(copies[-1]):
+            # after the last copy to run (with aligned models not always model N-1's)
+            with gm.graph.inserting_after(max(copies, key=order.__getitem__)):
                 gm.graph.call_module(f"{OBSERVERS}.s{index}", tuple(copies),
                                      {"dim": probe.dim, "offset": probe.offset})
     gm.graph.lint()

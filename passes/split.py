@@ -19,27 +19,18 @@ import torch.fx as fx
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
-from fxzip.cuts import INPUT, CutPoint, absorbing_users
+from fxzip.align import CommonPart
+from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gathering_readers
 from .fold import axis_index
 
-__all__ = ["split_at_cut"]
+__all__ = ["split_at_cut", "split_aligned"]
 
 
 def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analysis: GraphAnalysis,
                  cut: CutPoint, assign: Mapping[int, torch.Tensor]) -> fx.GraphModule:
     """One GraphModule returning the tuple of the heads' outputs (model order)."""
     nodes = list(merged.graph.nodes)
-    by_name = {n.name: n for n in nodes}
-    if cut.name == INPUT:
-        trunk = {n for n in nodes if n.op == "placeholder"}
-        cut_node = None
-    else:
-        cut_node = by_name[cut.name]
-        flow = nx.DiGraph((i.name, n.name) for n in nodes for i in n.all_input_nodes)
-        trunk = {by_name[a] for a in nx.ancestors(flow, cut.name)} | {cut_node}
-        # every input stays an input of the whole module (also optional ones the
-        # trunk does not read, such as timm's attn_mask)
-        trunk |= {n for n in nodes if n.op == "placeholder"}
+    trunk, cut_node = _trunk(nodes, cut)
     absorbing = absorbing_users(cut_node, analysis) if cut_node is not None else set()
     root = nn.Module()
     root.add_module("trunk", merged)
@@ -87,6 +78,92 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
     gm = fx.GraphModule(root, graph, "PartialZip")
     gm.graph.lint()
     return gm
+
+
+def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], common: CommonPart, cut: CutPoint,
+                  assign: Mapping[int, torch.Tensor]) -> fx.GraphModule:
+    """``split_at_cut`` for models aligned by ``fxzip.align`` (other names, other
+    heads): head k is model k's own graph after its partner of the cut node,
+    reading the trunk where model k reads its partners of the trunk's nodes.
+    Which head layers absorb U_k is found by structure (``absorbing_readers``):
+    heads are never analyzed."""
+    nodes = list(merged.graph.nodes)
+    trunk, cut_node = _trunk(nodes, cut)
+    root = nn.Module()
+    root.add_module("trunk", merged)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        if n in trunk:
+            env[n] = _copy(graph, n, env, "trunk")
+    outputs = []
+    for k, model in enumerate(models):
+        view = common.views[k]
+        head = copy.deepcopy(model)
+        root.add_module(f"head{k}", head)
+        head_nodes = {n.name: n for n in head.graph.nodes}
+        value: dict[fx.Node, fx.Node] = {}  # model k's node -> what the whole module computes for it
+        for n in nodes:
+            if n in trunk and n is not cut_node and n.name in common.maps[k]:
+                value.setdefault(view.resolve(common.maps[k][n.name]), env[n])
+        mine, absorbing = None, set()
+        if cut_node is not None:
+            mine = view.resolve(common.maps[k][cut.name])
+            absorbing = absorbing_readers(view, mine, cut.dim)
+            idx = assign[cut.space][k].to(torch.long)
+            gather = None
+            if gathering_readers(view, mine, cut.dim):
+                root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
+                gather = graph.call_function(torch.index_select,
+                                             (env[cut_node], cut.dim, graph.get_attr(f"unmerge{k}")))
+            if not torch.equal(idx, torch.arange(len(idx))):
+                for reader in absorbing:
+                    _absorb_columns(head, reader.target, idx)
+            value[mine] = gather if gather is not None else env[cut_node]
+        henv: dict[str, fx.Node] = {}
+        for nk in view.nodes:
+            if nk.op == "output":
+                continue
+            if view.resolve(nk) in value:
+                henv[nk.name] = value[view.resolve(nk)]
+                continue
+            hn = head_nodes[nk.name]
+            if nk in absorbing:  # reads the merged features directly: its weight holds U_k
+                new = graph.node_copy(hn, lambda a: env[cut_node] if view.resolve(view.named(a.name)) is mine
+                                      else henv[a.name])
+            else:
+                new = graph.node_copy(hn, lambda a: henv[a.name])
+            if hn.op in ("call_module", "get_attr"):
+                new.target = f"head{k}.{hn.target}"
+            new.name = f"head{k}_{hn.name}"
+            henv[nk.name] = new
+        out = next(n for n in reversed(head.graph.nodes) if n.op == "output")
+        outputs.append(fx.node.map_arg(out.args[0], lambda a: henv[a.name]))
+    graph.output(tuple(outputs))
+    gm = fx.GraphModule(root, graph, "PartialZip")
+    gm.graph.lint()
+    return gm
+
+
+def _trunk(nodes: Sequence[fx.Node], cut: CutPoint) -> tuple[set[fx.Node], fx.Node | None]:
+    """The nodes the trunk computes (the cut and its ancestors, every input) and the cut node."""
+    by_name = {n.name: n for n in nodes}
+    # every input stays an input of the whole module (also optional ones the
+    # trunk does not read, such as timm's attn_mask)
+    trunk = {n for n in nodes if n.op == "placeholder"}
+    if cut.name == INPUT:
+        return trunk, None
+    cut_node = by_name[cut.name]
+    flow = nx.DiGraph((i.name, n.name) for n in nodes for i in n.all_input_nodes)
+    flow.add_node(cut.name)
+    return trunk | {by_name[a] for a in nx.ancestors(flow, cut.name)} | {cut_node}, cut_node
+
+
+def _absorb_columns(head: fx.GraphModule, target: str, idx: torch.Tensor) -> None:
+    """W_k <- W_k U_k for a conv/linear module (input channels on weight axis 1)."""
+    with torch.no_grad():
+        tensor = _get(head, f"{target}.weight")
+        tensor.copy_(torch.zeros_like(tensor).index_add_(1, idx.to(tensor.device), tensor))
 
 
 def _copy(graph: fx.Graph, n: fx.Node, env: dict, prefix: str) -> fx.Node:

@@ -69,9 +69,13 @@ class Act(nn.Module):
 
 
 def test_different_layer_types_name_the_node(observer_calls: list[int]) -> None:
-    with pytest.raises(ValueError, match=r"model 0 and model 1 differ in architecture at node 'act'"):
-        merge(Act(nn.ReLU), Act(nn.GELU))
+    """Models that differ after a shared layer: a partial zip there, the report says why;
+    asking for more than they share fails before any calibration."""
+    with pytest.raises(ValueError, match=r"stop_at='fc' lies beyond .*first differing node 'act'"):
+        merge(Act(nn.ReLU), Act(nn.GELU), stop_at="fc")
     assert observer_calls == []
+    report = merge(Act(nn.ReLU), Act(nn.GELU)).meta["fxzip"]
+    assert report.cut.name == "conv" and "first differing node 'act'" in report.cut_reason
 
 
 def test_different_widths_name_the_first_node() -> None:
@@ -85,10 +89,14 @@ def test_different_widths_are_rejected(observer_calls: list[int]) -> None:
     assert observer_calls == []
 
 
-def test_different_output_sizes_are_rejected(observer_calls: list[int]) -> None:
-    with pytest.raises(ValueError, match=r"differ.*'fc"):
-        merge(cnn(0, out_dim=10), cnn(1, out_dim=5))
-    assert observer_calls == []
+def test_different_output_sizes_zip_the_shared_trunk() -> None:
+    a, b = cnn(0, out_dim=10), cnn(1, out_dim=5)
+    partial = merge(a, b)
+    assert "differ" in partial.meta["fxzip"].cut_reason and "'fc" in partial.meta["fxzip"].cut_reason
+    x = images()[0]
+    with torch.no_grad():
+        out_a, out_b = partial(x)
+    assert out_a.shape == a(x).shape and out_b.shape == b(x).shape
 
 
 def test_third_model_differs(observer_calls: list[int]) -> None:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxzip.analysis import AxisRole, GraphAnalysis
 from fxzip.layout import Segment
 
-__all__ = ["axis_index", "fold_state", "fold"]
+__all__ = ["axis_index", "all_tensors", "fold_state", "fold"]
 
 
 def axis_index(segments: Sequence[Segment], assign: Mapping[int, torch.Tensor], k: int) -> torch.Tensor:
@@ -87,6 +87,17 @@ def _fold_tensor(tensors: Sequence[torch.Tensor], roles: Sequence[AxisRole],
     return total
 
 
+def all_tensors(module: torch.nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict plus non-persistent buffers. Why: a non-persistent buffer
+    can still follow a space (timm's anti-aliasing filter has one row per
+    channel), and a fold that skipped it would pair permuted weights with an
+    unpermuted buffer."""
+    out = dict(module.state_dict(keep_vars=keep_vars))
+    for name, buf in module.named_buffers():
+        out.setdefault(name, buf)
+    return out
+
+
 def fold_state(states: Sequence[Mapping[str, torch.Tensor]], analysis: GraphAnalysis,
                assign: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Merged state dict from N models' state dicts.
@@ -114,9 +125,10 @@ def fold(gm: fx.GraphModule, models: Sequence[fx.GraphModule | Mapping[str, torc
     """A copy of ``gm`` whose weights are the fold of ``models`` (same structure),
     or of state dicts under ``gm``'s names (models aligned by ``fxzip.align``)."""
     out = copy.deepcopy(gm)
-    state = fold_state([m if isinstance(m, Mapping) else m.state_dict() for m in models], analysis, assign)
+    state = fold_state([m if isinstance(m, Mapping) else all_tensors(m) for m in models], analysis, assign)
     with torch.no_grad():
-        for name, tensor in out.state_dict(keep_vars=True).items():
-            tensor.copy_(state[name])
+        for name, tensor in all_tensors(out, keep_vars=True).items():
+            if name in state:
+                tensor.copy_(state[name])
     out.recompile()
     return out

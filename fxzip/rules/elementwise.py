@@ -217,6 +217,12 @@ def broadcast(ctx, node: fx.Node, operands: list) -> None:
         _binary_grouped(ctx, node, ops, out_nd)
         return
     chan = [(x, l, l.dim + out_nd - ctx.ndim(x)) for x, l in ops if l.has_channels]
+    out_shape = ctx.shape(node)
+    if len(chan) > 1 and out_shape is not None:
+        # a one-channel tensor (a spatial gate, a focal modulator) broadcasts over
+        # the channels of the others: the same value for every channel
+        wide = [(x, l, d) for x, l, d in chan if l.length > 1 or out_shape[d] == 1]
+        chan = wide or chan[:1]
     if not chan:
         ctx.set(node, NO_CHANNELS, passthrough=True)
         return

@@ -229,3 +229,20 @@ def test_step_slice_names_the_problem():
 
     with pytest.raises(fxzip.AnalysisError, match="step 2"):
         analyze(trace(Strided(), torch.randn(2, 3, 4, 4)))
+
+
+def test_channel_shuffle_is_refused_with_the_node_and_reason():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            b, c, h, w = y.shape
+            y = y.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+            return self.b(y)
+
+    with pytest.raises(fxzip.AnalysisError, match=r"node 'reshape_1' \(call_method reshape\).*head axes"):
+        analyze(trace(Shuffle(), torch.randn(2, 3, 4, 4)))

@@ -21,7 +21,7 @@ from torch import nn
 
 from .align import CommonPart, GraphView, meta_shape, shape_nodes
 from .analysis import GraphAnalysis, analyze
-from .layout import Layout
+from .layout import Layout, Segment
 
 __all__ = ["CutPoint", "cut_points", "find_cuts", "resolve_cut", "shared_cuts", "choose_cut"]
 
@@ -36,6 +36,7 @@ class CutPoint:
     space: int | None    # the feature space of the cut tensor
     dim: int | None      # its channel axis
     needs_gather: bool   # some head reads the cut through an index_select (identity shortcut, norm, ...)
+    segments: tuple[Segment, ...] = ()  # the cut tensor's channel axis, in feature spaces (refined spaces: several)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.k}/{self.m}{', gather' if self.needs_gather else ''})"
@@ -113,12 +114,12 @@ def find_cuts(gm: fx.GraphModule, analysis: GraphAnalysis, layers: Iterable[str]
         if n.name not in doms or n.op in ("placeholder", "get_attr"):
             continue
         lay = analysis.layouts.get(n.name)
-        if not isinstance(lay, Layout) or not lay.has_channels or len(lay.segments) != 1 \
-                or lay.segments[0].inner != 1:
+        if not isinstance(lay, Layout) or not lay.has_channels or lay.grouped \
+                or any(s.inner != 1 for s in lay.segments):
             continue
-        space = analysis.space_index(lay.segments[0].space)
-        cut = CutPoint(n.name, depth[n.name], m, space, lay.dim, _needs_gather(n, analysis))
-        by_key[(cut.k, space)] = cut  # the last node of a run of channel-wise ops wins
+        segments = analysis.resolved(lay.segments)
+        cut = CutPoint(n.name, depth[n.name], m, segments[0].space, lay.dim, _needs_gather(n, analysis), segments)
+        by_key[(cut.k, tuple(s.space for s in segments))] = cut  # the last node of a run of channel-wise ops wins
     order = {n.name: i for i, n in enumerate(nodes)}
     cuts += sorted(by_key.values(), key=lambda c: order[c.name])
     return cuts
@@ -189,9 +190,13 @@ def absorbing_users(node: fx.Node, analysis: GraphAnalysis) -> set[fx.Node]:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
     found = set()
+    lay = analysis.layouts.get(node.name)
+    read = analysis.resolved(lay.segments) if isinstance(lay, Layout) else ()
     for user in node.users:
         if user.name not in analysis.consumed or not user.args or user.args[0] is not node:
             continue
+        if any(analysis.resolved(segs) != read for _, _, segs in analysis.consumed[user.name]):
+            continue  # its weight also reads other spaces (a recurrent layer's own state)
         if any(r.groups > 1 for p, _, _ in analysis.consumed[user.name] for r in analysis.param_roles.get(p, ())):
             continue  # a grouped conv's weight holds one group's inputs: it reads through a gather
         if user.op == "call_module" and calls[user.target] > 1:

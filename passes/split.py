@@ -50,7 +50,7 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
                 henv[head_nodes[n.name]] = env[n]
         gather = None
         if cut_node is not None:
-            idx = assign[cut.space][k].to(torch.long)
+            idx = axis_index(cut.segments, assign, k).to(torch.long)
             identity = torch.equal(idx, torch.arange(len(idx)))
             if set(cut_node.users) - absorbing:  # registered even when identity: one structure per cut
                 root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
@@ -110,7 +110,7 @@ def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], comm
         if cut_node is not None:
             mine = view.resolve(common.maps[k][cut.name])
             absorbing = absorbing_readers(view, mine, cut.dim)
-            idx = assign[cut.space][k].to(torch.long)
+            idx = axis_index(cut.segments, assign, k).to(torch.long)
             gather = None
             if gathering_readers(view, mine, cut.dim):
                 root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))

@@ -246,3 +246,39 @@ def test_channel_shuffle_is_refused_with_the_node_and_reason():
 
     with pytest.raises(fxzip.AnalysisError, match=r"node 'reshape_1' \(call_method reshape\).*head axes"):
         analyze(trace(Shuffle(), torch.randn(2, 3, 4, 4)))
+
+
+class GhostStack(nn.Module):
+    """Two ghost blocks with a residual stream: block outputs are made of
+    refined atoms, and are still cut points of a partial zip."""
+
+    def __init__(self):
+        super().__init__()
+        self.g1 = GhostBlock(11)
+        self.g1.proj = nn.Conv2d(11, 11, 3, padding=1)
+        self.g2 = nn.Conv2d(11, 11, 3, padding=1)
+        self.head = nn.Linear(11, 10)
+
+    def forward(self, x):
+        x1 = self.g1.primary(x)
+        y = torch.cat([x1, self.g1.cheap(x1)], dim=1)[:, :11]
+        y = y + F.relu(self.g1.proj(y))
+        y = y + F.relu(self.g2(y))
+        return self.head(y.mean((2, 3)))
+
+
+def test_partial_zip_at_cuts_made_of_refined_spaces():
+    data = batches((16, 3, 8, 8), 3)
+    model = prepared(GhostStack(), data)
+    cuts = fxzip.cut_points(model, data[0])
+    multi = [c for c in cuts if len(c.segments) > 1]
+    assert multi, [str(c) for c in cuts]
+    permuted = fxzip.permute_channels(model, seed=2, example_inputs=data[0])
+    for cut in cuts:
+        for other in (copy.deepcopy(model), permuted):
+            partial = fxzip.merge(model, other, data=data, stop_at=cut, beta=0.0, reset_bn=False, progress=False)
+            for x in data:
+                with torch.no_grad():
+                    want, got = model(x), partial(x)
+                for head in got:
+                    assert float((head - want).abs().max() / want.abs().max()) <= 1e-5, cut

@@ -67,6 +67,9 @@ class FeatureSpace:
     groups: int = 1
     tie: tuple[int, ...] = ()
     bilinear: bool = False
+    rigid: bool = False
+    """Units keep their position inside their group (rotary embeddings): only
+    whole groups move."""
 
     @property
     def group_size(self) -> int:
@@ -132,6 +135,8 @@ class Analyzer:
         self._groups: list[tuple[Segment, int, str]] = []
         self._ties: list[tuple[tuple[Segment, ...], tuple[Segment, ...], str]] = []
         self._bilinear: list[Segment] = []
+        self._rigid: list[tuple[Segment, str]] = []
+        self._head_spaces: dict[tuple[Segment, ...], tuple[Segment, ...]] = {}
 
     @property
     def sizes(self) -> dict[int, int]:
@@ -257,6 +262,35 @@ class Analyzer:
                 (ra, pa), (rb, pb) = _group_start(a, g, groups), _group_start(b, g, groups)
                 self.refinement.pair_cuts(ra, pa, rb, pb)
 
+    def regroup(self, segments: Sequence[Segment], width: int) -> None:
+        """The heads of ``segments`` (groups of ``width``) were split into parts,
+        each part its own grouped space linked head by head: those part
+        groupings replace this one (a head is no longer one atom)."""
+        self._groups = [g for g in self._groups if not (g[0] in segments and g[1] == width)]
+
+    def head_space(self, node: fx.Node, segments: Sequence[Segment], heads: int) -> tuple[Segment, ...]:
+        """One channel per head of the grouped channels ``segments``: the space a
+        head axis is laid out like. Per-head parameters (relative position
+        tables, per-head gates and logit scales), tensors whose channel axis
+        is a head axis (a position MLP's per-head output) and head-mixing
+        layers (talking heads) bind to it. It has ``heads`` one-unit groups
+        tied to the groups of ``segments``, so head ``h`` of it moves with
+        head ``h`` there; a merged head's parameters are the average of the
+        matched heads'. One per grouped space."""
+        key = tuple(segments)
+        if key not in self._head_spaces:
+            seg = self.new_space(node, heads)
+            self.set_groups(node, seg, heads)
+            self.tie_groups(node, segments, seg, heads)
+            self._head_spaces[key] = seg
+        return self._head_spaces[key]
+
+    def mark_rigid(self, segments: Sequence[Segment], why: str) -> None:
+        """Every unit of these grouped channels keeps its position inside its
+        group (a rotary embedding rotates pairs by a frequency set by their
+        position): groups may move as wholes, units inside them may not."""
+        self._rigid.extend((s, why) for s in segments)
+
     def mark_bilinear(self, segments: Sequence[Segment]) -> None:
         """The space is read as ``q . k`` (no weight absorbs U): only cross-model
         matches keep that product (see ``fxzip.grouped``)."""
@@ -294,12 +328,31 @@ class Analyzer:
             return
         if not getattr(rule, "group_aware", False):
             grouped = [a for a in _flat_nodes(node) if _grouped(self.layout(a))]
+            if grouped and all(_attention_map(self.layout(a)) for a in grouped):
+                self._heads_as_channels(node, grouped, rule)
+                return
             if grouped:
                 self.fail(node, f"reads {grouped[0].name}, whose channels are spread over several axes "
                                 f"(attention heads or a stacked q/k/v: {self.layout(grouped[0])}); this op has no "
                                 "group-aware rule. Register one with @fxzip.register_rule(...) and mark it "
                                 "@fxzip.rules.group_aware once it handles head axes.")
         rule(self, node)
+        if node not in self.layouts:
+            self.set(node, NO_CHANNELS)
+
+    def _heads_as_channels(self, node: fx.Node, maps: list[fx.Node], rule) -> None:
+        """An attention map keeps only its head axis; for an op that does not
+        know head layouts (a Linear over the head axis: talking heads) the map
+        is a tensor with one channel per head, in the attention's head space."""
+        saved = {a: self.layouts[a] for a in maps}
+        for a in maps:
+            lay = saved[a]
+            heads = _shape(a)[lay.group_dim]
+            self.layouts[a] = Layout(lay.group_dim, self.head_space(node, lay.segments, heads))
+        try:
+            rule(self, node)
+        finally:
+            self.layouts.update(saved)
         if node not in self.layouts:
             self.set(node, NO_CHANNELS)
 
@@ -335,6 +388,7 @@ class Analyzer:
                 sp.touches_output |= facts["output"]
                 sp.touches_input |= any(why.startswith("model input") for why in facts["fixed"])
                 sp.bilinear |= facts["bilinear"]
+                sp.rigid |= facts["rigid"]
             sp.groups = self._space_groups(sp, [g for atom in comp for g in per_atom[atom]["groups"]])
             spaces.append(sp)
         ties = self._resolve_ties(spaces, space_of)
@@ -364,6 +418,7 @@ class Analyzer:
             yield from a
             yield from b
         yield from self._bilinear
+        yield from (s for s, _ in self._rigid)
 
     def expand(self, segments: Sequence[Segment]) -> tuple[Segment, ...]:
         """Raw-space ranges as whole atoms (valid once the refinement is solved)."""
@@ -393,7 +448,7 @@ class Analyzer:
         """Producers, consumers, fixes, groups and flags of every atom."""
         ref = self.refinement
         facts = {atom: {"producers": list(self.producers[raw]), "consumers": [], "fixed": [], "output": False,
-                         "bilinear": False, "groups": []} for atom, (raw, _) in ref.atom_raw.items()}
+                         "bilinear": False, "rigid": False, "groups": []} for atom, (raw, _) in ref.atom_raw.items()}
         for seg, name in self._consumers:
             for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
                 if name not in facts[atom]["consumers"]:
@@ -407,6 +462,9 @@ class Analyzer:
         for seg in self._bilinear:
             for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
                 facts[atom]["bilinear"] = True
+        for seg, _ in self._rigid:
+            for atom, _ in ref.atoms(seg.space, seg.start, seg.size):
+                facts[atom]["rigid"] = True
         for seg, width, where in self._groups:
             for atom, size in ref.atoms(seg.space, seg.start, seg.size):
                 lo = ref.atom_raw[atom][1]
@@ -528,6 +586,11 @@ def _same_inner(a: Sequence[Segment], b: Sequence[Segment]) -> bool:
         if rb == 0:
             j += 1
     return True
+
+
+def _attention_map(lay: Any) -> bool:
+    """Only a head axis is tracked (``softmax(q k^T)``): heads, no channels."""
+    return isinstance(lay, Layout) and lay.dim is None and lay.group_dim is not None and lay.stack_dim is None
 
 
 def _grouped(lay: Any) -> bool:

@@ -56,12 +56,15 @@ def match_space(space: FeatureSpace, sim: Similarity, matcher: Matcher, n_models
     return matcher(sim, n_models, space.size, **_kwargs(space, kwargs))
 
 
-def group_scores(matrix: torch.Tensor, size: int, groups: int, k: int) -> np.ndarray:
+def group_scores(matrix: torch.Tensor, size: int, groups: int, k: int, rigid: bool = False) -> np.ndarray:
     """(groups, groups): mean similarity of the best unit assignment between
-    group g of model 0 and group h of model k."""
+    group g of model 0 and group h of model k (of unit i to unit i when the
+    units are ``rigid``: fixed inside their group)."""
     d = size // groups
     block = matrix[:size, k * size:(k + 1) * size].double()
     pairs = block.reshape(groups, d, groups, d).permute(0, 2, 1, 3)  # (g, h, i, j)
+    if rigid:
+        return pairs.diagonal(dim1=2, dim2=3).mean(-1).numpy()
     if d == 1:
         return pairs[..., 0, 0].numpy()
     if d <= 5:  # all d! assignments at once: cheaper than G^2 calls into scipy
@@ -87,7 +90,7 @@ def match_block(block: Sequence[FeatureSpace], sims: Mapping[int, Similarity], m
         score = np.zeros((groups, groups))
         for sp in block:
             if sp.index in sims and movable:
-                score += group_scores(sims[sp.index].correlation(), sp.size, groups, k)
+                score += group_scores(sims[sp.index].correlation(), sp.size, groups, k, rigid=sp.rigid)
         if movable and score.any():
             rows, cols = linear_sum_assignment(score, maximize=True)
             perm = np.empty(groups, dtype=np.int64)
@@ -111,7 +114,7 @@ def _within_groups(sp: FeatureSpace, sim: Similarity | None, order: list[np.ndar
     local = torch.arange(d)
     for g in range(sp.groups):
         starts = [int(order[k][g]) * d for k in range(n_models)]
-        if sim is None:
+        if sim is None or sp.rigid:  # rigid: unit i of a group stays unit i
             for k in range(n_models):
                 assign[k, starts[k]:starts[k] + d] = g * d + local
             cross += d * (n_models - 1)
@@ -149,6 +152,6 @@ def match_units(analysis: GraphAnalysis, block: tuple[int, ...], sims: Mapping[i
     if spaces[0].groups > 1:
         return match_block(spaces, sims, matcher, n_models, **kwargs)
     sp = spaces[0]
-    if sp.index in sims and sp.mergeable:
+    if sp.index in sims and sp.mergeable and not sp.rigid:
         return {sp.index: match_space(sp, sims[sp.index], matcher, n_models, **kwargs)}
     return {sp.index: identity_match(n_models, sp.size)}

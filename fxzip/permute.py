@@ -62,7 +62,8 @@ def random_assignment(analysis: GraphAnalysis, seed: int = 0) -> dict[int, torch
             if not sp.mergeable:
                 assign[sp.index] = torch.arange(sp.size)[None, :]
                 continue
-            inner = torch.stack([torch.randperm(d, generator=gen) for _ in range(groups)])  # (groups, d)
+            inner = torch.stack([torch.arange(d) if sp.rigid else torch.randperm(d, generator=gen)
+                                 for _ in range(groups)])  # (groups, d); rigid: units keep their position
             # unit (g, i) goes to group order[g], position inner[g, i]
             assign[sp.index] = (order[:, None] * d + inner).reshape(1, -1)
     return assign

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from ..layout import NO_CHANNELS, Layout
 from . import group_aware, register_rule
 from .elementwise import binary
+from .heads import per_head
+from .shape import channel_range
 
 
 def _batch_axis(axis: int | None, nd: int, out_nd: int) -> int | None:
@@ -57,14 +59,30 @@ def matmul(ctx, node: fx.Node) -> None:
             if ga != gb:
                 ctx.fail(node, f"multiplies attention with head axis {ga} by values with head axis {gb}.")
             if la.group_dim is not None:
-                ctx.tie_groups(node, la.segments, lb.segments)
+                ctx.tie_groups(node, la.segments, lb.segments, ctx.shape(node)[gb])
             else:
                 _untracked_heads(ctx, node, a, lb, out_nd)
+        ctx.set(node, Layout(out_nd - 1, lb.segments, group_dim=gb), passthrough=True)
+        return
+    # v @ attn^T with channels on v's rows (EfficientViT's (B, C, N) layout): the contraction
+    # runs over tokens, channels pass as rows
+    if la.has_channels and not la.grouped and la.dim == na - 2 and not lb.has_channels and not lb.grouped:
+        ctx.set(node, Layout(out_nd - 2, la.segments), passthrough=True)
+        return
+    # attn @ v where attn's channels are its heads (a head-mixing Linear made it: talking heads)
+    if lb.dim == nb - 1 and lb.group_dim is not None and la.has_channels and not la.grouped \
+            and _batch_axis(la.dim, na, out_nd) == gb and la.dim < na - 2:
+        if not per_head(ctx, node, Layout(None, lb.segments, group_dim=gb), a, la, out_nd):
+            ctx.fail(node, f"weighs the heads of {b.name} by {a.name}, whose channels ({la}) are not one per head.")
         ctx.set(node, Layout(out_nd - 1, lb.segments, group_dim=gb), passthrough=True)
         return
     if not (la.has_channels or lb.has_channels or la.grouped or lb.grouped):
         ctx.set(node, NO_CHANNELS)
         return
+    if la.dim == na - 2 and lb.dim == nb - 1:
+        ctx.fail(node, f"multiplies {a.name} and {b.name}, contracting over tokens: the result is a channel x channel "
+                       "map (attention over channels: XCiT's cross-covariance q k^T, a lambda layer's k^T v) with two "
+                       "channel axes; fxzip tracks one channel axis per tensor.")
     ctx.fail(node, f"multiplies {a.name} ({la}) by {b.name} ({lb}); fxzip follows q @ k^T and attn @ v. A product "
                    "that contracts channels with a computed matrix is a layer whose weight is not a parameter: "
                    "register a rule for it.")
@@ -94,28 +112,62 @@ def scaled_dot_product_attention(ctx, node: fx.Node) -> None:
         if not lay.has_channels or lay.dim != nd - 1 or lay.stack_dim is not None:
             ctx.fail(node, f"its {name} has {lay}; fxzip needs q, k and v with channels on the last axis "
                            "(timm and torch attention layouts).")
+    if ctx.arg(node, 7, "enable_gqa", False):
+        ctx.fail(node, "grouped-query attention (enable_gqa=True) shares each k/v head between several q heads; "
+                       "fxzip follows one k/v head per q head, or one k/v head shared by all (multi-query).")
     heads = {_batch_axis(l.group_dim, n, out_nd) for l, n in ((lq, nq), (lk, nk), (lv, nv))}
     if len(heads) != 1:
-        ctx.fail(node, "q, k and v split into heads on different axes (or only some of them).")
-    if ctx.arg(node, 7, "enable_gqa", False):
-        ctx.fail(node, "grouped-query attention (enable_gqa=True) shares k/v heads between q heads; not supported.")
+        out = _multi_query(ctx, node, (q, lq, nq), (k, lk, nk), (v, lv, nv), out_nd)
+        ctx.set(node, out, passthrough=True)
+        return
     ctx.unify(node, lq.segments, lk.segments)
     ctx.mark_bilinear(lq.segments)
     group_dim = heads.pop()
     if group_dim is not None:
-        ctx.tie_groups(node, lq.segments, lv.segments)
+        # with the head count, a head of q cut out on its own (qk_norm, q/k/v inside heads) cuts v there too
+        ctx.tie_groups(node, lq.segments, lv.segments, ctx.shape(node)[group_dim])
     mask = ctx.arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node) and ctx.shape(mask) is not None:
         lm = ctx.layout(mask)
-        if lm.has_channels or lm.grouped:
-            ctx.fail(node, f"its attention mask {mask.name} carries channels.")
+        logits = Layout(None, lq.segments, group_dim=group_dim)
         shape = ctx.shape(mask)
         lead = out_nd - len(shape)
-        if group_dim is not None and group_dim - lead >= 0 and shape[group_dim - lead] != 1:
+        if group_dim is not None and not lm.grouped and per_head(ctx, node, logits, mask, lm, out_nd):
+            pass  # a per-head bias (relative position table or MLP): follows the heads
+        elif lm.has_channels or lm.grouped:
+            ctx.fail(node, f"its attention mask {mask.name} carries channels ({lm}) that are not one per head; "
+                           "fxzip follows masks and biases that are shared by all heads or vary per head only.")
+        elif group_dim is not None and group_dim - lead >= 0 and shape[group_dim - lead] != 1:
             why = f"untracked tensor: mask {mask.name} varies per head at {node.name}"
             ctx.fix(lq.segments, why)
             ctx.fix(lv.segments, why)
     ctx.set(node, Layout(out_nd - 1, lv.segments, group_dim=group_dim), passthrough=True)
+
+
+def _multi_query(ctx, node: fx.Node, q, k, v, out_nd: int) -> Layout:
+    """Multi-query attention: q has heads, one k/v head is broadcast to all of
+    them (a size-1 head axis). Every q head is read against the same k units,
+    so each q head is unified with k (one within-head assignment, shared by all
+    heads and by k); heads cannot move (they share k), so q's group structure
+    reduces to that shared basis. The output is one copy of v per head: a
+    stack of v's space along the head axis, which the ``proj`` reading the
+    merged-back heads consumes block by block."""
+    (qn, lq, nq), (kn, lk, nk), (vn, lv, nv) = q, k, v
+    g = _batch_axis(lq.group_dim, nq, out_nd)
+    for name, x, lay, nd in (("key", kn, lk, nk), ("value", vn, lv, nv)):
+        shape = ctx.shape(x)
+        lead = out_nd - nd
+        if g is None or lay.group_dim is not None or (g - lead >= 0 and shape[g - lead] != 1):
+            ctx.fail(node, f"q, k and v split into heads on different axes (or only some of them): its {name} "
+                           f"has {lay}; fxzip follows one k/v head per q head or one shared by all q heads.")
+    if len(lv.segments) != 1:
+        ctx.fail(node, "multi-query attention whose values are a concatenation of spaces; not supported.")
+    heads = ctx.shape(qn)[lq.group_dim]
+    width = sum(s.length for s in lq.segments) // heads
+    for h in range(heads):
+        ctx.unify(node, channel_range(ctx, node, lq.segments, h * width, (h + 1) * width), lk.segments)
+    ctx.mark_bilinear(lq.segments)
+    return Layout(out_nd - 1, lv.segments * heads, stack_dim=g)
 
 
 def _register_timm_helpers() -> None:

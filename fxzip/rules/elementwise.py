@@ -12,6 +12,7 @@ from torch import nn
 
 from ..layout import NO_CHANNELS, Layout
 from . import group_aware, register_rule
+from .heads import per_head, position_in_head
 from .shape import as_stack, join_stack
 
 _UNARY_MODULES = (
@@ -40,10 +41,11 @@ def unary(ctx, node: fx.Node) -> None:
     """Channel i in, channel i out. For nonlinear ops this is the papers' approximation."""
     lay = ctx.layout(node.args[0])
     if isinstance(lay, Layout) and lay.param is not None and not lay.has_channels:
-        # Arithmetic on a raw parameter (e.g. gamma.exp()): follow the view only
-        # for casts; otherwise the result is opaque and the parameter is averaged.
-        keep = node.op == "call_method" and node.target in ("contiguous", "clone", "detach", "to", "type_as",
-                                                           "float", "half", "double", "bfloat16", "type")
+        # An elementwise function of a raw parameter (gamma.exp(), a per-head
+        # gate's sigmoid, a clamped logit scale) is laid out like the parameter:
+        # permuting its entries permutes the result, so the view is followed.
+        src, out = ctx.shape(node.args[0]), ctx.shape(node)
+        keep = src is not None and out is not None and tuple(src) == tuple(out)
         ctx.set(node, lay if keep else NO_CHANNELS, passthrough=True)
         return
     ctx.set(node, lay, passthrough=True)
@@ -224,6 +226,11 @@ def broadcast(ctx, node: fx.Node, operands: list) -> None:
         wide = [(x, l, d) for x, l, d in chan if l.length > 1 or out_shape[d] == 1]
         chan = wide or chan[:1]
     if not chan:
+        # a parameter with constants (``1 - sigmoid(gate)``) stays laid out like the parameter
+        views = [l for _, l in ops if l.param is not None]
+        if len(views) == 1 and len(ops) == 1 and tuple(ctx.shape(ops[0][0])) == tuple(out_shape or ()):
+            ctx.set(node, views[0], passthrough=True)
+            return
         ctx.set(node, NO_CHANNELS, passthrough=True)
         return
     x0, l0, d0 = chan[0]
@@ -270,16 +277,22 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
     for x, l in ops:
         if l.grouped:
             continue
+        if per_head(ctx, node, l0, x, l, out_nd):
+            continue  # a per-head tensor or parameter: follows the heads (fxzip.rules.heads)
+        if not l.has_channels and position_in_head(ctx, node, l0, x, out_nd):
+            continue  # the same for every head, per position inside it (rotary sin/cos)
         if l.has_channels:
-            ctx.fail(node, f"combines the head layout of {x0.name} with {x.name}, whose channels sit on one axis.")
+            ctx.fail(node, f"combines the head layout of {x0.name} with {x.name}, whose channels sit on one axis "
+                           "that is not the head axis.")
         shape = ctx.shape(x)
         lead = out_nd - len(shape)
         for d in (v for v in axes(l0) if v is not None):
             if d - lead < 0 or shape[d - lead] == 1:
                 continue
             if l.param is not None:
-                ctx.fail(node, f"adds the parameter {l.param.name} per head or per head channel; fxzip does not "
-                               "bind per-head parameters (relative position tables, per-head scales) yet.")
+                ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {l0} along a head "
+                               "channel or stacked axis; fxzip binds parameters per head (one entry per head), "
+                               "not per head channel.")
             ctx.fix(l0.segments, f"untracked tensor: {x.name} varies per head at {node.name}")
     ctx.set(node, l0, passthrough=True)
 

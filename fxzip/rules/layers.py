@@ -125,9 +125,15 @@ def linear_module(ctx, node: fx.Node) -> None:
 
 @register_rule(F.linear)
 def linear_function(ctx, node: fx.Node) -> None:
-    w = ctx.arg(node, 1, "weight")
-    _linear(ctx, node, node.args[0], _view_param(ctx, node, w), _view_param(ctx, node, ctx.arg(node, 2, "bias")),
+    w, b = ctx.arg(node, 1, "weight"), ctx.arg(node, 2, "bias")
+    computed = isinstance(b, fx.Node) and ctx.layout(b).has_channels  # e.g. a cat of q/k/v biases
+    _linear(ctx, node, node.args[0], _view_param(ctx, node, w), None if computed else _view_param(ctx, node, b),
             ctx.shape(w)[0])
+    out = ctx.layouts[node]
+    if computed:
+        if not out.has_channels or ctx.layout(b).dim != ctx.ndim(b) - 1:
+            ctx.fail(node, f"adds the computed bias {b.name} ({ctx.layout(b)}) to an output fxzip cannot follow.")
+        ctx.unify(node, out.segments, ctx.layout(b).segments)  # its parts follow the output channels
 
 
 def _linear(ctx, node, x, weight, bias, out_features: int) -> None:
@@ -243,14 +249,35 @@ def _layer_norm(ctx, node, x, normalized_shape, weight, bias) -> None:
     lay = ctx.layout(x)
     nd = ctx.ndim(x)
     if lay.grouped:
-        ctx.fail(node, "normalises each attention head with one LayerNorm shared by all heads (timm's "
-                       "qk_norm=True). Its weight acts on head_dim position d of every head at once, so units "
-                       "could not be matched separately per head; fxzip does not merge qk_norm models. Build "
-                       "the models with qk_norm=False.")
+        _head_norm(ctx, node, x, lay, normalized_shape, weight, bias)
+        return
     if lay.has_channels and len(normalized_shape) != 1:
         ctx.fail(node, f"normalises over {normalized_shape}, more than the channel axis; fxzip merges "
                        "layer norms over the channel axis only.")
     _per_channel(ctx, node, x, [weight, bias], dim=nd - 1 if lay.has_channels else 0)
+
+
+def _head_norm(ctx, node, x, lay: Layout, normalized_shape, weight, bias) -> None:
+    """One LayerNorm over head_dim shared by all heads (timm's ``qk_norm=True``):
+    its weight acts on position d of every head, so every head must use one
+    within-head assignment. The heads are linked to each other (one basis of
+    ``head_dim`` units, which the weight follows); heads therefore stay in
+    place (the attention's other heads are cut per head by the head tie), and
+    units still move, the same way in every head."""
+    nd = ctx.ndim(x)
+    if lay.stack_dim is not None or lay.group_dim is None or lay.dim != nd - 1 or len(normalized_shape) != 1:
+        ctx.fail(node, f"normalises {lay} over {normalized_shape}; fxzip follows a norm over the channels of "
+                       "each head (q/k norm) of a layout with one head axis.")
+    from .shape import channel_range
+    heads = ctx.shape(x)[lay.group_dim]
+    width = sum(s.length for s in lay.segments) // heads
+    first = channel_range(ctx, node, lay.segments, 0, width)
+    for h in range(1, heads):
+        ctx.unify(node, first, channel_range(ctx, node, lay.segments, h * width, (h + 1) * width))
+    for p in (weight, bias):
+        if p is not None:
+            ctx.role(node, p[0], p[1][-1], first, "M")
+    ctx.set(node, lay, passthrough=True)
 
 
 @register_rule(nn.GroupNorm)

@@ -21,6 +21,7 @@ _HEADS = ("fxzip splits a channel axis only into (heads, head_dim) or (parts, he
 
 
 @register_rule(builtins.getattr, "size", "dim", "numel")
+@group_aware
 def no_tensor(ctx, node: fx.Node) -> None:
     """Shape queries return Python values, not features."""
     ctx.set(node, NO_CHANNELS, passthrough=True)
@@ -73,7 +74,10 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
                 ctx.fail(node, f"interleaves channels with a non-channel axis of size {pre}; {_HEADS}")
             return Layout(out_dim, segs)
         if pre != 1:
-            ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} across the channel axis {lay.dim}; {_HEADS}")
+            batch = (" It folds part of the channel axis into the batch axis (heads as batch entries: "
+                     "BoTNet, HaloNet, lambda layers); fxzip tracks heads only on an axis of their own.") \
+                if gi[0] == 0 and len(big_out) >= 2 and dst[big_out[0]] > src[0] else ""
+            ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} across the channel axis {lay.dim}; {_HEADS}{batch}")
         # one source axis split into several: channels must land on the first one,
         # whole channels at a time (an unflatten of C*H*W back to C, H, W)
         tail = math.prod(dst[k] for k in big_out[1:])
@@ -168,6 +172,11 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
             new["dim"] = big_out[0]
             merged_back = True
             continue
+        if set(inside) == {"dim", "group_dim"} and big_in == [lay.dim, lay.group_dim] and len(big_out) == 1:
+            ctx.fail(node, f"merges the head axes of {lay} back into one channel axis head_dim-major "
+                           f"({tuple(src)} -> {tuple(dst)}): the merged axis interleaves the heads, so no head is a block "
+                           "of consecutive channels there; fxzip keeps groups as consecutive blocks and follows "
+                           "the (heads, head_dim) order only.")
         ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the head axes of {lay} with other axes; "
                        "fxzip follows heads only when (heads, head_dim) are merged back into one channel axis.")
     if merged_back:
@@ -176,14 +185,23 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
 
 
 def _reshape_param(src, dst, view: ParamView) -> Layout:
-    """Views of parameters: only size-1 axes may come and go (gamma.reshape(1, -1, 1, 1))."""
+    """Views of parameters: size-1 axes may come and go (gamma.reshape(1, -1, 1, 1));
+    a parameter axis kept whole on its own stays tracked, axes merged or split
+    around it lose their parameter axis (a looked-up table (N*N, heads) viewed
+    as (N, N, heads) keeps its head axis)."""
     big_src = [view.axes[k] for k, s in enumerate(src) if s != 1]
     big_dst = [k for k, s in enumerate(dst) if s != 1]
-    if [src[k] for k, s in enumerate(src) if s != 1] != [dst[k] for k in big_dst]:
-        return NO_CHANNELS
-    axes = [None] * len(dst)
-    for k, a in zip(big_dst, big_src):
-        axes[k] = a
+    axes: list[int | None] = [None] * len(dst)
+    if [src[k] for k, s in enumerate(src) if s != 1] == [dst[k] for k in big_dst]:
+        for k, a in zip(big_dst, big_src):
+            axes[k] = a
+    else:
+        for gi, gj in _groups(src, dst):
+            bi, bj = [k for k in gi if src[k] != 1], [k for k in gj if dst[k] != 1]
+            if len(bi) == 1 and len(bj) == 1 and src[bi[0]] == dst[bj[0]]:
+                axes[bj[0]] = view.axes[bi[0]]
+        if all(a is None for a in axes):
+            return NO_CHANNELS
     return Layout(param=ParamView(view.name, tuple(axes)))
 
 
@@ -201,7 +219,9 @@ def reshape(ctx, node: fx.Node) -> None:
     # Only a reshape that keeps whole channels on their own axis is channel-wise;
     # one that interleaves them with pixels (flatten of C x H x W) makes its input
     # the place to probe the space.
-    ctx.set(node, after, passthrough=after.segments == before.segments)
+    # So does a split into heads: the heads are read by attention, not channel-wise.
+    ctx.set(node, after, passthrough=after.segments == before.segments
+            and not (after.grouped and not before.grouped))
 
 
 def _perm_of(node: fx.Node, nd: int) -> list[int]:
@@ -254,6 +274,7 @@ def expand(ctx, node: fx.Node) -> None:
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
+@group_aware
 def cat(ctx, node: fx.Node) -> None:
     """Along the channel axis the segments concatenate; along any other axis all
     parts must share the channel basis (class token + patch tokens)."""
@@ -262,7 +283,13 @@ def cat(ctx, node: fx.Node) -> None:
     nd = ctx.ndim(node)
     dim %= nd
     lays = [ctx.layout(p) for p in parts]
+    if any(isinstance(l, Layout) and l.grouped for l in lays):
+        _cat_grouped(ctx, node, parts, lays, dim)
+        return
     chan = [l for l in lays if l.has_channels]
+    if not chan and nd == 1 and any(l.param is not None for l in lays):
+        _cat_params(ctx, node, parts, lays)
+        return
     if not chan:
         ctx.set(node, NO_CHANNELS)
         return
@@ -286,6 +313,63 @@ def cat(ctx, node: fx.Node) -> None:
         else:
             ctx.fix(chan[0].segments, f"untracked tensor: {p.name} joins it at {node.name}")
     ctx.set(node, chan[0], passthrough=True)
+
+
+def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
+    """Head layouts joined along a token axis (EVA's class token kept out of the
+    rotary embedding, then put back): one basis, one head assignment."""
+    axes = lambda l: (l.dim, l.group_dim, l.stack_dim)  # noqa: E731
+    l0 = lays[0]
+    if any(not l.grouped or axes(l) != axes(l0) for l in lays) or dim in axes(l0):
+        ctx.fail(node, f"concatenates head layouts {[str(l) for l in lays]} along axis {dim}; fxzip follows a "
+                       "concatenation of head layouts with the same axes along an axis they do not track.")
+    for l in lays[1:]:
+        if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
+            ctx.fail(node, "concatenates stacks of different length.")
+        ctx.unify(node, l0.segments, l.segments)
+        ctx.tie_groups(node, l0.segments, l.segments)
+    ctx.set(node, l0, passthrough=True)
+
+
+def _cat_params(ctx, node: fx.Node, parts: list, lays: list) -> None:
+    """A vector concatenated from parameters (BEiT's ``cat((q_bias, k_bias,
+    v_bias))`` passed as a Linear's bias) is a channel vector of a new space:
+    each parameter is bound to its range, so when an op joins the vector to
+    a space (the Linear's output) the parameters follow that space's ranges.
+    A part that is no parameter pins its range."""
+    segs = ctx.new_space(node, ctx.shape(node)[0])
+    offset = 0
+    for p, l in zip(parts, lays):
+        n = ctx.shape(p)[0] if isinstance(p, fx.Node) and ctx.shape(p) is not None else None
+        if n is None:
+            ctx.fail(node, f"concatenates parameters with {p!r}, whose length fxzip does not know.")
+        piece = (replace(segs[0], start=offset, size=n),)
+        if n and l.param is not None and l.param.axes[0] is not None:
+            ctx.role(node, l.param.name, l.param.axes[0], piece, "M")
+        elif n:
+            ctx.fix(piece, f"untracked tensor: {p.name} is concatenated with parameters at {node.name}")
+        offset += n
+    ctx.set(node, Layout(0, segs))
+
+
+@register_rule(torch.roll, "roll")
+@group_aware
+def roll(ctx, node: fx.Node) -> None:
+    """A cyclic shift (Swin's shifted windows) over axes without channels keeps
+    every channel where it is; rolling a tracked axis would mix channels."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if not isinstance(lay, Layout) or not (lay.has_channels or lay.grouped):
+        ctx.set(node, NO_CHANNELS)
+        return
+    nd = ctx.ndim(x)
+    dims = ctx.arg(node, 2, "dims")
+    dims = () if dims is None else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+    tracked = {lay.dim, lay.group_dim, lay.stack_dim} - {None}
+    if not dims or tracked & set(dims):
+        ctx.fail(node, f"rolls {'the flattened tensor' if not dims else f'axes {dims}'} of {lay}, which moves channels; "
+                       "fxzip follows rolls over axes without channels.")
+    ctx.set(node, lay, passthrough=True)
 
 
 @register_rule(torch.stack)
@@ -412,6 +496,36 @@ def _drop_axis(lay: Layout, axis: int) -> dict[str, int | None]:
     return out
 
 
+def _split_head_channels(ctx, node: fx.Node, lay: Layout, name: str, dim: int) -> tuple[Layout, ...]:
+    """``(B, H, N, 3 * D).chunk(3, -1)``: q, k and v interleaved inside every head
+    (MaxViT, CoAtNet; TinyViT's split into parts of different widths). Part
+    ``p`` of all heads is a new space of ``H`` groups whose head ``h`` is
+    linked to part ``p`` of head ``h`` of the input. Spaces are ranges of a
+    producer's channels, and the q part of every head is not one range, so
+    the refinement cuts the producer into one atom per (head, part): units
+    still move within each head (q and k together), heads stay in place."""
+    if name == "unbind" or lay.stack_dim is not None or lay.group_dim is None:
+        ctx.fail(node, f"splits the channels of each head of {lay}; fxzip follows a split of the head channels "
+                       "into parts (chunk/split) of a layout with one head axis only.")
+    sizes = [m.shape[dim] for m in node.meta["tensor_meta"]]
+    heads = ctx.shape(node.args[0])[lay.group_dim]
+    width = sum(sizes)
+    if width * heads != sum(s.length for s in lay.segments):
+        ctx.fail(node, f"splits head channels of {lay} whose heads do not hold {width} channels each.")
+    out, offset = [], 0
+    for size in sizes:
+        (part,) = ctx.new_space(node, size * heads)
+        for h in range(heads):
+            lo = h * width + offset
+            ctx.unify(node, channel_range(ctx, node, lay.segments, lo, lo + size),
+                      (replace(part, start=h * size, size=size),))
+        ctx.set_groups(node, (part,), heads)
+        out.append(Layout(lay.dim, (part,), group_dim=lay.group_dim))
+        offset += size
+    ctx.regroup(lay.segments, width)
+    return tuple(out)
+
+
 def _split_grouped(ctx, node: fx.Node, lay: Layout, name: str, dim: int, parts: int) -> tuple[Layout, ...]:
     if dim == lay.stack_dim:
         if name != "unbind" and not (parts == len(lay.segments)):
@@ -419,8 +533,10 @@ def _split_grouped(ctx, node: fx.Node, lay: Layout, name: str, dim: int, parts: 
         axes = _drop_axis(lay, dim) if name == "unbind" else {"dim": lay.dim, "group_dim": lay.group_dim,
                                                               "stack_dim": None}
         return tuple(Layout(axes["dim"], (seg,), group_dim=axes["group_dim"]) for seg in lay.segments)
-    if dim in (lay.dim, lay.group_dim):
-        ctx.fail(node, f"splits a head axis ({lay}); fxzip keeps heads whole.")
+    if dim == lay.dim:
+        return _split_head_channels(ctx, node, lay, name, dim)
+    if dim == lay.group_dim:
+        ctx.fail(node, f"splits the head axis ({lay}) into {parts} parts; fxzip keeps heads together.")
     if name == "unbind":
         axes = _drop_axis(lay, dim)
         return tuple(Layout(axes["dim"], lay.segments, group_dim=axes["group_dim"], stack_dim=axes["stack_dim"])
@@ -444,7 +560,7 @@ def getitem(ctx, node: fx.Node) -> None:
         ctx.set(node, NO_CHANNELS)
         return
     if lay.param is not None and not lay.has_channels:
-        ctx.set(node, NO_CHANNELS)  # indexing a parameter: opaque, the parameter is averaged
+        ctx.set(node, _index_param(ctx, node, lay.param, idx))  # a table lookup keeps the other axes
         return
     if lay.grouped:
         ctx.set(node, _index_grouped(ctx, node, lay, idx), passthrough=True)
@@ -468,11 +584,49 @@ def getitem(ctx, node: fx.Node) -> None:
             ctx.set(node, Layout(out_dim, _sliced(ctx, node, lay, i)), passthrough=True)
             return
         if isinstance(i, fx.Node):
-            ctx.fail(node, "uses tensor indexing on a tensor with channels; register a rule.")
+            if sum(isinstance(j, fx.Node) for j in expanded) != 1 or ctx.ndim(i) is None:
+                ctx.fail(node, "uses several index tensors on a tensor with channels; fxzip follows one index "
+                               "tensor on a non-channel axis (a table lookup).")
+            out_dim += ctx.ndim(i)  # one index tensor: its axes replace the indexed axis in place
+            src_dim += 1
+            continue
         if not isinstance(i, int):
             out_dim += 1
         src_dim += 1
     ctx.fail(node, "cannot follow the channel axis through this indexing.")
+
+
+def _index_param(ctx, node: fx.Node, view: ParamView, idx: Any) -> Layout:
+    """``table[index]`` (a relative position table looked up per token pair):
+    axes kept whole stay axes of the parameter, the looked-up axis becomes the
+    index tensor's axes (no parameter axis); anything else is opaque."""
+    index = idx if isinstance(idx, tuple) else (idx,)
+    nd = len(view.axes)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        real = sum(1 for i in index if i is not None and i is not Ellipsis)
+        index = index[:at] + (slice(None),) * (nd - real) + index[at + 1:]
+    index = index + (slice(None),) * (nd - sum(1 for i in index if i is not None))
+    if sum(isinstance(i, fx.Node) for i in index) > 1:
+        return NO_CHANNELS
+    axes: list[int | None] = []
+    src = 0
+    for i in index:
+        if i is None:
+            axes.append(None)
+            continue
+        if isinstance(i, fx.Node):
+            if ctx.ndim(i) is None or ctx.layout(i).has_channels:
+                return NO_CHANNELS
+            axes.extend([None] * ctx.ndim(i))
+        elif isinstance(i, slice):
+            axes.append(view.axes[src] if i == slice(None) else None)
+        elif not isinstance(i, int):
+            return NO_CHANNELS
+        src += 1
+    if len(axes) != ctx.ndim(node) or all(a is None for a in axes):
+        return NO_CHANNELS
+    return Layout(param=ParamView(view.name, tuple(axes)))
 
 
 def _sliced(ctx, node: fx.Node, lay: Layout, index: Any) -> tuple[Segment, ...]:
@@ -534,6 +688,7 @@ def _index_grouped(ctx, node: fx.Node, lay: Layout, idx: Any) -> Layout:
     tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim}
     new: dict[str, int | None] = {k: None for k in tracked}
     segments = lay.segments
+    rigid_part = False
     src_dim = out_dim = 0
     for i in expanded:
         if i is None:
@@ -547,10 +702,18 @@ def _index_grouped(ctx, node: fx.Node, lay: Layout, idx: Any) -> Layout:
                 new[key] = out_dim
             elif key == "stack_dim" and isinstance(i, int):
                 segments = (lay.segments[i],)
+            elif key == "dim" and isinstance(i, slice) and lay.group_dim is not None and lay.stack_dim is None:
+                # a part of every head read by position (x[..., ::2]: the rotation pairs of a rotary
+                # embedding): positions inside a head are fixed from here on, whole heads still move;
+                # the result is tracked by its head axis only
+                ctx.mark_rigid(segments, f"{node.name} reads the head channels by position ({i!r})")
+                rigid_part = True
             else:
                 ctx.fail(node, f"indexes the {key.replace('_', ' ')} of a head layout with {i!r}; fxzip keeps "
                                "heads and their channels whole.")
         if isinstance(i, slice):
             out_dim += 1
         src_dim += 1
+    if rigid_part:
+        return Layout(None, segments, group_dim=new["group_dim"])
     return Layout(new["dim"], segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"])

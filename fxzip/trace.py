@@ -1,18 +1,25 @@
 """Tracing: any ``nn.Module`` (timm models included) to a ``GraphModule`` with shapes.
 
-Why two passes: timm marks some modules as "no trace" because their forward
-branches on the input's shape (``vgg``'s ``ConvMlp``) or is wrapped for speed
-(``BatchNormAct2d``). Treating them as opaque leaves would hide weight layers
-from the analysis, so fxzip first traces with those modules as leaves to learn
-the shape each one is called with, then traces again *through* them, handing
-each one a proxy whose ``shape``/``size()``/``dim()`` are the concrete values.
-The result is a graph specialised to the example input's spatial size, which is
-what merging needs (the analysis works on concrete shapes anyway).
+Two tracers, one contract (a graph of torch-level ops with ``nn.Module`` leaves
+and ``tensor_meta`` on every node):
+
+- **symbolic** (plain torch.fx) first: its graphs are not specialised to any
+  input size, so a merged model keeps working at other resolutions.
+- **concrete shapes** (``fxzip.concrete_trace``) when symbolic tracing cannot
+  follow the model: its forward branches or loops on shapes (window padding,
+  ``int(N ** 0.5)``, ``for i in range(x.size(1))``), or it contains timm's
+  "no-trace" modules (``vgg``'s ``ConvMlp``, ``BatchNormAct2d``, MobileViT
+  blocks), which must be traced *through* so their weight layers stay visible.
+  Every op runs on the example as it is recorded, so shapes are Python ints and
+  the control flow is specialised to the example's spatial size; the batch
+  size stays symbolic (merging calibrates on a fixed input size anyway).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections import defaultdict
+import operator
+import io
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from .concrete_trace import ConcreteTracer, UntraceableControlFlow, drop_dead_sizes, drop_proxies
 
 __all__ = ["TraceError", "trace", "register_leaf_module", "example_from_data"]
 
@@ -64,6 +73,10 @@ def _known_leaves() -> tuple[type, ...]:
 _KNOWN_LEAVES = _known_leaves()
 
 
+def _kept_whole(m: nn.Module) -> bool:
+    return type(m) in _USER_LEAVES or isinstance(m, _KNOWN_LEAVES)
+
+
 def _is_torch_leaf(m: nn.Module) -> bool:
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
@@ -71,63 +84,52 @@ def _is_torch_leaf(m: nn.Module) -> bool:
     )
 
 
-class _ShapedProxy(fx.Proxy):
-    """A proxy that answers shape questions with concrete values."""
+class _Proxy(fx.Proxy):
+    """torch.fx's proxy plus slice assignment, recorded as ``operator.setitem``
+    (side-effectful, so kept in graph order and never removed as dead code)."""
 
-    def __init__(self, node: fx.Node, tracer: fx.Tracer, shape: torch.Size):
-        super().__init__(node, tracer)
-        self._fxzip_shape = torch.Size(shape)
-
-    @property
-    def shape(self) -> torch.Size:  # type: ignore[override]
-        return self._fxzip_shape
-
-    @property
-    def ndim(self) -> int:  # type: ignore[override]
-        return len(self._fxzip_shape)
-
-    def size(self, dim: int | None = None):  # type: ignore[override]
-        return self._fxzip_shape if dim is None else self._fxzip_shape[dim]
-
-    def dim(self) -> int:  # type: ignore[override]
-        return len(self._fxzip_shape)
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
 
 class _Tracer(fx.Tracer):
-    """Standard torch modules are leaves; timm's no-trace modules are leaves only in
-    the shape-recording pass, and traced through with concrete shapes otherwise."""
+    """Plain torch.fx: standard torch modules and timm's no-trace modules are leaves
+    (a graph that still has no-trace leaves is re-traced with concrete shapes)."""
 
-    def __init__(self, leaf_timm: bool, leaf_shapes: dict[str, list[list]] | None = None):
+    def __init__(self) -> None:
         notrace_modules, notrace_fns = _timm_notrace()
         super().__init__(autowrap_functions=tuple(notrace_fns))
         self.notrace_modules = notrace_modules
-        self.leaf_timm = leaf_timm
-        self.leaf_shapes = leaf_shapes or {}
-        self._calls: dict[str, int] = defaultdict(int)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in _USER_LEAVES or isinstance(m, _KNOWN_LEAVES):
-            return True
-        if type(m) in self.notrace_modules:
-            return self.leaf_timm
-        return _is_torch_leaf(m)
+        return _kept_whole(m) or type(m) in self.notrace_modules or _is_torch_leaf(m)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         if isinstance(m, nn.MultiheadAttention) and type(m) not in _USER_LEAVES:
             # traced as its functional decomposition so the analysis sees q, k, v and heads
             self.decomposed = True
             return _multihead_attention(m, self.path_of_module(m), *args, **kwargs)
-        if not self.leaf_timm and type(m) in self.notrace_modules and type(m) not in _USER_LEAVES:
-            qualname = self.path_of_module(m)
-            calls = self.leaf_shapes.get(qualname)
-            idx = self._calls[qualname]
-            self._calls[qualname] += 1
-            if calls is not None and idx < len(calls):
-                shapes = calls[idx]
-                args = tuple(
-                    _ShapedProxy(a.node, self, s) if isinstance(a, fx.Proxy) and s is not None else a
-                    for a, s in zip(args, shapes + [None] * len(args))
-                )
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _ConcreteTracer(ConcreteTracer):
+    """The fallback tracer: the same leaves as ``_Tracer``, except that timm's
+    no-trace modules are traced through (every proxy already has a shape)."""
+
+    def __init__(self, example: Sequence[Any]):
+        _, notrace_fns = _timm_notrace()
+        super().__init__(example, autowrap_functions=tuple(notrace_fns))
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _kept_whole(m) or _is_torch_leaf(m)
+
+    def call_module(self, m, forward, args, kwargs):
+        if not self.executing and isinstance(m, nn.MultiheadAttention) and type(m) not in _USER_LEAVES:
+            self.decomposed = True
+            return _multihead_attention(m, self.path_of_module(m), *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
 
@@ -169,28 +171,69 @@ def _multihead_attention(m: nn.MultiheadAttention, name: str, query, key, value,
     return out, weights
 
 
-def _record_leaf_shapes(gm: fx.GraphModule, notrace: set[type]) -> dict[str, list[list]]:
-    shapes: dict[str, list[list]] = defaultdict(list)
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        if type(gm.get_submodule(node.target)) not in notrace:
-            continue
-        arg_shapes = []
-        for a in node.args:
-            meta = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
-            arg_shapes.append(getattr(meta, "shape", None))
-        shapes[node.target].append(arg_shapes)
-    return shapes
-
-
-def _run_trace(tracer: _Tracer, model: nn.Module) -> fx.GraphModule:
-    graph = tracer.trace(model)
+def _run_trace(tracer: fx.Tracer, model: nn.Module) -> fx.GraphModule:
+    try:
+        with torch.no_grad():
+            graph = tracer.trace(model)
+    finally:
+        drop_proxies(model)  # forward code may have cached a proxy on a module
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if isinstance(tracer, ConcreteTracer):
+        drop_dead_sizes(gm.graph)
     if getattr(tracer, "decomposed", False):
         gm.graph.eliminate_dead_code()  # attention weights nobody reads (need_weights=True by default)
-        gm.recompile()
+    gm.recompile()
     return gm
+
+
+def _symbolic(model: nn.Module) -> fx.GraphModule | None:
+    """Plain torch.fx tracing; ``None`` when timm no-trace modules ended up as
+    leaves (they hide weight layers, so the model needs the concrete tracer)."""
+    tracer = _Tracer()
+    gm = _run_trace(tracer, model)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if type(m) in tracer.notrace_modules and not _kept_whole(m):
+                return None
+    return gm
+
+
+_ADVICE = ("Fixes: remove Python control flow that depends on tensor values, wrap the offending function "
+           "with torch.fx.wrap, or mark the offending submodule with fxzip.register_leaf_module and give it "
+           "a rule with fxzip.register_rule.")
+
+
+def _control_flow_error(model: nn.Module, exc: UntraceableControlFlow) -> TraceError:
+    where = "the top-level forward"
+    if exc.module:
+        where = f"module '{exc.module}' ({type(model.get_submodule(exc.module)).__name__})"
+    return TraceError(
+        f"torch.fx cannot trace {type(model).__name__}: Python control flow in {where} depends on "
+        f"{exc.reason}: {exc.conversion} of `{exc.op}` at {exc.where}\n"
+        "fxzip traces with the example's concrete shapes, so branches and loops on shapes are fine, but "
+        f"a branch on {exc.reason} would be fixed to what this one example did. {_ADVICE}"
+    )
+
+
+def _run_error(model: nn.Module, data_shapes: list, exc: BaseException) -> TraceError:
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return TraceError(
+        f"running {type(model).__name__} on a batch of shape {data_shapes} failed: "
+        f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}. "
+        "Check that the data has the shape the model expects."
+    )
+
+
+def _propagate(gm: fx.GraphModule, model: nn.Module, example: tuple, quiet: bool = False) -> None:
+    """ShapeProp; ``quiet`` hides the traceback it prints when failing is expected
+    (a symbolic graph that took a wrong branch, before the concrete fallback)."""
+    _keep_unused_state(gm, model)
+    gm.eval()
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        ShapeProp(gm).propagate(*example)
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> fx.GraphModule:
@@ -199,6 +242,8 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     The copy matters: tracing shares submodules with the traced root, and fxzip
     must never change the user's model (not even its train/eval flag).
     Every node gets ``node.meta['tensor_meta']`` from ``ShapeProp``.
+    Symbolic tracing is tried first; if it or running its graph fails, the model
+    is traced with concrete shapes (specialised to the example's spatial size).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -206,44 +251,51 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     data_shapes = [tuple(t.shape) for t in example if isinstance(t, torch.Tensor)]
     # Shapes are all tracing needs: two samples are as good as the whole batch.
     example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
-    model = copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):
-        gm = model
-    else:
-        notrace, _ = _timm_notrace()
+        gm = copy.deepcopy(model).eval()
         try:
-            first = _run_trace(_Tracer(leaf_timm=True), model)
-            leaf_shapes: dict[str, list[list]] = {}
-            if any(n.op == "call_module" and type(first.get_submodule(n.target)) in notrace
-                   for n in first.graph.nodes):
-                with torch.no_grad():
-                    ShapeProp(first).propagate(*example)
-                leaf_shapes = _record_leaf_shapes(first, notrace)
-            gm = _run_trace(_Tracer(leaf_timm=False, leaf_shapes=leaf_shapes), model)
-        except TraceError:
-            raise
-        except Exception as exc:  # torch.fx raises many types here
-            raise TraceError(
-                f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-                "fxzip needs a symbolically traceable forward. Fixes: remove Python control flow "
-                "that depends on tensor values, wrap the offending function with "
-                "torch.fx.wrap, or mark the offending submodule with "
-                "fxzip.register_leaf_module and give it a rule with fxzip.register_rule."
-            ) from exc
-    _keep_unused_state(gm, model)
-    gm.eval()
+            _propagate(gm, gm, example)
+        except Exception as exc:
+            raise _run_error(model, data_shapes, exc) from exc
+        return gm
+    copied = copy.deepcopy(model).eval()
+    symbolic_error: Exception | None = None
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example)
+        gm = _symbolic(copied)
+        if gm is not None:
+            _propagate(gm, copied, example, quiet=True)
+            return gm
+    except TraceError:
+        raise
+    except Exception as exc:  # torch.fx raises many types here
+        symbolic_error = exc
+    return _concrete(copy.deepcopy(model).eval(), example, data_shapes, symbolic_error)
+
+
+def _concrete(model: nn.Module, example: tuple, data_shapes: list,
+              symbolic_error: Exception | None) -> fx.GraphModule:
+    """The fallback; its errors say whether the model's control flow, the data or
+    the tracer is at fault."""
+    tracer = _ConcreteTracer(example)
+    try:
+        gm = _run_trace(tracer, model)
+    except TraceError:
+        raise
+    except UntraceableControlFlow as exc:
+        raise _control_flow_error(model, exc) from exc
     except Exception as exc:
-        root = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
+        if exc is tracer.op_error:  # the model's own code failed on the example
+            raise _run_error(model, data_shapes, exc) from exc
+        symbolic = "" if symbolic_error is None else f"{type(symbolic_error).__name__}: {symbolic_error}\n"
         raise TraceError(
-            f"running {type(model).__name__} on a batch of shape {data_shapes} failed: "
-            f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}. "
-            "Check that the data has the shape the model expects."
+            f"torch.fx cannot trace {type(model).__name__}: {symbolic}"
+            f"Tracing with concrete shapes failed: {type(exc).__name__}: {exc}\n"
+            f"fxzip needs a traceable forward. {_ADVICE}"
         ) from exc
+    try:
+        _propagate(gm, model, example)
+    except Exception as exc:
+        raise _run_error(model, data_shapes, exc) from exc
     return gm
 
 

@@ -5,6 +5,7 @@ the test asserts that ``permute_channels`` really moved the sliced weights."""
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -282,3 +283,33 @@ def test_partial_zip_at_cuts_made_of_refined_spaces():
                     want, got = model(x), partial(x)
                 for head in got:
                     assert float((head - want).abs().max() / want.abs().max()) <= 1e-5, cut
+
+
+class PaddedPartialResidual(nn.Module):
+    """A partial residual behind shape control flow: traced on the concrete path,
+    where ``x[:, :C] += y`` is recorded the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if y.shape[-1] % 2:
+            y = F.pad(y, (0, 1, 0, 1))
+        z = self.b(y)
+        z[:, :y.shape[1]] += y
+        return self.head(F.relu(z).mean((2, 3)))
+
+
+def test_partial_residual_on_the_concrete_trace_path():
+    data = batches((16, 3, 7, 7), 3)
+    model = prepared(PaddedPartialResidual(), data)
+    assert any(n.target is operator.setitem for n in trace(model, data[0]).graph.nodes)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert not torch.equal(permuted.state_dict()["a.weight"], model.state_dict()["a.weight"])
+    assert_same_function(model, permuted, data)
+    merged = fxzip.merge(model, permuted, data=data, beta=0.0, reset_bn=False, progress=False)
+    assert_same_function(model, merged, data)

@@ -58,6 +58,17 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     return set(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
 
 
+def _wrapped_functions() -> tuple[Callable, ...]:
+    """timm's no-trace functions that stay opaque: only those with a channel
+    rule. The others (``window_partition``, ``window_reverse``, ...) are
+    reshapes and permutes that the analysis follows op by op, so they are
+    traced through (on the concrete path when they branch on shapes)."""
+    from .rules import lookup_function_rule
+
+    _, functions = _timm_notrace()
+    return tuple(f for f in functions if lookup_function_rule(f) is not None)
+
+
 def _known_leaves() -> tuple[type, ...]:
     """Modules kept whole because their forward computes the weight it uses
     (timm's weight-standardised convs): traced through, the conv would read a
@@ -97,8 +108,8 @@ class _Tracer(fx.Tracer):
     (a graph that still has no-trace leaves is re-traced with concrete shapes)."""
 
     def __init__(self) -> None:
-        notrace_modules, notrace_fns = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(notrace_fns))
+        notrace_modules, _ = _timm_notrace()
+        super().__init__(autowrap_functions=_wrapped_functions())
         self.notrace_modules = notrace_modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -120,8 +131,7 @@ class _ConcreteTracer(ConcreteTracer):
     no-trace modules are traced through (every proxy already has a shape)."""
 
     def __init__(self, example: Sequence[Any]):
-        _, notrace_fns = _timm_notrace()
-        super().__init__(example, autowrap_functions=tuple(notrace_fns))
+        super().__init__(example, autowrap_functions=_wrapped_functions())
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _kept_whole(m) or _is_torch_leaf(m)

@@ -29,7 +29,7 @@ _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Callable, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
-__all__ = ["register_rule", "lookup_rule", "group_aware", "Rule"]
+__all__ = ["register_rule", "lookup_rule", "lookup_function_rule", "group_aware", "Rule"]
 
 
 def group_aware(rule: Rule) -> Rule:
@@ -68,6 +68,11 @@ def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
     if node.op == "call_method":
         return _METHOD_RULES.get(node.target)
     return None
+
+
+def lookup_function_rule(fn: Callable) -> Rule | None:
+    """The rule registered for a plain function, if any."""
+    return _FUNCTION_RULES.get(fn)
 
 
 def _load_builtin_rules() -> None:

@@ -1,0 +1,794 @@
+"""Coverage benchmark: which timm architectures fxzip traces, analyses and merges exactly.
+
+    python benchmarks/coverage.py                         # the whole panel -> benchmarks/results/coverage.{json,md}
+    python benchmarks/coverage.py --resume                # keep models already recorded, run the rest
+    python benchmarks/coverage.py --models resnet10t:32   # a subset (NAME or NAME:SIZE), merged into the result
+
+For every model of the panel (built with ``timm.create_model(name, pretrained=False,
+num_classes=10[, img_size=S])``; nothing is downloaded) a fresh subprocess
+(``--one``, with a time limit, ``--timeout``) runs:
+
+0. create: build the model and run it eagerly on a batch at its size;
+   trace + analysis: ``fxzip.trace.trace`` and ``fxzip.analysis.analyze``, which
+   also give the spaces and the probe points used to size the calibration set;
+   prepare: every parameter and floating buffer re-drawn at O(1) scale (the
+   recipe of ``tests/helpers.py::redraw``, copied here because tests/ is not
+   installed), then batch-norm statistics recomputed with ``fxzip.reset_norm_stats``.
+1. identity: ``fxzip.merge(model, deepcopy(model), data=batches, method="zipit",
+   reset_bn=False)`` must compute the model's function on held-out batches:
+   max|out_merged - out_model| <= 1e-5 * max|out_model|.
+2. permute: ``p = fxzip.permute_channels(model, seed=1, example_inputs=x)`` must
+   compute the model's function (the check of the analysis; compared in float64,
+   as a permuted copy sums in another order and float32 rounding alone moves deep
+   O(1)-weight models by 1-5e-5 of their output) and differ from it
+   in at least one parameter; then ``fxzip.merge(model, p, data=batches,
+   reset_bn=False)`` must compute the model's function again (same tolerance).
+
+Calibration set size. fxzip pools every pixel / token of every probe point of a
+space into its samples, so a space of C channels whose probes hold P positions
+per image in total (P = numel / (batch * channel-axis length) summed over its
+probe nodes, from the traced shapes) gets ``images * P`` samples. The benchmark
+takes the smallest number of images (a multiple of ``--batch``, at least
+``--min-images``, at most ``--max-images``) with ``images * P >= 2 * C + 1`` for
+every mergeable space, i.e. more than twice as many samples as features
+everywhere; a model that would need more than ``--max-images`` is recorded with
+``samples_short`` true. Held-out batches (``--holdout`` batches of 8) are drawn
+with another seed. Inputs are standard-normal images; every random draw is
+seeded, so a run is deterministic for a given ``--seed`` (timings aside).
+
+Each record states its outcome (pass, fail-identity, fail-permute,
+nothing-permuted, fail-recovery, error, timeout), the stage that failed
+(create, trace, analysis, prepare, calibrate, match, fold, verify, timeout),
+the exception type, the first lines of the message, a category (stage + a
+keyword class of the message, e.g. ``analysis: no channel rule for function
+torch.roll``), times per stage, the number of spaces / mergeable spaces and the
+parameter count. Results are written after every model, so an interrupted run
+keeps what it finished (``--resume`` continues it). fxzip's sources are copied
+to a temporary snapshot at the start and every model imports that copy (``--live``:
+the working tree), so one run measures one code state even while fxzip is being
+edited; every record names the commit, whether fxzip differed from it, and a
+digest of the sources it imported.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+TOL = 1e-5
+DEFAULT_SIZE = 64
+
+# The issue's panel, in its order. Sizes other than 64 px are configuration:
+# models whose windows / strides / position grids do not fit 64 px.
+SIZES = {"halonet26t": 256, "botnet26t_256": 256, "inception_v4": 96, "efficientformer_l1": 224,
+         "crossvit_tiny_240": 240}
+PANEL = [
+    "res2net50_14w_8s", "cs3darknet_s", "cspdarknet53", "vovnet39a", "ese_vovnet19b_dw", "selecsls42b",
+    "hrnet_w18_small", "mixnet_s", "tinynet_a", "ghostnetv2_100", "repghostnet_050", "tresnet_m", "dm_nfnet_f0",
+    "resnetv2_50x1_bit", "regnetz_b16", "efficientnetv2_rw_t", "mobilenetv4_conv_small", "mobileone_s0",
+    "xception41", "gernet_s", "halonet26t", "botnet26t_256", "lambda_resnet26t", "convnext_nano_ols",
+    "inception_v4", "resnest14d", "skresnet18", "beit_base_patch16_224", "vit_relpos_small_patch16_224",
+    "vit_medium_patch16_gap_256", "vit_small_patch16_224", "flexivit_small", "swinv2_cr_tiny_ns_224",
+    "maxvit_nano_rw_256", "davit_tiny", "gcvit_xxtiny", "focalnet_tiny_srf", "tiny_vit_5m_224",
+    "efficientformer_l1", "efficientvit_m0", "mobilevitv2_050", "twins_svt_small", "convit_tiny",
+    "tnt_s_patch16_224", "volo_d1_224", "crossvit_tiny_240", "mvitv2_tiny", "hiera_tiny_224", "levit_128s",
+    "nest_tiny", "visformer_tiny", "coatnet_nano_rw_224", "caformer_s18", "convformer_s18", "sequencer2d_s",
+    "mambaout_femto", "starnet_s1", "rdnet_tiny", "repvit_m0_9", "nextvit_small", "mobilenetv4_hybrid_medium",
+]
+
+STAGES = ("create", "trace", "analysis", "prepare", "calibrate", "match", "fold", "verify", "timeout")
+OUTCOMES = ("pass", "fail-identity", "fail-permute", "nothing-permuted", "fail-recovery", "error", "timeout")
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def redraw(model, seed: int = 0):
+    """Re-draw every floating parameter/buffer at O(1) scale, in place (tests/helpers.py::redraw).
+
+    timm zero-initialises the last norm of residual branches and starts layer
+    scales at 1e-6, so on a fresh model a wrong fold would be invisible."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "running_var":
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif leaf == "running_mean" or leaf == "bias":
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+            elif t.dim() <= 1 or "gamma" in leaf or "token" in leaf or "pos" in leaf or "scale" in leaf:
+                sign = torch.where(torch.rand(t.shape, generator=gen) < 0.2, -1.0, 1.0)
+                t.copy_(sign * (torch.rand(t.shape, generator=gen) + 0.5))
+            else:
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+    return model
+
+
+def create(name: str, size: int, seed: int = 0):
+    """``timm.create_model`` at ``size`` px; ``img_size`` is passed where the model takes it."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 10, "img_size": size}
+    try:
+        model = timm.create_model(name, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        kwargs.pop("img_size")
+        model = timm.create_model(name, **kwargs)
+    return model.eval(), {k: v for k, v in kwargs.items()}
+
+
+def images_batches(n_images: int, batch: int, size: int, seed: int, channels: int = 3):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out, left = [], n_images
+    while left > 0:
+        b = min(batch, left)
+        out.append(torch.randn((b, channels, size, size), generator=gen))
+        left -= b
+    return out
+
+
+def sample_plan(gm, analysis) -> dict:
+    """Samples per image of every mergeable space (pixels / tokens summed over its
+    probe points, from the traced shapes) and the images needed for > 2x as many
+    samples as features in every space."""
+    import math
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    placeholder = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    batch = int(placeholder.meta["tensor_meta"].shape[0]) if placeholder is not None else 1
+    need, tightest = 0, None
+    for sp in analysis.spaces:
+        if not (sp.mergeable and sp.probes):
+            continue
+        per_image = 0.0
+        for pr in sp.probes:
+            meta = nodes[pr.node].meta.get("tensor_meta")
+            shape = tuple(getattr(meta, "shape", ()) or ())
+            if not shape:
+                continue
+            per_image += math.prod(shape) / shape[pr.dim] / batch
+        per_image = max(per_image, 1.0)
+        images = math.floor(2 * sp.size / per_image) + 1
+        if images > need:
+            need, tightest = images, {"space": sp.name, "size": sp.size, "samples_per_image": per_image}
+    return {"images_needed": need, "tightest_space": tightest}
+
+
+def max_rel_diff(want, got) -> float:
+    if isinstance(want, (tuple, list)):
+        return max(max_rel_diff(a, b) for a, b in zip(want, got))
+    scale = float(want.abs().max())
+    return float((want - got).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def function_error(ref, other, data) -> float:
+    import torch
+
+    with torch.no_grad():
+        return max(max_rel_diff(ref(x), other(x)) for x in data)
+
+
+def function_error_f64(ref, other, data) -> float | None:
+    """``function_error`` with float64 copies of both models and the data (None where
+    a model does not run in float64). A permuted copy sums in another order, which
+    in float32 alone moves deep O(1)-weight models by ~1e-5 of their output; in
+    float64 that noise is ~1e-13 and anything left is a wrong permutation."""
+    try:
+        a, b = copy.deepcopy(ref).double(), copy.deepcopy(other).double()
+        return function_error(a, b, [x.double() for x in data])
+    except Exception:  # noqa: BLE001 - e.g. a float32 constant created inside forward
+        return None
+
+
+# ----------------------------------------------------------------------------- classification
+
+_FXZIP_FILES = [  # (path fragment, stage), matched against the deepest fxzip frame
+    ("fxzip/trace.py", "trace"), ("fxzip/analysis.py", "analysis"), ("fxzip/rules/", "analysis"),
+    ("fxzip/layout.py", "analysis"), ("fxzip/cuts.py", "analysis"), ("fxzip/data.py", "calibrate"),
+    ("fxzip/stats.py", "calibrate"), ("passes/observe.py", "calibrate"), ("passes/side_by_side.py", "calibrate"),
+    ("fxzip/matching.py", "match"), ("fxzip/grouped.py", "match"), ("fxzip/mudsc.py", "match"),
+    ("passes/fold.py", "fold"), ("passes/split.py", "fold"), ("passes/reset_norm.py", "prepare"),
+    ("fxzip/norm.py", "prepare"), ("fxzip/permute.py", "match"),
+]
+_MERGE_FUNCS = {"_prepare": "trace", "_calibrate": "calibrate", "run": "calibrate", "calibrate": "calibrate",
+                "_match_all": "match", "_dual_space": "match", "_report_rows": "match", "_check_args": "match",
+                "_macs": "fold"}
+
+
+def stage_of(exc: BaseException, default: str) -> str:
+    """The pipeline stage an exception came from: its type where fxzip says
+    (TraceError, AnalysisError), else the deepest fxzip frame of its traceback."""
+    import fxzip
+
+    if isinstance(exc, fxzip.TraceError):
+        return "trace"
+    if isinstance(exc, fxzip.AnalysisError):
+        return "analysis"
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        path = fr.filename.replace(os.sep, "/")
+        for frag, stage in _FXZIP_FILES:
+            if frag in path:
+                return stage
+        if path.endswith("fxzip/merge.py"):
+            return _MERGE_FUNCS.get(fr.name, "fold" if fr.name == "merge" else default)
+    return default
+
+
+def _op_of(desc: str) -> str:
+    """'call_module a.b (Cls)' -> 'Cls'; 'call_function torch.functional.roll' -> 'torch.roll';
+    'call_method roll' -> 'Tensor.roll'."""
+    m = re.search(r"\((\w+)\)\s*$", desc)
+    if desc.startswith("call_module") and m:
+        return m.group(1)
+    body = desc.split(" ", 1)[-1].strip()
+    if desc.startswith("call_method"):
+        return f"Tensor.{body}"
+    parts = [p for p in body.split(".") if p]
+    if len(parts) >= 2 and parts[0] in ("torch", "timm"):
+        return f"{parts[0]}.{parts[-1]}"
+    return ".".join(parts[-2:]) if len(parts) >= 2 else body
+
+
+# (regex on the message, label); the first match wins. A label may use the match.
+KEYWORDS: list[tuple[str, Callable[[re.Match], str] | str]] = [
+    (r"no channel rule for (module|function|method) (.+?) at node",
+     lambda m: f"no channel rule for {m.group(1)} {_op_of(m.group(2))}"),
+    (r"torch\.fx cannot trace \w+: (\w+): (.*)", lambda m: f"cannot trace ({m.group(1)}: {_gist(m.group(2))})"),
+    (r"running \w+ on a batch of shape .* failed", "shape propagation failed"),
+    (r"indexes the channel axis", "indexes the channel axis"),
+    (r"splits a feature space|splits channels made of", "splits a feature space"),
+    (r"normalises each attention head", "qk_norm (LayerNorm per head)"),
+    (r"adds the parameter .* per head", "per-head parameter added to attention logits"),
+    (r"rotary", "rotary embeddings"),
+    (r"grouped-query", "grouped-query attention"),
+    (r"head ax[ie]s|head layout|stacked q/k/v", "head axes"),
+    (r"grouped in incompatible ways|ties the groups", "incompatible group counts"),
+    (r"straddles", "group straddles concatenated spaces"),
+    (r"combines channel axes with different structure", "joins different channel structures"),
+    (r"reshapes|interleaves channels|through reshape", "reshape across the channel axis"),
+    (r"weight is computed", "computed weight"),
+    (r"concatenates", "concatenation"),
+    (r"pads axis", "pads the channel axis"),
+    (r"pools over axis", "pools over the channel axis"),
+    (r"normalises over", "norm over more than the channel axis"),
+    (r"expects channels on axis|normalises channels on axis|channels on axis", "channel axis mismatch"),
+    (r"multiplies|matrix-vector", "product fxzip does not follow"),
+    (r"repeats the channel axis", "repeats the channel axis"),
+    (r"unbinds the channel axis", "unbinds the channel axis"),
+    (r"used both as an output", "tied weight used as input and output"),
+    (r"differ in architecture|graphs of different length", "traced copies differ"),
+    (r"joined but differ in size", "joined spaces differ in size"),
+]
+
+
+def _gist(text: str, n: int = 70) -> str:
+    """The first clause of a message with names and numbers blanked, so equal causes group."""
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    text = re.sub(r"'[^']*'", "'…'", text)
+    text = re.sub(r"\b\d+\b", "N", text)
+    return text[:n].rstrip()
+
+
+def classify(stage: str, error_type: str | None, message: str) -> str:
+    for pattern, label in KEYWORDS:
+        m = re.search(pattern, message, flags=re.S)
+        if m:
+            return f"{stage}: {label(m) if callable(label) else label}"
+    return f"{stage}: {error_type}: {_gist(message)}" if error_type else f"{stage}: {_gist(message)}"
+
+
+def first_lines(text: str, n: int = 2, limit: int = 400) -> str:
+    lines = [l for l in str(text).strip().splitlines() if l.strip()]
+    return " | ".join(lines[:n])[:limit]
+
+
+# ----------------------------------------------------------------------------- one model
+
+class _Stage:
+    """Times a stage into ``rec['seconds']`` and keeps ``rec['running']`` current (so a
+    timed-out worker's record says where it was)."""
+
+    def __init__(self, rec: dict, key: str, stage: str, save: Callable[[], None]):
+        self.rec, self.key, self.stage, self.save = rec, key, stage, save
+
+    def __enter__(self):
+        self.rec["running"] = self.stage
+        self.save()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.rec["seconds"][self.key] = round(time.perf_counter() - self.t0, 3)
+        return False
+
+
+def _error(rec: dict, exc: BaseException, default_stage: str) -> dict:
+    stage = stage_of(exc, default_stage)
+    msg = str(exc)
+    return {"outcome": "error", "stage": stage, "error_type": type(exc).__name__, "message": first_lines(msg),
+            "category": classify(stage, type(exc).__name__, msg)}
+
+
+def _merge_seconds(merged) -> dict:
+    rep = getattr(merged, "meta", {}).get("fxzip")
+    return {k: round(v, 3) for k, v in getattr(rep, "seconds", {}).items()}
+
+
+def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] | None = None, seed: int = 0,
+                batch: int = 32, min_images: int = 16, max_images: int = 4096, holdout: int = 2,
+                save: Callable[[dict], None] | None = None) -> dict:
+    """Run the coverage checks on one model in this process; returns its record.
+
+    ``factory``: build the model yourself (a tiny custom module in tests);
+    default ``create(name, size)``. ``save(record)`` is called at every stage."""
+    import torch
+    import fxzip
+    from fxzip.analysis import analyze
+    from fxzip.trace import trace
+
+    rec: dict[str, Any] = {"model": name, "size": size, "outcome": None, "stage": None, "category": None,
+                           "error_type": None, "message": "", "seconds": {}, "checks": {}, "warnings": [],
+                           "code": code_state()}
+    t_start = time.perf_counter()
+    persist = (lambda: save(rec)) if save else (lambda: None)
+
+    def done(**fields) -> dict:
+        rec.update(fields)
+        rec.pop("running", None)
+        rec["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+        persist()
+        return rec
+
+    # 0. create, eager forward, trace, analysis ------------------------------------------
+    try:
+        with _Stage(rec, "create", "create", persist):
+            if factory is not None:
+                torch.manual_seed(seed)
+                model, rec["create_kwargs"] = factory().eval(), {"factory": getattr(factory, "__name__", "?")}
+            else:
+                model, rec["create_kwargs"] = create(name, size, seed)
+            rec["params"] = sum(p.numel() for p in model.parameters())
+            holdout_data = images_batches(8 * holdout, 8, size, seed + 1000)
+            with torch.no_grad():
+                model(holdout_data[0])
+    except Exception as exc:  # noqa: BLE001 - every failure is a result here
+        msg = str(exc)
+        return done(outcome="error", stage="create", error_type=type(exc).__name__, message=first_lines(msg),
+                    category=classify("create", type(exc).__name__, msg))
+    x = holdout_data[0]
+    try:
+        with _Stage(rec, "trace", "trace", persist):
+            gm = trace(model, x)
+        with _Stage(rec, "analysis", "analysis", persist):
+            analysis = analyze(gm)
+    except Exception as exc:  # noqa: BLE001
+        return done(**_error(rec, exc, rec["running"]))
+    rec["spaces"] = len(analysis.spaces)
+    rec["mergeable_spaces"] = sum(1 for sp in analysis.spaces if sp.mergeable)
+    rec["probed_spaces"] = sum(1 for sp in analysis.spaces if sp.mergeable and sp.probes)
+    rec["max_space"] = max((sp.size for sp in analysis.spaces if sp.mergeable), default=0)
+    plan = sample_plan(gm, analysis)
+    images = max(min_images, plan["images_needed"])
+    images = -(-images // batch) * batch
+    rec["samples_short"] = images > max_images
+    images = min(images, max(max_images, batch))
+    rec.update(images=images, batch=batch, tightest_space=plan["tightest_space"])
+    del gm
+    data = images_batches(images, batch, size, seed)
+
+    # prepare: O(1) parameters, batch-norm statistics on the data ------------------------
+    try:
+        with _Stage(rec, "prepare", "prepare", persist):
+            redraw(model, seed)
+            fxzip.reset_norm_stats(model, data, max_batches=8)
+    except Exception as exc:  # noqa: BLE001
+        return done(**_error(rec, exc, "prepare"))
+
+    # 1. self-merge identity -------------------------------------------------------------
+    identity: dict[str, Any] = {}
+    rec["checks"]["identity"] = identity
+    try:
+        with _Stage(rec, "identity_merge", "identity merge", persist), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = fxzip.merge(model, copy.deepcopy(model), data=data, method="zipit", reset_bn=False,
+                                 progress=False)
+        rec["warnings"] += sorted({first_lines(str(w.message), 1, 200) for w in caught})[:5]
+        identity["merge_seconds"] = _merge_seconds(merged)
+        with _Stage(rec, "identity_verify", "identity verify", persist):
+            err = function_error(model, merged, holdout_data)
+        del merged
+        identity.update(max_rel_err=err, outcome="pass" if err <= TOL else "fail-identity")
+        if err > TOL:
+            identity.update(stage="verify", message=f"self-merge differs: max rel err {err:.3g} > {TOL}",
+                            category="verify: self-merge differs from the model")
+    except Exception as exc:  # noqa: BLE001
+        identity.update(_error(rec, exc, "verify" if "verify" in rec["running"] else "match"))
+
+    # 2. permutation recovery ------------------------------------------------------------
+    perm: dict[str, Any] = {}
+    rec["checks"]["permute"] = perm
+    try:
+        with _Stage(rec, "permute", "permute_channels", persist):
+            p = fxzip.permute_channels(model, seed=1, example_inputs=x)
+        with _Stage(rec, "permute_verify", "permute verify", persist):
+            err32 = function_error(model, p, holdout_data)
+            err64 = function_error_f64(model, p, holdout_data)
+            err = err32 if err64 is None else err64
+            own, theirs = model.state_dict(), p.state_dict()
+            common = [k for k in own if k in theirs and theirs[k].shape == own[k].shape]
+            changed = [k for k in common if not torch.equal(own[k], theirs[k])]
+        perm.update(permuted_rel_err=err, permuted_rel_err_f32=err32, permuted_check_dtype="float32" if err64 is None
+                    else "float64", params_compared=len(common), params_changed=len(changed))
+        if err > TOL:
+            perm.update(outcome="fail-permute", stage="verify",
+                        message=f"permuted copy computes another function: max rel err {err:.3g} > {TOL} "
+                                f"({perm['permuted_check_dtype']})",
+                        category="verify: permuted copy differs (analysis)")
+        elif not changed:
+            perm.update(outcome="nothing-permuted", stage="verify",
+                        message=f"no parameter changed ({len(common)} compared, "
+                                f"{rec['mergeable_spaces']} mergeable spaces)",
+                        category="verify: nothing permuted")
+        else:
+            with _Stage(rec, "recovery_merge", "recovery merge", persist), warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                merged = fxzip.merge(model, p, data=data, method="zipit", reset_bn=False, progress=False)
+            perm["merge_seconds"] = _merge_seconds(merged)
+            with _Stage(rec, "recovery_verify", "recovery verify", persist):
+                err = function_error(model, merged, holdout_data)
+            perm["recovery_rel_err"] = err
+            if err <= TOL:
+                perm["outcome"] = "pass"
+            else:
+                perm.update(outcome="fail-recovery", stage="verify",
+                            message=f"merge with its permutation differs: max rel err {err:.3g} > {TOL}",
+                            category="verify: merge with the permuted copy differs")
+    except Exception as exc:  # noqa: BLE001
+        perm.update(_error(rec, exc, "verify" if "verify" in rec["running"] else "fold"))
+
+    # overall: the first check that did not pass -------------------------------------------
+    for check in (identity, perm):
+        if check.get("outcome") != "pass":
+            return done(**{k: check.get(k) for k in ("outcome", "stage", "category", "error_type", "message")})
+    return done(outcome="pass", stage=None, category=None, error_type=None, message="")
+
+
+# ----------------------------------------------------------------------------- code / machine
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def source_digest(fxzip_dir: Path, passes_dir: Path) -> str:
+    """sha256 of fxzip's sources (``passes`` named as in the repository), the same
+    for the working tree and a snapshot of it."""
+    h = hashlib.sha256()
+    files = [(f"fxzip/{f.relative_to(fxzip_dir)}", f) for f in fxzip_dir.rglob("*.py")
+             if f.relative_to(fxzip_dir).parts[0] != "passes"]
+    files += [(f"passes/{f.relative_to(passes_dir)}", f) for f in passes_dir.rglob("*.py")]
+    for rel, f in sorted(files):
+        h.update(rel.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def code_state() -> dict:
+    """The commit, whether fxzip's sources differ from it, and a digest of the
+    sources this process imports (a snapshot, in a driven run: several engineers
+    change the working tree while a run goes on)."""
+    import fxzip
+    import fxzip.passes
+
+    state = json.loads(os.environ["FXZIP_COVERAGE_CODE"]) if os.environ.get("FXZIP_COVERAGE_CODE") else \
+        git_state()
+    state = {**state, "fxzip_digest": source_digest(Path(fxzip.__file__).parent,
+                                                    Path(fxzip.passes.__file__).parent)}
+    state["fxzip_path"] = str(Path(fxzip.__file__).parent)
+    return state
+
+
+def git_state() -> dict:
+    dirty = _git("status", "--porcelain", "--", "fxzip", "passes")
+    return {"commit": _git("rev-parse", "HEAD"), "fxzip_dirty": bool(dirty) and dirty != "unknown"}
+
+
+def snapshot(dest: Path) -> dict:
+    """Copy fxzip (with ``passes`` as ``fxzip/passes``, as installed) into ``dest``, so
+    every model of a run imports the same code; returns the code state of the copy."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    state = git_state()
+    shutil.copytree(ROOT / "fxzip", dest / "fxzip", ignore=ignore)
+    shutil.copytree(ROOT / "passes", dest / "fxzip" / "passes", ignore=ignore)
+    state["fxzip_digest"] = source_digest(dest / "fxzip", dest / "fxzip" / "passes")
+    state["snapshot"] = True
+    return state
+
+
+def machine() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:  # without importing torch/timm into the driver (seconds each)
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        uname = " ".join(platform.uname())
+    return {"uname": uname, "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": ver("torch"), "timm": ver("timm"),
+            "torch_threads": 1, "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_one(name: str, size: int, args) -> dict:
+    """``check_model`` in a fresh subprocess with a time limit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rec_file = Path(tmp) / "record.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--size", str(size), "--record-file",
+               str(rec_file), "--seed", str(args.seed), "--batch", str(args.batch), "--min-images",
+               str(args.min_images), "--max-images", str(args.max_images)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "PYTHONWARNINGS": "ignore"}
+        if args.snapshot_dir:  # the snapshot comes first on sys.path (the editable install's finder is last)
+            env["PYTHONPATH"] = os.pathsep.join([args.snapshot_dir] + [p for p in [env.get("PYTHONPATH")] if p])
+            env["FXZIP_COVERAGE_CODE"] = json.dumps({k: v for k, v in args.code.items() if k != "fxzip_digest"})
+        t0 = time.perf_counter()
+        timed_out, proc = False, None
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=str(ROOT),
+                                  env=env, check=False)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        wall = round(time.perf_counter() - t0, 1)
+        rec = json.loads(rec_file.read_text()) if rec_file.exists() else {"model": name, "size": size,
+                                                                            "seconds": {}, "checks": {}}
+    rec["wall_s"] = wall
+    if timed_out:
+        where = rec.pop("running", None) or "create"
+        rec.update(outcome="timeout", stage="timeout", error_type=None, running_at_timeout=where,
+                   message=f"no result after {args.timeout:.0f} s (was in stage {where})",
+                   category=f"timeout (in {where})")
+    elif rec.get("outcome") is None:
+        tail = ((proc.stderr or "") + (proc.stdout or "")).strip().splitlines()[-3:] if proc else []
+        where = rec.pop("running", None) or "create"
+        rec.update(outcome="error", stage=_CRASH_STAGE.get(where, where), running_at_crash=where, error_type=f"exit {proc.returncode if proc else '?'}",
+                   message=first_lines(" | ".join(tail) or "worker died without a record", 3),
+                   category=f"{where}: worker crashed (exit {proc.returncode if proc else '?'})")
+    return rec
+
+
+_CRASH_STAGE = {"identity merge": "merge", "recovery merge": "merge", "permute_channels": "permute",
+                "identity verify": "verify", "permute verify": "verify", "recovery verify": "verify"}
+"""The stage a worker that died without a record was in (within a merge it cannot tell which)."""
+
+
+def parse_models(items: list[str] | None) -> list[tuple[str, int]]:
+    if not items:
+        return [(m, SIZES.get(m, DEFAULT_SIZE)) for m in PANEL]
+    out = []
+    for it in items:
+        name, _, size = it.partition(":")
+        out.append((name, int(size) if size else SIZES.get(name, DEFAULT_SIZE)))
+    return out
+
+
+def drive(args) -> dict:
+    out = Path(args.out)
+    path = out / "coverage.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    records: dict[str, dict] = {r["model"]: r for r in result.get("records", [])}
+    command = "python benchmarks/coverage.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    args.snapshot_dir, args.code = None, git_state()
+    args.code["fxzip_digest"] = source_digest(ROOT / "fxzip", ROOT / "passes")
+    tmp = None
+    if not args.live:
+        tmp = tempfile.TemporaryDirectory(prefix="fxzip_coverage_")
+        args.snapshot_dir, args.code = tmp.name, snapshot(Path(tmp.name))
+        check = subprocess.run([sys.executable, "-c", "import fxzip; print(fxzip.__file__)"], capture_output=True,
+                               text=True, cwd="/", env={**os.environ, "PYTHONPATH": tmp.name}, check=False)
+        if check.returncode != 0 or not check.stdout.strip().startswith(tmp.name):
+            raise SystemExit(f"the snapshot of fxzip does not import ({check.stdout.strip()}): "
+                             f"{check.stderr.strip()[-1000:]}")
+    try:
+        return _drive(args, out, path, result, records, command)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _drive(args, out: Path, path: Path, result: dict, records: dict, command: str) -> dict:
+    from tqdm.auto import tqdm
+
+    run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+           "code": args.code, "config": {k: getattr(args, k) for k in ("timeout", "seed", "batch", "min_images",
+                                                                          "max_images")}}
+    runs = result.get("runs", []) if records else []
+    runs.append(run)
+    todo = [(m, s) for m, s in parse_models(args.models) if not (args.resume and m in records)]
+    run["models"] = [m for m, _ in todo]
+    bar = tqdm(todo, desc="coverage", unit="model", dynamic_ncols=True, disable=args.quiet)
+    for name, size in bar:
+        bar.set_postfix_str(f"{name} @ {size}px")
+        rec = run_one(name, size, args)
+        records[name] = rec
+        result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
+                  "runs": runs, "records": [records[k] for k in _order(records)]}
+        _write_json(path, result)
+        (out / "coverage.md").write_text(markdown(result))
+        if not args.quiet:
+            tqdm.write(f"{name:32s} {size:4d}px  {rec['outcome']:16s} {rec.get('stage') or '':9s} "
+                       f"{rec.get('wall_s', 0):6.1f}s  {rec.get('category') or ''}")
+    run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    run["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
+              "runs": runs, "records": [records[k] for k in _order(records)]}
+    _write_json(path, result)
+    (out / "coverage.md").write_text(markdown(result))
+    return result
+
+
+def _order(records: dict) -> list[str]:
+    pos = {m: i for i, m in enumerate(PANEL)}
+    return sorted(records, key=lambda m: (pos.get(m, len(PANEL)), m))
+
+
+# ----------------------------------------------------------------------------- report
+
+def _cell(text: Any, n: int = 110) -> str:
+    s = "" if text is None else str(text)
+    s = s.replace("|", "\\|").replace("\n", " ")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def markdown(result: dict) -> str:
+    recs = result["records"]
+    panel = {p["model"] for p in result["panel"]}
+    in_panel = [r for r in recs if r["model"] in panel]
+    last = result["runs"][-1]
+    m = last["machine"]
+    lines = ["# fxzip coverage benchmark", "",
+             "Self-merge identity and permutation recovery on timm architectures (random O(1) weights, "
+             "`pretrained=False`, `num_classes=10`); see the docstring of `benchmarks/coverage.py`.", ""]
+    for run in result["runs"]:
+        c = run["code"]
+        lines.append(f"- Command: `{run['command']}` ({run['started']}; {len(run.get('models', []))} models; "
+                     f"commit `{c['commit'][:10]}`{' + uncommitted fxzip changes' if c['fxzip_dirty'] else ''}, "
+                     f"fxzip source digest `{c['fxzip_digest']}`{', snapshot taken at start' if c.get('snapshot') else ''})")
+    lines += [f"- Machine: `{m['uname']}`; {m['cpu']}, {m['cores']} cores (shared), 1 torch thread per model; "
+              f"Python {m['python']}, torch {m['torch']}, timm {m['timm']}",
+              f"- Config: {json.dumps(last['config'])}; tolerance max|out_merged - out_model| <= "
+              f"{result['tolerance']:g} * max|out_model| on held-out batches; each model in a fresh subprocess.",
+              ""]
+    digests = sorted({r.get("code", {}).get("fxzip_digest", "?") for r in recs})
+    if len(digests) > 1:
+        lines += [f"Note: the records come from {len(digests)} different fxzip source states "
+                  f"(digests {', '.join(digests)}); see each record's `code` in coverage.json.", ""]
+    n_pass = sum(r["outcome"] == "pass" for r in in_panel)
+    counts = {o: sum(r["outcome"] == o for r in in_panel) for o in OUTCOMES}
+    lines += ["## Summary", "",
+              f"**{n_pass} pass of {len(panel)}** ({len(in_panel)} of the panel recorded)"
+              + (". Outcomes: " + ", ".join(f"{o} {n}" for o, n in counts.items() if n) if in_panel else "")
+              + ".", ""]
+    stage_counts: dict[str, int] = {}
+    for r in in_panel:
+        if r["outcome"] != "pass":
+            stage_counts[r.get("stage") or "?"] = stage_counts.get(r.get("stage") or "?", 0) + 1
+    if stage_counts:
+        lines += ["Failures by stage: " + ", ".join(f"{s} {n}" for s, n in
+                                                    sorted(stage_counts.items(), key=lambda kv: -kv[1])) + ".", ""]
+    groups: dict[str, list[str]] = {}
+    for r in in_panel:
+        if r["outcome"] != "pass":
+            groups.setdefault(r.get("category") or "?", []).append(r["model"])
+    if groups:
+        lines += ["| category | count | models |", "|---|---:|---|"]
+        for cat, models in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            lines.append(f"| {_cell(cat, 200)} | {len(models)} | {', '.join(models)} |")
+        lines.append("")
+    lines += ["## Per model", "",
+              "Spaces: mergeable / all. Images: calibration images per merge (`*`: fewer than needed for 2x "
+              "samples per feature). Errors: identity / permuted copy / recovery (max relative difference).", "",
+              "| model | size | params (M) | outcome | stage | category | message | spaces | images | errors | "
+              "time (s) |", "|---|---:|---:|---|---|---|---|---:|---:|---|---:|"]
+    for r in recs:
+        idn, per = r.get("checks", {}).get("identity", {}), r.get("checks", {}).get("permute", {})
+        errs = [idn.get("max_rel_err"), per.get("permuted_rel_err"), per.get("recovery_rel_err")]
+        err_s = " / ".join("-" if e is None else f"{e:.1e}" for e in errs) if any(e is not None for e in errs) \
+            else ""
+        spaces = f"{r['mergeable_spaces']} / {r['spaces']}" if "spaces" in r else ""
+        images = f"{r['images']}{'*' if r.get('samples_short') else ''}" if "images" in r else ""
+        params = f"{r['params'] / 1e6:.1f}" if r.get("params") is not None else ""
+        name = r["model"] if r["model"] in panel else f"{r['model']} (not in panel)"
+        lines.append(f"| {name} | {r['size']} | {params} | {r['outcome']} | {r.get('stage') or ''} | "
+                     f"{_cell(r.get('category'), 80)} | {_cell(r.get('message'), 110)} | {spaces} | {images} | "
+                     f"{err_s} | {r.get('wall_s', r.get('seconds', {}).get('total', 0)):.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", metavar="NAME[:SIZE]", help="a subset (default: the whole panel)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
+    ap.add_argument("--resume", action="store_true", help="skip models already recorded in the output json")
+    ap.add_argument("--out", default=str(RESULTS), help="output folder (coverage.json, coverage.md)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32, help="calibration batch size")
+    ap.add_argument("--min-images", type=int, default=16)
+    ap.add_argument("--max-images", type=int, default=4096)
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--live", action="store_true",
+                    help="import fxzip from the working tree for every model (default: a snapshot taken at start)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help=argparse.SUPPRESS)
+    ap.add_argument("--record-file", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        import torch
+
+        torch.set_num_threads(1)
+        rec_file = Path(args.record_file) if args.record_file else None
+        save = (lambda rec: _write_json(rec_file, rec)) if rec_file else None
+        rec = check_model(args.one, args.size, seed=args.seed, batch=args.batch, min_images=args.min_images,
+                          max_images=args.max_images, save=save)
+        if rec_file is None:
+            print(json.dumps(rec, indent=1))
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    drive(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -156,6 +156,21 @@ class BlurPoolNet(nn.Module):
         return self.head(F.relu(self.b(y)).mean((2, 3)))
 
 
+class RepeatedQuery(nn.Module):
+    """A global summary repeated along tokens (GCViT's global query), gating every token."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):  # (B, tokens, 6)
+        y = F.relu(self.a(x))
+        g = self.b(y.mean(1, keepdim=True)).repeat_interleave(y.shape[1], dim=1)
+        return self.head((y * torch.sigmoid(g)).mean(1))
+
+
 OPS = {
     "pow": (StarReLUNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
     "padding": (PaddedNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
@@ -163,6 +178,7 @@ OPS = {
     "recurrent": (RecurrentNet, (32, 7, 10), ["embed.weight", "lstm.weight_ih_l0", "lstm.weight_ih_l1_reverse",
                                               "lstm.weight_hh_l1", "gru.weight_hh_l0"]),
     "non_persistent_buffer": (BlurPoolNet, (16, 3, 8, 8), ["a.weight", "filt", "b.weight"]),
+    "repeat_interleave": (RepeatedQuery, (32, 5, 6), ["a.weight", "b.weight"]),
     "stack": (StackNet, (16, 3, 8, 8), ["stem.weight", "b1.weight", "b2.weight"]),
     "radix_split_attention": (RadixSplitAttention, (16, 3, 8, 8), ["stem.weight", "conv.weight", "bn.weight",
                                                                    "fc1.weight", "fc2.weight"]),

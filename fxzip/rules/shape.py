@@ -273,6 +273,25 @@ def expand(ctx, node: fx.Node) -> None:
         ctx.set(node, NO_CHANNELS)
 
 
+@register_rule("repeat_interleave", torch.repeat_interleave)
+@group_aware
+def repeat_interleave(ctx, node: fx.Node) -> None:
+    """Repeating along a batch or token axis (a global query shared by every
+    window) keeps every tracked axis; repeating channels or heads would copy
+    units, which no merge can follow."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    dim = ctx.arg(node, 2, "dim")
+    if not isinstance(lay, Layout) or not (lay.has_channels or lay.grouped):
+        ctx.set(node, NO_CHANNELS)
+        return
+    nd = ctx.ndim(x)
+    if dim is None or dim % nd in (lay.dim, lay.group_dim, lay.stack_dim):
+        ctx.fail(node, "repeats channels or heads (or flattens them); fxzip can only repeat along axes that hold "
+                       "no channels.")
+    ctx.set(node, lay, passthrough=True)
+
+
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 @group_aware
 def cat(ctx, node: fx.Node) -> None:

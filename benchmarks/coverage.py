@@ -1,6 +1,6 @@
 """Coverage benchmark: which timm architectures fxzip traces, analyses and merges exactly.
 
-    python benchmarks/coverage.py                         # the whole panel -> benchmarks/results/coverage.{json,md}
+    python benchmarks/coverage.py --jobs 2                # the whole panel -> benchmarks/results/coverage.{json,md}
     python benchmarks/coverage.py --resume                # keep models already recorded, run the rest
     python benchmarks/coverage.py --models resnet10t:32   # a subset (NAME or NAME:SIZE), merged into the result
 
@@ -65,6 +65,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -651,23 +652,23 @@ def _drive(args, out: Path, path: Path, result: dict, records: dict, command: st
 
     run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
            "code": args.code, "config": {k: getattr(args, k) for k in ("timeout", "seed", "batch", "min_images",
-                                                                          "max_images")}}
+                                                                          "max_images", "jobs")}}
     runs = result.get("runs", []) if records else []
     runs.append(run)
     todo = [(m, s) for m, s in parse_models(args.models) if not (args.resume and m in records)]
     run["models"] = [m for m, _ in todo]
-    bar = tqdm(todo, desc="coverage", unit="model", dynamic_ncols=True, disable=args.quiet)
-    for name, size in bar:
-        bar.set_postfix_str(f"{name} @ {size}px")
-        rec = run_one(name, size, args)
-        records[name] = rec
-        result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
-                  "runs": runs, "records": [records[k] for k in _order(records)]}
-        _write_json(path, result)
-        (out / "coverage.md").write_text(markdown(result))
-        if not args.quiet:
-            tqdm.write(f"{name:32s} {size:4d}px  {rec['outcome']:16s} {rec.get('stage') or '':9s} "
-                       f"{rec.get('wall_s', 0):6.1f}s  {rec.get('category') or ''}")
+    bar = tqdm(total=len(todo), desc="coverage", unit="model", dynamic_ncols=True, disable=args.quiet)
+    # Workers are subprocesses with one torch thread each; this process only waits and writes the result,
+    # so --jobs N uses N cores and the json is written by one thread only (as results arrive).
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_one, name, size, args): (name, size) for name, size in todo}
+        for fut in as_completed(futures):
+            name, size = futures[fut]
+            rec = fut.result()
+            bar.update(1)
+            bar.set_postfix_str(f"{name} @ {size}px")
+            _record(args, out, path, runs, records, name, size, rec)
+    bar.close()
     run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     run["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
@@ -675,6 +676,20 @@ def _drive(args, out: Path, path: Path, result: dict, records: dict, command: st
     _write_json(path, result)
     (out / "coverage.md").write_text(markdown(result))
     return result
+
+
+def _record(args, out: Path, path: Path, runs: list, records: dict, name: str, size: int, rec: dict) -> None:
+    """Store one model's record and rewrite coverage.json / coverage.md, so an interrupted run keeps it."""
+    from tqdm.auto import tqdm
+
+    records[name] = rec
+    result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
+              "runs": runs, "records": [records[k] for k in _order(records)]}
+    _write_json(path, result)
+    (out / "coverage.md").write_text(markdown(result))
+    if not args.quiet:
+        tqdm.write(f"{name:32s} {size:4d}px  {rec['outcome']:16s} {rec.get('stage') or '':9s} "
+                   f"{rec.get('wall_s', 0):6.1f}s  {rec.get('category') or ''}")
 
 
 def _order(records: dict) -> list[str]:
@@ -768,6 +783,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32, help="calibration batch size")
     ap.add_argument("--min-images", type=int, default=16)
     ap.add_argument("--max-images", type=int, default=4096)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="models checked at once, each a subprocess with one torch thread (default 1; "
+                         "at most the number of cores, or time limits measure contention)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--live", action="store_true",
                     help="import fxzip from the working tree for every model (default: a snapshot taken at start)")

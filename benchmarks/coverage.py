@@ -729,9 +729,12 @@ def markdown(result: dict) -> str:
         lines += [f"Note: the records come from {len(digests)} different fxzip source states "
                   f"(digests {', '.join(digests)}); see each record's `code` in coverage.json.", ""]
     n_pass = sum(r["outcome"] == "pass" for r in in_panel)
+    n_identity = sum(r.get("checks", {}).get("identity", {}).get("outcome") == "pass" for r in in_panel)
     counts = {o: sum(r["outcome"] == o for r in in_panel) for o in OUTCOMES}
     lines += ["## Summary", "",
-              f"**{n_pass} pass of {len(panel)}** ({len(in_panel)} of the panel recorded)"
+              f"**Self-merge identity: {n_identity} of {len(panel)}** ({100 * n_identity / len(panel):.0f} %); "
+              f"**all checks (identity, permuted copy, recovery): {n_pass} of {len(panel)}** "
+              f"({len(in_panel)} of the panel recorded)"
               + (". Outcomes: " + ", ".join(f"{o} {n}" for o, n in counts.items() if n) if in_panel else "")
               + ".", ""]
     stage_counts: dict[str, int] = {}

@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .layout import NO_CHANNELS, Layout, ParamView, Segment
+from .layout import NO_CHANNELS, Layout, ParamView, Segment, describe
 from .refine import Refinement
 from .rules import lookup_rule
 
@@ -336,6 +336,13 @@ class Analyzer:
                                 f"(attention heads or a stacked q/k/v: {self.layout(grouped[0])}); this op has no "
                                 "group-aware rule. Register one with @fxzip.register_rule(...) and mark it "
                                 "@fxzip.rules.group_aware once it handles head axes.")
+        if not getattr(rule, "map_aware", False):
+            maps = [a for a in _flat_nodes(node) if isinstance(self.layout(a), Layout) and
+                    self.layout(a).cross_dim is not None]
+            if maps:
+                self.fail(node, f"reads {maps[0].name}, a channel x channel map (two channel axes: "
+                                f"{describe(self.layout(maps[0]))}); fxzip follows such maps through element-wise ops, "
+                                "softmax, transposes and the matrix product that contracts one of its axes.")
         rule(self, node)
         if node not in self.layouts:
             self.set(node, NO_CHANNELS)
@@ -369,6 +376,8 @@ class Analyzer:
         ref = self.refinement
         for seg in self._all_segments():
             ref.add_range(seg.space, seg.start, seg.size)
+        for seg, width, _ in self._groups:
+            ref.add_groups(seg.space, seg.start, seg.size, width)
         ref.solve()
         self._to_atoms()
         links = nx.Graph()
@@ -438,8 +447,8 @@ class Analyzer:
         def fix_layout(lay: Any) -> Any:
             if isinstance(lay, tuple):
                 return tuple(fix_layout(x) for x in lay)
-            if isinstance(lay, Layout) and lay.segments:
-                return replace(lay, segments=self.expand(lay.segments))
+            if isinstance(lay, Layout) and (lay.segments or lay.cross):
+                return replace(lay, segments=self.expand(lay.segments), cross=self.expand(lay.cross))
             return lay
 
         self.layouts = {n: fix_layout(l) for n, l in self.layouts.items()}
@@ -468,6 +477,8 @@ class Analyzer:
         for seg, width, where in self._groups:
             for atom, size in ref.atoms(seg.space, seg.start, seg.size):
                 lo = ref.atom_raw[atom][1]
+                if (lo - seg.start) // width == (lo - seg.start + size - 1) // width and size < width:
+                    continue  # a part of one group (the refinement cut every group apart): any order keeps it
                 if (lo - seg.start) % width or size % width:
                     raise AnalysisError(
                         f"a slice or split cuts through a group of {width} channels (groups set at node "

@@ -18,13 +18,17 @@ within a head. A fused projection reshaped to ``(3, H, D)`` also has a
 ``stack_dim``: index ``i`` along it is ``segments[i]`` (q, k, v), each its own
 space. An attention map ``softmax(q k^T)`` keeps only the head axis
 (``group_dim`` set, ``dim`` None): its heads must follow the heads of the
-values it multiplies.
+values it multiplies. A *channel x channel map* (``k^T v`` contracted over
+tokens: XCiT's cross-covariance attention, DaViT's channel attention) has two
+channel axes: ``dim`` holds the rows' space, ``cross_dim`` the columns',
+whose channels are ``cross``; the map is consumed by a product that contracts
+one of them with another tensor's channels.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Segment", "ParamView", "Layout"]
+__all__ = ["Segment", "ParamView", "Layout", "describe"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Layout:
     param: ParamView | None = None
     group_dim: int | None = None
     stack_dim: int | None = None
+    cross_dim: int | None = None
+    cross: tuple[Segment, ...] = ()
 
     @property
     def has_channels(self) -> bool:
@@ -62,9 +68,14 @@ class Layout:
 
     @property
     def grouped(self) -> bool:
-        """Channels spread over several axes (heads, a stacked q/k/v): only
-        rules marked ``group_aware`` may see such a tensor."""
-        return self.group_dim is not None or self.stack_dim is not None
+        """Channels spread over several axes (heads, a stacked q/k/v, a channel x
+        channel map): only rules marked ``group_aware`` may see such a tensor."""
+        return self.group_dim is not None or self.stack_dim is not None or self.cross_dim is not None
+
+    @property
+    def tracked_axes(self) -> tuple[int, ...]:
+        """Every axis that carries channels, heads or stacked parts."""
+        return tuple(d for d in (self.dim, self.group_dim, self.stack_dim, self.cross_dim) if d is not None)
 
     def permuted(self, perm: list[int]) -> "Layout":
         """The layout after ``x.permute(perm)``: every tracked axis moves."""
@@ -73,12 +84,13 @@ class Layout:
         axes = self.param.axes if self.param is not None else None
         param = ParamView(self.param.name, tuple(axes[p] for p in perm)) if axes is not None else None
         return replace(self, dim=pick(self.dim), group_dim=pick(self.group_dim), stack_dim=pick(self.stack_dim),
-                       param=param)
+                       cross_dim=pick(self.cross_dim), param=param)
 
     def shifted(self, by: int) -> "Layout":
         """Every tracked axis moved by ``by`` (broadcasting added leading axes)."""
         pick = lambda d: None if d is None else d + by  # noqa: E731
-        return replace(self, dim=pick(self.dim), group_dim=pick(self.group_dim), stack_dim=pick(self.stack_dim))
+        return replace(self, dim=pick(self.dim), group_dim=pick(self.group_dim), stack_dim=pick(self.stack_dim),
+                       cross_dim=pick(self.cross_dim))
 
     @property
     def length(self) -> int:
@@ -89,3 +101,19 @@ class Layout:
 
 
 NO_CHANNELS = Layout()
+
+
+def describe(lay: Layout) -> str:
+    """A layout in a user's terms, for error messages: which axis holds what."""
+    parts = []
+    if lay.dim is not None:
+        parts.append(f"channels on axis {lay.dim} ({sum(s.size for s in lay.segments)} units)")
+    if lay.group_dim is not None:
+        parts.append(f"heads on axis {lay.group_dim}")
+    if lay.stack_dim is not None:
+        parts.append(f"stacked parts (q/k/v) on axis {lay.stack_dim}")
+    if lay.cross_dim is not None:
+        parts.append(f"a second channel axis {lay.cross_dim} ({sum(s.size for s in lay.cross)} units)")
+    if lay.param is not None:
+        parts.append(f"a view of parameter {lay.param.name}")
+    return ", ".join(parts) or "no channels"

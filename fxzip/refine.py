@@ -45,6 +45,7 @@ class Refinement:
         self.sizes: dict[int, int] = {}
         self.links: list[Link] = []
         self.paired: list[tuple[int, int, int, int]] = []
+        self.groups: list[tuple[int, int, int, int]] = []  # (raw, start, size, width)
         self._cuts: dict[int, set[int]] = {}
         self._atoms: dict[int, list[tuple[int, int, int]]] = {}  # raw -> [(lo, hi, atom id)]
         self.atom_sizes: dict[int, int] = {}
@@ -72,6 +73,26 @@ class Refinement:
         grouped conv's input and output), where the groups differ in width."""
         self.paired.append((a, a_pos, b, b_pos))
 
+    def add_groups(self, raw: int, start: int, size: int, width: int) -> None:
+        """Channels ``start .. start + size`` of ``raw`` form groups of ``width``
+        (heads, a grouped conv's groups). A cut strictly inside one of them (a
+        channel shuffle reads unit d of every group as one basis) cuts the range
+        at every group boundary: each group becomes its own range, so no group
+        has to move as a whole any more, and the cuts reach tied spaces through
+        ``pair_cuts``."""
+        self.groups.append((raw, start, size, width))
+
+    def _split_groups(self) -> bool:
+        changed = False
+        for raw, start, size, width in self.groups:
+            cuts = self._cuts[raw]
+            if any(start < c < start + size and (c - start) % width for c in cuts):
+                bounds = set(range(start, start + size + 1, width))
+                if not bounds <= cuts:
+                    cuts.update(bounds)
+                    changed = True
+        return changed
+
     def solve(self) -> None:
         """Propagate cuts across links to a fixed point, then number the atoms.
 
@@ -88,6 +109,7 @@ class Refinement:
                     if sp in self._cuts[src] and dp not in self._cuts[dst]:
                         self._cuts[dst].add(dp)
                         changed = True
+            changed |= self._split_groups()
         next_id = 0
         for raw in sorted(self.sizes):
             bounds = sorted(self._cuts[raw])

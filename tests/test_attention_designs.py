@@ -215,6 +215,104 @@ class Rotary(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
+class HeadDimMajor(nn.Module):
+    """NesT: heads merged back as (head_dim, heads), interleaving the heads: one
+    within-head basis shared by the heads, each unit repeated once per head."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).permute(0, 2, 3, 1).reshape(B, N, C))
+
+
+class ChannelAttention(nn.Module):
+    """XCiT's cross-covariance attention: ``q k^T`` over tokens is a channel x
+    channel map (rows in q's space, columns in k's) with a per-head
+    temperature, softmax over k's channels, times v (k and v contracted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.temperature = nn.Parameter(torch.ones(HEADS, 1, 1))
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 4, 1).unbind(0)  # (B, H, D, N)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(-1)
+        return self.proj((attn @ v).permute(0, 3, 1, 2).reshape(B, N, C))
+
+
+class TransposedChannelAttention(nn.Module):
+    """DaViT's channel attention: ``k^T v`` over tokens, softmax over v's
+    channels, then ``attn @ q^T`` (v and q contracted); k's space passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+        attn = ((k * N ** -0.5).transpose(-1, -2) @ v).softmax(-1)
+        out = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class HeadsInBatch(nn.Module):
+    """BoTNet / HaloNet: heads folded into the batch axis, a relative position
+    key table shared by every head read as ``q @ table^T``, heads joined back
+    from the batch into channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.table = nn.Parameter(torch.zeros(TOKENS, DIM // HEADS))
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).transpose(1, 2).reshape(B * HEADS, -1, N).split(DIM // HEADS, dim=1)
+        q = q.transpose(-2, -1)
+        attn = (q @ k + q @ self.table.transpose(0, 1)).softmax(-1)
+        return self.proj((v @ attn.transpose(-2, -1)).reshape(B, C, N).transpose(1, 2))
+
+
+class EinsumPooled(nn.Module):
+    """MViT-v2: q, k, v with a head axis folded into the batch for a pooling
+    conv over tokens and a norm over head_dim (one kernel per head channel,
+    shared by the heads), unfolded back; attention and a relative position
+    table looked up per token pair written with ``torch.einsum``."""
+
+    def __init__(self):
+        super().__init__()
+        d = DIM // HEADS
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.pools = nn.ModuleList(nn.Conv1d(d, d, 3, padding=1, groups=d) for _ in range(3))
+        self.norm = nn.LayerNorm(d)
+        self.rel = nn.Parameter(torch.zeros(2 * TOKENS - 1, d))
+        pos = torch.arange(TOKENS)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + TOKENS - 1, persistent=False)
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (pool(t.reshape(B * HEADS, N, -1).transpose(1, 2)).transpose(1, 2).reshape(B, HEADS, N, -1)
+                   for pool, t in zip(self.pools, qkv))
+        k = self.norm(k)
+        logits = torch.einsum("bhnd,bhmd->bhnm", q, k) + torch.einsum("bhnd,nmd->bhnm", q, self.rel[self.index])
+        out = torch.einsum("bhnm,bhmd->bhnd", logits.softmax(-1), v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
 class Net(nn.Module):
     def __init__(self, attn: type, depth: int = 2, **kw):
         super().__init__()
@@ -244,6 +342,11 @@ DESIGNS = {
     "head_dim_split": lambda: Net(HeadDimSplit, sizes=(4, 4, 8)),
     "qk_norm": lambda: Net(QkNorm),
     "rotary": lambda: Net(Rotary),
+    "head_dim_major": lambda: Net(HeadDimMajor),
+    "heads_in_batch": lambda: Net(HeadsInBatch),
+    "einsum_pooled": lambda: Net(EinsumPooled),
+    "channel_attention": lambda: Net(ChannelAttention),
+    "transposed_channel_attention": lambda: Net(TransposedChannelAttention),
 }
 # per-head parameters whose head axis must move with the heads: (parameter, head axis)
 PER_HEAD = {
@@ -257,6 +360,12 @@ PER_HEAD = {
     "head_dim_split": [],
     "qk_norm": [],
     "rotary": [],
+    # tables shared by the heads move along head_dim (one within-head assignment)
+    "head_dim_major": [("proj.weight", 1)],
+    "heads_in_batch": [("table", 1)],
+    "einsum_pooled": [("rel", 1), ("pools.0.weight", 0)],
+    "channel_attention": [("temperature", 0)],
+    "transposed_channel_attention": [],
 }
 
 
@@ -402,57 +511,71 @@ def test_timm_self_merge_and_permutation_recovery(name):
     assert_same_function(model, merged, data)
 
 
+class LambdaNet(nn.Module):
+    """LambdaNetworks: a content lambda ``k v^T`` (softmax over positions: a
+    channel x channel map), a position lambda by a Conv3d over ``(B, 1, H, W,
+    V)`` with kernel 1 along the value channels (another map), both applied to
+    per-head queries that share one basis; each head outputs a copy of v's
+    space."""
+
+    def __init__(self, c: int = 16, heads: int = 4, k: int = 4):
+        super().__init__()
+        self.heads, self.k, self.v = heads, k, c // heads
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.qkv = nn.Conv2d(c, heads * k + k + self.v, 1, bias=False)
+        self.norm_q, self.norm_v = nn.BatchNorm2d(heads * k), nn.BatchNorm2d(self.v)
+        self.conv_lambda = nn.Conv3d(1, k, (3, 3, 1), padding=(1, 1, 0))
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        B, C, H, W = x.shape
+        M = H * W
+        q, k, v = torch.split(self.qkv(x), [self.heads * self.k, self.k, self.v], dim=1)
+        q = self.norm_q(q).reshape(B, self.heads, self.k, M).transpose(-1, -2)
+        v = self.norm_v(v).reshape(B, self.v, M).transpose(-1, -2)
+        k = F.softmax(k.reshape(B, self.k, M), dim=-1)
+        content = q @ (k @ v).unsqueeze(1)
+        pos = self.conv_lambda(v.reshape(B, 1, H, W, self.v)).reshape(B, 1, self.k, M, self.v).transpose(2, 3)
+        out = content + (q.unsqueeze(-2) @ pos).squeeze(-2)
+        y = F.relu(self.bn(out.transpose(-1, -2).reshape(B, C, H, W))) + x
+        return self.head(y.mean((2, 3)))
+
+
+def test_lambda_layer_self_merge_and_permutation_recovery():
+    data = batches((16, 3, 6, 6), 2)
+    model = prepared(LambdaNet(), data)
+    merged = fxzip.merge(model, copy.deepcopy(model), data=data, method="zipit", reset_bn=False, progress=False)
+    assert_same_function(model, merged, data)
+    permuted = fxzip.permute_channels(model, seed=2, example_inputs=data[0])
+    assert_same_function(model, permuted, data, tol=1e-4)
+    for name, axis in (("conv_lambda.weight", 0), ("norm_v.weight", 0), ("qkv.weight", 0)):
+        assert _moved_along(dict(model.named_parameters())[name], dict(permuted.named_parameters())[name], axis), name
+    merged = fxzip.merge(model, permuted, data=data, method="zipit", beta=0.0, reset_bn=False, progress=False)
+    assert_same_function(model, merged, data)
+
+
 # -- what stays unsupported fails with the op and the reason -------------------------------------
 
-class HeadDimMajor(nn.Module):
-    """NesT: heads merged back as (head_dim, heads), interleaving the heads."""
+class ChannelMapFlattened(nn.Module):
+    """A channel x channel map flattened into features: its two channel axes
+    become one axis of D * D products."""
 
     def __init__(self):
         super().__init__()
         self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
+        self.proj = nn.Linear(HEADS * (DIM // HEADS) ** 2, DIM)
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).permute(0, 2, 3, 1).reshape(B, N, C))
-
-
-class ChannelAttention(nn.Module):
-    """XCiT's cross-covariance attention: q k^T over tokens (a channel x channel map)."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 4, 1).unbind(0)  # (B, H, D, N)
-        attn = (q @ k.transpose(-2, -1)).softmax(-1)
-        return self.proj((attn @ v).permute(0, 3, 1, 2).reshape(B, N, C))
-
-
-class HeadsInBatch(nn.Module):
-    """BoTNet / HaloNet: heads folded into the batch axis."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).transpose(1, 2).reshape(B * HEADS, -1, N).split(DIM // HEADS, dim=1)
-        attn = (q.transpose(-2, -1) @ k).softmax(-1)
-        return self.proj((v @ attn.transpose(-2, -1)).reshape(B, C, N).transpose(1, 2))
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 4, 1).unbind(0)
+        return self.proj((q @ k.transpose(-2, -1)).flatten(1))[:, None] + v.sum()
 
 
 @pytest.mark.parametrize("attn, op, why", [
-    (HeadDimMajor, "reshape", "head_dim-major"),
-    (ChannelAttention, "matmul", "two channel axes"),
-    (HeadsInBatch, "reshape", "batch axis"),
-], ids=["head_dim_major", "channel_attention", "heads_in_batch"])
+    (ChannelMapFlattened, "flatten", "channel x channel map"),
+], ids=["channel_map_flattened"])
 def test_unsupported_designs_name_the_op_and_the_reason(attn, op, why):
     model = Net(attn, depth=1).eval()
     x = batches(SHAPE, 1)[0]

@@ -91,5 +91,6 @@ def test_driver_writes_json_and_md(tmp_path):
     assert {"uname", "cores", "torch", "timm"} <= set(run["machine"])
     assert len(result["panel"]) == 61
     md = (tmp_path / "coverage.md").read_text()
-    assert md.startswith("# fxzip coverage benchmark") and "0 pass of 61" in md
+    assert md.startswith("# fxzip coverage benchmark") and "Self-merge identity: 0 of 61" in md \
+        and "all checks (identity, permuted copy, recovery): 0 of 61" in md
     assert "| no_such_model (not in panel) | 32 |" in md

@@ -49,6 +49,21 @@ class PaddedNet(nn.Module):
         return self.head(F.relu(self.b(y)).mean((2, 3)))
 
 
+class WindowsNet(nn.Module):
+    """Overlapping windows by ``Tensor.unfold`` along both spatial axes (HaloNet's
+    key/value blocks), each window position summed into the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.pad(F.relu(self.a(x)), [1, 1, 1, 1]).unfold(2, 4, 2).unfold(3, 4, 2)  # (B, C, h, w, 4, 4)
+        return self.head(F.relu(self.b(y.sum((-2, -1)))).mean((2, 3)))
+
+
 class UnfoldNet(nn.Module):
     """Patches by im2col, then a Linear over each patch's C * kh * kw values."""
 
@@ -175,6 +190,7 @@ OPS = {
     "pow": (StarReLUNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
     "padding": (PaddedNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
     "unfold": (UnfoldNet, (16, 3, 8, 8), ["a.weight", "embed.weight"]),
+    "windows": (WindowsNet, (16, 3, 8, 8), ["a.weight", "b.weight"]),
     "recurrent": (RecurrentNet, (32, 7, 10), ["embed.weight", "lstm.weight_ih_l0", "lstm.weight_ih_l1_reverse",
                                               "lstm.weight_hh_l1", "gru.weight_hh_l0"]),
     "non_persistent_buffer": (BlurPoolNet, (16, 3, 8, 8), ["a.weight", "filt", "b.weight"]),

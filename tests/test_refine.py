@@ -130,6 +130,25 @@ class NarrowSlices(nn.Module):
         return self.head(F.relu(z).mean((2, 3)))
 
 
+class ChannelShuffle(nn.Module):
+    """ShuffleNet: a grouped conv, channels shuffled across its 2 groups, a
+    second grouped conv, a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.b = nn.Conv2d(8, 8, 1, groups=2)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = F.relu(self.a(x))
+        n, c, h, w = y.shape
+        y = y.reshape(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(F.relu(self.b(y) + x).mean((2, 3)))
+
+
 CONSTRUCTS = {
     "csp_split": (CSPBlock, (16, 3, 8, 8)),
     "ghost_cat_slice": (GhostBlock, (16, 3, 8, 8)),
@@ -137,6 +156,7 @@ CONSTRUCTS = {
     "split_gate_mlp": (SplitGateMLP, (32, 6, 12)),
     "concat_into_residual": (ConcatIntoResidual, (16, 3, 8, 8)),
     "narrow_overlap": (NarrowSlices, (16, 3, 8, 8)),
+    "channel_shuffle": (ChannelShuffle, (16, 3, 8, 8)),
 }
 
 
@@ -167,7 +187,8 @@ def test_permutation_recovery(name):
                      "partial_residual": ["stem.weight", "wide.weight"],
                      "split_gate_mlp": ["fc1.weight", "norm.weight", "fc2.weight"],
                      "concat_into_residual": ["a.weight", "b.weight", "c.weight", "d.weight"],
-                     "narrow_overlap": ["a.weight", "p.weight", "q.weight"]}[name]
+                     "narrow_overlap": ["a.weight", "p.weight", "q.weight"],
+                     "channel_shuffle": ["a.weight", "b.weight"]}[name]
     assert set(sliced_layers) <= moved, f"not permuted: {set(sliced_layers) - moved}"
     merged = fxzip.merge(model, permuted, data=data, method="zipit", beta=0.0, reset_bn=False, progress=False)
     assert_same_function(model, merged, data)
@@ -232,21 +253,18 @@ def test_step_slice_names_the_problem():
         analyze(trace(Strided(), torch.randn(2, 3, 4, 4)))
 
 
-def test_channel_shuffle_is_refused_with_the_node_and_reason():
-    class Shuffle(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 1)
-            self.b = nn.Conv2d(8, 8, 1)
-
-        def forward(self, x):
-            y = self.a(x)
-            b, c, h, w = y.shape
-            y = y.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
-            return self.b(y)
-
-    with pytest.raises(fxzip.AnalysisError, match=r"node 'reshape_1' \(call_method reshape\).*head axes"):
-        analyze(trace(Shuffle(), torch.randn(2, 3, 4, 4)))
+def test_channel_shuffle_links_its_groups_into_one_basis():
+    """After a shuffle, channel ``d * g + h`` is unit d of group h: the g groups
+    are linked unit by unit (one within-group basis, moved alike in every
+    group), and the reader sees each unit repeated g times."""
+    model, data = _setup("channel_shuffle")
+    analysis = analyze(trace(model, data[0]))
+    shuffled = [sp for sp in analysis.spaces if sp.producers == ["a"]]
+    # a's 8 channels are one basis of 4 units (both groups linked), which b's 2 groups
+    # cut in two; the stream is cut at the groups' boundary, and no group moves whole
+    assert sorted(sp.size for sp in shuffled) == [2, 2]
+    assert sorted(sp.size for sp in analysis.spaces if "stem" in sp.producers) == [4, 4]
+    assert all(sp.groups == 1 for sp in analysis.spaces)
 
 
 class GhostStack(nn.Module):

@@ -29,13 +29,20 @@ _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Callable, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
-__all__ = ["register_rule", "lookup_rule", "lookup_function_rule", "group_aware", "Rule"]
+__all__ = ["register_rule", "lookup_rule", "lookup_function_rule", "group_aware", "map_aware", "Rule"]
 
 
 def group_aware(rule: Rule) -> Rule:
     """Mark ``rule`` as correct for grouped layouts (``Layout.grouped``): head and
     stack axes, attention maps. Unmarked rules never see them."""
     rule.group_aware = True  # type: ignore[attr-defined]
+    return rule
+
+
+def map_aware(rule: Rule) -> Rule:
+    """Mark a group-aware ``rule`` as correct for channel x channel maps
+    (``Layout.cross_dim``, two channel axes); unmarked rules never see them."""
+    rule.map_aware = True  # type: ignore[attr-defined]
     return rule
 
 
@@ -76,7 +83,7 @@ def lookup_function_rule(fn: Callable) -> Rule | None:
 
 
 def _load_builtin_rules() -> None:
-    from . import attention, elementwise, layers, shape  # noqa: F401  (registration side effects)
+    from . import attention, einsum, elementwise, layers, shape  # noqa: F401  (registration side effects)
 
 
 _load_builtin_rules()

@@ -20,9 +20,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..layout import NO_CHANNELS, Layout
-from . import group_aware, register_rule
+from . import group_aware, map_aware, register_rule
 from .elementwise import binary
-from .heads import per_head
+from .heads import per_head, shared_head_basis
 from .shape import channel_range
 
 
@@ -33,6 +33,7 @@ def _batch_axis(axis: int | None, nd: int, out_nd: int) -> int | None:
 
 @register_rule(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")
 @group_aware
+@map_aware
 def matmul(ctx, node: fx.Node) -> None:
     a, b = node.args[0], node.args[1]
     la, lb = ctx.layout(a), ctx.layout(b)
@@ -45,6 +46,9 @@ def matmul(ctx, node: fx.Node) -> None:
     if la.stack_dim is not None or lb.stack_dim is not None:
         ctx.fail(node, "multiplies a stacked q/k/v tensor; unbind it first.")
     ga, gb = _batch_axis(la.group_dim, na, out_nd), _batch_axis(lb.group_dim, nb, out_nd)
+    if lb.cross_dim == nb - 1 and lb.dim == nb - 2 and la.dim == na - 1 and la.cross_dim is None:
+        _channels_times_map(ctx, node, a, la, lb, ga, gb, out_nd)
+        return
     # q @ k^T: the contraction runs over the channels of both
     if la.dim == na - 1 and lb.dim == nb - 2:
         if ga != gb:
@@ -79,13 +83,88 @@ def matmul(ctx, node: fx.Node) -> None:
     if not (la.has_channels or lb.has_channels or la.grouped or lb.grouped):
         ctx.set(node, NO_CHANNELS)
         return
-    if la.dim == na - 2 and lb.dim == nb - 1:
-        ctx.fail(node, f"multiplies {a.name} and {b.name}, contracting over tokens: the result is a channel x channel "
-                       "map (attention over channels: XCiT's cross-covariance q k^T, a lambda layer's k^T v) with two "
-                       "channel axes; fxzip tracks one channel axis per tensor.")
+    # q @ table^T: channels read against a parameter (a relative position table shared by the heads)
+    if la.dim == na - 1 and la.stack_dim is None and not lb.has_channels and not lb.grouped \
+            and lb.param is not None and lb.param.axes[nb - 2] is not None:
+        _against_table(ctx, node, a, la, lb, nb, ga, out_nd)
+        return
+    if la.cross_dim == na - 1 and lb.dim == nb - 2 and lb.cross_dim is None and lb.stack_dim is None:
+        _map_times_channels(ctx, node, a, b, la, lb, ga, gb, out_nd)
+        return
+    if la.dim == na - 2 and lb.dim == nb - 1 and la.cross_dim is None and lb.cross_dim is None:
+        _channel_map(ctx, node, a, b, la, lb, ga, gb, out_nd)
+        return
     ctx.fail(node, f"multiplies {a.name} ({la}) by {b.name} ({lb}); fxzip follows q @ k^T and attn @ v. A product "
                    "that contracts channels with a computed matrix is a layer whose weight is not a parameter: "
                    "register a rule for it.")
+
+
+def _channel_map(ctx, node: fx.Node, a: fx.Node, b: fx.Node, la: Layout, lb: Layout, ga: int | None,
+                 gb: int | None, out_nd: int) -> None:
+    """``k^T @ v`` contracted over tokens (XCiT's cross-covariance ``q k^T``,
+    DaViT's channel attention): a channel x channel map, rows in ``a``'s space
+    and columns in ``b``'s, per head. Heads of both sides are tied."""
+    if ga != gb:
+        ctx.fail(node, f"multiplies {a.name} and {b.name} over tokens with head axes {ga} and {gb}; fxzip follows "
+                       "channel x channel maps per head of both.")
+    if ga is not None:
+        ctx.tie_groups(node, la.segments, lb.segments, ctx.shape(node)[ga])
+    ctx.set(node, Layout(out_nd - 2, la.segments, group_dim=ga, cross_dim=out_nd - 1, cross=lb.segments))
+
+
+def _channels_times_map(ctx, node: fx.Node, a: fx.Node, la: Layout, lb: Layout, ga: int | None, gb: int | None,
+                        out_nd: int) -> None:
+    """``q @ lam`` with ``lam`` a channel x channel map (a lambda layer's
+    ``k^T v``): q's channels are contracted with the map's rows (one space,
+    read bilinearly like q . k) and the map's columns pass. A map without a
+    head axis serves every head of q alike: one within-head basis, and the
+    output holds one copy of the columns' space per head (a stack)."""
+    if gb is not None and ga != gb:
+        ctx.fail(node, f"multiplies {a.name} (head axis {ga}) by a channel x channel map with head axis {gb}.")
+    if ga is not None and gb is None:
+        ctx.unify(node, shared_head_basis(ctx, node, a, la), lb.segments)
+        ctx.mark_bilinear(la.segments)
+        heads = ctx.shape(a)[la.group_dim]
+        ctx.set(node, Layout(out_nd - 1, lb.cross * heads, stack_dim=ga), passthrough=True)
+        return
+    ctx.unify(node, la.segments, lb.segments)
+    ctx.mark_bilinear(la.segments)
+    if ga is not None:
+        ctx.tie_groups(node, la.segments, lb.cross, ctx.shape(node)[ga])
+    ctx.set(node, Layout(out_nd - 1, lb.cross, group_dim=ga), passthrough=True)
+
+
+def _map_times_channels(ctx, node: fx.Node, a: fx.Node, b: fx.Node, la: Layout, lb: Layout, ga: int | None,
+                        gb: int | None, out_nd: int) -> None:
+    """A channel x channel map times a tensor with channels on its rows
+    (``softmax(q k^T) @ v`` of channel attention): the map's columns and
+    ``b``'s channels are contracted, so they are one space, and it is read
+    like q . k (bilinear); the rows' space passes, with the tokens of ``b``."""
+    if ga != gb:
+        ctx.fail(node, f"multiplies the channel map {a.name} (head axis {ga}) by {b.name} (head axis {gb}).")
+    ctx.unify(node, la.cross, lb.segments)
+    ctx.mark_bilinear(la.cross)
+    if ga is not None:
+        ctx.tie_groups(node, la.segments, lb.segments, ctx.shape(node)[ga])
+    ctx.set(node, Layout(out_nd - 2, la.segments, group_dim=ga), passthrough=True)
+
+
+def _against_table(ctx, node: fx.Node, a: fx.Node, la: Layout, lb: Layout, nb: int, ga: int | None,
+                   out_nd: int) -> None:
+    """``q @ table^T`` with ``table`` a parameter (BoTNet/HaloNet's relative
+    position keys, one row per relative offset): the table's channel axis is
+    read like k's, so it follows q's space (``M``) and the space is bilinear.
+    A table without a head axis is read by every head alike: one within-head
+    basis (``shared_head_basis``). The result holds logits, no channels."""
+    lead = out_nd - nb
+    if ga is not None and ga - lead >= 0 and lb.param.axes[ga - lead] is not None \
+            and ctx.shape(node.args[1])[ga - lead] != 1:
+        ctx.fail(node, f"reads {a.name}'s heads against a table with one slice per head; fxzip follows "
+                       "tables shared by all heads here.")
+    basis = shared_head_basis(ctx, node, a, la)
+    ctx.role(node, lb.param.name, lb.param.axes[nb - 2], basis, "M")
+    ctx.mark_bilinear(la.segments)
+    ctx.set(node, Layout(None, la.segments, group_dim=ga) if ga is not None else NO_CHANNELS)
 
 
 def _untracked_heads(ctx, node: fx.Node, a: fx.Node, values: Layout, out_nd: int) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout
-from . import group_aware, register_rule
+from . import group_aware, map_aware, register_rule
 from .heads import per_head, position_in_head
 from .shape import as_stack, join_stack
 
@@ -37,6 +37,7 @@ _UNARY_METHODS = (
 
 @register_rule(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
 @group_aware
+@map_aware
 def unary(ctx, node: fx.Node) -> None:
     """Channel i in, channel i out. For nonlinear ops this is the papers' approximation."""
     lay = ctx.layout(node.args[0])
@@ -53,6 +54,7 @@ def unary(ctx, node: fx.Node) -> None:
 
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
 @group_aware
+@map_aware
 def softmax(ctx, node: fx.Node) -> None:
     """Softmax commutes with a permutation of any axis, so channels pass through.
     Over a head or stack axis it mixes channel c of every part (split
@@ -63,6 +65,13 @@ def softmax(ctx, node: fx.Node) -> None:
     else:
         dim = ctx.arg(node, 1, "dim")
     nd = ctx.ndim(node.args[0])
+    if isinstance(lay, Layout) and dim is not None and nd is not None and lay.cross_dim is not None:
+        # over one channel axis of a channel x channel map: the units of that space are
+        # normalised against each other, so only cross-model matches keep it (as for q . k)
+        if dim % nd in (lay.dim, lay.cross_dim):
+            ctx.mark_bilinear(lay.segments if dim % nd == lay.dim else lay.cross)
+        ctx.set(node, lay, passthrough=True)
+        return
     if isinstance(lay, Layout) and dim is not None and nd is not None and lay.dim is not None \
             and dim % nd in (lay.group_dim, lay.stack_dim):
         lay = join_stack(ctx, node, as_stack(ctx, node, lay))
@@ -189,6 +198,7 @@ _BINARY = (
 
 @register_rule(*_BINARY)
 @group_aware
+@map_aware
 def binary(ctx, node: fx.Node) -> None:
     """Broadcasting arithmetic. Two channel tensors must share one basis (residual
     add, gating multiply); a parameter broadcast along the channel axis follows
@@ -266,13 +276,14 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
             _binary_stack(ctx, node, ops, grouped, out_nd)
             return
     x0, l0 = grouped[0]
-    axes = lambda l: (l.dim, l.group_dim, l.stack_dim)  # noqa: E731
+    axes = lambda l: (l.dim, l.group_dim, l.stack_dim, l.cross_dim)  # noqa: E731
     for x, l in grouped[1:]:
         if axes(l) != axes(l0):
             ctx.fail(node, f"combines head layouts {l0} ({x0.name}) and {l} ({x.name}) with different axes.")
         if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
             ctx.fail(node, f"combines {x0.name} and {x.name}, stacks of different length.")
         ctx.unify(node, l0.segments, l.segments)
+        ctx.unify(node, l0.cross, l.cross)
         ctx.tie_groups(node, l0.segments, l.segments)
     for x, l in ops:
         if l.grouped:
@@ -293,7 +304,7 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
                 ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {l0} along a head "
                                "channel or stacked axis; fxzip binds parameters per head (one entry per head), "
                                "not per head channel.")
-            ctx.fix(l0.segments, f"untracked tensor: {x.name} varies per head at {node.name}")
+            ctx.fix(l0.segments + l0.cross, f"untracked tensor: {x.name} varies per head at {node.name}")
     ctx.set(node, l0, passthrough=True)
 
 

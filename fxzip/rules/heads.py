@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from ..layout import Layout
 
-__all__ = ["per_head", "position_in_head"]
+__all__ = ["per_head", "position_in_head", "shared_head_basis"]
 
 
 def per_head(ctx, node: fx.Node, heads: Layout, x: fx.Node, lay: Layout, out_nd: int) -> bool:
@@ -31,8 +31,9 @@ def per_head(ctx, node: fx.Node, heads: Layout, x: fx.Node, lay: Layout, out_nd:
     gx = g - lead
     if gx < 0 or shape[gx] == 1:
         return False
-    if heads.stack_dim is not None and heads.stack_dim - lead >= 0 and shape[heads.stack_dim - lead] != 1:
-        return False  # varies per stacked part: not a per-head tensor
+    for other in (heads.stack_dim, heads.cross_dim):
+        if other is not None and other - lead >= 0 and shape[other - lead] != 1:
+            return False  # varies per stacked part or per channel of a map: not a per-head tensor
     count = shape[gx]
     if lay.has_channels and (lay.dim != gx or lay.length != count):
         return False
@@ -63,3 +64,25 @@ def position_in_head(ctx, node: fx.Node, heads: Layout, x: fx.Node, out_nd: int)
         return False
     ctx.mark_rigid(heads.segments, f"{x.name} varies along the head channels at {node.name}")
     return True
+
+
+def shared_head_basis(ctx, node: fx.Node, x: fx.Node, lay: Layout) -> tuple:
+    """A tensor applied to every head alike along head_dim (one LayerNorm over
+    head_dim, a relative position table read by every head): position ``d`` of
+    every head meets the same entry, so every head must use one within-head
+    assignment. Head ``h``'s units are linked to head 0's (one basis of
+    head_dim units, which the shared tensor follows); heads therefore stay in
+    place and units move the same way in every head. Returns head 0's
+    channels of ``x`` (the basis). A layout without heads is its own basis."""
+    from .shape import channel_range
+
+    if lay.group_dim is None:
+        return lay.segments
+    heads = ctx.shape(x)[lay.group_dim]
+    if not heads:
+        ctx.fail(node, f"cannot tell the number of heads of {lay}.")
+    width = sum(s.length for s in lay.segments) // heads
+    first = channel_range(ctx, node, lay.segments, 0, width)
+    for h in range(1, heads):
+        ctx.unify(node, first, channel_range(ctx, node, lay.segments, h * width, (h + 1) * width))
+    return first

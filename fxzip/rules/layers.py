@@ -8,6 +8,7 @@ from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, Segment
 from . import group_aware, register_rule
+from .heads import shared_head_basis
 
 
 def _module_param(ctx, node: fx.Node, attr: str) -> str | None:
@@ -96,9 +97,35 @@ def _named(ctx, node, attr):
     return name, tuple(range(nd))
 
 
+def _conv_along_channels(ctx, node: fx.Node, m: nn.Module, lay: Layout) -> bool:
+    """A convolution whose input carries its channels on a *spatial* axis with
+    kernel 1, stride 1 and no padding there (a lambda layer's Conv3d over
+    ``(B, 1, H, W, V)`` mixing positions of every value channel alike): the
+    channels pass untouched along that axis, and the conv's own output
+    channels are a new space. The result has two channel axes: a channel x
+    channel map (rows: the conv's space; columns: the input's). False when
+    the conv is not of that kind."""
+    axis = lay.dim - 2
+    if lay.grouped or axis < 0 or axis >= len(m.kernel_size) or m.groups != 1:
+        return False
+    pad = 0 if isinstance(m.padding, str) else m.padding[axis]  # "same" pads nothing along a kernel of 1
+    if m.kernel_size[axis] != 1 or m.stride[axis] != 1 or pad != 0:
+        return False
+    ctx.mark_layer(node)
+    segs_out = ctx.new_space(node, m.out_channels)
+    ctx.role(node, _module_param(ctx, node, "weight"), 0, segs_out, "M")
+    if _module_param(ctx, node, "bias") is not None:
+        ctx.role(node, _module_param(ctx, node, "bias"), 0, segs_out, "M")
+    ctx.set(node, Layout(1, segs_out, cross_dim=lay.dim, cross=lay.segments))
+    return True
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
+    lay = ctx.layout(node.args[0])
+    if lay.has_channels and lay.dim != 1 and _conv_along_channels(ctx, node, m, lay):
+        return
     _weighted(ctx, node, node.args[0], _named(ctx, node, "weight"), _named(ctx, node, "bias"),
               in_dim=1, out_size=m.out_channels, out_dim=1, groups=m.groups, in_size=m.in_channels)
     gain = _named(ctx, node, "gain")  # timm's ScaledStdConv2d: one gain per output channel
@@ -259,21 +286,13 @@ def _layer_norm(ctx, node, x, normalized_shape, weight, bias) -> None:
 
 def _head_norm(ctx, node, x, lay: Layout, normalized_shape, weight, bias) -> None:
     """One LayerNorm over head_dim shared by all heads (timm's ``qk_norm=True``):
-    its weight acts on position d of every head, so every head must use one
-    within-head assignment. The heads are linked to each other (one basis of
-    ``head_dim`` units, which the weight follows); heads therefore stay in
-    place (the attention's other heads are cut per head by the head tie), and
-    units still move, the same way in every head."""
+    its weight follows the one within-head basis of ``shared_head_basis`` (the
+    attention's other heads are cut per head by the head tie)."""
     nd = ctx.ndim(x)
     if lay.stack_dim is not None or lay.group_dim is None or lay.dim != nd - 1 or len(normalized_shape) != 1:
         ctx.fail(node, f"normalises {lay} over {normalized_shape}; fxzip follows a norm over the channels of "
                        "each head (q/k norm) of a layout with one head axis.")
-    from .shape import channel_range
-    heads = ctx.shape(x)[lay.group_dim]
-    width = sum(s.length for s in lay.segments) // heads
-    first = channel_range(ctx, node, lay.segments, 0, width)
-    for h in range(1, heads):
-        ctx.unify(node, first, channel_range(ctx, node, lay.segments, h * width, (h + 1) * width))
+    first = shared_head_basis(ctx, node, x, lay)
     for p in (weight, bias):
         if p is not None:
             ctx.role(node, p[0], p[1][-1], first, "M")

@@ -13,8 +13,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import NO_CHANNELS, Layout, ParamView, Segment
-from . import group_aware, register_rule
+from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
+from . import group_aware, map_aware, register_rule
+from .heads import shared_head_basis
 
 _HEADS = ("fxzip splits a channel axis only into (heads, head_dim) or (parts, heads, head_dim) — "
           "the way attention reshapes a projection; register a rule for other layouts.")
@@ -74,21 +75,83 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
                 ctx.fail(node, f"interleaves channels with a non-channel axis of size {pre}; {_HEADS}")
             return Layout(out_dim, segs)
         if pre != 1:
-            batch = (" It folds part of the channel axis into the batch axis (heads as batch entries: "
-                     "BoTNet, HaloNet, lambda layers); fxzip tracks heads only on an axis of their own.") \
-                if gi[0] == 0 and len(big_out) >= 2 and dst[big_out[0]] > src[0] else ""
-            ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} across the channel axis {lay.dim}; {_HEADS}{batch}")
+            moved = _heads_into_batch(ctx, node, lay, pre, post, [dst[k] for k in big_out]) \
+                or _blocks_out_of_batch(ctx, node, lay, pre, post, [dst[k] for k in big_out])
+            if moved is not None:
+                return Layout(big_out[1], moved)
+            ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} across the channel axis {lay.dim}; {_HEADS}")
         # one source axis split into several: channels must land on the first one,
         # whole channels at a time (an unflatten of C*H*W back to C, H, W)
         tail = math.prod(dst[k] for k in big_out[1:])
         if all((s.inner * post) % tail == 0 for s in lay.segments):
             return Layout(big_out[0], tuple(replace(s, inner=s.inner * post // tail) for s in lay.segments))
+        copies = _copies_apart(lay.segments, [dst[k] for k in big_out]) if post == 1 else None
+        if copies is not None:
+            return Layout(big_out[1], copies)
         if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
             if len(big_out) == 2 and len(gj) == 3 and dst[gj[1]] == 1:
                 big_out = list(gj)  # (parts, 1 head, head_dim): a fused k/v of a one-head attention
             return _split_heads(ctx, node, lay, [dst[k] for k in big_out], big_out)
         ctx.fail(node, f"reshapes the channel axis {lay.dim} of {tuple(src)} into {tuple(dst[k] for k in gj)}; {_HEADS}")
     ctx.fail(node, f"cannot follow the channel axis through reshape {tuple(src)} -> {tuple(dst)}")
+
+
+def _heads_into_batch(ctx, node: fx.Node, lay: Layout, pre: int, post: int,
+                      out: list[int]) -> tuple[Segment, ...] | None:
+    """``(B, H * D, ...) -> (B * H, D, ...)``: the heads become entries of the
+    batch axis (BoTNet, HaloNet, MViT's pooling, attention written before
+    ``scaled_dot_product_attention`` took a head axis). Everything applied to
+    the folded tensor is applied to every head alike (a shared relative
+    position table, a depthwise pooling conv over head_dim), so all heads must
+    use one within-head basis: head ``h``'s channels are linked to head 0's,
+    unit by unit (whole heads therefore stay in place; units move, the same way
+    in every head). The result's channel axis holds that basis of ``D`` units.
+    None when the reshape is not such a fold."""
+    if post != 1 or len(out) != 2 or any(s.inner != 1 for s in lay.segments):
+        return None
+    outer, width = out
+    if outer % pre or width <= 0 or lay.length % width or (outer // pre) * width != lay.length:
+        return None
+    heads = outer // pre
+    if heads < 2:
+        return None
+    first = channel_range(ctx, node, lay.segments, 0, width)
+    for h in range(1, heads):
+        ctx.unify(node, first, channel_range(ctx, node, lay.segments, h * width, (h + 1) * width))
+    return first
+
+
+def _blocks_out_of_batch(ctx, node: fx.Node, lay: Layout, pre: int, post: int,
+                         out: list[int]) -> tuple[Segment, ...] | None:
+    """``(B * H, D, ...) -> (B, H * D, ...)``: the inner factor ``H`` of the axes
+    before the channels joins the channel axis as ``H`` consecutive blocks, each
+    a copy of the channel basis (the merge back of heads folded into the batch;
+    every block is read in the same basis, whatever the factor stood for)."""
+    if post != 1 or len(out) != 2:
+        return None
+    outer, joined = out
+    if pre % outer or joined != (pre // outer) * lay.length:
+        return None
+    blocks = pre // outer
+    if blocks > 64:
+        ctx.fail(node, f"joins {blocks} entries of a leading axis into the channel axis; {_HEADS}")
+    return lay.segments * blocks
+
+
+def _copies_apart(segments: tuple[Segment, ...], out: list[int]) -> tuple[Segment, ...] | None:
+    """A channel axis that is ``r`` copies of one block of channels (heads and
+    batch entries folded into it by ``_blocks_out_of_batch`` or a flatten),
+    split as ``(k, rest)`` with ``k`` dividing ``r``: every slice along the new
+    leading axis is ``r / k`` copies of the block, in the same basis, so that
+    axis carries no channels. None for any other split."""
+    if len(out) != 2:
+        return None
+    n = len(segments)
+    period = next((p for p in range(1, n // 2 + 1) if n % p == 0 and segments == segments[:p] * (n // p)), n)
+    reps = n // period
+    if reps < 2 or reps % out[0]:
+        return None
+    return segments[:period] * (reps // out[0])
 
 
 def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[int]) -> Layout:
@@ -147,11 +210,14 @@ def join_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
 
 def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx.Node, ctx) -> Layout:
     """Reshapes of head layouts: axes without channels may change freely; the
-    head and head_dim axes may only be merged back into one channel axis
-    (``(B, N, H, D) -> (B, N, C)``), in that order."""
-    tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim}
+    head and head_dim axes merge back into one channel axis (``(B, N, H, D) ->
+    (B, N, C)``; head_dim-major ``(B, N, D, H) -> (B, N, C)`` with one basis
+    shared by the heads), and the head axis may fold into channel-free axes
+    (the batch) with one basis shared by the heads."""
+    tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim, "cross_dim": lay.cross_dim}
     new: dict[str, int | None] = {k: None for k in tracked}
     merged_back = False
+    folded = None
     for gi, gj in _groups(src, dst):
         inside = {k: v for k, v in tracked.items() if v is not None and v in gi}
         if not inside:
@@ -161,6 +227,11 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
         if len(inside) == 1 and len(big_in) <= 1 and len(big_out) <= 1:
             (key, _), = inside.items()
             new[key] = big_out[0] if big_out else gj[0]
+            continue
+        if set(inside) == {"group_dim"} and lay.stack_dim is None and lay.dim is not None and len(big_out) == 1:
+            # the head axis merged with channel-free axes (heads folded into the batch, MViT):
+            # whatever is applied to the result is applied to every head alike
+            folded = shared_head_basis(ctx, node, node.args[0], lay)
             continue
         if set(inside) == {"dim", "group_dim"} and big_in == [lay.group_dim, lay.dim] and len(big_out) == 1 \
                 and lay.stack_dim is None:
@@ -172,16 +243,29 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
             new["dim"] = big_out[0]
             merged_back = True
             continue
-        if set(inside) == {"dim", "group_dim"} and big_in == [lay.dim, lay.group_dim] and len(big_out) == 1:
-            ctx.fail(node, f"merges the head axes of {lay} back into one channel axis head_dim-major "
-                           f"({tuple(src)} -> {tuple(dst)}): the merged axis interleaves the heads, so no head is a block "
-                           "of consecutive channels there; fxzip keeps groups as consecutive blocks and follows "
-                           "the (heads, head_dim) order only.")
-        ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the head axes of {lay} with other axes; "
-                       "fxzip follows heads only when (heads, head_dim) are merged back into one channel axis.")
+        if set(inside) == {"dim", "group_dim"} and big_in == [lay.dim, lay.group_dim] and len(big_out) == 1 \
+                and lay.stack_dim is None and all(seg.inner == 1 for seg in lay.segments):
+            # merged back head_dim-major (NesT): element d * H + h is unit d of head h; with one
+            # within-head basis shared by the heads that is unit d repeated H times (inner = H)
+            heads = src[lay.group_dim]
+            basis = shared_head_basis(ctx, node, node.args[0], lay)
+            folded = tuple(replace(seg, inner=heads) for seg in basis)
+            new["dim"] = big_out[0]
+            continue
+        if lay.cross_dim is not None:
+            ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the two channel axes ({lay.dim} and "
+                           f"{lay.cross_dim}) of a channel x channel map with other axes; fxzip follows such a map "
+                           "until a matrix product contracts one of its channel axes.")
+        ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the head axes of {describe(lay)} with other "
+                       "axes; fxzip follows heads only when (heads, head_dim) are merged back into one channel axis.")
+    if (folded is not None or merged_back) and lay.cross_dim is not None:
+        ctx.fail(node, f"reshapes a channel x channel map ({describe(lay)}) across its head axes.")
+    if folded is not None:
+        return Layout(new["dim"], folded)
     if merged_back:
         return Layout(new["dim"], lay.segments)
-    return Layout(new["dim"], lay.segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"])
+    return Layout(new["dim"], lay.segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"],
+                  cross_dim=new["cross_dim"], cross=lay.cross)
 
 
 def _reshape_param(src, dst, view: ParamView) -> Layout:
@@ -209,6 +293,7 @@ def _reshape_param(src, dst, view: ParamView) -> Layout:
                nn.Flatten, nn.Unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "view_as",
                "reshape_as")
 @group_aware
+@map_aware
 def reshape(ctx, node: fx.Node) -> None:
     src, dst = ctx.shape(node.args[0]), ctx.shape(node)
     if src is None or dst is None:
@@ -242,6 +327,7 @@ def _perm_of(node: fx.Node, nd: int) -> list[int]:
 
 @register_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", "t")
 @group_aware
+@map_aware
 def permute(ctx, node: fx.Node) -> None:
     x = node.args[0]
     lay = ctx.layout(x)
@@ -425,6 +511,26 @@ def unfold(ctx, node: fx.Node) -> None:
         ctx.fail(node, f"unfolds a tensor whose channels are on axis {lay.dim}, not 1.")
     per_channel = ctx.shape(node)[1] // lay.length
     ctx.set(node, Layout(1, tuple(replace(s, inner=s.inner * per_channel) for s in lay.segments)))
+
+
+@register_rule("unfold")
+@group_aware
+def unfold_windows(ctx, node: fx.Node) -> None:
+    """``x.unfold(dim, size, step)``: sliding windows along one axis, the window
+    positions appended as a new last axis (HaloNet's overlapping key/value
+    blocks). Windows along a channel-free axis leave every tracked axis where
+    it is; windows across channels would read several channels as positions."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    nd = ctx.ndim(x)
+    dim = ctx.arg(node, 1, "dimension")
+    if not isinstance(dim, int) or nd is None:
+        ctx.fail(node, "unfolds along an axis fxzip cannot tell.")
+    dim %= nd
+    if dim in (lay.dim, lay.group_dim, lay.stack_dim):
+        ctx.fail(node, f"takes sliding windows along the channel axis {dim} of {x.name}; fxzip follows windows "
+                       "along spatial or token axes only.")
+    ctx.set(node, lay)
 
 
 @register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")

@@ -28,6 +28,13 @@ Architectures (``--arch``):
   batch 500, triangular schedule, augmentation and loss. Every default can be
   overridden on the command line.
 
+Heads (``--head``): ``clip`` (default; the papers' CIFAR setting above: a 384-d embedding
+scored by cosine to fixed class vectors, so both models share one output space) or ``ce``: an
+ordinary 5-way Linear classifier over the model's own classes (``out_dim=5``), trained with
+cross-entropy on its logits, so the two models' heads have the same shape but unrelated meanings
+(the papers' cross-entropy setting; merged with ``stop_at`` by ``benchmarks/eval_cifar_ce.py``).
+``--head ce`` writes to ``benchmarks/checkpoints/cifar10_{arch}x{width}_ce`` by default.
+
 Devices: ``--device cpu`` (default; ``--threads`` intra-op threads, channels_last
 fp32) or ``--device cuda`` (the whole uint8 training set on the GPU, crop + flip
 vectorised on the GPU with offsets drawn once per epoch, bf16 autocast,
@@ -136,6 +143,16 @@ def clip_logits(emb: torch.Tensor, vecs: torch.Tensor, scale: float = 100.0) -> 
     return scale * F.normalize(emb.float(), dim=1) @ vecs.t()
 
 
+def head_logits(out: torch.Tensor, vecs: torch.Tensor, head: str) -> torch.Tensor:
+    """The 5 own-class logits of a model output: CLIP-style cosine logits, or (``head="ce"``)
+    the output itself, an ordinary 5-way classifier over the model's own classes."""
+    return out.float() if head == "ce" else clip_logits(out, vecs)
+
+
+def out_dim_of(head: str, vecs_all: torch.Tensor) -> int:
+    return 5 if head == "ce" else vecs_all.shape[1]
+
+
 def lr_at(it: int, total: int, peak: float, warmup: float) -> float:
     """Triangular schedule: 0 -> peak over ``warmup*total`` iterations -> 0 at ``total``."""
     w = max(1, int(round(warmup * total)))
@@ -214,7 +231,7 @@ def _autocast(args: argparse.Namespace):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, vecs: torch.Tensor, bs: int = 1000,
-             device: torch.device | None = None) -> float:
+             device: torch.device | None = None, head: str = "clip") -> float:
     """Own-task accuracy, fp32 (no autocast), on ``device`` (default: the model's)."""
     model.eval()
     device = device or next(model.parameters()).device
@@ -222,10 +239,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, vecs: tor
     if device.type == "cpu":
         for xb, yb in cifar_data.batches(x, y, bs):
             xb = xb.contiguous(memory_format=torch.channels_last)
-            correct += (clip_logits(model(xb), vecs).argmax(1) == yb).sum()
+            correct += (head_logits(model(xb), vecs, head).argmax(1) == yb).sum()
     else:
         for xb, yb in DeviceData(x, y, device).plain(bs):
-            correct += (clip_logits(model(xb), vecs.to(device)).argmax(1) == yb).sum()
+            correct += (head_logits(model(xb), vecs.to(device), head).argmax(1) == yb).sum()
     return int(correct) / len(x)
 
 
@@ -258,10 +275,11 @@ def recipe_dict(args: argparse.Namespace) -> dict:
     return {**opt, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
             "schedule": f"triangular per iteration, warm-up fraction {args.warmup}, linear decay to 0",
             "grad_clip_norm": args.clip_grad or None,
-            "loss": "cross-entropy over 100*cosine to own-class text embeddings",
+            "loss": ("cross-entropy over an ordinary 5-way linear head (own classes, no shared class vectors)"
+                     if args.head == "ce" else "cross-entropy over 100*cosine to own-class text embeddings"),
             "augmentation": "random crop 32 pad 4 + horizontal flip",
             "precision": "bf16 autocast, fp32 weights" if (args.device.type == "cuda" and args.amp) else "fp32",
-            "class_embeddings": str(EMBEDDINGS.relative_to(ROOT))}
+            **({} if args.head == "ce" else {"class_embeddings": str(EMBEDDINGS.relative_to(ROOT))})}
 
 
 def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torch.Tensor,
@@ -275,7 +293,7 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
     if final_p.exists() and json_p.exists():
         info = json.loads(json_p.read_text())
         same = (info.get("epochs") == args.epochs and info.get("width") == args.width
-                and info.get("arch", "resnet20") == args.arch)
+                and info.get("arch", "resnet20") == args.arch and info.get("head", "clip") == args.head)
         if same:
             print(f"[skip] {stem}: finished ({info['epochs']} epochs, own-task test acc "
                   f"{100 * info['test_acc']:.2f}%{'  BELOW 90%' if info.get('below_90') else ''})", flush=True)
@@ -292,7 +310,8 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
         sub.x_train, sub.y_train = sub.x_train[keep], sub.y_train[keep]
     vecs = vecs_all[classes].to(dev)
     torch.manual_seed(plan["init_seed"])
-    model = build_model(args.arch, args.width, vecs_all.shape[1]).to(dev, memory_format=torch.channels_last)
+    model = build_model(args.arch, args.width, out_dim_of(args.head, vecs_all)).to(
+        dev, memory_format=torch.channels_last)
     opt = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(plan["data_seed"])
     iters_per_epoch = math.ceil(len(sub.x_train) / args.batch_size)
@@ -301,7 +320,7 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
     if resume_p.exists():
         ck = torch.load(resume_p, map_location=dev, weights_only=False)
         if (ck["epochs"] == args.epochs and ck["classes"] == classes and ck["width"] == args.width
-                and ck.get("arch", "resnet20") == args.arch):
+                and ck.get("arch", "resnet20") == args.arch and ck.get("head", "clip") == args.head):
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             gen.set_state(ck["generator"])
@@ -336,7 +355,7 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
                 g["lr"] = lr
             with _autocast(args):
                 emb = model(xb)
-            logits = clip_logits(emb, vecs)
+            logits = head_logits(emb, vecs, args.head)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -351,13 +370,14 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
         rec = {"epoch": epoch + 1, "train_loss": float(tl) / tn, "train_acc": int(tc) / tn,
                "seconds": prev_seconds + time.time() - t0}
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-            rec["test_acc"] = evaluate(model, sub.x_test, sub.y_test, vecs)
+            rec["test_acc"] = evaluate(model, sub.x_test, sub.y_test, vecs, head=args.head)
         history.append(rec)
         bar.set_postfix(ep=epoch + 1, loss=f"{rec['train_loss']:.3f}", acc=f"{100 * rec['train_acc']:.1f}",
                         refresh=False)
         if args.resume_every and ((epoch + 1) % args.resume_every == 0) and epoch + 1 < args.epochs:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                          "epochs": args.epochs, "width": args.width, "arch": args.arch, "classes": classes,
+                          "epochs": args.epochs, "width": args.width, "arch": args.arch, "head": args.head,
+                          "classes": classes,
                           "plan": plan, "generator": gen.get_state(), "history": history}, resume_p)
         if (epoch + 1) % args.log_every == 0 or epoch + 1 == args.epochs:
             bar.write(f"  {stem} epoch {epoch + 1}/{args.epochs}: loss {rec['train_loss']:.4f} "
@@ -367,7 +387,7 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
     bar.close()
     train_seconds = time.time() - t0
 
-    test_acc = evaluate(model, sub.x_test, sub.y_test, vecs)
+    test_acc = evaluate(model, sub.x_test, sub.y_test, vecs, head=args.head)
     below = test_acc < ACC_FLAG
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
              for k, v in model.state_dict().items()}
@@ -375,7 +395,8 @@ def train_one(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
     images_this_run = (args.epochs - start_epoch) * len(sub.x_train)
     info = {
         "arch": args.arch,
-        "model": model_description(args.arch, args.width, vecs_all.shape[1]),
+        "head": args.head,
+        "model": model_description(args.arch, args.width, out_dim_of(args.head, vecs_all)),
         "width": args.width,
         "pair": pair,
         "name": name,
@@ -420,7 +441,8 @@ def benchmark(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
     dev: torch.device = args.device
     vecs = vecs_all[plan["classes"]].to(dev)
     torch.manual_seed(0)
-    model = build_model(args.arch, args.width, vecs_all.shape[1]).to(dev, memory_format=torch.channels_last)
+    model = build_model(args.arch, args.width, out_dim_of(args.head, vecs_all)).to(
+        dev, memory_format=torch.channels_last)
     opt = make_optimizer(model, args)
     for g in opt.param_groups:
         g["lr"] = args.lr * 0.1
@@ -448,7 +470,7 @@ def benchmark(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
             t = time.perf_counter()
         with _autocast(args):
             emb = model(xb)
-        loss = F.cross_entropy(clip_logits(emb, vecs), yb)
+        loss = F.cross_entropy(head_logits(emb, vecs, args.head), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad:
@@ -463,7 +485,7 @@ def benchmark(args: argparse.Namespace, data: cifar_data.CIFAR10, vecs_all: torc
     else:
         s = float(np.mean(times))
     t = time.perf_counter()
-    ev = evaluate(model, sub.x_test[:2000], sub.y_test[:2000], vecs)  # noqa: F841
+    ev = evaluate(model, sub.x_test[:2000], sub.y_test[:2000], vecs, head=args.head)  # noqa: F841
     ev_s = time.perf_counter() - t
     ipe = math.ceil(len(sub.x_train) / args.batch_size)
     print(json.dumps({
@@ -480,6 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--arch", default="resnet20", choices=ARCHS)
+    ap.add_argument("--head", default="clip", choices=["clip", "ce"],
+                    help="clip: 384-d embedding scored by cosine to fixed class text vectors (the papers' CIFAR "
+                         "setting); ce: an ordinary 5-way linear classifier over the model's own classes")
     ap.add_argument("--width", type=int, default=1)
     ap.add_argument("--pairs", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--models", nargs="+", default=["A", "B"], choices=["A", "B"])
@@ -521,7 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     args.device = torch.device(args.device)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    args.out = Path(args.out if args.out else HERE / "checkpoints" / f"cifar10_{args.arch}x{args.width}")
+    suffix = "_ce" if args.head == "ce" else ""
+    args.out = Path(args.out if args.out else HERE / "checkpoints" / f"cifar10_{args.arch}x{args.width}{suffix}")
     data_path = args.data if args.data else (str(DEFAULT_DATA) if DEFAULT_DATA.exists() else None)
     data = cifar_data.load_cifar10(data_path)
     vecs_all = class_vectors()

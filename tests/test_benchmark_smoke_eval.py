@@ -106,3 +106,25 @@ def test_finetune_mobilenet_model_and_preprocess():
     assert x.shape == (2, 3, 64, 64)
     with torch.no_grad():
         assert model(x).shape == (2, 384)
+
+
+def test_train_cifar_ce_head_is_a_five_way_classifier():
+    """--head ce: an ordinary 5-way classifier whose outputs are the logits (no class vectors)."""
+    import torch
+
+    tc = _load("train_cifar")
+    model = tc.build_model("resnet20", 1, tc.out_dim_of("ce", torch.zeros(10, 384))).eval()
+    out = model(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 5) and torch.equal(tc.head_logits(out, torch.zeros(5, 384), "ce"), out.float())
+
+
+def test_ce_heads_smoke_writes_partial_zips_beside_the_ensemble(tmp_path):
+    """benchmarks/eval_cifar_ce.py: partial zips of models whose 5-way heads differ, never a full zip."""
+    ce = _load("eval_cifar_ce")
+    result = ce.main(["--smoke", "--pairs", "0", "--stop-at", "13", "--out", str(tmp_path / "ce"), "--quiet"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["ZipIt 13/20", "Permute 13/20", "Ensemble"]
+    assert all(SCHEMA_ROW <= set(r) for r in rows.values())
+    assert rows["ZipIt 13/20"]["macs_g"] < rows["Ensemble"]["macs_g"]
+    assert json.loads((tmp_path / "ce.json").read_text())["setting"]["head"] == "ce"
+    assert "| Ensemble | 0/20 |" in (tmp_path / "ce.md").read_text()

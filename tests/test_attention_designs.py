@@ -215,14 +215,18 @@ class Rotary(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
-class HeadDimMajor(nn.Module):
-    """NesT: heads merged back as (head_dim, heads), interleaving the heads: one
-    within-head basis shared by the heads, each unit repeated once per head."""
+class _QkvProj(nn.Module):
+    """A fused qkv Linear and an output projection; subclasses write the attention."""
 
     def __init__(self):
         super().__init__()
         self.qkv = nn.Linear(DIM, 3 * DIM)
         self.proj = nn.Linear(DIM, DIM)
+
+
+class HeadDimMajor(_QkvProj):
+    """NesT: heads merged back as (head_dim, heads), interleaving the heads: one
+    within-head basis shared by the heads, each unit repeated once per head."""
 
     def forward(self, x):
         B, N, C = x.shape
@@ -249,14 +253,9 @@ class ChannelAttention(nn.Module):
         return self.proj((attn @ v).permute(0, 3, 1, 2).reshape(B, N, C))
 
 
-class TransposedChannelAttention(nn.Module):
+class TransposedChannelAttention(_QkvProj):
     """DaViT's channel attention: ``k^T v`` over tokens, softmax over v's
     channels, then ``attn @ q^T`` (v and q contracted); k's space passes."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
 
     def forward(self, x):
         B, N, C = x.shape

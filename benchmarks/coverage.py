@@ -16,7 +16,9 @@ num_classes=10[, img_size=S])``; nothing is downloaded) a fresh subprocess
    installed), then batch-norm statistics recomputed with ``fxzip.reset_norm_stats``.
 1. identity: ``fxzip.merge(model, deepcopy(model), data=batches, method="zipit",
    reset_bn=False)`` must compute the model's function on held-out batches:
-   max|out_merged - out_model| <= 1e-5 * max|out_model|.
+   max|out_merged - out_model| <= 1e-5 * max|out_model| (in float32, or where that
+   fails, in float64 copies of both: some random O(1)-weight models amplify float32
+   rounding of a re-ordered sum chaotically; see ``verified_error``).
 2. permute: ``p = fxzip.permute_channels(model, seed=1, example_inputs=x)`` must
    compute the model's function (the check of the analysis; compared in float64,
    as a permuted copy sums in another order and float32 rounding alone moves deep
@@ -205,6 +207,21 @@ def function_error_f64(ref, other, data) -> float | None:
         return function_error(a, b, [x.double() for x in data])
     except Exception:  # noqa: BLE001 - e.g. a float32 constant created inside forward
         return None
+
+
+def verified_error(ref, other, data) -> tuple[float, float, str]:
+    """(error, float32 error, dtype of the error that counts) of a merged model
+    that should compute ``ref``'s function. The float32 comparison counts when it
+    passes; when it does not, float64 copies decide (where both models run in
+    float64): the merged GraphModule folds and sums in another order, and some
+    O(1)-weight models amplify float32 rounding chaotically (tiny_vit_5m_224: a
+    permuted copy exact to 4e-14 in float64 differs by 0.53 in float32), so only
+    the float64 error tells a wrong merge from rounding."""
+    err32 = function_error(ref, other, data)
+    if err32 <= TOL:
+        return err32, err32, "float32"
+    err64 = function_error_f64(ref, other, data)
+    return (err32, err32, "float32") if err64 is None else (err64, err32, "float64")
 
 
 # ----------------------------------------------------------------------------- classification
@@ -423,9 +440,10 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         rec["warnings"] += sorted({first_lines(str(w.message), 1, 200) for w in caught})[:5]
         identity["merge_seconds"] = _merge_seconds(merged)
         with _Stage(rec, "identity_verify", "identity verify", persist):
-            err = function_error(model, merged, holdout_data)
+            err, err32, dtype = verified_error(model, merged, holdout_data)
         del merged
-        identity.update(max_rel_err=err, outcome="pass" if err <= TOL else "fail-identity")
+        identity.update(max_rel_err=err, max_rel_err_f32=err32, check_dtype=dtype,
+                        outcome="pass" if err <= TOL else "fail-identity")
         if err > TOL:
             identity.update(stage="verify", message=f"self-merge differs: max rel err {err:.3g} > {TOL}",
                             category="verify: self-merge differs from the model")
@@ -463,8 +481,8 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
                 merged = fxzip.merge(model, p, data=data, method="zipit", reset_bn=False, progress=False)
             perm["merge_seconds"] = _merge_seconds(merged)
             with _Stage(rec, "recovery_verify", "recovery verify", persist):
-                err = function_error(model, merged, holdout_data)
-            perm["recovery_rel_err"] = err
+                err, err32, dtype = verified_error(model, merged, holdout_data)
+            perm.update(recovery_rel_err=err, recovery_rel_err_f32=err32, recovery_check_dtype=dtype)
             if err <= TOL:
                 perm["outcome"] = "pass"
             else:

@@ -333,7 +333,7 @@ class Analyzer:
                 return
             if grouped:
                 self.fail(node, f"reads {grouped[0].name}, whose channels are spread over several axes "
-                                f"(attention heads or a stacked q/k/v: {self.layout(grouped[0])}); this op has no "
+                                f"({describe(self.layout(grouped[0]))}); this op has no "
                                 "group-aware rule. Register one with @fxzip.register_rule(...) and mark it "
                                 "@fxzip.rules.group_aware once it handles head axes.")
         if not getattr(rule, "map_aware", False):

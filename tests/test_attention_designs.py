@@ -572,6 +572,84 @@ class ChannelMapFlattened(nn.Module):
         return self.proj((q @ k.transpose(-2, -1)).flatten(1))[:, None] + v.sum()
 
 
+class _Refused(_QkvProj):
+    """Constructs near the supported ones whose merge fxzip cannot keep exact:
+    each must be refused by name (a review found them accepted with a wrong
+    permutation before the checks existed)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.w = nn.Parameter(torch.ones(HEADS))
+        self.out = nn.Linear(DIM // HEADS, DIM)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+        if self.variant == "transposed_map":  # a channel map read through its transpose
+            attn = (q.transpose(-1, -2) @ k).softmax(-1)
+            out = (attn.transpose(-2, -1) @ v.transpose(-1, -2)).permute(0, 3, 1, 2)
+        elif self.variant == "map_softmax_over_heads":
+            attn = F.softmax(q.transpose(-1, -2) @ k, dim=1)
+            out = (attn @ v.transpose(-1, -2)).permute(0, 3, 1, 2)
+        elif self.variant == "einsum_per_head_weight":
+            attn = torch.einsum("bhnm,h->bhnm", (q @ k.transpose(-1, -2)).softmax(-1), self.w)
+            out = (attn @ v).transpose(1, 2)
+        else:  # "einsum_sum_over_heads"
+            attn = (q @ k.transpose(-1, -2)).softmax(-1)
+            return self.out(torch.einsum("bhnm,bhmd->bnd", attn, v))
+        return self.proj(out.reshape(B, N, C))
+
+
+@pytest.mark.parametrize("variant, op, why", [
+    ("transposed_map", "matmul", "channel x channel map"),
+    ("map_softmax_over_heads", "softmax", "head axis of a channel x channel map"),
+    ("einsum_per_head_weight", "einsum", "weighs each head"),
+    ("einsum_sum_over_heads", "einsum", "sums over the head axis"),
+])
+def test_near_miss_constructs_are_refused(variant, op, why):
+    model = Net(_Refused, depth=1, variant=variant).eval()
+    with pytest.raises(AnalysisError) as err:
+        analyze(trace(model, (batches(SHAPE, 1)[0],)))
+    assert op in str(err.value) and why in str(err.value) and "Layout(" not in str(err.value), str(err.value)
+
+
+def test_einsum_diagonal_of_channels_is_refused():
+    class Diagonal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x):  # x: (B, 8, 8), tokens and channels of equal size
+            return torch.einsum("bcc->bc", self.a(x))
+
+    with pytest.raises(AnalysisError, match="repeats a label"):
+        analyze(trace(Diagonal(), (torch.randn(2, 8, 8),)))
+
+
+def test_conv_along_channels_keeps_its_gain_with_its_outputs():
+    """A ScaledStdConv2d over (B, 1, N, C) with kernel 1 along the channels (a position
+    lambda): its per-output-channel gain moves with the conv's output space."""
+    from timm.layers import ScaledStdConv2d
+
+    class PositionLambda(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v = nn.Linear(6, 4), nn.Linear(6, DIM)
+            self.conv = ScaledStdConv2d(1, 4, (3, 1), padding=(1, 0))
+            self.proj = nn.Linear(DIM, 10)
+
+        def forward(self, x):
+            pos = self.conv(self.v(x).unsqueeze(1))  # (B, 4, N, C): rows the conv's space, columns v's
+            return self.proj((self.q(x).unsqueeze(-2) @ pos.permute(0, 2, 1, 3)).squeeze(-2))
+
+    data = batches(SHAPE, 2)
+    model = prepared(PositionLambda(), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert _moved_along(model.conv.gain, permuted.conv.gain, 0)
+    assert_same_function(model, permuted, data, tol=1e-4)
+
+
 @pytest.mark.parametrize("attn, op, why", [
     (ChannelMapFlattened, "flatten", "channel x channel map"),
 ], ids=["channel_map_flattened"])

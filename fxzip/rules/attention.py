@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..layout import NO_CHANNELS, Layout
+from ..layout import NO_CHANNELS, Layout, describe
 from . import group_aware, map_aware, register_rule
 from .elementwise import binary
 from .heads import per_head, shared_head_basis
@@ -49,6 +49,13 @@ def matmul(ctx, node: fx.Node) -> None:
     if lb.cross_dim == nb - 1 and lb.dim == nb - 2 and la.dim == na - 1 and la.cross_dim is None:
         _channels_times_map(ctx, node, a, la, lb, ga, gb, out_nd)
         return
+    if la.cross_dim == na - 1 and lb.dim == nb - 2 and lb.cross_dim is None and lb.stack_dim is None:
+        _map_times_channels(ctx, node, a, b, la, lb, ga, gb, out_nd)
+        return
+    if la.cross_dim is not None or lb.cross_dim is not None:
+        ctx.fail(node, f"multiplies {a.name} ({describe(la)}) by {b.name} ({describe(lb)}); fxzip follows a channel "
+                       "x channel map only into a product that contracts its column axis with another tensor's "
+                       "channels (map @ v) or its row axis with channels on the last axis (q @ map).")
     # q @ k^T: the contraction runs over the channels of both
     if la.dim == na - 1 and lb.dim == nb - 2:
         if ga != gb:
@@ -77,7 +84,7 @@ def matmul(ctx, node: fx.Node) -> None:
     if lb.dim == nb - 1 and lb.group_dim is not None and la.has_channels and not la.grouped \
             and _batch_axis(la.dim, na, out_nd) == gb and la.dim < na - 2:
         if not per_head(ctx, node, Layout(None, lb.segments, group_dim=gb), a, la, out_nd):
-            ctx.fail(node, f"weighs the heads of {b.name} by {a.name}, whose channels ({la}) are not one per head.")
+            ctx.fail(node, f"weighs the heads of {b.name} by {a.name}, whose channels ({describe(la)}) are not one per head.")
         ctx.set(node, Layout(out_nd - 1, lb.segments, group_dim=gb), passthrough=True)
         return
     if not (la.has_channels or lb.has_channels or la.grouped or lb.grouped):
@@ -88,13 +95,10 @@ def matmul(ctx, node: fx.Node) -> None:
             and lb.param is not None and lb.param.axes[nb - 2] is not None:
         _against_table(ctx, node, a, la, lb, nb, ga, out_nd)
         return
-    if la.cross_dim == na - 1 and lb.dim == nb - 2 and lb.cross_dim is None and lb.stack_dim is None:
-        _map_times_channels(ctx, node, a, b, la, lb, ga, gb, out_nd)
-        return
-    if la.dim == na - 2 and lb.dim == nb - 1 and la.cross_dim is None and lb.cross_dim is None:
+    if la.dim == na - 2 and lb.dim == nb - 1:
         _channel_map(ctx, node, a, b, la, lb, ga, gb, out_nd)
         return
-    ctx.fail(node, f"multiplies {a.name} ({la}) by {b.name} ({lb}); fxzip follows q @ k^T and attn @ v. A product "
+    ctx.fail(node, f"multiplies {a.name} ({describe(la)}) by {b.name} ({describe(lb)}); fxzip follows q @ k^T and attn @ v. A product "
                    "that contracts channels with a computed matrix is a layer whose weight is not a parameter: "
                    "register a rule for it.")
 
@@ -122,6 +126,9 @@ def _channels_times_map(ctx, node: fx.Node, a: fx.Node, la: Layout, lb: Layout, 
     if gb is not None and ga != gb:
         ctx.fail(node, f"multiplies {a.name} (head axis {ga}) by a channel x channel map with head axis {gb}.")
     if ga is not None and gb is None:
+        if len(lb.cross) != 1:
+            ctx.fail(node, f"reads a channel x channel map whose columns are {len(lb.cross)} concatenated spaces "
+                           f"with every head of {a.name}; fxzip follows one space there.")
         ctx.unify(node, shared_head_basis(ctx, node, a, la), lb.segments)
         ctx.mark_bilinear(la.segments)
         heads = ctx.shape(a)[la.group_dim]
@@ -189,7 +196,7 @@ def scaled_dot_product_attention(ctx, node: fx.Node) -> None:
         return
     for name, lay, nd in (("query", lq, nq), ("key", lk, nk), ("value", lv, nv)):
         if not lay.has_channels or lay.dim != nd - 1 or lay.stack_dim is not None:
-            ctx.fail(node, f"its {name} has {lay}; fxzip needs q, k and v with channels on the last axis "
+            ctx.fail(node, f"its {name} has {describe(lay)}; fxzip needs q, k and v with channels on the last axis "
                            "(timm and torch attention layouts).")
     if ctx.arg(node, 7, "enable_gqa", False):
         ctx.fail(node, "grouped-query attention (enable_gqa=True) shares each k/v head between several q heads; "
@@ -214,7 +221,7 @@ def scaled_dot_product_attention(ctx, node: fx.Node) -> None:
         if group_dim is not None and not lm.grouped and per_head(ctx, node, logits, mask, lm, out_nd):
             pass  # a per-head bias (relative position table or MLP): follows the heads
         elif lm.has_channels or lm.grouped:
-            ctx.fail(node, f"its attention mask {mask.name} carries channels ({lm}) that are not one per head; "
+            ctx.fail(node, f"its attention mask {mask.name} carries channels ({describe(lm)}) that are not one per head; "
                            "fxzip follows masks and biases that are shared by all heads or vary per head only.")
         elif group_dim is not None and group_dim - lead >= 0 and shape[group_dim - lead] != 1:
             why = f"untracked tensor: mask {mask.name} varies per head at {node.name}"
@@ -238,7 +245,7 @@ def _multi_query(ctx, node: fx.Node, q, k, v, out_nd: int) -> Layout:
         lead = out_nd - nd
         if g is None or lay.group_dim is not None or (g - lead >= 0 and shape[g - lead] != 1):
             ctx.fail(node, f"q, k and v split into heads on different axes (or only some of them): its {name} "
-                           f"has {lay}; fxzip follows one k/v head per q head or one shared by all q heads.")
+                           f"has {describe(lay)}; fxzip follows one k/v head per q head or one shared by all q heads.")
     if len(lv.segments) != 1:
         ctx.fail(node, "multi-query attention whose values are a concatenation of spaces; not supported.")
     heads = ctx.shape(qn)[lq.group_dim]

@@ -66,6 +66,10 @@ def einsum(ctx, node: fx.Node) -> None:
         ctx.fail(node, f"einsum {equation!r} with an ellipsis or an equation fxzip cannot read over channels; "
                        "write the axes out.")
     ins, out = parsed
+    for labels, lay in zip(ins, lays):
+        if (lay.has_channels or lay.grouped) and len(set(labels)) != len(labels):
+            ctx.fail(node, f"einsum {equation!r} repeats a label inside one operand (a diagonal) of a tensor with "
+                           "channels; fxzip follows einsums whose operands name each axis once.")
     if any(l.stack_dim is not None for l in lays):
         ctx.fail(node, f"einsum {equation!r} reads a stacked q/k/v tensor; unbind it first.")
     if len(operands) == 1:
@@ -98,8 +102,14 @@ def _two(ctx, node: fx.Node, equation: str, operands: list, lays: list[Layout], 
     if g is not None and tb.get("group_dim") not in (None, g):
         ctx.fail(node, f"einsum {equation!r} pairs the head axes of its operands differently.")
     place = lambda label: out.index(label) if label is not None and label in out else None  # noqa: E731
+    if g is not None and place(g) is None and (c is None or c in out):
+        ctx.fail(node, f"einsum {equation!r} sums over the head axis of {a.name}; fxzip follows sums over other "
+                       "axes only.")
     if not lb.has_channels and not lb.grouped:
         if c is None:  # an attention map against a channel-free tensor
+            if g is not None and _varies(ctx, b, sb, g):
+                ctx.fail(node, f"einsum {equation!r} weighs each head of {a.name} by {b.name}; fxzip follows "
+                               "per-head tensors through element-wise ops and matmul, not through einsum.")
             ctx.set(node, Layout(None, la.segments, group_dim=place(g)) if place(g) is not None else NO_CHANNELS)
             return
         if g is not None and _varies(ctx, b, sb, g):

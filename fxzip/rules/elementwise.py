@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import NO_CHANNELS, Layout
+from ..layout import NO_CHANNELS, Layout, describe
 from . import group_aware, map_aware, register_rule
 from .heads import per_head, position_in_head
 from .shape import as_stack, join_stack
@@ -31,8 +31,12 @@ _UNARY_FUNCTIONS = (
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "sqrt", "rsqrt", "square",
     "clamp", "clamp_", "clamp_min", "clamp_max", "neg", "contiguous", "clone", "detach", "float", "half",
-    "double", "bfloat16", "to", "type_as", "type", "erf", "sign", "softmax", "log_softmax",
+    "double", "bfloat16", "to", "type_as", "type", "erf", "sign",
 )
+
+
+_RESAMPLING = (F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+"""Unary ops that move values along spatial axes (not element-wise on a channel x channel map)."""
 
 
 @register_rule(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
@@ -41,6 +45,10 @@ _UNARY_METHODS = (
 def unary(ctx, node: fx.Node) -> None:
     """Channel i in, channel i out. For nonlinear ops this is the papers' approximation."""
     lay = ctx.layout(node.args[0])
+    if isinstance(lay, Layout) and lay.cross_dim is not None and (
+            node.target in _RESAMPLING or (node.op == "call_module" and type(ctx.module(node)) in _RESAMPLING)):
+        ctx.fail(node, "resamples a channel x channel map along its axes; fxzip follows such maps through "
+                       "element-wise ops only.")
     if isinstance(lay, Layout) and lay.param is not None and not lay.has_channels:
         # An elementwise function of a raw parameter (gamma.exp(), a per-head
         # gate's sigmoid, a clamped logit scale) is laid out like the parameter:
@@ -52,7 +60,8 @@ def unary(ctx, node: fx.Node) -> None:
     ctx.set(node, lay, passthrough=True)
 
 
-@register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+@register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax",
+               "log_softmax")
 @group_aware
 @map_aware
 def softmax(ctx, node: fx.Node) -> None:
@@ -68,6 +77,9 @@ def softmax(ctx, node: fx.Node) -> None:
     if isinstance(lay, Layout) and dim is not None and nd is not None and lay.cross_dim is not None:
         # over one channel axis of a channel x channel map: the units of that space are
         # normalised against each other, so only cross-model matches keep it (as for q . k)
+        if dim % nd == lay.group_dim:
+            ctx.fail(node, "takes a softmax over the head axis of a channel x channel map; fxzip follows "
+                           "softmaxes over its channel or token axes.")
         if dim % nd in (lay.dim, lay.cross_dim):
             ctx.mark_bilinear(lay.segments if dim % nd == lay.dim else lay.cross)
         ctx.set(node, lay, passthrough=True)
@@ -169,7 +181,7 @@ def _reduce_grouped(ctx, node: fx.Node, lay: Layout) -> None:
     dims = ctx.arg(node, 1, "dim")
     keepdim = ctx.arg(node, 2, "keepdim", False)
     if dims is None or node.target in ("max", "min"):
-        ctx.fail(node, f"reduces a head layout ({lay}) in a way fxzip does not follow.")
+        ctx.fail(node, f"reduces a head layout ({describe(lay)}) in a way fxzip does not follow.")
     dims = [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
     stacked = lay.stack_dim if lay.stack_dim is not None else lay.group_dim
     if lay.dim is not None and lay.dim not in dims and stacked in dims and len(dims) == 1:
@@ -279,7 +291,7 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim, l.cross_dim)  # noqa: E731
     for x, l in grouped[1:]:
         if axes(l) != axes(l0):
-            ctx.fail(node, f"combines head layouts {l0} ({x0.name}) and {l} ({x.name}) with different axes.")
+            ctx.fail(node, f"combines head layouts {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) with different axes.")
         if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
             ctx.fail(node, f"combines {x0.name} and {x.name}, stacks of different length.")
         ctx.unify(node, l0.segments, l.segments)
@@ -301,7 +313,7 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
             if d - lead < 0 or shape[d - lead] == 1:
                 continue
             if l.param is not None:
-                ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {l0} along a head "
+                ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {describe(l0)} along a head "
                                "channel or stacked axis; fxzip binds parameters per head (one entry per head), "
                                "not per head channel.")
             ctx.fix(l0.segments + l0.cross, f"untracked tensor: {x.name} varies per head at {node.name}")
@@ -315,7 +327,7 @@ def _binary_stack(ctx, node: fx.Node, ops: list, stacks: list, out_nd: int) -> N
     x0, l0 = stacks[0]
     for x, l in stacks[1:]:
         if (l.dim, l.stack_dim) != (l0.dim, l0.stack_dim) or len(l.segments) != len(l0.segments):
-            ctx.fail(node, f"combines stacks {l0} ({x0.name}) and {l} ({x.name}) that do not line up.")
+            ctx.fail(node, f"combines stacks {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) that do not line up.")
         for a, b in zip(l0.segments, l.segments):
             ctx.unify(node, (a,), (b,))
     for x, l in ops:

@@ -60,7 +60,7 @@ def position_in_head(ctx, node: fx.Node, heads: Layout, x: fx.Node, out_nd: int)
         return False
     lead = out_nd - len(shape)
     varies = lambda d: d is not None and d - lead >= 0 and shape[d - lead] != 1  # noqa: E731
-    if not varies(heads.dim) or varies(heads.group_dim) or varies(heads.stack_dim):
+    if not varies(heads.dim) or varies(heads.group_dim) or varies(heads.stack_dim) or varies(heads.cross_dim):
         return False
     ctx.mark_rigid(heads.segments, f"{x.name} varies along the head channels at {node.name}")
     return True
@@ -80,7 +80,7 @@ def shared_head_basis(ctx, node: fx.Node, x: fx.Node, lay: Layout) -> tuple:
         return lay.segments
     heads = ctx.shape(x)[lay.group_dim]
     if not heads:
-        ctx.fail(node, f"cannot tell the number of heads of {lay}.")
+        ctx.fail(node, f"cannot tell the number of heads of {x.name}.")
     width = sum(s.length for s in lay.segments) // heads
     first = channel_range(ctx, node, lay.segments, 0, width)
     for h in range(1, heads):

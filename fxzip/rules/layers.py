@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import NO_CHANNELS, Layout, Segment
+from ..layout import NO_CHANNELS, Layout, Segment, describe
 from . import group_aware, register_rule
 from .heads import shared_head_basis
 
@@ -124,10 +124,9 @@ def _conv_along_channels(ctx, node: fx.Node, m: nn.Module, lay: Layout) -> bool:
 def conv_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     lay = ctx.layout(node.args[0])
-    if lay.has_channels and lay.dim != 1 and _conv_along_channels(ctx, node, m, lay):
-        return
-    _weighted(ctx, node, node.args[0], _named(ctx, node, "weight"), _named(ctx, node, "bias"),
-              in_dim=1, out_size=m.out_channels, out_dim=1, groups=m.groups, in_size=m.in_channels)
+    if not (lay.has_channels and lay.dim != 1 and _conv_along_channels(ctx, node, m, lay)):
+        _weighted(ctx, node, node.args[0], _named(ctx, node, "weight"), _named(ctx, node, "bias"),
+                  in_dim=1, out_size=m.out_channels, out_dim=1, groups=m.groups, in_size=m.in_channels)
     gain = _named(ctx, node, "gain")  # timm's ScaledStdConv2d: one gain per output channel
     if gain is not None:
         lay = ctx.layouts[node]
@@ -290,7 +289,7 @@ def _head_norm(ctx, node, x, lay: Layout, normalized_shape, weight, bias) -> Non
     attention's other heads are cut per head by the head tie)."""
     nd = ctx.ndim(x)
     if lay.stack_dim is not None or lay.group_dim is None or lay.dim != nd - 1 or len(normalized_shape) != 1:
-        ctx.fail(node, f"normalises {lay} over {normalized_shape}; fxzip follows a norm over the channels of "
+        ctx.fail(node, f"normalises {describe(lay)} over {normalized_shape}; fxzip follows a norm over the channels of "
                        "each head (q/k norm) of a layout with one head axis.")
     first = shared_head_basis(ctx, node, x, lay)
     for p in (weight, bias):

@@ -189,7 +189,7 @@ def as_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
     if lay.stack_dim is not None and lay.group_dim is None:
         return lay
     if lay.stack_dim is not None or lay.group_dim is None or lay.dim is None:
-        ctx.fail(node, f"treats the head axis of {lay} as a stack of parts; fxzip follows that only for tensors "
+        ctx.fail(node, f"treats the head axis of {describe(lay)} as a stack of parts; fxzip follows that only for tensors "
                        "with one head axis and one channel axis.")
     groups = ctx.shape(node.args[0])[lay.group_dim] if isinstance(node.args[0], fx.Node) else None
     total = sum(s.size for s in lay.segments)
@@ -472,7 +472,7 @@ def roll(ctx, node: fx.Node) -> None:
     dims = () if dims is None else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
     tracked = {lay.dim, lay.group_dim, lay.stack_dim} - {None}
     if not dims or tracked & set(dims):
-        ctx.fail(node, f"rolls {'the flattened tensor' if not dims else f'axes {dims}'} of {lay}, which moves channels; "
+        ctx.fail(node, f"rolls {'the flattened tensor' if not dims else f'axes {dims}'} of {describe(lay)}, which moves channels; "
                        "fxzip follows rolls over axes without channels.")
     ctx.set(node, lay, passthrough=True)
 
@@ -530,7 +530,7 @@ def unfold_windows(ctx, node: fx.Node) -> None:
     if dim in (lay.dim, lay.group_dim, lay.stack_dim):
         ctx.fail(node, f"takes sliding windows along the channel axis {dim} of {x.name}; fxzip follows windows "
                        "along spatial or token axes only.")
-    ctx.set(node, lay)
+    ctx.set(node, lay if lay.param is None else NO_CHANNELS)
 
 
 @register_rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")
@@ -630,13 +630,13 @@ def _split_head_channels(ctx, node: fx.Node, lay: Layout, name: str, dim: int) -
     the refinement cuts the producer into one atom per (head, part): units
     still move within each head (q and k together), heads stay in place."""
     if name == "unbind" or lay.stack_dim is not None or lay.group_dim is None:
-        ctx.fail(node, f"splits the channels of each head of {lay}; fxzip follows a split of the head channels "
+        ctx.fail(node, f"splits the channels of each head of {describe(lay)}; fxzip follows a split of the head channels "
                        "into parts (chunk/split) of a layout with one head axis only.")
     sizes = [m.shape[dim] for m in node.meta["tensor_meta"]]
     heads = ctx.shape(node.args[0])[lay.group_dim]
     width = sum(sizes)
     if width * heads != sum(s.length for s in lay.segments):
-        ctx.fail(node, f"splits head channels of {lay} whose heads do not hold {width} channels each.")
+        ctx.fail(node, f"splits head channels of {describe(lay)} whose heads do not hold {width} channels each.")
     out, offset = [], 0
     for size in sizes:
         (part,) = ctx.new_space(node, size * heads)
@@ -661,7 +661,7 @@ def _split_grouped(ctx, node: fx.Node, lay: Layout, name: str, dim: int, parts: 
     if dim == lay.dim:
         return _split_head_channels(ctx, node, lay, name, dim)
     if dim == lay.group_dim:
-        ctx.fail(node, f"splits the head axis ({lay}) into {parts} parts; fxzip keeps heads together.")
+        ctx.fail(node, f"splits the head axis ({describe(lay)}) into {parts} parts; fxzip keeps heads together.")
     if name == "unbind":
         axes = _drop_axis(lay, dim)
         return tuple(Layout(axes["dim"], lay.segments, group_dim=axes["group_dim"], stack_dim=axes["stack_dim"])

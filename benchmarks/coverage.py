@@ -3,6 +3,7 @@
     python benchmarks/coverage.py --jobs 2                # the whole panel -> benchmarks/results/coverage.{json,md}
     python benchmarks/coverage.py --resume                # keep models already recorded, run the rest
     python benchmarks/coverage.py --models resnet10t:32   # a subset (NAME or NAME:SIZE), merged into the result
+    python benchmarks/coverage.py --merge-from DIR/coverage.json  # fold a run made with --out DIR into the result
 
 For every model of the panel (built with ``timm.create_model(name, pretrained=False,
 num_classes=10[, img_size=S])``; nothing is downloaded) a fresh subprocess
@@ -810,6 +811,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--live", action="store_true",
                     help="import fxzip from the working tree for every model (default: a snapshot taken at start)")
+    ap.add_argument("--merge-from", nargs="+", metavar="JSON",
+                    help="fold the records of these coverage.json files into --out's and rewrite the report")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help=argparse.SUPPRESS)
     ap.add_argument("--record-file", help=argparse.SUPPRESS)
@@ -826,7 +829,28 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(rec, indent=1))
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.merge_from:
+        merge_results(Path(args.out), [Path(f) for f in args.merge_from])
+        return
     drive(args)
+
+
+def merge_results(out: Path, others: list[Path]) -> dict:
+    """Fold the records and runs of other coverage.json files (runs made with another
+    ``--out``, e.g. side by side) into ``out``: a later file's record of a model
+    replaces the earlier one; every run stays listed, so the report names each
+    record's command and code state."""
+    path = out / "coverage.json"
+    result = json.loads(path.read_text())
+    records = {r["model"]: r for r in result["records"]}
+    for other in others:
+        extra = json.loads(other.read_text())
+        result["runs"] += extra["runs"]
+        records.update({r["model"]: r for r in extra["records"]})
+    result["records"] = [records[k] for k in _order(records)]
+    _write_json(path, result)
+    (out / "coverage.md").write_text(markdown(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -94,3 +94,22 @@ def test_driver_writes_json_and_md(tmp_path):
     assert md.startswith("# fxzip coverage benchmark") and "Self-merge identity: 0 of 61" in md \
         and "all checks (identity, permuted copy, recovery): 0 of 61" in md
     assert "| no_such_model (not in panel) | 32 |" in md
+
+
+def test_merge_from_folds_later_records_and_keeps_every_run(tmp_path):
+    """--merge-from: a later run's record of a model replaces the earlier one; both runs stay listed."""
+    cov = _load()
+    run = {"command": "python benchmarks/coverage.py", "started": "t", "models": ["m"],
+           "machine": {"uname": "u", "cpu": "c", "cores": 2, "python": "3", "torch": "t", "timm": "t"},
+           "code": {"commit": "c" * 40, "fxzip_dirty": False, "fxzip_digest": "d"}, "config": {}}
+    rec = {"model": "resnet10t", "size": 32, "outcome": "error", "stage": "analysis", "checks": {}, "wall_s": 1.0}
+    base = {"panel": [{"model": m, "size": 64} for m in cov.PANEL], "tolerance": cov.TOL, "runs": [run],
+            "records": [rec]}
+    (tmp_path / "coverage.json").write_text(json.dumps(base))
+    later = dict(base, runs=[dict(run, command="later")],
+                 records=[dict(rec, outcome="pass", stage=None, checks={"identity": {"outcome": "pass"}})])
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    result = cov.merge_results(tmp_path, [tmp_path / "later.json"])
+    assert [r["outcome"] for r in result["records"]] == ["pass"]
+    assert [r["command"] for r in result["runs"]] == ["python benchmarks/coverage.py", "later"]
+    assert "Command: `later`" in (tmp_path / "coverage.md").read_text()

@@ -84,7 +84,8 @@ def matmul(ctx, node: fx.Node) -> None:
     if lb.dim == nb - 1 and lb.group_dim is not None and la.has_channels and not la.grouped \
             and _batch_axis(la.dim, na, out_nd) == gb and la.dim < na - 2:
         if not per_head(ctx, node, Layout(None, lb.segments, group_dim=gb), a, la, out_nd):
-            ctx.fail(node, f"weighs the heads of {b.name} by {a.name}, whose channels ({describe(la)}) are not one per head.")
+            ctx.fail(node, f"weighs the heads of {b.name} by {a.name}, whose channels ({describe(la)}) are not "
+                           "one per head.")
         ctx.set(node, Layout(out_nd - 1, lb.segments, group_dim=gb), passthrough=True)
         return
     if not (la.has_channels or lb.has_channels or la.grouped or lb.grouped):
@@ -98,7 +99,8 @@ def matmul(ctx, node: fx.Node) -> None:
     if la.dim == na - 2 and lb.dim == nb - 1:
         _channel_map(ctx, node, a, b, la, lb, ga, gb, out_nd)
         return
-    ctx.fail(node, f"multiplies {a.name} ({describe(la)}) by {b.name} ({describe(lb)}); fxzip follows q @ k^T and attn @ v. A product "
+    ctx.fail(node, f"multiplies {a.name} ({describe(la)}) by {b.name} ({describe(lb)}); fxzip follows q @ k^T "
+                   "and attn @ v. A product "
                    "that contracts channels with a computed matrix is a layer whose weight is not a parameter: "
                    "register a rule for it.")
 
@@ -221,7 +223,8 @@ def scaled_dot_product_attention(ctx, node: fx.Node) -> None:
         if group_dim is not None and not lm.grouped and per_head(ctx, node, logits, mask, lm, out_nd):
             pass  # a per-head bias (relative position table or MLP): follows the heads
         elif lm.has_channels or lm.grouped:
-            ctx.fail(node, f"its attention mask {mask.name} carries channels ({describe(lm)}) that are not one per head; "
+            ctx.fail(node, f"its attention mask {mask.name} carries channels ({describe(lm)}) that are not one "
+                           "per head; "
                            "fxzip follows masks and biases that are shared by all heads or vary per head only.")
         elif group_dim is not None and group_dim - lead >= 0 and shape[group_dim - lead] != 1:
             why = f"untracked tensor: mask {mask.name} varies per head at {node.name}"

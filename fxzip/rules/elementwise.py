@@ -291,7 +291,8 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim, l.cross_dim)  # noqa: E731
     for x, l in grouped[1:]:
         if axes(l) != axes(l0):
-            ctx.fail(node, f"combines head layouts {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) with different axes.")
+            ctx.fail(node, f"combines head layouts {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) with "
+                           "different axes.")
         if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
             ctx.fail(node, f"combines {x0.name} and {x.name}, stacks of different length.")
         ctx.unify(node, l0.segments, l.segments)
@@ -313,7 +314,8 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
             if d - lead < 0 or shape[d - lead] == 1:
                 continue
             if l.param is not None:
-                ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {describe(l0)} along a head "
+                ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {describe(l0)} along "
+                               "a head "
                                "channel or stacked axis; fxzip binds parameters per head (one entry per head), "
                                "not per head channel.")
             ctx.fix(l0.segments + l0.cross, f"untracked tensor: {x.name} varies per head at {node.name}")
@@ -327,7 +329,8 @@ def _binary_stack(ctx, node: fx.Node, ops: list, stacks: list, out_nd: int) -> N
     x0, l0 = stacks[0]
     for x, l in stacks[1:]:
         if (l.dim, l.stack_dim) != (l0.dim, l0.stack_dim) or len(l.segments) != len(l0.segments):
-            ctx.fail(node, f"combines stacks {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) that do not line up.")
+            ctx.fail(node, f"combines stacks {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) that do not "
+                           "line up.")
         for a, b in zip(l0.segments, l.segments):
             ctx.unify(node, (a,), (b,))
     for x, l in ops:

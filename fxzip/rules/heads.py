@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from ..layout import Layout
 
-__all__ = ["per_head", "position_in_head", "shared_head_basis"]
+__all__ = ["link_heads", "per_head", "position_in_head", "shared_head_basis"]
 
 
 def per_head(ctx, node: fx.Node, heads: Layout, x: fx.Node, lay: Layout, out_nd: int) -> bool:
@@ -74,15 +74,21 @@ def shared_head_basis(ctx, node: fx.Node, x: fx.Node, lay: Layout) -> tuple:
     head_dim units, which the shared tensor follows); heads therefore stay in
     place and units move the same way in every head. Returns head 0's
     channels of ``x`` (the basis). A layout without heads is its own basis."""
-    from .shape import channel_range
-
     if lay.group_dim is None:
         return lay.segments
     heads = ctx.shape(x)[lay.group_dim]
     if not heads:
         ctx.fail(node, f"cannot tell the number of heads of {x.name}.")
-    width = sum(s.length for s in lay.segments) // heads
-    first = channel_range(ctx, node, lay.segments, 0, width)
+    return link_heads(ctx, node, lay.segments, heads)
+
+
+def link_heads(ctx, node: fx.Node, segments, heads: int) -> tuple:
+    """Link block ``h`` of ``heads`` equal blocks of ``segments`` to block 0,
+    unit by unit, and return block 0 (the shared basis)."""
+    from .shape import channel_range
+
+    width = sum(s.length for s in segments) // heads
+    first = channel_range(ctx, node, segments, 0, width)
     for h in range(1, heads):
-        ctx.unify(node, first, channel_range(ctx, node, lay.segments, h * width, (h + 1) * width))
+        ctx.unify(node, first, channel_range(ctx, node, segments, h * width, (h + 1) * width))
     return first

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
 from . import group_aware, map_aware, register_rule
-from .heads import shared_head_basis
+from .heads import link_heads, shared_head_basis
 
 _HEADS = ("fxzip splits a channel axis only into (heads, head_dim) or (parts, heads, head_dim) — "
           "the way attention reshapes a projection; register a rule for other layouts.")
@@ -113,12 +113,7 @@ def _heads_into_batch(ctx, node: fx.Node, lay: Layout, pre: int, post: int,
     if outer % pre or width <= 0 or lay.length % width or (outer // pre) * width != lay.length:
         return None
     heads = outer // pre
-    if heads < 2:
-        return None
-    first = channel_range(ctx, node, lay.segments, 0, width)
-    for h in range(1, heads):
-        ctx.unify(node, first, channel_range(ctx, node, lay.segments, h * width, (h + 1) * width))
-    return first
+    return link_heads(ctx, node, lay.segments, heads) if heads >= 2 else None
 
 
 def _blocks_out_of_batch(ctx, node: fx.Node, lay: Layout, pre: int, post: int,
@@ -189,7 +184,8 @@ def as_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
     if lay.stack_dim is not None and lay.group_dim is None:
         return lay
     if lay.stack_dim is not None or lay.group_dim is None or lay.dim is None:
-        ctx.fail(node, f"treats the head axis of {describe(lay)} as a stack of parts; fxzip follows that only for tensors "
+        ctx.fail(node, f"treats the head axis of {describe(lay)} as a stack of parts; fxzip follows that only for "
+                       "tensors "
                        "with one head axis and one channel axis.")
     groups = ctx.shape(node.args[0])[lay.group_dim] if isinstance(node.args[0], fx.Node) else None
     total = sum(s.size for s in lay.segments)
@@ -472,7 +468,8 @@ def roll(ctx, node: fx.Node) -> None:
     dims = () if dims is None else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
     tracked = {lay.dim, lay.group_dim, lay.stack_dim} - {None}
     if not dims or tracked & set(dims):
-        ctx.fail(node, f"rolls {'the flattened tensor' if not dims else f'axes {dims}'} of {describe(lay)}, which moves channels; "
+        ctx.fail(node, f"rolls {'the flattened tensor' if not dims else f'axes {dims}'} of {describe(lay)}, which "
+                       "moves channels; "
                        "fxzip follows rolls over axes without channels.")
     ctx.set(node, lay, passthrough=True)
 
@@ -630,7 +627,8 @@ def _split_head_channels(ctx, node: fx.Node, lay: Layout, name: str, dim: int) -
     the refinement cuts the producer into one atom per (head, part): units
     still move within each head (q and k together), heads stay in place."""
     if name == "unbind" or lay.stack_dim is not None or lay.group_dim is None:
-        ctx.fail(node, f"splits the channels of each head of {describe(lay)}; fxzip follows a split of the head channels "
+        ctx.fail(node, f"splits the channels of each head of {describe(lay)}; fxzip follows a split of the head "
+                       "channels "
                        "into parts (chunk/split) of a layout with one head axis only.")
     sizes = [m.shape[dim] for m in node.meta["tensor_meta"]]
     heads = ctx.shape(node.args[0])[lay.group_dim]

@@ -1,10 +1,33 @@
-"""What a merge did, per space, as data and as a table."""
+"""What a merge did, per space, as data and as a table.
+
+``MergeReport.to_dict()`` / ``to_json()`` / ``to_markdown()`` are what
+``fxzip.save`` writes (``report.json``, ``report.md``); ``MergeReport.from_dict``
+reads them back, so a saved result keeps its report without fxzip's objects
+being pickled.
+"""
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import platform
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-__all__ = ["SpaceReport", "MergeReport"]
+__all__ = ["SpaceReport", "MergeReport", "COLUMNS"]
+
+REPORT_FORMAT = 1
+"""Version of the ``report.json`` layout (bumped when a key changes meaning)."""
+
+COLUMNS: dict[str, str] = {
+    "space": "the feature space: a set of tensors that share one channel basis, named by its first producer",
+    "size": "channels (units) in the space",
+    "within/model": "units merged with another unit of the same model, per model (zipit's beta budget)",
+    "cross": "merged units that combine units of different models",
+    "const": "units whose activation was constant on the calibration data (no correlation to match on)",
+    "corr": "mean correlation of the matched units (1: identical features; - : not matched)",
+    "note": "groups/heads, ties, or why the space kept the identity alignment (output, input, fixed op)",
+}
+"""The legend of the report's table (also in ``report.json`` and ``report.md``)."""
 
 
 @dataclass
@@ -33,6 +56,91 @@ class MergeReport:
     macs: dict[str, float] = field(default_factory=dict)  # per input: merged, original, ensemble
     details: dict = field(default_factory=dict)  # method-specific, e.g. details["mudsc"]: the sweep history
     cut_reason: str = ""  # why the partial zip was cut where it was (e.g. the models differ after it)
+    settings: dict = field(default_factory=dict)  # how the merge was run (filled by the CLI / fxzip.save)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the report as JSON-safe data (NaN correlations become None).
+
+        Versions of python/torch/timm/fxzip are recorded so that a result can
+        be traced back to the code that produced it.
+        """
+        cut = None
+        if self.cut is not None:
+            c = self.cut
+            cut = {"name": getattr(c, "name", str(c)), "k": getattr(c, "k", None), "m": getattr(c, "m", None),
+                   "space": getattr(c, "space", None), "dim": getattr(c, "dim", None),
+                   "needs_gather": getattr(c, "needs_gather", None)}
+        return {
+            "format": REPORT_FORMAT,
+            "method": self.method,
+            "n_models": self.n_models,
+            "zip": "full" if self.cut is None else "partial",
+            "cut": cut,
+            "cut_reason": self.cut_reason,
+            "settings": _jsonable(self.settings),
+            "calibration": {"batches": self.calib_batches, "samples": self.calib_samples},
+            "columns": dict(COLUMNS),
+            "spaces": [_jsonable(asdict(s)) for s in self.spaces],
+            "seconds": _jsonable(self.seconds),
+            "macs": _jsonable(self.macs),
+            "warnings": list(self.warnings),
+            "details": _jsonable(self.details),
+            "versions": versions(),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """``to_dict()`` as strict JSON (no NaN/Infinity: other tools must parse it)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MergeReport":
+        """The report back from ``to_dict()`` / a ``report.json`` (the cut comes back
+        as a ``CutPoint`` without its channel segments)."""
+        from .cuts import CutPoint
+
+        names = {f.name for f in fields(SpaceReport)}
+        rows = [SpaceReport(**{k: (float("nan") if k == "mean_corr" and v is None else v)
+                               for k, v in row.items() if k in names}) for row in data.get("spaces", [])]
+        cut = data.get("cut")
+        if cut is not None:
+            cut = CutPoint(cut["name"], cut["k"], cut["m"], cut.get("space"), cut.get("dim"),
+                           bool(cut.get("needs_gather")))
+        calib = data.get("calibration", {})
+        return cls(data["method"], data["n_models"], rows, dict(data.get("seconds", {})),
+                   calib.get("batches", 0), calib.get("samples", 0), list(data.get("warnings", [])), cut,
+                   dict(data.get("macs", {})), dict(data.get("details", {})), data.get("cut_reason", ""),
+                   dict(data.get("settings", {})))
+
+    def to_markdown(self) -> str:
+        """A readable ``report.md``: what was merged and how, the per-space table
+        with a legend for every column, cost and time."""
+        zipped = f"partial zip at `{self.cut}`" if self.cut is not None else "full zip"
+        lines = ["# fxzip merge report", "",
+                 f"{self.method}: {self.n_models} models, {zipped}, {len(self.spaces)} feature spaces, "
+                 f"calibrated on {self.calib_samples} samples ({self.calib_batches} batches).", ""]
+        if self.cut_reason:
+            lines += [f"Cut: {self.cut_reason}", ""]
+        if self.settings:
+            lines += ["| setting | value |", "|---|---|"]
+            lines += [f"| {k} | {_md(v)} |" for k, v in self.settings.items()] + [""]
+        head = list(COLUMNS)
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in self.spaces:
+            cells = [s.name, str(s.size), ",".join(map(str, s.within)) if s.matched else "-",
+                     str(s.cross) if s.matched else "-", str(s.constant),
+                     "-" if s.mean_corr is None or math.isnan(s.mean_corr) else f"{s.mean_corr:.3f}", s.note]
+            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        lines += ["", "Columns:", ""] + [f"- **{k}**: {v}" for k, v in COLUMNS.items()] + [""]
+        if self.macs:
+            lines.append("Multiply-adds per input: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.macs.items())
+                         + ".")
+        if self.seconds:
+            lines.append("Time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()) + ".")
+        if self.warnings:
+            lines += ["", "Warnings:", ""] + [f"- {w}" for w in self.warnings]
+        v = versions()
+        lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "."]
+        return "\n".join(lines) + "\n"
 
     def table(self) -> str:
         head = ["space", "size", "within/model", "cross", "const", "corr", "note"]
@@ -56,3 +164,39 @@ class MergeReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software a result depends on (timm only when installed)."""
+    import torch
+
+    from . import __version__
+
+    found = {"fxzip": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import timm
+
+        found["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def _md(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf as None, tuples as lists, tensors as lists and
+    other objects as their ``str``: a report must always serialise."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
+        return _jsonable(value.tolist())
+    return str(value)

@@ -77,7 +77,7 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
     graph.output(tuple(outputs))
     gm = fx.GraphModule(root, graph, "PartialZip")
     gm.graph.lint()
-    return gm
+    return gm.eval()  # like a full zip: inference mode (a new root module starts in training mode)
 
 
 def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], common: CommonPart, cut: CutPoint,
@@ -142,7 +142,7 @@ def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], comm
     graph.output(tuple(outputs))
     gm = fx.GraphModule(root, graph, "PartialZip")
     gm.graph.lint()
-    return gm
+    return gm.eval()  # like a full zip: inference mode (a new root module starts in training mode)
 
 
 def _trunk(nodes: Sequence[fx.Node], cut: CutPoint) -> tuple[set[fx.Node], fx.Node | None]:

@@ -1,0 +1,203 @@
+"""Models from names and weights from files, for the command line and ``fxzip.load``.
+
+A model is named the way the CLI takes it (``--model``): a timm model name
+(``resnet18``), or ``module.path:factory`` for the user's own code. A
+``ModelSpec`` records that name with ``num_classes`` and ``img_size`` so that
+``fxzip.load`` can rebuild the plain architecture of a saved full zip.
+
+Checkpoints are ``state_dict`` files: ``.safetensors``, or ``.pt``/``.pth``/
+``.bin``/``.ckpt`` read with ``torch.load(weights_only=True)`` (no pickled code
+runs). A training checkpoint (a dict with a ``state_dict_ema``, ``model_ema``,
+``state_dict`` or ``model`` entry) is unwrapped as timm's ``load_checkpoint``
+does (EMA weights first), and a ``module.`` prefix left by DataParallel/DDP is
+removed.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSpec", "build_model", "read_state_dict", "load_into", "classifier_classes", "CHECKPOINT_SUFFIXES"]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")
+"""Entries of a training checkpoint that hold the weights, in timm's order of preference."""
+
+
+@dataclass
+class ModelSpec:
+    """How to build an architecture: ``name`` (timm name or ``module:factory``),
+    ``num_classes`` and ``img_size`` (passed only where the model takes them)."""
+
+    name: str
+    num_classes: int | None = None
+    img_size: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_factory(self) -> bool:
+        return ":" in self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        return cls(data["name"], data.get("num_classes"), data.get("img_size"), dict(data.get("kwargs") or {}))
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """``module.path:factory`` -> the callable (the current directory is importable,
+    as for ``python -m``)."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model {name!r}: a factory is written module.path:function, e.g. mypkg.models:make_net")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model {name!r}: cannot import module {module_name!r} ({exc}). Run fxzip from the "
+                         "directory that contains it, or add that directory to PYTHONPATH.") from exc
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"--model {name!r}: module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"--model {name!r}: {attr!r} in {module_name!r} is not callable")
+    return factory
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast (before loading any data) on a model name that cannot be built."""
+    if ":" in name:
+        resolve_factory(name)
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f" Similar timm names: {', '.join(close)}." if close else ""
+        raise ValueError(f"--model {name!r} is not a timm model name.{hint} For your own model code pass "
+                         "module.path:factory (a function returning the nn.Module).")
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A fresh, randomly initialised model (never downloads weights), in eval mode.
+
+    timm: ``timm.create_model(name, num_classes=..., pretrained=False)`` with
+    ``img_size`` when the model takes it (ViTs and other models whose position
+    tables depend on it). A factory gets ``num_classes``/``img_size`` only when its
+    signature accepts them.
+    """
+    kwargs = dict(spec.kwargs)
+    if spec.is_factory:
+        factory = resolve_factory(spec.name)
+        for key in ("num_classes", "img_size"):
+            value = getattr(spec, key)
+            if value is not None and _accepts(factory, key):
+                kwargs[key] = value
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"--model {spec.name!r} returned a {type(model).__name__}, not an nn.Module")
+        return model.eval()
+    import timm
+
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    if spec.img_size is not None:
+        try:
+            return timm.create_model(spec.name, pretrained=False, img_size=spec.img_size, **kwargs).eval()
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+            # the model takes no img_size (CNNs run at any size): the data's size is all it needs
+    return timm.create_model(spec.name, pretrained=False, **kwargs).eval()
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The weights in ``path`` and the checkpoint entry they came from (None: the
+    file is a plain state_dict)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+                         "fxzip reads state_dict files with torch.load(weights_only=True); a checkpoint that "
+                         "pickles whole objects must be converted first: torch.save(model.state_dict(), path) "
+                         "or safetensors.torch.save_file(model.state_dict(), path).") from exc
+    entry = None
+    if isinstance(checkpoint, nn.Module):
+        raise ValueError(f"{path} holds a whole pickled model; save its weights instead: "
+                         "torch.save(model.state_dict(), path)")
+    if isinstance(checkpoint, Mapping):
+        for key in ENTRIES:
+            if isinstance(checkpoint.get(key), Mapping) and checkpoint[key]:
+                entry, checkpoint = key, checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        found = type(checkpoint).__name__ if not isinstance(checkpoint, Mapping) else \
+            "a dict with entries " + ", ".join(map(repr, list(checkpoint)[:8]))
+        raise ValueError(f"{path} is not a state_dict: found {found}. Expected a dict of tensors, or a training "
+                         f"checkpoint with one of the entries {', '.join(ENTRIES)}.")
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+    return state, entry
+
+
+def classifier_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of classes of the checkpoint's classifier (timm models name it in
+    their ``pretrained_cfg``), or None when it cannot be told."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") if isinstance(cfg, dict) else None
+    names = [classifier] if isinstance(classifier, str) else list(classifier or ())
+    for name in names:
+        weight = state.get(f"{name}.weight")
+        if weight is not None and weight.dim() >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """``model.load_state_dict(state, strict=True)`` with an error that says what
+    differs (missing/unexpected keys, shapes) and what to change."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shapes differ: " + "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:4])}"
+                         f"{' ...' if len(unexpected) > 4 else ''})")
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(parts) + ". Check --model, "
+                         "--num-classes and --img-size (they must build the architecture the checkpoint was "
+                         "trained with).")
+    model.load_state_dict(dict(state), strict=True)
+    return model

@@ -1,0 +1,263 @@
+"""``fxzip.save`` / ``fxzip.load``: results as files a colleague can use.
+
+A directory written by ``save`` (and by ``fxzip merge --out``) holds:
+
+* a **full zip** (one model of the architecture's own parameter names and
+  shapes): ``model.safetensors``, which loads strictly into the plain
+  architecture, e.g. ``timm.create_model(NAME, num_classes=N,
+  checkpoint_path=DIR/model.safetensors)``: no fxzip needed to use it;
+* **every other result** (a partial zip: trunk + ``head0..headN-1``):
+  ``model.pt2``, a ``torch.export`` program with a dynamic batch dimension that
+  runs with ``torch.export.load(path).module()(x)`` alone (fxzip need not be
+  installed: the program holds the graph and the weights), beside
+  ``state_dict.safetensors`` (the merged GraphModule's state: the weights in
+  a format every tool reads);
+* ``report.json`` (``MergeReport.to_dict()`` plus how to rebuild the model and
+  which files were written) and ``report.md`` (the same, readable).
+
+``load`` rebuilds a result from such a directory: a partial zip from its
+exported program (no architecture needed), a full zip from the architecture,
+which is either passed (``model=``: a module, a name or a ``ModelSpec``) or
+recorded in ``report.json`` (the CLI records the timm name or factory,
+``num_classes`` and ``img_size``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .checkpoints import ModelSpec, build_model, load_into
+from .report import MergeReport, _jsonable, versions
+
+__all__ = ["save", "load", "load_report", "FULL_WEIGHTS", "PROGRAM", "STATE", "REPORT_JSON", "REPORT_MD"]
+
+FULL_WEIGHTS = "model.safetensors"
+PROGRAM = "model.pt2"
+STATE = "state_dict.safetensors"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+_OUTPUTS = (FULL_WEIGHTS, PROGRAM, STATE, REPORT_JSON, REPORT_MD, "correlation.png", "cuts.png")
+
+
+def is_full_zip(result: nn.Module) -> bool:
+    """A full zip is one model of the input architecture (its state_dict loads into
+    it); a partial zip has a ``trunk`` and one ``head`` per model."""
+    report = _report_of(result)
+    if report is not None:
+        return report.cut is None
+    names = dict(result.named_children())
+    return not ("trunk" in names and "head0" in names)
+
+
+def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | Mapping[str, Any] | None = None,
+         example_inputs: Any = None) -> Path:
+    """Write ``result`` (what ``fxzip.merge`` returned) to ``directory``.
+
+    Args:
+        result: a merged model; its report (``result.meta["fxzip"]``) goes to
+            ``report.json``/``report.md``.
+        directory: created if needed; earlier fxzip outputs in it are replaced
+            (so it never holds a stale ``model.pt2`` beside a new
+            ``model.safetensors``).
+        model: how to rebuild the plain architecture of a full zip (a
+            ``ModelSpec`` or its dict: timm name or ``module:factory``,
+            ``num_classes``, ``img_size``); recorded in ``report.json`` so that
+            ``fxzip.load(directory)`` needs no arguments.
+        example_inputs: an input batch for ``torch.export`` (partial zips). By
+            default one is made from the input shapes recorded when the models
+            were traced.
+
+    Returns:
+        The directory, as a ``Path``.
+    """
+    if not isinstance(result, nn.Module):
+        raise TypeError(f"fxzip.save takes the module fxzip.merge returned, got a {type(result).__name__}")
+    spec = ModelSpec.from_dict(model) if isinstance(model, Mapping) else model
+    if spec is not None and not isinstance(spec, ModelSpec):
+        raise TypeError(f"model= must be a ModelSpec or a dict with 'name', got {type(model).__name__}")
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; pass a directory for the result files")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    report = _report_of(result)
+    info: dict[str, Any] = {"model": spec.to_dict() if spec is not None else None}
+    if is_full_zip(result):
+        _save_tensors(result.state_dict(), out / FULL_WEIGHTS)
+        info["files"] = {"weights": FULL_WEIGHTS}
+    else:
+        program, export_info = export_program(result, example_inputs)
+        torch.export.save(program, str(out / PROGRAM))
+        _save_tensors(result.state_dict(), out / STATE)
+        info["files"] = {"program": PROGRAM, "state_dict": STATE}
+        info["export"] = export_info
+    data = report.to_dict() if report is not None else {"versions": versions()}
+    data.update(_jsonable(info))
+    (out / REPORT_JSON).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    if report is not None:
+        (out / REPORT_MD).write_text(report.to_markdown())
+    return out
+
+
+def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None = None) -> nn.Module:
+    """Rebuild a result written by ``save`` (or ``fxzip merge --out``), in eval mode.
+
+    * partial zip (``model.pt2``): the exported program's module, with the
+      weights of ``state_dict.safetensors``; it returns one output per model.
+      With ``model=`` (a GraphModule of the same structure, e.g. from
+      ``fxzip.merge(..., stop_at=...)``), the weights are loaded into it instead.
+    * full zip (``model.safetensors``): the plain architecture, taken from
+      ``model`` (a module, loaded in place; a timm name or ``module:factory``;
+      a ``ModelSpec``) or else from the ``model`` recorded in ``report.json``.
+
+    A loaded GraphModule carries its report in ``.meta["fxzip"]``; for any
+    result ``load_report(directory)`` returns it.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory written by fxzip.save / fxzip merge --out")
+    data = _read_json(root)
+    if (root / PROGRAM).exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(root / STATE)) if (root / STATE).exists() else None
+        if isinstance(model, nn.Module):
+            if state is None:
+                raise FileNotFoundError(f"{root / STATE} is missing: it holds the weights to load into model=")
+            loaded = load_into(model, state, str(root / STATE))
+        else:
+            loaded = torch.export.load(str(root / PROGRAM)).module()
+            if state is not None:
+                _copy_weights(loaded, state, root / STATE)
+    elif (root / FULL_WEIGHTS).exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(root / FULL_WEIGHTS))
+        if isinstance(model, nn.Module):
+            target = model
+        else:
+            spec = ModelSpec(model) if isinstance(model, str) else model
+            if spec is None and data.get("model"):
+                spec = ModelSpec.from_dict(data["model"])
+            if spec is None:
+                raise ValueError(f"{root} holds a full zip (model.safetensors) but no record of its architecture; "
+                                 "pass model= (the architecture as a module, e.g. timm.create_model(NAME, "
+                                 "num_classes=N), or a ModelSpec)")
+            target = build_model(spec)
+        loaded = load_into(target, state, str(root / FULL_WEIGHTS))
+        _eval(loaded)
+    else:
+        raise FileNotFoundError(f"{root} holds neither {FULL_WEIGHTS} nor {PROGRAM}: not an fxzip result directory")
+    if isinstance(loaded, fx.GraphModule) and "method" in data:
+        loaded.meta["fxzip"] = MergeReport.from_dict(data)
+    return loaded
+
+
+def load_report(directory: str | os.PathLike) -> MergeReport:
+    """The ``MergeReport`` saved in ``directory/report.json``."""
+    data = _read_json(Path(directory))
+    if "method" not in data:
+        raise ValueError(f"{directory}/{REPORT_JSON} holds no merge report (the result was saved without one)")
+    return MergeReport.from_dict(data)
+
+
+def export_program(result: nn.Module, example_inputs: Any = None) -> tuple[Any, dict[str, Any]]:
+    """``torch.export`` of ``result`` with a dynamic batch dimension on every input.
+
+    A model whose graph fixes the batch size (e.g. a reshape to a literal batch)
+    is exported for the example's batch size instead, with a warning and the
+    reason in the returned info (it lands in ``report.json``).
+    """
+    args = _example_args(result) if example_inputs is None else (
+        tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    was_training = result.training
+    result.eval()
+    try:
+        try:
+            program = torch.export.export(result, args, dynamic_shapes=dynamic)
+            return program, {"dynamic_batch": True, "example_shapes": [_shape(a) for a in args]}
+        except Exception as exc:  # torch.export raises many types for a specialised batch
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"model.pt2 is exported for batch size {args[0].shape[0]} only: a dynamic batch "
+                          f"dimension failed ({reason})", stacklevel=3)
+            program = torch.export.export(result, args)
+            return program, {"dynamic_batch": False, "reason": reason, "example_shapes": [_shape(a) for a in args]}
+    finally:
+        result.train(was_training)
+
+
+def _example_args(result: nn.Module) -> tuple:
+    """Random inputs of the shapes recorded on the graph's placeholders (batch of 2:
+    torch.export specialises a batch of 1)."""
+    if not isinstance(result, fx.GraphModule):
+        raise ValueError("pass example_inputs= to fxzip.save: the result is not a GraphModule with recorded "
+                         "input shapes")
+    args = []
+    for node in result.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            if node.args:  # an optional input with a default (timm's attn_mask=None)
+                break
+            raise ValueError(f"input {node.name!r} has no recorded shape; pass example_inputs= to fxzip.save")
+        shape = list(meta.shape)
+        if shape:
+            shape[0] = max(2, shape[0])
+        device = next((t.device for t in result.parameters()), torch.device("cpu"))
+        if meta.dtype.is_floating_point:
+            args.append(torch.randn(shape, dtype=meta.dtype, device=device))
+        else:
+            args.append(torch.zeros(shape, dtype=meta.dtype, device=device))
+    return tuple(args)
+
+
+def _shape(a: Any) -> Any:
+    return list(a.shape) if isinstance(a, torch.Tensor) else None
+
+
+def _save_tensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses tensors that share memory (tied weights): every entry
+    is written as its own contiguous copy, under the state_dict's own names."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path),
+              metadata={"format": "pt", "producer": "fxzip"})
+
+
+def _copy_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Weights of the saved GraphModule into the exported program's module (its
+    parameters and buffers keep the GraphModule's names; constants the program
+    folded in, such as the heads' gather indices, are not replaced)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        raise ValueError(f"{source} does not match model.pt2 (missing {missing[:4]}, shapes differ {wrong[:4]}); "
+                         "the directory mixes files of two results: save the result again")
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _eval(module: nn.Module) -> None:
+    module.eval()
+
+
+def _read_json(root: Path) -> dict[str, Any]:
+    path = root / REPORT_JSON
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _report_of(result: nn.Module) -> MergeReport | None:
+    meta = getattr(result, "meta", None)
+    report = meta.get("fxzip") if isinstance(meta, dict) else None
+    return report if isinstance(report, MergeReport) else None

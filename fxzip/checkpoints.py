@@ -106,7 +106,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
     timm: ``timm.create_model(name, num_classes=..., pretrained=False)`` with
     ``img_size`` when the model takes it (ViTs and other models whose position
     tables depend on it). A factory gets ``num_classes``/``img_size`` only when its
-    signature accepts them.
+    signature accepts them. ``spec.img_size`` is set to None when the model does
+    not take it (CNNs run at any size), so the spec rebuilds the model as built.
     """
     kwargs = dict(spec.kwargs)
     if spec.is_factory:
@@ -115,6 +116,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
             value = getattr(spec, key)
             if value is not None and _accepts(factory, key):
                 kwargs[key] = value
+            elif key == "img_size":
+                spec.img_size = None
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"--model {spec.name!r} returned a {type(model).__name__}, not an nn.Module")
@@ -129,7 +132,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         except TypeError as exc:
             if "img_size" not in str(exc):
                 raise
-            # the model takes no img_size (CNNs run at any size): the data's size is all it needs
+            spec.img_size = None  # the model takes no img_size: the data's size is all it needs
     return timm.create_model(spec.name, pretrained=False, **kwargs).eval()
 
 

@@ -5,12 +5,41 @@ Subcommands:
 * ``fxzip demo [--seed N] [--epochs N] [--width N] [--threads N]``: train two small CNNs on disjoint
   halves of the 8x8 digits, merge them with every method and print the
   papers' table (about a minute on 2 CPU cores, offline).
+* ``fxzip merge CKPT CKPT [CKPT ...] --model NAME --data PATH --out DIR [...]``:
+  merge checkpoints of one architecture on calibration images and write the
+  result with ``fxzip.save`` (``model.safetensors`` or ``model.pt2``,
+  ``report.json``, ``report.md``).
+* ``fxzip inspect --model NAME [--img-size N] [--json]``: the feature spaces and
+  cut points fxzip finds in a model, before any data.
+
+Errors in the arguments or the inputs are printed as one message without a
+traceback (set ``FXZIP_DEBUG=1`` for the traceback) and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
+
+MERGE_EPILOG = """\
+examples:
+  fxzip merge a.pth b.pth --model resnet18 --data calib/ --out merged/
+  fxzip merge a.pth b.pth --model resnet18 --data calib.tar.gz --out partial/ --stop-at 9
+  fxzip merge a.safetensors b.safetensors --model mypkg.nets:make_net --data x.npy --out merged/
+
+--data: an image folder (ImageFolder layout, labels ignored), a .tar.gz of one, or a
+.pt/.npy tensor N x C x H x W (uint8: images, preprocessed like files; float: model
+inputs, used as they are). Images get the model's timm evaluation transform
+(resize, center crop, normalise) at --img-size when given.
+
+--out: a full zip is model.safetensors, loadable with
+timm.create_model(NAME, num_classes=N, checkpoint_path=DIR/model.safetensors); a
+partial zip is model.pt2 (torch.export.load(path).module()(x) -> one output per
+model, no fxzip needed) and state_dict.safetensors; both with report.json and
+report.md.
+"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,7 +59,75 @@ def _build_parser() -> argparse.ArgumentParser:
         "and oversubscribed cores slow them down many times over)",
     )
     demo.set_defaults(func=_run_demo)
+    _add_merge(sub)
+    _add_inspect(sub)
     return parser
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    from fxzip.commands import merge_defaults
+
+    defaults = merge_defaults()
+    merge = sub.add_parser(
+        "merge", help="merge checkpoints of one architecture on calibration images, save the result",
+        description="Merge two or more checkpoints of one architecture, trained on different tasks, into one "
+        "model (ZipIt!) on unlabeled calibration images, and save it with its report.",
+        epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                       help="state_dict files (.pt/.pth/.bin/.ckpt: a 'state_dict', 'state_dict_ema' or 'model' "
+                       "entry is unwrapped; .safetensors), one per model, at least two")
+    merge.add_argument("--model", required=True, metavar="NAME",
+                       help="timm model name (built with pretrained=False), or module.path:factory for your own code")
+    merge.add_argument("--data", required=True, metavar="PATH", help="calibration inputs (see below)")
+    merge.add_argument("--out", required=True, metavar="DIR", help="directory for the result files")
+    merge.add_argument("--num-classes", type=int, nargs="+", metavar="N",
+                       help="classes of the models: one value for all, or one per checkpoint (default: read from "
+                       "each checkpoint's classifier)")
+    merge.add_argument("--img-size", type=int, metavar="N",
+                       help="input size in pixels: the data is resized to it, and timm models that take img_size "
+                       "(ViTs) are built for it (default: the model's data config)")
+    merge.add_argument("--method", default=defaults["method"],
+                       help=f"zipit, permute, weight_average, mudsc, mudsc_permute (default {defaults['method']})")
+    merge.add_argument("--alpha", type=float, default=defaults["alpha"],
+                       help=f"zipit's repeated-matching factor (default {defaults['alpha']})")
+    merge.add_argument("--beta", type=float, default=defaults["beta"],
+                       help=f"zipit's within-model merge budget (default {defaults['beta']})")
+    merge.add_argument("--stop-at", metavar="K|NAME",
+                       help="partial zip: zip the first K weight layers (the last cut with k <= K), or stop at the "
+                       "cut point NAME (see fxzip inspect)")
+    merge.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    merge.add_argument("--max-batches", type=int, help="calibrate on at most this many batches")
+    merge.add_argument("--no-reset-bn", action="store_true",
+                       help="keep the merged batch-norm statistics instead of recomputing them on the data")
+    merge.add_argument("--seed", type=int, default=defaults["seed"], help="random seed (default 0)")
+    merge.add_argument("--quiet", action="store_true", help="no progress, no table: only the files written")
+    merge.set_defaults(func=_run_merge)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser(
+        "inspect", help="show the feature spaces and cut points fxzip finds in a model (no data needed)",
+        description="Trace and analyze a model as fxzip merge would: each feature space with its layers, size, "
+        "groups and ties, whether it is fixed and why; the cut points of a partial zip with k and MACs; for a "
+        "model fxzip cannot merge, the node and the reason (exit status 1).")
+    inspect.add_argument("--model", required=True, metavar="NAME", help="timm model name or module.path:factory")
+    inspect.add_argument("--img-size", type=int, metavar="N", help="input size (default: the model's data config)")
+    inspect.add_argument("--num-classes", type=int, metavar="N", help="classes of the classifier")
+    inspect.add_argument("--checkpoint", metavar="CKPT", help="load these weights first (checks that they fit)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=_run_inspect)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from fxzip.commands import run_merge
+
+    return run_merge(args)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from fxzip.commands import run_inspect
+
+    return run_inspect(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -48,7 +145,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (``sys.argv[1:]`` when None), run the subcommand, return its exit code."""
     args = _build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # fxzip's own errors (bad arguments, models it cannot merge) are ValueErrors with the fix in the
+        # message: print it alone; FXZIP_DEBUG=1 shows the traceback for a bug report
+        if os.environ.get("FXZIP_DEBUG"):
+            raise
+        print(f"fxzip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,4 @@
+"""``python -m fxzip ...``: the same command line as the ``fxzip`` entry point."""
+from fxzip.cli import main
+
+raise SystemExit(main())

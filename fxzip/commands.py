@@ -1,0 +1,186 @@
+"""What ``fxzip merge`` and ``fxzip inspect`` do (the argument parsing is in ``fxzip.cli``).
+
+Every argument is checked before any model is built or image decoded, so a
+typo costs a second; errors are raised as ``UsageError`` and printed without a
+traceback by ``fxzip.cli``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UsageError", "run_merge", "run_inspect", "merge_defaults", "parse_stop_at"]
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work, with the fix in the message."""
+
+
+def merge_defaults() -> dict[str, Any]:
+    """``fxzip.merge``'s keyword defaults (the CLI's defaults follow them)."""
+    from .merge import merge
+
+    return {k: p.default for k, p in inspect.signature(merge).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def parse_stop_at(value: str | None) -> int | str | None:
+    """``--stop-at``: an int k (weight layers zipped) or a cut point's name."""
+    if value is None:
+        return None
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+class _Say:
+    """Progress lines on stderr (results go to stdout), silent with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
+    """Everything that can be checked without building a model; returns the
+    number of classes per checkpoint (None: read from the checkpoint)."""
+    from .checkpoints import CHECKPOINT_SUFFIXES, check_model_name
+    from .images import check_data_path
+    from .matching import MATCHERS
+    from .merge import DUAL_SPACE
+
+    if len(args.checkpoints) < 2:
+        raise UsageError(f"fxzip merge needs at least two checkpoints, got {len(args.checkpoints)}")
+    for ckpt in args.checkpoints:
+        p = Path(ckpt)
+        if not p.is_file():
+            raise UsageError(f"checkpoint {ckpt}: no such file")
+        if not p.name.lower().endswith(CHECKPOINT_SUFFIXES):
+            raise UsageError(f"checkpoint {ckpt}: unknown format; fxzip reads state_dict files "
+                             f"({', '.join(CHECKPOINT_SUFFIXES)})")
+    n = len(args.checkpoints)
+    classes = args.num_classes
+    if classes is not None and len(classes) not in (1, n):
+        raise UsageError(f"--num-classes takes one value for all {n} checkpoints or one per checkpoint, "
+                         f"got {len(classes)}")
+    if classes is not None and any(c < 0 for c in classes):
+        raise UsageError("--num-classes must not be negative")
+    for name in ("img_size", "batch_size", "max_batches"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
+    if args.method not in methods:
+        raise UsageError(f"--method {args.method!r} is not a method; choose one of {', '.join(methods)}")
+    for name in ("alpha", "beta"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    check_model_name(args.model)
+    check_data_path(args.data)
+    return list(classes) * (n if len(classes) == 1 else 1) if classes is not None else [None] * n
+
+
+def load_models(model: str, checkpoints: list[str], classes: list[int | None], img_size: int | None,
+                say: Any = print) -> tuple[list[Any], list[Any]]:
+    """Build one model per checkpoint and load it strictly; ``classes[k]`` None
+    reads the classifier's size from checkpoint k (timm models)."""
+    from .checkpoints import ModelSpec, build_model, classifier_classes, load_into, read_state_dict
+
+    models, specs = [], []
+    for path, n_cls in zip(checkpoints, classes):
+        state, entry = read_state_dict(path)
+        say(f"{path}: {len(state)} tensors" + (f" from the checkpoint's {entry!r} entry" if entry else ""))
+        if n_cls is None and ":" not in model:
+            import timm.models
+
+            names = timm.models.get_pretrained_cfg_value(model, "classifier") or ()
+            names = [names] if isinstance(names, str) else list(names)
+            found = [int(state[f"{c}.weight"].shape[0]) for c in names if f"{c}.weight" in state]
+            if found:
+                n_cls = found[0]
+                say(f"{path}: {n_cls} classes (the size of its {names[0]}.weight; --num-classes overrides)")
+        spec = ModelSpec(model, n_cls, img_size)
+        net = build_model(spec)
+        if n_cls is None:
+            n_cls = classifier_classes(net, state)
+            spec.num_classes = n_cls
+        models.append(load_into(net, state, path))
+        specs.append(spec)
+    return models, specs
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``fxzip merge``: checkpoints + images -> a merged model in ``--out``."""
+    classes = _check_merge_args(args)
+    say = _Say(args.quiet)
+    import torch
+
+    from . import __version__
+    from .images import open_data
+    from .io import save
+    from .merge import merge
+
+    torch.manual_seed(args.seed)
+    stop_at = parse_stop_at(args.stop_at)
+    say(f"fxzip {__version__}: building {len(args.checkpoints)} x {args.model}")
+    models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say)
+    with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
+        say(f"data: {source.description}")
+        say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
+            + (f", stop at {stop_at!r}" if stop_at is not None else "")
+            + (", batch-norm statistics kept" if args.no_reset_bn else "") + ")")
+        result = merge(*models, data=source.loader(), method=args.method, alpha=args.alpha, beta=args.beta,
+                       stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
+                       max_batches=args.max_batches, progress=not args.quiet, seed=args.seed)
+        input_size = list(source.config["input_size"])
+    report = result.meta["fxzip"]
+    report.settings = {
+        "command": "fxzip merge", "model": args.model, "checkpoints": [str(c) for c in args.checkpoints],
+        "num_classes": [s.num_classes for s in specs], "img_size": args.img_size, "input_size": input_size,
+        "data": str(args.data), "method": args.method, "alpha": args.alpha, "beta": args.beta,
+        "stop_at": stop_at, "batch_size": args.batch_size, "max_batches": args.max_batches,
+        "reset_bn": not args.no_reset_bn, "seed": args.seed,
+    }
+    say(f"saving to {args.out}")
+    out = save(result, args.out, model=specs[0] if all(s == specs[0] for s in specs) else None)
+    if not args.quiet:
+        print(report.table())
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out}: {', '.join(files)}")
+    if (out / "model.safetensors").exists() and ":" not in args.model:
+        kw = f", img_size={specs[0].img_size}" if specs[0].img_size else ""
+        print(f"load it: timm.create_model({args.model!r}, num_classes={specs[0].num_classes}{kw}, "
+              f"checkpoint_path={str(out / 'model.safetensors')!r})")
+    elif (out / "model.pt2").exists():
+        print(f"load it: torch.export.load({str(out / 'model.pt2')!r}).module()(x)  "
+              f"-> {report.n_models} outputs, one per model")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``fxzip inspect``: what fxzip sees in a model before any data."""
+    from .checkpoints import check_model_name
+    from .inspection import inspect_model
+
+    if args.img_size is not None and args.img_size < 1:
+        raise UsageError(f"--img-size must be at least 1, got {args.img_size}")
+    check_model_name(args.model)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    found = inspect_model(args.model, img_size=args.img_size, num_classes=args.num_classes,
+                          checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(found.to_dict(), indent=1, allow_nan=False))
+    else:
+        print(found.text())
+    return 0 if found.error is None else 1

@@ -45,12 +45,20 @@ class AxisRole:
 
 @dataclass(frozen=True)
 class Probe:
-    """Channels ``offset .. offset + size`` along axis ``dim`` of node ``node``."""
+    """Channels ``offset .. offset + size`` along axis ``dim`` of node ``node``.
+
+    ``samples``: elements per channel of the probed tensor (batch x pixels or
+    tokens) for the example batch. ``unreduced``: when the probed tensor is a
+    sample-reducing view of an earlier tensor of the same channels (a global
+    pool, a token mean, a class-token select, a strided pool), that earlier
+    tensor, the one just before the first reduction; see ``fxzip.probes``."""
 
     node: str
     dim: int
     offset: int
     size: int
+    samples: int = 0
+    unreduced: "Probe | None" = None
 
 
 @dataclass
@@ -532,19 +540,45 @@ class Analyzer:
     def _collect_probes(self, spaces: list[FeatureSpace], space_of: dict[int, int]) -> None:
         """A probe point is a tensor of the space that something other than a
         channel-wise op reads: the features a next layer actually sees (after the
-        nonlinearity, as in the papers). All probe points of a space pool their
-        samples (every pixel / token of every probe is one sample)."""
+        nonlinearity, as in the papers), in graph order. Which of them a
+        calibration observes, and with what weight, is ``fxzip.probes``' policy."""
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node)
             if not isinstance(lay, Layout) or not lay.has_channels or lay.grouped:
                 continue
             if not node.users or all(u in self.passthrough for u in node.users):
                 continue
+            before = self._before_reduction(node, lay)
             offset = 0
             for seg in lay.segments:
                 if seg.inner == 1:
-                    spaces[space_of[seg.space]].probes.append(Probe(node.name, lay.dim, offset, seg.size))
+                    unreduced = None if before is None else Probe(before[0].name, before[1].dim, offset, seg.size,
+                                                                  _samples(before[0], before[1].dim))
+                    spaces[space_of[seg.space]].probes.append(
+                        Probe(node.name, lay.dim, offset, seg.size, _samples(node, lay.dim), unreduced))
                 offset += seg.length
+
+    def _before_reduction(self, node: fx.Node, lay: Layout) -> tuple[fx.Node, Layout] | None:
+        """Walk back from ``node`` through channel-preserving single-input ops
+        (flatten, pooling, token select, norms, activations) while the channel
+        segments stay the same; return the tensor just before the earliest step
+        that reduced the number of samples, if any step did. The channels sit at
+        the same offsets there (same segments), possibly on another axis."""
+        found = None
+        n_cur = _samples(node, lay.dim)
+        while node in self.passthrough:
+            parents = [a for a in _flat_nodes(node)
+                       if isinstance(self.layouts.get(a), Layout) and self.layouts[a].has_channels]
+            if len(parents) != 1:
+                break
+            parent, parent_lay = parents[0], self.layouts[parents[0]]
+            if parent_lay.grouped or parent_lay.segments != lay.segments:
+                break
+            n_parent = _samples(parent, parent_lay.dim)
+            if n_parent > n_cur > 0:
+                found = (parent, parent_lay)
+            node, lay, n_cur = parent, parent_lay, n_parent
+        return found
 
 
 def analyze(gm: fx.GraphModule) -> GraphAnalysis:
@@ -553,6 +587,14 @@ def analyze(gm: fx.GraphModule) -> GraphAnalysis:
 
 
 # -- helpers -----------------------------------------------------------------
+
+def _samples(node: fx.Node, dim: int | None) -> int:
+    """Elements per channel of ``node``'s tensor (0 when its shape is unknown)."""
+    shape = _shape(node)
+    if shape is None or dim is None or shape[dim] == 0:
+        return 0
+    return int(torch.Size(shape).numel()) // int(shape[dim])
+
 
 def _carries(lay: Any) -> bool:
     if isinstance(lay, tuple):

@@ -22,9 +22,11 @@ from .data import Batches
 from .grouped import blocks_of, identity_match, match_all, match_units
 from .mudsc import dual_space_match
 from .permute import default_example
+from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy, probe_policy
 from .matching import MATCHERS, Similarity, get_matcher, mean_matched_correlation
 from .passes.fold import fold
 from .passes.observe import OBSERVERS, insert_observers
+from .passes.repair import repair as repair_variance
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
 from .passes.split import split_aligned, split_at_cut
@@ -38,7 +40,8 @@ __all__ = ["merge", "calibrate", "Calibration", "check_same_architecture"]
 def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit", alpha: float = 0.3,
           beta: float = 0.125, stop_at: Any = None, reset_bn: bool | None = None, max_batches: int | None = None,
           inputs: Callable[[Any], Any] | None = None, progress: bool = True, weight_similarity: float = 0.5,
-          example_inputs: Any = None, seed: int = 0) -> fx.GraphModule:
+          example_inputs: Any = None, seed: int = 0, probes: str | ProbePolicy = DEFAULT_PROBES,
+          repair: bool = False) -> fx.GraphModule:
     """Merge models of one architecture, trained on different tasks, into one.
 
     Args:
@@ -76,6 +79,18 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         example_inputs: an input batch for tracing when ``data`` is None (timm
             models with a declared input size need none).
         seed: seeds MuDSC's order of re-matching spaces.
+        probes: where each feature space is observed (``fxzip.probes``): "all"
+            probe points pooled, "last" (where a stream leaves its stage),
+            "before_reduce" (feature maps before global pooling or class-token
+            select, not after), combinations, or a ``ProbePolicy``. With a
+            ``Calibration`` as ``data`` it must be the calibration's policy.
+        repair: variance repair (REPAIR): give every merged feature, where it
+            enters a nonlinearity or a norm, the mean and std its matched
+            originals had, folded into the layer that produces it (no new
+            parameters; ``fxzip.passes.repair``). For BatchNorm features the norm
+            reset does this; repair covers GroupNorm, LayerNorm, norm-free nets
+            and transformers. Costs one pass over ``data`` for the targets and
+            about one per layer depth (``report.details["repair"]``). Full zips.
 
     Returns:
         Full zip: a ``GraphModule`` with the architecture's nodes and parameter
@@ -85,14 +100,18 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         say where a partial zip was cut and why).
     """
     matcher = _check_args(models, method, alpha, beta, stop_at)
+    policy = probe_policy(probes)
+    if repair and data is None:
+        raise ValueError("repair=True measures the merged features on data; pass data=..., or repair=False for a "
+                         "data-free merge.")
     reset_bn = _check_data_free(models, data, method, weight_similarity, reset_bn, example_inputs)
     if isinstance(data, Calibration):
-        cal = data.reused_for(models)
+        cal = data.reused_for(models, policy)
     elif data is None:
         cal = _prepare(models, [example_inputs if example_inputs is not None else default_example(models[0])],
-                       None, inputs)
+                       None, inputs, policy)
     else:
-        cal = _prepare(models, data, max_batches, inputs)
+        cal = _prepare(models, data, max_batches, inputs, policy)
     seconds = dict(cal.seconds)
     analysis, gms, batches, common = cal.analysis, cal.models, cal.batches, cal.common
     with _timed(seconds, "analysis"):
@@ -116,6 +135,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
                                                  beta, method, weight_similarity, seed, progress)
         else:
             matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method)
+    if needs_activations and not data_free:
+        details["probes"] = cal.probes.name
     with _timed(seconds, "folding"):
         assign = {i: m.assign for i, m in matches.items()}
         merged = fold(gms[0], states or gms, analysis, assign)
@@ -123,6 +144,17 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             merged = split_aligned(merged, gms, common, cut, assign)
         elif cut is not None:
             merged = split_at_cut(merged, gms, analysis, cut, assign)
+    if repair and cut is not None:
+        warnings.warn("repair=True applies to full zips only; the partial zip was not repaired", stacklevel=2)
+        report_warnings.append("repair=True applies to full zips only; the partial zip was not repaired")
+    elif repair:
+        with _timed(seconds, "repair"):
+            if reset_bn:  # the repair measures features downstream of the norms: reset them first
+                reset_batch_norm(merged, batches, lambda m, b: m(*b))
+            joint, node_maps = side_by_side(gms, common)
+            mergeable = {sp.index for sp in analysis.spaces if sp.mergeable}
+            fixed = repair_variance(merged, analysis, mergeable, joint, node_maps, assign, batches)
+            details["repair"] = {**fixed.summary(), "norm_reset_passes": 2 if reset_bn else 0}
     if reset_bn:
         with _timed(seconds, "reset"):
             reset_batch_norm(merged, batches, lambda m, b: m(*b))
@@ -141,8 +173,10 @@ class Calibration:
     """
 
     def __init__(self, originals: Sequence[nn.Module], models: list[fx.GraphModule], analysis: GraphAnalysis,
-                 batches: Batches, seconds: dict[str, float], common: CommonPart | None = None):
+                 batches: Batches, seconds: dict[str, float], common: CommonPart | None = None,
+                 probes: ProbePolicy = PROBE_POLICIES[DEFAULT_PROBES]):
         self.originals = list(originals)
+        self.probes = probes
         self.models, self.analysis, self.batches = models, analysis, batches
         self.common = common  # None: node-for-node identical graphs; else the alignment (fxzip.align)
         self.seconds = seconds
@@ -153,36 +187,41 @@ class Calibration:
     def run(self, progress: bool = True) -> "Calibration":
         if not self.stats and self.spaces:
             self.stats, self.n_batches, self.n_samples = _calibrate(self.models, self.analysis, self.spaces,
-                                                                    self.batches, progress, self.common)
+                                                                    self.batches, progress, self.common, self.probes)
         return self
 
-    def reused_for(self, models: Sequence[nn.Module]) -> "Calibration":
+    def reused_for(self, models: Sequence[nn.Module], probes: ProbePolicy | None = None) -> "Calibration":
         if len(models) != len(self.originals) or any(a is not b for a, b in zip(models, self.originals)):
             raise ValueError("this Calibration was computed for other models; pass the same model objects, "
                              "in the same order, as to fxzip.calibrate")
+        if probes is not None and probes != self.probes:
+            raise ValueError(f"this Calibration observed the models with probes={self.probes.name!r}, not "
+                             f"{probes.name!r}; pass probes= to fxzip.calibrate instead (statistics depend on it)")
         return self
 
 
 def calibrate(*models: nn.Module, data: Iterable[Any], max_batches: int | None = None,
-              inputs: Callable[[Any], Any] | None = None, progress: bool = True) -> Calibration:
+              inputs: Callable[[Any], Any] | None = None, progress: bool = True,
+              probes: str | ProbePolicy = DEFAULT_PROBES) -> Calibration:
     """Trace, analyze and calibrate once; then ``merge(*models, data=calibration, ...)``
-    as often as you like (the hyperparameter grid of the papers costs one pass)."""
+    as often as you like (the hyperparameter grid of the papers costs one pass).
+    ``probes``: the probe policy (see ``merge``); merges of this calibration use it."""
     _check_args(models, "weight_average", 0.0, 0.0, None)
-    cal = _prepare(models, data, max_batches, inputs)
+    cal = _prepare(models, data, max_batches, inputs, probe_policy(probes))
     start = time.perf_counter()
     cal.run(progress)
     cal.seconds["calibration"] = time.perf_counter() - start
     return cal
 
 
-def _prepare(models, data, max_batches, inputs) -> Calibration:
+def _prepare(models, data, max_batches, inputs, probes: ProbePolicy = PROBE_POLICIES[DEFAULT_PROBES]) -> Calibration:
     seconds: dict[str, float] = {}
     batches = Batches(data, max_batches, inputs)
     with _timed(seconds, "trace"):
         gms = [trace(m, batches.example) for m in models]
     with _timed(seconds, "analysis"):
         common, analysis = analyze_models(gms)  # aligns the models unless their graphs are identical
-    return Calibration(models, gms, analysis, batches, seconds, common)
+    return Calibration(models, gms, analysis, batches, seconds, common, probes)
 
 
 DUAL_SPACE = {"mudsc": "zipit", "mudsc_permute": "permute"}
@@ -265,9 +304,9 @@ def _output_warnings(analysis: GraphAnalysis) -> list[str]:
 
 
 def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches, progress: bool,
-               common: CommonPart | None = None):
+               common: CommonPart | None = None, probes: ProbePolicy = PROBE_POLICIES[DEFAULT_PROBES]):
     joint, node_maps = side_by_side(gms, common)
-    insert_observers(joint, node_maps, analysis, spaces)
+    insert_observers(joint, node_maps, analysis, spaces, probes)
     device, _ = _device_dtype(gms[0])
     joint.get_submodule(OBSERVERS).to(device)  # statistics accumulate where the features are (GPU models)
     joint.eval()
@@ -330,6 +369,10 @@ def _report_rows(analysis, sims, matches, method) -> list[SpaceReport]:
             rows.append(SpaceReport(sp.index, sp.name, sp.size, method == "weight_average" and not sp.fixed
                                     and not sp.touches_output, m.within, m.cross, 0, float("nan"),
                                     "; ".join(["identity: " + why] + notes)))
+    from .naming import space_label
+
+    for row, sp in zip(rows, analysis.spaces):
+        row.label = space_label(sp)  # what the space is: "layer1 stream (conv1, ...)", "layer2.0 hidden (conv1)"
     return rows
 
 

@@ -131,7 +131,9 @@ class SpaceObserver(nn.Module):
                             for a, b in zip(edges, edges[1:])]
         self._shift32: torch.Tensor | None = None
 
-    def forward(self, *features: torch.Tensor, dim: int, offset: int) -> None:
+    def forward(self, *features: torch.Tensor, dim: int, offset: int, weight: float = 1.0) -> None:
+        """``weight``: what each sample of this call counts (probe points weighted
+        per point, ``fxzip.probes``); 1.0 adds the sums unscaled."""
         size = self.size
         # (size, s1, s2, ...): channel-major views, no copy
         views = [f.narrow(dim, offset, size).movedim(dim, 0) for f in features]
@@ -157,9 +159,9 @@ class SpaceObserver(nn.Module):
                 chunk = v.narrow(1, s0, s1 - s0)
                 sh = shift[k * size:(k + 1) * size].view((size,) + (1,) * (chunk.dim() - 1))
                 torch.sub(chunk, sh, out=x[k * size:(k + 1) * size].view(chunk.shape))
-            self.total += x.sum(1).double()
-            self._gram_update(x)
-        self.count += samples
+            self.total.add_(x.sum(1).double(), alpha=weight)
+            self._gram_update(x, weight)
+        self.count += samples * weight
 
     def _start(self, views: list[torch.Tensor]) -> None:
         if not bool(self.started):
@@ -168,14 +170,17 @@ class SpaceObserver(nn.Module):
             self.started.fill_(True)
         self._shift32 = self.shift.float()
 
-    def _gram_update(self, x: torch.Tensor) -> None:
+    def _gram_update(self, x: torch.Tensor, weight: float = 1.0) -> None:
         blocks, ws = self._blocks, self.workspace
         for i, (a0, a1) in enumerate(blocks):
             xa = x[a0:a1]
             for b0, b1 in blocks[i:]:
                 prod = ws.prod(a1 - a0, b1 - b0, x)
                 torch.mm(xa, x[b0:b1].T, out=prod)
-                self.gram[a0:a1, b0:b1] += prod
+                if weight == 1.0:
+                    self.gram[a0:a1, b0:b1] += prod
+                else:
+                    self.gram[a0:a1, b0:b1].add_(prod, alpha=weight)
 
     def stats(self) -> SpaceStats:
         # Exact symmetry: the lower triangle becomes the transposed upper one, in

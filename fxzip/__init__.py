@@ -4,6 +4,7 @@
     merged = fxzip.merge(model_a, model_b, data=loader, method="permute")
 """
 from .cuts import CutPoint, cut_points
+from .io import load, save
 from .analysis import AnalysisError, FeatureSpace, GraphAnalysis, analyze
 from .matching import MATCHERS, register_matcher
 from .merge import Calibration, calibrate, merge
@@ -17,7 +18,7 @@ from .trace import TraceError, register_leaf_module, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "calibrate", "Calibration", "cut_points", "CutPoint", "permute_channels", "reset_norm_stats", "trace", "analyze", "register_rule",
+    "merge", "calibrate", "save", "load", "Calibration", "cut_points", "CutPoint", "permute_channels", "reset_norm_stats", "trace", "analyze", "register_rule",
     "register_leaf_module", "register_matcher", "MATCHERS", "MergeReport", "FeatureSpace", "ProbePolicy", "PROBE_POLICIES",
     "GraphAnalysis", "AnalysisError", "TraceError",
 ]

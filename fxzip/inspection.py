@@ -57,7 +57,7 @@ class Inspection:
             if s["rigid"]:
                 extra.append("rigid: units keep their place in a group")
             status = "matched" if s["mergeable"] else f"fixed ({s['fixed']})"
-            lines.append(f"  [{s['index']}] {s['name']}: {shape}, {status}" + (f"; {'; '.join(extra)}" if extra else ""))
+            lines.append(f"  [{s['index']}] {s['label']}: {shape}, {status}" + (f"; {'; '.join(extra)}" if extra else ""))
             lines.append(f"      written by {_listing(s['producers'])}")
             if s["consumers"]:
                 lines.append(f"      read by {_listing(s['consumers'])}")
@@ -98,6 +98,7 @@ def inspect_graph(name: str, gm: fx.GraphModule, example: tuple) -> Inspection:
     """The analysis and cut points of a traced model (``example``: a batch of one)."""
     from .analysis import analyze
     from .cuts import INPUT, find_cuts
+    from .naming import space_label
 
     found = Inspection(name, list(example[0].shape[1:]) if example and hasattr(example[0], "shape") else [])
     found.params = sum(p.numel() for p in gm.parameters())
@@ -114,7 +115,7 @@ def inspect_graph(name: str, gm: fx.GraphModule, example: tuple) -> Inspection:
     for sp in analysis.spaces:
         fixed = ("model output" if sp.touches_output else "; ".join(sorted(set(sp.fixed))) if sp.fixed else "")
         found.spaces.append({
-            "index": sp.index, "name": paths.get(sp.name, sp.name), "size": sp.size, "groups": sp.groups,
+            "index": sp.index, "name": paths.get(sp.name, sp.name), "label": space_label(sp), "size": sp.size, "groups": sp.groups,
             "tied_with": [i for i in sp.tie if i != sp.index], "bilinear": sp.bilinear, "rigid": sp.rigid,
             "mergeable": sp.mergeable, "fixed": fixed, "producers": where(sp.producers),
             "consumers": where(sp.consumers), "params": len(sp.params), "probes": len(sp.probes),

@@ -13,7 +13,8 @@ A directory written by ``save`` (and by ``fxzip merge --out``) holds:
   ``state_dict.safetensors`` (the merged GraphModule's state: the weights in
   a format every tool reads);
 * ``report.json`` (``MergeReport.to_dict()`` plus how to rebuild the model and
-  which files were written) and ``report.md`` (the same, readable).
+  which files were written), ``report.md`` (the same, readable) and, when
+  matplotlib is installed, ``correlation.png`` (``MergeReport.plot``).
 
 ``load`` rebuilds a result from such a directory: a partial zip from its
 exported program (no architecture needed), a full zip from the architecture,
@@ -43,7 +44,8 @@ PROGRAM = "model.pt2"
 STATE = "state_dict.safetensors"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-_OUTPUTS = (FULL_WEIGHTS, PROGRAM, STATE, REPORT_JSON, REPORT_MD, "correlation.png", "cuts.png")
+PLOT = "correlation.png"
+_OUTPUTS = (FULL_WEIGHTS, PROGRAM, STATE, REPORT_JSON, REPORT_MD, PLOT, "cuts.png")
 
 
 def is_full_zip(result: nn.Module) -> bool:
@@ -89,6 +91,8 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
     for name in _OUTPUTS:
         (out / name).unlink(missing_ok=True)
     report = _report_of(result)
+    if report is not None:
+        report.mark_head_only(result)
     info: dict[str, Any] = {"model": spec.to_dict() if spec is not None else None}
     if is_full_zip(result):
         _save_tensors(result.state_dict(), out / FULL_WEIGHTS)
@@ -99,6 +103,8 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
         _save_tensors(result.state_dict(), out / STATE)
         info["files"] = {"program": PROGRAM, "state_dict": STATE}
         info["export"] = export_info
+    if report is not None and _plot(report, out / PLOT):
+        info["files"]["plot"] = PLOT
     data = report.to_dict() if report is not None else {"versions": versions()}
     data.update(_jsonable(info))
     (out / REPORT_JSON).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
@@ -246,6 +252,15 @@ def _copy_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
         raise ValueError(f"{source} does not match model.pt2 (missing {missing[:4]}, shapes differ {wrong[:4]}); "
                          "the directory mixes files of two results: save the result again")
     module.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _plot(report: MergeReport, path: Path) -> bool:
+    """``correlation.png`` when matplotlib is installed (it is optional)."""
+    try:
+        report.plot(path)
+    except ImportError:
+        return False
+    return True
 
 
 def _eval(module: nn.Module) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import platform
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -19,13 +20,15 @@ REPORT_FORMAT = 1
 """Version of the ``report.json`` layout (bumped when a key changes meaning)."""
 
 COLUMNS: dict[str, str] = {
-    "space": "the feature space: a set of tensors that share one channel basis, named by its first producer",
+    "space": "a feature space: tensors that share one channel basis, named by role and the modules that write it "
+             "(a stream: several layers add into it; hidden: one layer's output)",
     "size": "channels (units) in the space",
     "within/model": "units merged with another unit of the same model, per model (zipit's beta budget)",
     "cross": "merged units that combine units of different models",
     "const": "units whose activation was constant on the calibration data (no correlation to match on)",
     "corr": "mean correlation of the matched units (1: identical features; - : not matched)",
-    "note": "groups/heads, ties, or why the space kept the identity alignment (output, input, fixed op)",
+    "note": "groups/heads, ties, why the space kept the identity alignment (output, input, fixed op), "
+            "or 'head only' (after a partial zip's cut: every model keeps its own units)",
 }
 """The legend of the report's table (also in ``report.json`` and ``report.md``)."""
 
@@ -41,6 +44,12 @@ class SpaceReport:
     constant: int
     mean_corr: float
     note: str = ""
+    label: str = ""  # what the space is, by role and module paths (fxzip.naming); name is its first producer
+    head_only: bool = False  # partial zip: the space lies after the cut, so each head keeps its own units
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
 
 
 @dataclass
@@ -125,11 +134,7 @@ class MergeReport:
             lines += [f"| {k} | {_md(v)} |" for k, v in self.settings.items()] + [""]
         head = list(COLUMNS)
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for s in self.spaces:
-            cells = [s.name, str(s.size), ",".join(map(str, s.within)) if s.matched else "-",
-                     str(s.cross) if s.matched else "-", str(s.constant),
-                     "-" if s.mean_corr is None or math.isnan(s.mean_corr) else f"{s.mean_corr:.3f}", s.note]
-            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        lines += ["| " + " | ".join(_md(c) for c in _cells(s)) + " |" for s in self.spaces]
         lines += ["", "Columns:", ""] + [f"- **{k}**: {v}" for k, v in COLUMNS.items()] + [""]
         if self.macs:
             lines.append("Multiply-adds per input: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.macs.items())
@@ -142,11 +147,10 @@ class MergeReport:
         lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "."]
         return "\n".join(lines) + "\n"
 
-    def table(self) -> str:
-        head = ["space", "size", "within/model", "cross", "const", "corr", "note"]
-        rows = [[s.name, str(s.size), ",".join(map(str, s.within)) if s.matched else "-",
-                 str(s.cross) if s.matched else "-", str(s.constant),
-                 "-" if math.isnan(s.mean_corr) else f"{s.mean_corr:.3f}", s.note] for s in self.spaces]
+    def table(self, legend: bool = True) -> str:
+        """The per-space table, network order; ``legend``: one line per column after it."""
+        head = list(COLUMNS)
+        rows = [_cells(s) for s in self.spaces]
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         zipped = f"partial zip at {self.cut}" if self.cut is not None else "full zip"
@@ -160,10 +164,72 @@ class MergeReport:
         if self.seconds:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         lines += [f"warning: {w}" for w in self.warnings]
+        if legend:
+            lines += ["columns:"] + [f"  {k}: {v}" for k, v in COLUMNS.items()]
         return "\n".join(lines)
+
+    def mark_head_only(self, result: Any) -> "MergeReport":
+        """Mark the spaces a partial zip's heads keep as they were (written only after
+        the cut), from the result's graph: the trunk's nodes keep their names, the
+        heads' are prefixed ``head<k>_``. Their rows had been matched like the
+        others, which told nothing about the merged model. Idempotent."""
+        graph = getattr(result, "graph", None)
+        if self.cut is None or graph is None:
+            return self
+        trunk = {n.name for n in graph.nodes if not re.match(r"head\d+_", n.name)}
+        for row in self.spaces:
+            if row.name not in trunk and not row.head_only:
+                row.head_only = True
+        return self
+
+    def plot(self, path: Any = None) -> Any:
+        """Matched correlation and merges (within a model, across models) per space
+        in network order, as a matplotlib figure; saved to ``path`` when given.
+        matplotlib is imported here, so it stays an optional dependency."""
+        try:
+            from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+        except ImportError as exc:
+            raise ImportError("MergeReport.plot needs matplotlib: pip install matplotlib") from exc
+        rows = self.spaces
+        x = list(range(len(rows)))
+        fig = Figure(figsize=(max(6.0, 0.35 * len(rows) + 2), 6.5))
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        corr = [float("nan") if s.mean_corr is None or not s.matched or s.head_only else s.mean_corr for s in rows]
+        top.plot(x, corr, "o-", color="tab:blue")
+        top.set_ylabel("matched correlation")
+        top.set_ylim(min([0.0] + [c for c in corr if c == c]), 1.0)
+        top.set_title(f"fxzip {self.method}: {self.n_models} models"
+                      + (f", partial zip at {getattr(self.cut, 'name', self.cut)}" if self.cut is not None else ""))
+        within = [sum(s.within) / max(1, s.size * self.n_models) if s.matched and not s.head_only else 0.0
+                  for s in rows]
+        cross = [s.cross / max(1, s.size) if s.matched and not s.head_only else 0.0 for s in rows]
+        bottom.bar(x, cross, color="tab:green", label="cross-model merges / size")
+        bottom.bar(x, within, bottom=cross, color="tab:orange", label="within-model merges / (size x models)")
+        bottom.set_ylabel("fraction of units")
+        bottom.set_ylim(0.0, 1.35)  # room for the legend above the bars
+        bottom.legend(loc="upper left", fontsize="small", ncol=2)
+        head_only = [i for i, s in enumerate(rows) if s.head_only]
+        if head_only:
+            for ax in (top, bottom):
+                ax.axvspan(head_only[0] - 0.5, head_only[-1] + 0.5, color="0.9", zorder=0)
+            top.text(head_only[0], 0.95, "heads (after the cut)", fontsize="small", va="top")
+        bottom.set_xticks(x)
+        bottom.set_xticklabels([s.name for s in rows], rotation=90, fontsize="x-small")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _cells(s: SpaceReport) -> list[str]:
+    if s.head_only:
+        return [s.title, str(s.size), "-", "-", "-", "-", "head only: each model keeps its own units"]
+    return [s.title, str(s.size), ",".join(map(str, s.within)) if s.matched else "-",
+            str(s.cross) if s.matched else "-", str(s.constant),
+            "-" if s.mean_corr is None or math.isnan(s.mean_corr) else f"{s.mean_corr:.3f}", s.note]
 
 
 def versions() -> dict[str, str]:

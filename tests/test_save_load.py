@@ -45,7 +45,7 @@ def test_full_zip_is_a_plain_timm_checkpoint(pair, tmp_path):
     a, b, data = pair
     merged = fxzip.merge(a, b, data=data, progress=False)
     out = fxzip.save(merged, tmp_path / "full", model=ModelSpec("resnet18", num_classes=10))
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["correlation.png", "model.safetensors", "report.json", "report.md"]
     x = torch.randn(3, 3, 32, 32)
     plain = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(out / "model.safetensors")).eval()
     with torch.no_grad():
@@ -66,8 +66,8 @@ def test_partial_zip_is_an_exported_program(pair, tmp_path):
     partial = fxzip.merge(a, b, data=data, progress=False, stop_at=9)
     assert not partial.training  # like a full zip, ready for inference
     out = fxzip.save(partial, tmp_path / "partial")
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "report.json", "report.md",
-                                                     "state_dict.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["correlation.png", "model.pt2", "report.json",
+                                                     "report.md", "state_dict.safetensors"]
     loaded = fxzip.load(out)
     x = torch.randn(5, 3, 32, 32)  # exported with a batch of 2: the batch dimension is dynamic
     with torch.no_grad():
@@ -109,3 +109,21 @@ def test_load_errors_name_the_fix(pair, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         fxzip.save(a, tmp_path / "file")
+
+
+def test_report_names_spaces_and_marks_the_heads(pair, tmp_path):
+    a, b, data = pair
+    partial = fxzip.merge(a, b, data=data, progress=False, stop_at=9)
+    report = partial.meta["fxzip"]
+    labels = [s.label for s in report.spaces]
+    assert labels[0] == "layer1 stream (conv1, layer1.0.conv2, layer1.1.conv2)"
+    assert "layer2.0 hidden (conv1)" in labels and labels[-1] == "output (fc)"
+    fxzip.save(partial, tmp_path / "p")
+    head_only = [s.name for s in report.spaces if s.head_only]  # marked by save, from the result's graph
+    assert head_only == ["layer3_0_conv1", "layer3_0_conv2", "layer3_1_conv1", "layer4_0_conv1", "layer4_0_conv2",
+                         "layer4_1_conv1", "fc"]
+    text = report.table()
+    assert "head only" in text and "columns:" in text and "layer2 stream (layer2.0.conv2" in text
+    saved = load_report(tmp_path / "p")
+    assert [s.head_only for s in saved.spaces] == [s.head_only for s in report.spaces]
+    assert (tmp_path / "p" / "correlation.png").stat().st_size > 1000

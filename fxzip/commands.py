@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "run_merge", "run_inspect", "merge_defaults", "parse_stop_at"]
+__all__ = ["UsageError", "run_merge", "run_inspect", "run_sweep", "merge_defaults", "parse_stop_at"]
 
 
 class UsageError(ValueError):
@@ -82,8 +82,8 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
     for name in ("alpha", "beta"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     check_model_name(args.model)
     check_data_path(args.data)
@@ -184,3 +184,76 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         print(found.text())
     return 0 if found.error is None else 1
+
+
+def _eval_folder(path: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"--eval {path}: not a directory; each --eval is a labelled image folder (ImageFolder "
+                         "layout: one sub-folder per class, in the order of the model's logits)")
+    if not any(c.is_dir() for c in p.iterdir()):
+        raise UsageError(f"--eval {path}: no class folders in it; labels come from sub-folders (ImageFolder layout)")
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``fxzip sweep``: one calibration, a grid of merges, each scored per task."""
+    from .merge import DUAL_SPACE
+    from .matching import MATCHERS
+
+    args.method = args.methods[0]
+    args.alpha, args.beta = args.alphas[0], args.betas[0]
+    args.stop_at = None
+    classes = _check_merge_args(args)
+    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
+    for method in args.methods:
+        if method not in methods:
+            raise UsageError(f"--methods {method!r} is not a method; choose from {', '.join(methods)}")
+    for name, values in (("alphas", args.alphas), ("betas", args.betas)):
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise UsageError(f"--{name} must be in [0, 1], got {values}")
+    if len(args.eval) != len(args.checkpoints):
+        raise UsageError(f"--eval takes one labelled folder per checkpoint ({len(args.checkpoints)}), "
+                         f"got {len(args.eval)}")
+    for folder in args.eval:
+        _eval_folder(folder)
+    if args.eval_max is not None and args.eval_max < 1:
+        raise UsageError(f"--eval-max must be at least 1, got {args.eval_max}")
+    stops = [None if s == "full" else "all" if s == "all" else parse_stop_at(s) for s in args.stop_at_values]
+    say = _Say(args.quiet)
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from .images import data_config, image_transform, open_data
+    from .sweep import sweep, table, write_outputs
+
+    torch.manual_seed(args.seed)
+    models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say)
+    config = data_config(models[0], args.img_size)
+    from torchvision.datasets import ImageFolder
+
+    loaders = []
+    for folder in args.eval:
+        dataset = ImageFolder(folder, transform=image_transform(config))
+        if args.eval_max is not None and len(dataset) > args.eval_max:
+            pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.eval_max]
+            subset = Subset(dataset, sorted(pick.tolist()))
+            subset.classes = dataset.classes  # type: ignore[attr-defined]
+            dataset = subset
+        say(f"eval {folder}: {len(dataset)} images, {len(getattr(dataset, 'classes', []))} classes")
+        loaders.append(DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0))
+    with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
+        say(f"data: {source.description}")
+        rows = sweep(models, source.loader(), loaders, args.methods, args.alphas, args.betas, stops,
+                     reset_bn=False if args.no_reset_bn else None, max_batches=args.max_batches, seed=args.seed,
+                     progress=not args.quiet, say=say)
+    print(table(rows))
+    if args.out:
+        settings = {"command": "fxzip sweep", "model": args.model, "checkpoints": list(args.checkpoints),
+                    "num_classes": [s.num_classes for s in specs], "data": args.data, "eval": list(args.eval),
+                    "img_size": args.img_size, "input_size": list(config["input_size"]), "methods": args.methods,
+                    "alphas": args.alphas, "betas": args.betas, "stop_at": args.stop_at_values,
+                    "batch_size": args.batch_size, "max_batches": args.max_batches, "eval_max": args.eval_max,
+                    "reset_bn": not args.no_reset_bn, "seed": args.seed}
+        files = write_outputs(rows, Path(args.out), settings)
+        print(f"wrote {args.out}: {', '.join(files)}")
+    return 0

@@ -237,3 +237,50 @@ def test_merge_says_when_a_checkpoint_does_not_fit(files, tmp_path, capsys):
     assert main(["merge", str(root / "a.pth"), str(root / "a_copy.pt"), "--model", "resnet34", "--data",
                  str(root / "images"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "does not fit the model" in capsys.readouterr().err
+
+
+def test_sweep_calibrates_once_and_scores_every_merge(files, tmp_path, capsys):
+    root, a, _ = files
+    rng = np.random.default_rng(2)
+    for task in ("evalA", "evalB"):
+        for i in range(12):
+            folder = tmp_path / task / f"c{i % 3}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert main(["sweep", str(root / "a.pth"), str(root / "a_copy.pt"), "--model", "resnet18",
+                 "--data", str(root / "images"), "--eval", str(tmp_path / "evalA"), str(tmp_path / "evalB"),
+                 "--img-size", str(SIZE), "--batch-size", "16", "--methods", "zipit", "weight_average",
+                 "--stop-at", "9", "full", "--no-reset-bn", "--out", str(tmp_path / "sweep"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "layer2_1_act2" in out and "* best average" in out
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    rows = result["rows"]
+    assert [(r["method"], r["k"]) for r in rows] == [("original", 0), ("zipit", 9), ("zipit", 18),
+                                                     ("weight_average", 9), ("weight_average", 18)]
+    # the reference, computed here: model a on the first 3 logits of each folder's labels
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    config = resolve_data_config({"input_size": (3, SIZE, SIZE)}, model=a)
+    want = []
+    for task in ("evalA", "evalB"):
+        dataset = ImageFolder(str(tmp_path / task), transform=create_transform(**config, is_training=False))
+        x = torch.stack([x for x, _ in dataset])
+        y = torch.tensor([y for _, y in dataset])
+        with torch.no_grad():
+            want.append(float((a(x)[:, :3].argmax(1) == y).float().mean()))
+    assert rows[0]["accuracy"] == pytest.approx(want)
+    # a checkpoint merged with its copy, norms kept: every merge is the original function
+    assert all(r["accuracy"] == pytest.approx(want) for r in rows)
+    assert (tmp_path / "sweep" / "sweep.csv").read_text().count("\n") == 6
+
+
+def test_sweep_wants_one_eval_folder_per_checkpoint(files, capsys, monkeypatch):
+    root, _, _ = files
+    monkeypatch.chdir(root)
+    assert main(["sweep", "a.pth", "a_copy.pt", "--model", "resnet18", "--data", "images",
+                 "--eval", "images"]) == 2
+    assert "one labelled folder per checkpoint (2), got 1" in capsys.readouterr().err
+    assert main(["sweep", "a.pth", "a_copy.pt", "--model", "resnet18", "--data", "images", "--eval", "images",
+                 "images", "--stop-at", "nowhere", "--img-size", str(SIZE)]) == 2
+    assert "is not a cut point" in capsys.readouterr().err

@@ -373,6 +373,7 @@ def _report_rows(analysis, sims, matches, method) -> list[SpaceReport]:
 
     for row, sp in zip(rows, analysis.spaces):
         row.label = space_label(sp)  # what the space is: "layer1 stream (conv1, ...)", "layer2.0 hidden (conv1)"
+        row.assignment = matches[sp.index].assign.tolist()  # [model][unit] -> merged unit (report.json)
     return rows
 
 

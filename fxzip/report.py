@@ -46,6 +46,7 @@ class SpaceReport:
     note: str = ""
     label: str = ""  # what the space is, by role and module paths (fxzip.naming); name is its first producer
     head_only: bool = False  # partial zip: the space lies after the cut, so each head keeps its own units
+    assignment: list = field(default_factory=list, repr=False)  # [model][unit] -> merged unit
 
     @property
     def title(self) -> str:
@@ -71,7 +72,9 @@ class MergeReport:
         """Everything in the report as JSON-safe data (NaN correlations become None).
 
         Versions of python/torch/timm/fxzip are recorded so that a result can
-        be traced back to the code that produced it.
+        be traced back to the code that produced it. ``assignment`` maps a
+        space's index to its assignment of every unit: ``[model][unit]`` is the
+        merged unit that unit of that model went to.
         """
         cut = None
         if self.cut is not None:
@@ -89,7 +92,8 @@ class MergeReport:
             "settings": _jsonable(self.settings),
             "calibration": {"batches": self.calib_batches, "samples": self.calib_samples},
             "columns": dict(COLUMNS),
-            "spaces": [_jsonable(asdict(s)) for s in self.spaces],
+            "spaces": [_jsonable({k: v for k, v in asdict(s).items() if k != "assignment"}) for s in self.spaces],
+            "assignment": {str(s.index): s.assignment for s in self.spaces if s.assignment},
             "seconds": _jsonable(self.seconds),
             "macs": _jsonable(self.macs),
             "warnings": list(self.warnings),
@@ -110,6 +114,8 @@ class MergeReport:
         names = {f.name for f in fields(SpaceReport)}
         rows = [SpaceReport(**{k: (float("nan") if k == "mean_corr" and v is None else v)
                                for k, v in row.items() if k in names}) for row in data.get("spaces", [])]
+        for row in rows:
+            row.assignment = list(data.get("assignment", {}).get(str(row.index), []))
         cut = data.get("cut")
         if cut is not None:
             cut = CutPoint(cut["name"], cut["k"], cut["m"], cut.get("space"), cut.get("dim"),

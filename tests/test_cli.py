@@ -108,6 +108,7 @@ def test_merge_saves_what_python_merge_returns(files):
         corr, corr_want = got.pop("mean_corr"), expected.pop("mean_corr")
         assert got == expected
         assert (corr is None and corr_want is None) or abs(corr - corr_want) <= 1e-6
+    assert report["assignment"] == merged.meta["fxzip"].to_dict()["assignment"]  # every unit's merged unit
     assert report["settings"]["alpha"] == 0.3 and report["settings"]["checkpoints"] == ["a.pth", "b.safetensors"]
     assert report["calibration"] == {"batches": 4, "samples": 32}
 

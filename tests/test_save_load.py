@@ -94,6 +94,11 @@ def test_report_round_trips_through_json(pair):
     fc = next(row for row in _strict_json(text)["spaces"] if row["name"] == "fc")
     assert fc["mean_corr"] is None and math.isnan(next(s for s in back.spaces if s.name == "fc").mean_corr)
     assert set(_strict_json(text)["versions"]) >= {"fxzip", "torch", "timm"}
+    assignment = _strict_json(text)["assignment"]
+    for row in report.spaces:  # every unit of every model goes to a merged unit of the space
+        units = assignment[str(row.index)]
+        assert len(units) == 2 and all(len(u) == row.size and 0 <= min(u) and max(u) < row.size for u in units)
+    assert [s.assignment for s in back.spaces] == [s.assignment for s in report.spaces]
 
 
 def test_load_errors_name_the_fix(pair, tmp_path):

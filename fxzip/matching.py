@@ -147,7 +147,8 @@ def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[in
 
 
 @register_matcher("zipit")
-def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta: float = 0.125, **_) -> Match:
+def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta: float = 0.125,
+          owner: str = "models", **_) -> Match:
     """ZipIt!'s greedy matching, with repeated matching (alpha) and a per-model
     budget (beta).
 
@@ -155,7 +156,12 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
     the most correlated valid pair of clusters next.
 
     - A *within-model merge* is a cluster gaining a feature from a model it
-      already contains (counted once per such model). Model m may make at most
+      already contains (counted once per such model): ``owner="models"``, a
+      cluster belongs to every model it contains. The ZipIt! reference code
+      instead labels a cluster by the model of its lowest-index member
+      (``owner="first"``): there a cluster {A3, B7} taking B9 is a merge across
+      models. The two differ only when alpha > 0 (clusters re-enter the pool);
+      ``benchmarks/zipit_owner.py`` measures both. Model m may make at most
       ``floor(beta * (N - 1) * n / N)`` of them, enforced from the first step;
       ``beta=0`` means no cluster ever holds two features of one model, which for
       N=2 is a greedy permutation.
@@ -178,6 +184,8 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
     if alpha == 0 and n_models > 2:
         raise ValueError("alpha=0 lets a merged cluster never re-enter the pool, so only pairs form; "
                          f"merging {n_models} models needs alpha > 0.")
+    if owner not in ("models", "first"):
+        raise ValueError(f"owner must be 'models' or 'first', got {owner!r}")
     total = n_models * size
     # The loop is thousands of small vector ops: numpy (one thread, microsecond
     # overhead) is several times faster than torch here, and does not stall when
@@ -257,7 +265,8 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
         keep, drop = min(i, j), max(i, j)
         merged_row = alpha * np.minimum(S[i], S[j]) if alpha > 0 else None
         members[keep] = members[keep] + members.pop(drop)
-        comp[keep] |= comp[drop]
+        if owner == "models":  # "first": keep stays the lowest member, so its model owns the cluster
+            comp[keep] |= comp[drop]
         active[drop] = False
         S[drop, :] = neg
         S[:, drop] = neg

@@ -143,6 +143,7 @@ def run_merge(args: argparse.Namespace) -> int:
                        stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
                        max_batches=args.max_batches, progress=not args.quiet, seed=args.seed)
         input_size = list(source.config["input_size"])
+        example = next(iter(source.loader()))[:1]
     report = result.meta["fxzip"]
     report.settings = {
         "command": "fxzip merge", "model": args.model, "checkpoints": [str(c) for c in args.checkpoints],
@@ -152,7 +153,10 @@ def run_merge(args: argparse.Namespace) -> int:
         "reset_bn": not args.no_reset_bn, "seed": args.seed,
     }
     say(f"saving to {args.out}")
-    out = save(result, args.out, model=specs[0] if all(s == specs[0] for s in specs) else None)
+    same = all(s == specs[0] for s in specs)
+    out = save(result, args.out, model=specs[0] if same else None)
+    if same:  # one architecture: the cut points' costs (cuts.png)
+        _cut_costs(models[0], example, report, out, len(models), say)
     if not args.quiet:
         print(report.table())
     files = sorted(p.name for p in out.iterdir())
@@ -165,6 +169,17 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"load it: torch.export.load({str(out / 'model.pt2')!r}).module()(x)  "
               f"-> {report.n_models} outputs, one per model")
     return 0
+
+
+def _cut_costs(model: Any, example: Any, report: Any, out: Path, n_models: int, say: Any) -> None:
+    """Write ``cuts.png`` (MACs of a partial zip at every cut point) next to the result."""
+    from .inspection import inspect_graph, plot_cuts
+    from .trace import trace
+
+    found = inspect_graph(str(report.settings.get("model", "")), trace(model, example), (example,))
+    chosen = getattr(report.cut, "name", None)
+    if found.error is None and plot_cuts(found, n_models, out / "cuts.png", chosen):
+        say(f"cut points: {len(found.cuts)} (cuts.png)")
 
 
 def run_inspect(args: argparse.Namespace) -> int:

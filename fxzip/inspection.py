@@ -170,3 +170,32 @@ def inspect_model(model: str, img_size: int | None = None, num_classes: int | No
         found.error = str(exc)
         return found
     return inspect_graph(model, gm, (example[0][:1],))
+
+
+def plot_cuts(found: Inspection, n_models: int, path: Any, chosen: str | None = None) -> bool:
+    """``cuts.png``: multiply-adds per input of an ``n_models`` partial zip at every cut
+    (shared trunk + one head per model) against the layers zipped, with one model and
+    the ensemble for reference. False (nothing written) without matplotlib or cuts."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    if not found.cuts:
+        return False
+    ks = [c["k"] for c in found.cuts]
+    total = [(c["trunk_macs"] + n_models * c["head_macs"]) / 1e6 for c in found.cuts]
+    fig = Figure(figsize=(6.5, 4.0))
+    ax = fig.subplots()
+    ax.plot(ks, total, "o-", label=f"partial zip of {n_models} models")
+    ax.axhline(found.macs * n_models / 1e6, color="0.5", linestyle="--", label=f"ensemble of {n_models}")
+    ax.axhline(found.macs / 1e6, color="0.3", linestyle=":", label="one model (a full zip)")
+    for c, t in zip(found.cuts, total):
+        if c["name"] == chosen:
+            ax.plot([c["k"]], [t], "o", color="tab:red", markersize=10, label=f"this merge: {c['name']}")
+    ax.set_xlabel("weight layers zipped (k)")
+    ax.set_ylabel("MACs per input (M)")
+    ax.set_title(f"{found.model}: cost of a partial zip at each cut point")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True

@@ -80,7 +80,9 @@ def test_self_merge_without_bn_reset_is_the_original(files):
     proc = fxzip_cli("merge", "a.pth", "a_copy.pt", "--model", "resnet18", "--data", "images", "--out", "self",
                      "--img-size", str(SIZE), "--batch-size", "8", "--no-reset-bn", cwd=root)
     assert "'state_dict' entry" in proc.stderr  # says which entry of the training checkpoint it used
-    assert sorted(p.name for p in (root / "self").iterdir()) == ["correlation.png", "model.safetensors", "report.json", "report.md"]
+    assert sorted(p.name for p in (root / "self").iterdir()) == ["correlation.png", "cuts.png", "model.safetensors",
+                                                              "report.json",
+                                                              "report.md"]
     plain = timm.create_model("resnet18", num_classes=10,
                               checkpoint_path=str(root / "self" / "model.safetensors")).eval()
     x = torch.randn(4, 3, SIZE, SIZE)
@@ -134,7 +136,7 @@ def test_partial_zip_program_runs_without_fxzip(files, tmp_path):
                  "--data", str(root / "images"), "--out", str(tmp_path / "partial"), "--img-size", str(SIZE),
                  "--batch-size", "8", "--stop-at", "9", "--no-reset-bn", "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [
-        "correlation.png", "model.pt2", "report.json", "report.md", "state_dict.safetensors"]
+        "correlation.png", "cuts.png", "model.pt2", "report.json", "report.md", "state_dict.safetensors"]
     blocker = tmp_path / "blocker" / "fxzip"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('fxzip is not installed here')\n")

@@ -154,6 +154,9 @@ def row_specs(arch: str, partial, m: int, bn: bool, rows=None) -> list[tuple[str
     if bn:
         specs.append(("MuDSC data-free + reset", full, {"method": "mudsc", "zip": True, "data_free": True,
                                                          "reset": True}))
+    else:  # variance repair (issue 11): what the norm reset does for BatchNorm, for every other net
+        specs.append(("Permute + repair", full, {"method": "permute", "repair": True}))
+        specs.append(("ZipIt + repair", full, {"method": "zipit", "zip": True, "repair": True}))
     for k in sorted((k for k in partial if 0 < k < m), reverse=True):  # cuts beyond a (smoke) model's depth dropped
         specs.append((f"ZipIt {k}/{m}", f"{k}/{m}", {"method": "zipit", "zip": True, "stop_at": k}))
     specs.append(("Ensemble", f"0/{m}", None))
@@ -163,11 +166,11 @@ def row_specs(arch: str, partial, m: int, bn: bool, rows=None) -> list[tuple[str
 
 
 ROW_KEYS = ("Model A", "Model B", "W.Avg", "Permute", "ZipIt", "MuDSC-zip", "MuDSC-permute", "MuDSC data-free",
-            "MuDSC data-free + reset", "partial", "Ensemble")
+            "MuDSC data-free + reset", "Permute + repair", "ZipIt + repair", "partial", "Ensemble")
 
 
 def _row_key(label: str, m: int) -> str:
-    if label.startswith("ZipIt "):
+    if label.startswith("ZipIt ") and label != "ZipIt + repair":
         return "ZipIt" if label == f"ZipIt {m}/{m}" else "partial"
     return label
 
@@ -232,6 +235,9 @@ def eval_pair(arch, models, infos, data, vecs, args, pair: int, cache: dict, log
                     d = rep.details["mudsc"]
                     if isinstance(d, dict):
                         row["mudsc"] = {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+                if rep is not None and "repair" in getattr(rep, "details", {}):
+                    row["repair"] = rep.details["repair"]
+                    row["repair_seconds"] = rep.seconds.get("repair")
                 row.update(macs_g=_macs(model, size), **ec.score(model, test, tasks, vecs))
                 if zip_:
                     row.update(alpha=args.alpha, beta=args.beta)
@@ -315,6 +321,14 @@ def comparison_text(arch: str, rows: list[dict]) -> list[str]:
     cmp(by.get("MuDSC-permute"), by.get("Permute"), "MuDSC-permute", "Permute")
     cmp(by.get("MuDSC-zip"), by.get("Permute"), "MuDSC-zip", "Permute")
     cmp(by.get("MuDSC data-free"), by.get("W.Avg"), "MuDSC data-free", "W.Avg")
+    cmp(by.get("ZipIt + repair"), full, "ZipIt + repair", "ZipIt (full)")
+    cmp(by.get("Permute + repair"), by.get("Permute"), "Permute + repair", "Permute")
+    ens = by.get("Ensemble")
+    if by.get("ZipIt + repair") and full and ens and ens["joint"] > full["joint"]:
+        gap = ens["joint"] - full["joint"]
+        gain = by["ZipIt + repair"]["joint"] - full["joint"]
+        out.append(f"- Repair closes {gain / gap:+.0%} of ZipIt's joint gap to the ensemble ({gain:+.1f} of "
+                   f"{gap:.1f} points; the issue's goal is a third).")
     singles = [r for r in rows if r.get("joint") is not None and r["method"] not in ("Model A", "Model B")
                and r["zipped"] and r["zipped"].split("/")[0] == r["zipped"].split("/")[1]]
     if singles:
@@ -374,7 +388,7 @@ def write_plot(path: Path, result: dict) -> bool:
     rows = [r for r in result["rows"] if r.get("joint") is not None]
     pts = []
     for r in rows:
-        if r["method"].startswith("ZipIt") or r["method"] == "Ensemble":
+        if (r["method"].startswith("ZipIt") and "repair" not in r["method"]) or r["method"] == "Ensemble":
             k, m = map(int, r["zipped"].split("/"))
             pts.append((k, r["joint"], r["joint_std"] or 0.0))
     pts.sort()
@@ -384,6 +398,7 @@ def write_plot(path: Path, result: dict) -> bool:
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                     label="ZipIt (0 = ensemble)", capsize=3)
         marks = {"W.Avg": "x", "Permute": "s", "MuDSC-zip": "^", "MuDSC-permute": "v", "MuDSC data-free": "D",
+                 "ZipIt + repair": "*", "Permute + repair": "P",
                  "MuDSC data-free + reset": "P"}
         for r in rows:
             if r["method"] in marks:

@@ -152,7 +152,8 @@ def write_markdown(path: Path, result: dict) -> None:
     cols = [f"{a} {m}" for a in archs for m in METHODS]
     lines = ["# Probe policy and variance repair: CIFAR-10 (5+5) full zips", "",
              f"Command: `{s['command']}`", "",
-             f"Machine: {s['machine']}; wall time {s['wall_seconds'] / 60:.1f} min. Pairs: "
+             f"Machine: {s['machine']}; wall time of this invocation {s['wall_seconds'] / 60:.1f} min (rows read "
+             "from --cache are not recomputed; each row's seconds are in the JSON). Pairs: "
              + ", ".join(f"{a} {s['pairs'][a]}" for a in archs) + f"; calibration {s['calib_images']} augmented "
              f"training images of both tasks per pair; test: {s['test_images']}; ZipIt alpha / beta per "
              "architecture as its table: " + ", ".join(f"{a} {ALPHA_BETA[a][0]} / {ALPHA_BETA[a][1]}"

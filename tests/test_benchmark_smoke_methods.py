@@ -44,12 +44,13 @@ def test_all_rows(tmp_path, arch, m, partial):
     out = tmp_path / f"smoke_{arch}"
     eval_methods.main(["--arch", arch, "--smoke", "--partial", partial, "--out", str(out), "--quiet"])
     res = _check(out, {"Model A", "Model B", "W.Avg", "Permute", f"ZipIt {m}/{m}", "MuDSC-zip", "MuDSC-permute",
-                       "MuDSC data-free", f"ZipIt {partial}/{m}", "Ensemble"})
+                       "MuDSC data-free", "Permute + repair", "ZipIt + repair", f"ZipIt {partial}/{m}", "Ensemble"})
     by = {r["method"]: r for r in res["rows"]}
     # a partial zip and the ensemble cost more than the full zip; the full merges cost one model
     assert by["Ensemble"]["macs_g"] > by[f"ZipIt {partial}/{m}"]["macs_g"] >= by[f"ZipIt {m}/{m}"]["macs_g"]
     assert by["MuDSC-zip"]["macs_g"] == pytest.approx(by["Model A"]["macs_g"])
     assert "MuDSC data-free + reset" not in by  # no BatchNorm: no reset variant
+    assert by["ZipIt + repair"]["per_pair"]  # repair rows (issue 11) run for norms without statistics
 
 
 def test_batchnorm_rows(tmp_path):

@@ -112,9 +112,12 @@ def test_statistics_equal_a_float64_reference(policy):
         assert torch.allclose(stats.covariance(), cov, rtol=1e-4, atol=1e-5 * float(cov.abs().max()))
 
 
-@pytest.mark.parametrize("policy", ["last", "before_reduce_per_point"])  # every mechanism, not every preset
-@pytest.mark.parametrize("make", [lambda: zoo.resnet20(), lambda: zoo.cifar_vit(depth=2)], ids=["resnet20", "vit"])
-def test_invariants_hold_for_every_policy(policy, make):
+POLICY_MODELS = [(p, "resnet20") for p in sorted(PROBE_POLICIES)] + [(p, "vit") for p in ("last", "before_reduce")]
+
+
+@pytest.mark.parametrize("policy,arch", POLICY_MODELS)  # the ViT with the policies that change what it sees
+def test_invariants_hold_for_every_policy(policy, arch):
+    make = {"resnet20": lambda: zoo.resnet20(), "vit": lambda: zoo.cifar_vit(depth=2)}[arch]
     data = batches((8, 3, 32, 32), 2)
     model = prepared(make(), data)
     merged = fxzip.merge(model, copy.deepcopy(model), data=data, reset_bn=False, progress=False, probes=policy)

@@ -24,6 +24,10 @@ class Batches:
         if isinstance(data, torch.Tensor):
             raise TypeError("data is a single tensor; pass an iterable of batches, e.g. [x] or "
                             "torch.split(x, 64)")
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+            raise TypeError(f"data is a Dataset ({type(data).__name__}), which yields single samples, not "
+                            "batches: wrap it in a DataLoader, e.g. torch.utils.data.DataLoader(dataset, "
+                            "batch_size=64)")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1, got {max_batches}")
         try:

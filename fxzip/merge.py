@@ -252,9 +252,10 @@ def _check_data_free(models, data, method: str, weight_similarity: float, reset_
 def _check_args(models: Sequence[nn.Module], method: str, alpha: float, beta: float, stop_at: Any):
     if len(models) < 2:
         raise ValueError(f"merge needs at least two models, got {len(models)}")
+    from .trace import check_model
+
     for k, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"model {k} is a {type(m).__name__}, not an nn.Module")
+        check_model(m, f"model {k}")  # a state_dict or a torch.compile wrapper: says what to pass instead
     devices = [_device_dtype(m) for m in models]
     if len(set(devices)) > 1:
         raise ValueError(

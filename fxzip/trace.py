@@ -255,9 +255,9 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     Symbolic tracing is tried first; if it or running its graph fails, the model
     is traced with concrete shapes (specialised to the example's spatial size).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    check_model(model)
     example = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    check_inputs(model, example)
     data_shapes = [tuple(t.shape) for t in example if isinstance(t, torch.Tensor)]
     # Shapes are all tracing needs: two samples are as good as the whole batch.
     example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
@@ -280,6 +280,52 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     except Exception as exc:  # torch.fx raises many types here
         symbolic_error = exc
     return _concrete(copy.deepcopy(model).eval(), example, data_shapes, symbolic_error)
+
+
+def check_model(model: Any, which: str = "the model") -> None:
+    """Refuse, with the fix, what users pass instead of a plain module: a
+    state_dict, or a ``torch.compile`` wrapper (it hides the forward fxzip traces)."""
+    from collections.abc import Mapping
+
+    if isinstance(model, Mapping):
+        raise TypeError(f"{which} is a {type(model).__name__} (a state_dict?), not an nn.Module: build the "
+                        "architecture and load the weights first, e.g. model = timm.create_model(NAME, "
+                        "num_classes=N); model.load_state_dict(state_dict)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+        raise TypeError(f"{which} is a torch.compile wrapper ({type(model).__name__}); fxzip traces the module's "
+                        "own forward: pass the original module (model._orig_mod), and compile the merged result "
+                        "instead")
+
+
+def check_inputs(model: nn.Module, example: tuple) -> None:
+    """Catch, before tracing, inputs the model cannot take and that torch would
+    report as something else: a dtype that is not the model's (``expected scalar
+    type Double``), and a timm ViT built for another image size (an assertion
+    that prints a Proxy)."""
+    params = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    dtype = params[0].dtype if params else None
+    for t in example:
+        if not isinstance(t, torch.Tensor) or dtype is None:
+            continue
+        if t.dtype == torch.uint8:
+            raise TypeError(f"the data is uint8 (raw pixels) but the model computes in {dtype}: convert and "
+                            "normalise it as in training, e.g. x.float() / 255, then the model's mean/std")
+        if t.is_floating_point() and t.dtype != dtype:
+            raise TypeError(f"the data is {t.dtype} but the model's parameters are {dtype}: convert one to the "
+                            f"other, e.g. x.to({dtype}) in the DataLoader (or model.to({t.dtype}))")
+    images = next((t for t in example if isinstance(t, torch.Tensor) and t.dim() == 4), None)
+    if images is None:
+        return
+    for name, m in model.named_modules():
+        size = getattr(m, "img_size", None)
+        if getattr(m, "strict_img_size", False) and isinstance(size, tuple) and len(size) == 2 \
+                and not getattr(m, "dynamic_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
+            h, w = images.shape[-2:]
+            raise ValueError(f"'{name}' ({type(m).__name__}) was built for {size[0]}x{size[1]} images but the data "
+                             f"is {h}x{w}: build the model for the data's size, e.g. timm.create_model(NAME, "
+                             f"img_size={h if h == w else (h, w)}), or resize the data to {size[0]}x{size[1]}")
 
 
 def _concrete(model: nn.Module, example: tuple, data_shapes: list,

@@ -24,6 +24,7 @@ recorded in ``report.json`` (the CLI records the timm name or factory,
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -176,14 +177,20 @@ def load_report(directory: str | os.PathLike) -> MergeReport:
 
 
 def export_program(result: nn.Module, example_inputs: Any = None) -> tuple[Any, dict[str, Any]]:
-    """``torch.export`` of ``result`` with a dynamic batch dimension on every input.
+    """``torch.export`` of ``result`` with a dynamic batch dimension on every input,
+    on the CPU (a GPU result is exported from a CPU copy, so the program runs on
+    any machine; ``.to("cuda")`` is not needed to load it).
 
     A model whose graph fixes the batch size (e.g. a reshape to a literal batch)
     is exported for the example's batch size instead, with a warning and the
     reason in the returned info (it lands in ``report.json``).
     """
+    device = next((t.device for t in list(result.parameters()) + list(result.buffers())), torch.device("cpu"))
+    if device.type != "cpu":  # a program a colleague can run anywhere: exported from a CPU copy
+        result = copy.deepcopy(result).cpu()
     args = _example_args(result) if example_inputs is None else (
         tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+    args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
     was_training = result.training

@@ -8,8 +8,9 @@ is the 0/1 assignment (its pseudo-inverse), so folding needs nothing else.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .stats import SpaceStats
 
-__all__ = ["Match", "Similarity", "register_matcher", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
+__all__ = ["Match", "Similarity", "register_matcher", "unregister_matcher", "matcher_registered", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
            "cluster_assignment", "mean_matched_correlation"]
 
 
@@ -74,6 +75,28 @@ def register_matcher(name: str) -> Callable[[Matcher], Matcher]:
         MATCHERS[name] = fn
         return fn
     return deco
+
+
+def unregister_matcher(name: str) -> None:
+    """Remove the matcher registered as ``name`` (a KeyError when there is none)."""
+    if name not in MATCHERS:
+        raise KeyError(f"no matcher is registered as {name!r}; registered: {sorted(MATCHERS)}")
+    del MATCHERS[name]
+
+
+@contextmanager
+def matcher_registered(name: str, fn: Matcher) -> Iterator[Matcher]:
+    """``fn`` registered as ``name`` inside the ``with`` block only (a matcher it
+    replaced comes back afterwards)."""
+    previous = MATCHERS.get(name)
+    MATCHERS[name] = fn
+    try:
+        yield fn
+    finally:
+        if previous is None:
+            MATCHERS.pop(name, None)
+        else:
+            MATCHERS[name] = previous
 
 
 def get_matcher(name: str) -> Matcher:

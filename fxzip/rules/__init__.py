@@ -19,7 +19,8 @@ marked ``@group_aware`` see them; any other rule stops the analysis.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch.fx as fx
 
@@ -29,7 +30,7 @@ _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Callable, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
-__all__ = ["register_rule", "lookup_rule", "lookup_function_rule", "group_aware", "map_aware", "Rule"]
+__all__ = ["register_rule", "unregister_rule", "rule_registered", "lookup_rule", "lookup_function_rule", "group_aware", "map_aware", "Rule"]
 
 
 def group_aware(rule: Rule) -> Rule:
@@ -62,6 +63,46 @@ def register_rule(*keys: type | Callable | str) -> Callable[[Rule], Rule]:
         return rule
 
     return deco
+
+
+def _table(key: type | Callable | str) -> dict:
+    if isinstance(key, str):
+        return _METHOD_RULES
+    if isinstance(key, type):
+        return _MODULE_RULES
+    if callable(key):
+        return _FUNCTION_RULES
+    raise TypeError(f"cannot register a rule for {key!r}")
+
+
+def unregister_rule(*keys: type | Callable | str) -> None:
+    """Forget the rules of ``keys`` (ops without a rule stop the analysis again,
+    naming the op). A key with no rule is a KeyError: a typo should not pass."""
+    for key in keys:
+        table = _table(key)
+        if key not in table:
+            raise KeyError(f"no rule is registered for {key!r}")
+        del table[key]
+
+
+@contextmanager
+def rule_registered(rule: Rule, *keys: type | Callable | str) -> Iterator[Rule]:
+    """``rule`` registered for ``keys`` inside the ``with`` block only; the rules
+    it replaced (built-in ones included) come back afterwards::
+
+        with fxzip.rules.rule_registered(my_rule, MyBlock):
+            merged = fxzip.merge(a, b, data=loader)
+    """
+    saved = [(key, _table(key).get(key)) for key in keys]
+    register_rule(*keys)(rule)
+    try:
+        yield rule
+    finally:
+        for key, previous in saved:
+            if previous is None:
+                _table(key).pop(key, None)
+            else:
+                _table(key)[key] = previous
 
 
 def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Rule | None:

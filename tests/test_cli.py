@@ -80,9 +80,8 @@ def test_self_merge_without_bn_reset_is_the_original(files):
     proc = fxzip_cli("merge", "a.pth", "a_copy.pt", "--model", "resnet18", "--data", "images", "--out", "self",
                      "--img-size", str(SIZE), "--batch-size", "8", "--no-reset-bn", cwd=root)
     assert "'state_dict' entry" in proc.stderr  # says which entry of the training checkpoint it used
-    assert sorted(p.name for p in (root / "self").iterdir()) == ["correlation.png", "cuts.png", "model.safetensors",
-                                                              "report.json",
-                                                              "report.md"]
+    assert sorted(p.name for p in (root / "self").iterdir()) == [
+        "correlation.png", "cuts.png", "model.safetensors", "report.json", "report.md"]
     plain = timm.create_model("resnet18", num_classes=10,
                               checkpoint_path=str(root / "self" / "model.safetensors")).eval()
     x = torch.randn(4, 3, SIZE, SIZE)
@@ -287,3 +286,13 @@ def test_sweep_wants_one_eval_folder_per_checkpoint(files, capsys, monkeypatch):
     assert main(["sweep", "a.pth", "a_copy.pt", "--model", "resnet18", "--data", "images", "--eval", "images",
                  "images", "--stop-at", "nowhere", "--img-size", str(SIZE)]) == 2
     assert "is not a cut point" in capsys.readouterr().err
+
+
+def test_inspect_a_checkpoint_reads_its_classifier(files, capsys):
+    root, _, _ = files
+    assert main(["inspect", "--model", "resnet18", "--img-size", str(SIZE), "--checkpoint", str(root / "a.pth"),
+                 "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["spaces"][-1]["size"] == 10 and found["spaces"][-1]["label"] == "output (fc)"
+    assert main(["inspect", "--model", "resnet34", "--checkpoint", str(root / "a.pth")]) == 2
+    assert "does not fit the model" in capsys.readouterr().err

@@ -296,3 +296,32 @@ def test_inspect_a_checkpoint_reads_its_classifier(files, capsys):
     assert found["spaces"][-1]["size"] == 10 and found["spaces"][-1]["label"] == "output (fc)"
     assert main(["inspect", "--model", "resnet34", "--checkpoint", str(root / "a.pth")]) == 2
     assert "does not fit the model" in capsys.readouterr().err
+
+
+def test_merge_a_model_from_a_factory_and_tensor_data(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mynets.py").write_text(textwrap.dedent("""
+        from fxzip.zoo import small_cnn
+
+        def make(num_classes=10):
+            return small_cnn(out_dim=num_classes, in_channels=3, width=8)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    data = batches((8, 3, 16, 16), 2)
+    import mynets
+
+    models = [prepared(mynets.make(num_classes=4), data, seed) for seed in (0, 1)]
+    for seed, model in enumerate(models):
+        torch.save(model.state_dict(), tmp_path / f"m{seed}.pt")
+    torch.save(torch.cat(data), tmp_path / "x.pt")  # float tensors: model inputs as they are
+    assert main(["merge", "m0.pt", "m1.pt", "--model", "mynets:make", "--num-classes", "4", "--data", "x.pt",
+                 "--out", "out", "--batch-size", "8", "--quiet"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    loaded = fxzip.load(tmp_path / "out")  # rebuilt with the factory recorded in report.json
+    merged = fxzip.merge(*models, data=torch.split(torch.cat(data), 8), progress=False)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert max_rel_diff(merged(x), loaded(x)) < 1e-5
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"] == {"name": "mynets:make", "num_classes": 4, "img_size": None, "kwargs": {}}
+    assert report["calibration"] == {"batches": 2, "samples": 16}

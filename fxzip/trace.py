@@ -237,9 +237,10 @@ def _run_error(model: nn.Module, data_shapes: list, exc: BaseException) -> Trace
     )
 
 
-def _propagate(gm: fx.GraphModule, model: nn.Module, example: tuple, quiet: bool = False) -> None:
-    """ShapeProp; ``quiet`` hides the traceback it prints when failing is expected
-    (a symbolic graph that took a wrong branch, before the concrete fallback)."""
+def _propagate(gm: fx.GraphModule, model: nn.Module, example: tuple, quiet: bool = True) -> None:
+    """ShapeProp. torch's ShapeProp prints a traceback to stderr before raising;
+    fxzip raises its own error (the cause chained), so that print is hidden:
+    a user sees one message, not torch.fx's internals first."""
     _keep_unused_state(gm, model)
     gm.eval()
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():

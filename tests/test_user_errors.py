@@ -69,3 +69,11 @@ def test_a_state_dict_says_load_it_into_a_model_first():
     a, b = cnns()
     with pytest.raises(TypeError, match=r"model 1 is a OrderedDict \(a state_dict\?\).*load_state_dict"):
         fxzip.merge(a, b.state_dict(), data=[torch.randn(4, 3, 8, 8)], progress=False)
+
+
+def test_no_torch_fx_traceback_on_stderr_before_the_error(capsys):
+    a, _ = cnns()
+    traced = fxzip.trace(a, torch.randn(2, 3, 8, 8))  # a GraphModule: its graph runs under ShapeProp
+    with pytest.raises(ValueError, match=r"expected input\[2, 2, 8, 8\] to have 3 channels"):
+        fxzip.merge(traced, traced, data=[torch.randn(4, 2, 8, 8)], progress=False)
+    assert capsys.readouterr().err == ""

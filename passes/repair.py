@@ -54,6 +54,7 @@ from fxzip.analysis import GraphAnalysis
 from fxzip.layout import Layout
 from fxzip.passes.fold import _axis_counts, axis_index
 from fxzip.passes.reset_norm import batch_norm_nodes
+from fxzip.passes.waves import depth_levels, run_batches, truncated
 
 __all__ = ["RepairSite", "RepairResult", "find_sites", "repair"]
 
@@ -173,11 +174,7 @@ def _same(analysis: GraphAnalysis, a: fx.Node, b: fx.Node) -> bool:
 def _levels(gm: fx.GraphModule, sites: list[RepairSite]) -> None:
     """A site's level: the most repaired points on any path into its layer or
     its stream's other term. Sites of one level never feed each other."""
-    points = {s.point for s in sites}
-    depth: dict[str, int] = {}
-    for node in gm.graph.nodes:  # topological order
-        d = max((depth[a.name] for a in node.all_input_nodes), default=0)
-        depth[node.name] = d + 1 if node.name in points else d
+    depth = depth_levels(gm, {s.point for s in sites})
     layer_node = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for s in sites:
         inputs = [a.name for a in layer_node[s.layer].all_input_nodes] + ([s.rest] if s.rest else [])
@@ -188,41 +185,17 @@ def _channels(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.movedim(dim, 0).reshape(x.shape[dim], -1).double()
 
 
-def _truncated(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
-    """A module returning the tuple of the named nodes' values, computing
-    nothing after them."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    by_name: dict[str, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            continue
-        env[node] = graph.node_copy(node, lambda a: env[a])
-        by_name[node.name] = env[node]
-    graph.output(tuple(by_name[n] for n in names))
-    out = fx.GraphModule(gm, graph)
-    out.graph.eliminate_dead_code()
-    out.recompile()
-    return out
-
-
-def _run(module: Callable, batches: Iterable[tuple]) -> Iterable[tuple]:
-    with torch.no_grad():
-        for batch in batches:
-            yield module(*batch)
-
-
 def _targets(joint: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]], sites: list[RepairSite],
              assign: Mapping[int, torch.Tensor], batches: Iterable[tuple]) -> None:
     """One pass over the originals (side by side): each site's target mean and
     std per merged channel, ``sum_k M_k mu_k`` and ``sum_k M_k sigma_k``."""
     n_models = len(node_maps)
     names = [node_maps[k][s.point].name for s in sites for k in range(n_models)]
-    module = _truncated(joint, names)
+    module = truncated(joint, names)
     first = [torch.zeros(0)] * len(names)
     second = [torch.zeros(0)] * len(names)
     count = [0] * len(names)
-    for outs in _run(module, batches):
+    for outs in run_batches(module, batches):
         for i, x in enumerate(outs):
             s = sites[i // n_models]
             c = _channels(x, s.dim)
@@ -299,11 +272,11 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
         for s in wave:
             names += [s.direct] + ([s.rest] if s.rest else [])
         names = list(dict.fromkeys(names))
-        module = _truncated(merged, names)
+        module = truncated(merged, names)
         pos = {n: i for i, n in enumerate(names)}
         sums: dict[str, torch.Tensor] = {}
         n = {s.point: 0 for s in wave}
-        for outs in _run(module, batches):
+        for outs in run_batches(module, batches):
             for s in wave:
                 d = _channels(outs[pos[s.direct]], s.dim)
                 parts = {"d": d.sum(1), "dd": (d * d).sum(1)}

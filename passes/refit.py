@@ -1,0 +1,261 @@
+"""Closed-form least-squares refit of a merged model's weights (issue 12).
+
+ZipIt and MuDSC choose which features to average; the merged weights are
+then fixed averages. The refit keeps the matching and re-solves every weight
+layer so that, fed the merged model's own inputs, it reproduces the matched
+average of the original models' outputs (PLeaS's layer-wise objective, solved
+in closed form instead of with Adam)::
+
+    min_W  (1/n) sum_samples || W x~ - t ||^2 + lambda || W - W_fold ||^2
+    x~ = [x*, 1],   t = sum_k M_k y_k
+
+``x*`` is the layer's input in the merged model (the layers before it already
+refit), ``y_k`` model k's output of the same layer on the same image, ``M_k``
+the output space's merge (a unit's target is the mean of its cluster's
+members). Solution: ``W = (C_tx + lambda W_fold)(C_xx + lambda I)^-1`` with
+``C_xx = E[x~ x~^T]``, ``C_tx = E[t x~^T]`` (per-sample means, so lambda does
+not scale with n), accumulated in float64. Convolutions are fitted on their
+im2col patches (the Gram is ``(C_in/g * kh * kw + 1)^2`` per group; grouped and
+depthwise convs are solved group by group). The bias column is part of ``W``
+and is penalised like every other entry (toward the folded bias), so a
+constant input feature cannot make the solve singular. ``lambda = ridge *
+trace(C_xx) / dim``: relative to the Gram's mean eigenvalue, so it means the
+same for every layer and input scale (default ``ridge = 1e-3``).
+
+Invariants: when the models are one (a self-merge, a permuted copy) the
+folded weights solve the system exactly (``t = W_fold x~`` for every
+sample), so the refit returns them for any lambda.
+
+Order: every layer is fitted on inputs that already reflect the refit of
+all layers before it. Layers none of which feeds another share one pass (a
+*wave*: parallel branches, q/k/v); a chain network needs one pass per layer,
+each through a graph truncated after the wave's inputs, the originals run
+side by side in the same pass. The target is taken at the layer's raw
+output (before any norm or nonlinearity). With BatchNorm the merged norms
+keep their folded statistics during the refit and are reset afterwards
+(``merge`` runs fold -> refit -> repair -> norm reset).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxzip.analysis import GraphAnalysis
+from fxzip.layout import Layout
+from fxzip.passes.fold import _axis_counts, axis_index
+from fxzip.passes.waves import depth_levels, run_batches, truncated
+
+__all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit"]
+
+DEFAULT_RIDGE = 1e-3
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class RefitLayer:
+    name: str          # module path
+    node: str          # node name in the merged graph
+    input: str         # node name of its input
+    segments: tuple    # output channel layout (resolved spaces)
+    level: int = 0
+    ridge: float = 0.0  # the lambda used (mean over groups)
+    loss_folded: float = float("nan")
+    loss_refit: float = float("nan")
+    samples: int = 0
+
+
+@dataclass
+class RefitResult:
+    layers: list[RefitLayer]
+    passes: int
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"layers": len(self.layers), "passes": self.passes, "skipped": self.skipped,
+                "per_layer": {l.name: {"ridge": l.ridge, "loss_folded": l.loss_folded, "loss_refit": l.loss_refit,
+                                       "samples": l.samples} for l in self.layers}}
+
+
+def _fittable(mod: nn.Module) -> str | None:
+    """Why a weight layer cannot be refit in closed form, or None if it can."""
+    if isinstance(mod, nn.Linear):
+        return None if type(mod).forward is nn.Linear.forward else "custom forward"
+    if isinstance(mod, _CONVS):
+        if type(mod).forward not in (nn.Conv1d.forward, nn.Conv2d.forward):
+            return "custom forward (e.g. weight standardisation)"
+        if mod.padding_mode != "zeros":
+            return f"padding_mode={mod.padding_mode!r}"
+        if isinstance(mod.padding, str):
+            return f"padding={mod.padding!r}"
+        return None
+    return "not a Linear / Conv1d / Conv2d"
+
+
+def find_layers(gm: fx.GraphModule, analysis: GraphAnalysis) -> tuple[list[RefitLayer], list[str]]:
+    layers, skipped = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        why = _fittable(mod)
+        lay = analysis.layouts.get(node.name)
+        out_dim = (len(node.meta["tensor_meta"].shape) - 1) if isinstance(mod, nn.Linear) else 1
+        if why is None and not (isinstance(lay, Layout) and lay.has_channels and lay.dim == out_dim):
+            why = "its output channels are not a feature space (a layer along another axis)"
+        if why is None and not isinstance(node.args[0], fx.Node):
+            why = "its input is not a tensor of the graph"
+        if why is not None:
+            skipped.append(f"{node.target}: {why}")
+            continue
+        layers.append(RefitLayer(node.target, node.name, node.args[0].name, tuple(analysis.resolved(lay.segments))))
+    depth = depth_levels(gm, {l.node for l in layers})
+    for l in layers:
+        l.level = depth[l.input]
+    return layers, skipped
+
+
+def _rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of (patch) features: (rows, in_features)."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(mod, nn.Conv1d):
+        x = x.unsqueeze(-1)
+        k, s, p, d = (mod.kernel_size[0], 1), (mod.stride[0], 1), (mod.padding[0], 0), (mod.dilation[0], 1)
+    else:
+        k, s, p, d = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, C*kh*kw, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _out_rows(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+
+
+class _Normal:
+    """Float64 sums of one layer's normal equations, per group."""
+
+    def __init__(self, mod: nn.Module):
+        self.groups = getattr(mod, "groups", 1)
+        self.bias = mod.bias is not None
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.tt: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        g = self.groups
+        x = x.double()
+        if self.bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if g == 1 else x
+        t = t.double()
+        if g == 1:
+            gram, cross = (x.T @ x)[None], (t.T @ x)[None]
+        else:
+            xg = x.reshape(x.shape[0], g, -1)
+            if self.bias:
+                xg = torch.cat([xg, xg.new_ones(xg.shape[0], g, 1)], 2)
+            tg = t.reshape(t.shape[0], g, -1)
+            gram = torch.einsum("rgd,rge->gde", xg, xg)
+            cross = torch.einsum("rgo,rgd->god", tg, xg)
+        tt = (t * t).sum()
+        if self.gram is None:
+            self.gram, self.cross, self.tt = gram, cross, tt
+        else:
+            self.gram += gram
+            self.cross += cross
+            self.tt += tt
+        self.n += x.shape[0]
+
+
+def _folded(mod: nn.Module) -> torch.Tensor:
+    """(groups, out / groups, in / groups * k [+ 1]) in float64."""
+    g = getattr(mod, "groups", 1)
+    w = mod.weight.detach().double().reshape(mod.weight.shape[0], -1)
+    if mod.bias is not None:
+        w = torch.cat([w, mod.bias.detach().double()[:, None]], 1)
+    return w.reshape(g, w.shape[0] // g, w.shape[1])
+
+
+def _solve(normal: _Normal, w_fold: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float, float, float]:
+    """W per group; returns (W, lambda, loss at W_fold, loss at W) (per-sample means)."""
+    n = normal.n
+    c_xx, c_tx = normal.gram / n, normal.cross / n
+    dim = c_xx.shape[-1]
+    lam = ridge * c_xx.diagonal(dim1=-2, dim2=-1).sum(-1) / dim  # (groups,)
+    eye = torch.eye(dim, dtype=torch.float64)
+    lhs = c_xx + lam[:, None, None] * eye
+    rhs = c_tx + lam[:, None, None] * w_fold
+    w = torch.linalg.solve(lhs, rhs.transpose(1, 2)).transpose(1, 2)  # (C_xx + lam I) symmetric
+
+    def loss(m: torch.Tensor) -> float:
+        # E||W x - t||^2 = tr(W C_xx W^T) - 2 tr(W C_tx^T) + E||t||^2
+        return float((torch.einsum("god,gde,goe->", m, c_xx, m) - 2 * torch.einsum("god,god->", m, c_tx))
+                     + normal.tt / n)
+
+    return w, float(lam.mean()), loss(w_fold), loss(w)
+
+
+def _write(mod: nn.Module, w: torch.Tensor) -> None:
+    flat = w.reshape(-1, w.shape[-1])
+    with torch.no_grad():
+        if mod.bias is not None:
+            mod.bias.copy_(flat[:, -1].to(mod.bias.dtype))
+            flat = flat[:, :-1]
+        mod.weight.copy_(flat.reshape(mod.weight.shape).to(mod.weight.dtype))
+
+
+def _target(outs: Sequence[torch.Tensor], mod: nn.Module, layer: RefitLayer, assign: Mapping[int, torch.Tensor],
+            counts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """``sum_k M_k y_k``: each merged unit the mean of its cluster's outputs."""
+    total = None
+    for k, y in enumerate(outs):
+        rows = _out_rows(mod, y).double()
+        idx = axis_index(layer.segments, assign, k).to(rows.device)
+        part = torch.zeros_like(rows).index_add_(1, idx, rows)
+        total = part if total is None else total + part
+    return total / _axis_counts(layer.segments, counts).to(total)
+
+
+def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule,
+          node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor], batches: Iterable[tuple],
+          ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x) -> RefitResult:
+    """Refit every fittable weight layer of ``merged`` in place (module docstring)."""
+    if ridge <= 0:
+        raise ValueError(f"refit ridge must be > 0 (it keeps the solve well posed), got {ridge}")
+    layers, skipped = find_layers(merged, analysis)
+    if not layers:
+        return RefitResult([], 0, skipped)
+    counts = {s: torch.stack([torch.bincount(a[k].long(), minlength=a.shape[1]) for k in range(a.shape[0])]).sum(0)
+              for s, a in assign.items()}
+    n_models = len(node_maps)
+    passes = 0
+    for level in progress(sorted({l.level for l in layers})):
+        wave = [l for l in layers if l.level == level]
+        inputs = list(dict.fromkeys(l.input for l in wave))
+        mine = truncated(merged, inputs)
+        theirs = truncated(joint, [node_maps[k][l.node].name for l in wave for k in range(n_models)])
+        mods = [merged.get_submodule(l.name) for l in wave]
+        normals = [_Normal(m) for m in mods]
+        for batch in batches:
+            with torch.no_grad():
+                xs = dict(zip(inputs, mine(*batch)))
+                ys = theirs(*batch)
+            for i, (l, mod, normal) in enumerate(zip(wave, mods, normals)):
+                t = _target(ys[i * n_models:(i + 1) * n_models], mod, l, assign, counts)
+                normal.add(_rows(mod, xs[l.input]), t)
+        passes += 1
+        for l, mod, normal in zip(wave, mods, normals):
+            w, l.ridge, l.loss_folded, l.loss_refit = _solve(normal, _folded(mod), ridge)
+            l.samples = normal.n
+            _write(mod, w)
+    return RefitResult(layers, passes, skipped)

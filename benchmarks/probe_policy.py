@@ -1,4 +1,4 @@
-"""Which probe policy (and whether variance repair) merges best: CIFAR-10 (5+5), every benchmark we have.
+"""Which probe policy (and whether variance repair or the refit) merges best: CIFAR-10 (5+5), every benchmark we have.
 
 Issue 11's comparison. For every architecture with checkpoints (ResNet-20x1
 BatchNorm, ResNet-20x1 GroupNorm, the small ViT; the ResNet-20x4 and
@@ -71,14 +71,15 @@ def have_pair(arch: str, pair: int) -> bool:
     return ec.pair_available(CKPT[arch], pair)
 
 
-def variants(policies: list[str], repair: list[str]) -> list[dict[str, Any]]:
-    out = [{"probes": p, "repair": False} for p in policies]
-    out += [{"probes": p, "repair": True} for p in repair]
+def variants(policies: list[str], repair: list[str], refit: list[str] = ()) -> list[dict[str, Any]]:
+    out = [{"probes": p, "repair": False, "refit": False} for p in policies]
+    out += [{"probes": p, "repair": True, "refit": False} for p in repair]
+    out += [{"probes": p, "repair": False, "refit": True} for p in refit]
     return out
 
 
 def variant_name(v: dict[str, Any]) -> str:
-    return v["probes"] + (" + repair" if v["repair"] else "")
+    return v["probes"] + (" + repair" if v["repair"] else "") + (" + refit" if v.get("refit") else "")
 
 
 def run_pair(arch: str, pair: int, models, infos, data, vecs, args, cache: dict, save, log) -> None:
@@ -94,7 +95,7 @@ def run_pair(arch: str, pair: int, models, infos, data, vecs, args, cache: dict,
             cache[f"{arch}|pair{pair}|Model {'AB'[k]}"] = ec.score(m, test, tasks, vecs)
         save()
     by_policy: dict[str, Any] = {}
-    for v in variants(args.policies, args.repair):
+    for v in variants(args.policies, args.repair, args.refit):
         for method in METHODS:
             key = f"{arch}|pair{pair}|{variant_name(v)}|{method}"
             if key in cache:
@@ -105,6 +106,8 @@ def run_pair(arch: str, pair: int, models, infos, data, vecs, args, cache: dict,
             extra = {"alpha": alpha, "beta": beta} if method == "zipit" else {}
             if v["repair"]:
                 extra["repair"] = True
+            if v["refit"]:
+                extra["refit"] = True
             merged = fxzip.merge(*models, data=by_policy[v["probes"]], method=method, progress=False,
                                  probes=v["probes"], **extra)
             row = ec.score(merged, test, tasks, vecs)
@@ -186,6 +189,8 @@ def parse_args(argv):
     ap.add_argument("--policies", nargs="+", default=list(PROBE_POLICIES), choices=sorted(PROBE_POLICIES))
     ap.add_argument("--repair", nargs="*", default=[], choices=sorted(PROBE_POLICIES),
                     help="policies to also run with repair=True")
+    ap.add_argument("--refit", nargs="*", default=[], choices=sorted(PROBE_POLICIES),
+                    help="policies to also run with refit=True")
     ap.add_argument("--data", default=str(ec.DEFAULT_DATA))
     ap.add_argument("--calib-images", type=int, default=1000)
     ap.add_argument("--calib-batch", type=int, default=500)
@@ -238,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"{arch} pair {p}")
             models, infos = get(arch, p)
             run_pair(arch, p, models, infos, data, vecs, args, cache, save, log)
-    names = [variant_name(v) for v in variants(args.policies, args.repair)]
+    names = [variant_name(v) for v in variants(args.policies, args.repair, args.refit)]
     table = summarize(cache, archs, pairs, names)
-    plain = [n for n in names if not n.endswith("repair")]
+    plain = [n for n in names if not n.endswith("repair") and not n.endswith("refit")]
     best = max(plain, key=lambda n: table[n]["mean_joint"])
     reference = {a: {r: _mean([cache[f"{a}|pair{p}|{r}"]["joint"] for p in pairs[a]])
                      for r in ("Ensemble", "Model A", "Model B")} for a in archs}

@@ -228,13 +228,20 @@ def _target(outs: Sequence[torch.Tensor], mod: nn.Module, layer: RefitLayer, ass
 
 def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule,
           node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor], batches: Iterable[tuple],
-          ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x) -> RefitResult:
-    """Refit every fittable weight layer of ``merged`` in place (module docstring)."""
+          ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x,
+          one_pass: bool = False) -> RefitResult:
+    """Refit every fittable weight layer of ``merged`` in place (module docstring).
+    ``one_pass``: fit every layer on the *folded* model's inputs in a single
+    pass (the cheap approximation ``benchmarks/refit_passes.py`` measures
+    against the exact network-order refit)."""
     if ridge <= 0:
         raise ValueError(f"refit ridge must be > 0 (it keeps the solve well posed), got {ridge}")
     layers, skipped = find_layers(merged, analysis)
     if not layers:
         return RefitResult([], 0, skipped)
+    if one_pass:
+        for layer in layers:
+            layer.level = 0
     counts = {s: torch.stack([torch.bincount(a[k].long(), minlength=a.shape[1]) for k in range(a.shape[0])]).sum(0)
               for s, a in assign.items()}
     n_models = len(node_maps)

@@ -1,4 +1,4 @@
-"""CI smoke tests of benchmarks/probe_policy.py and benchmarks/zipit_owner.py (random-init models,
+"""CI smoke tests of benchmarks/probe_policy.py, zipit_owner.py and refit_passes.py (random-init models,
 synthetic images): every code path, the JSON and the markdown."""
 import json
 import sys
@@ -28,3 +28,14 @@ def test_zipit_owner_smoke(tmp_path):
     res = zipit_owner.main(["--smoke", "--archs", "vit", "--pairs", "0", "--threads", "1", "--out", str(out)])
     assert {(s["alpha"], s["beta"]) for s in res["summary"]} == {(0.3, 0.125)}
     assert "owner=first" in Path(str(out) + ".md").read_text()
+
+
+def test_refit_passes_smoke(tmp_path):
+    import refit_passes
+
+    out = tmp_path / "rp"
+    res = refit_passes.main(["--smoke", "--archs", "resnet20x1", "--pairs", "0", "--threads", "1",
+                             "--out", str(out)])
+    row = res["rows"][0]
+    assert row["sequential"]["passes"] > row["one_pass"]["passes"] == 1
+    assert "one-pass joint" in Path(str(out) + ".md").read_text()

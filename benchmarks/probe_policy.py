@@ -181,6 +181,16 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def add_protocol_args(ap: argparse.ArgumentParser) -> None:
+    """The data / calibration / test options every script of this family shares."""
+    ap.add_argument("--data", default=str(ec.DEFAULT_DATA))
+    ap.add_argument("--calib-images", type=int, default=1000)
+    ap.add_argument("--calib-batch", type=int, default=500)
+    ap.add_argument("--test-per-class", type=int, default=200)
+    ap.add_argument("--test-batch", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=0)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", nargs="+", default=["resnet20x1", "resnet20gn", "vit"],
@@ -191,12 +201,7 @@ def parse_args(argv):
                     help="policies to also run with repair=True")
     ap.add_argument("--refit", nargs="*", default=[], choices=sorted(PROBE_POLICIES),
                     help="policies to also run with refit=True")
-    ap.add_argument("--data", default=str(ec.DEFAULT_DATA))
-    ap.add_argument("--calib-images", type=int, default=1000)
-    ap.add_argument("--calib-batch", type=int, default=500)
-    ap.add_argument("--test-per-class", type=int, default=200)
-    ap.add_argument("--test-batch", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=0)
+    add_protocol_args(ap)
     ap.add_argument("--cache", default=None, help="JSON of finished rows (resumable)")
     ap.add_argument("--out", default=str(HERE / "results" / "probe_policy"))
     ap.add_argument("--note", action="append", default=[])

@@ -67,3 +67,21 @@ def assert_same_function(ref: nn.Module, other: nn.Module, data: list[torch.Tens
     for want, got in zip(outputs(ref, data), outputs(other, data)):
         err = max_rel_diff(want, got)
         assert err <= tol, f"max |difference| / max |output| = {err:.3g} > {tol}"
+
+
+def capture(gm, data, names) -> dict[str, list]:
+    """The values of the named nodes of ``gm`` (a GraphModule) on every batch of
+    ``data``, in float64: what a test compares a pass's statistics against."""
+    import torch.fx as fx
+
+    class _Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                seen.setdefault(n.name, []).append(out.detach().double())
+            return out
+
+    wanted, seen = set(names), {}
+    for x in data:
+        _Capture(gm).run(x)
+    return seen

@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
-import torch.fx as fx
 
 import fxzip
 from fxzip import zoo
 from fxzip.probes import PROBE_POLICIES, ProbePolicy, select_probes
 
-from helpers import assert_same_function, batches, prepared
+from helpers import assert_same_function, batches, capture, prepared
 
 
 def _analysis(model, x):
@@ -71,18 +70,6 @@ def test_per_point_weights_each_point_equally():
     assert len(totals) == 1 and max(w for _, w in chosen) == 1.0
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, gm, names):
-        super().__init__(gm)
-        self.names, self.seen = set(names), {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.seen[n.name] = out.detach().double()
-        return out
-
-
 @pytest.mark.parametrize("policy", sorted(PROBE_POLICIES))
 def test_statistics_equal_a_float64_reference(policy):
     """Every space's mean and covariance equal those computed in float64 from
@@ -94,12 +81,9 @@ def test_statistics_equal_a_float64_reference(policy):
         chosen = select_probes(cal.analysis.spaces[index], PROBE_POLICIES[policy])
         names = {p.node for p, _ in chosen}
         total, gram, count = 0.0, 0.0, 0.0
-        for x in data:
-            feats = []
-            for gm in cal.models:
-                cap = _Capture(gm, names)
-                cap.run(x)
-                feats.append(cap.seen)
+        seen = [capture(gm, data, names) for gm in cal.models]
+        for b in range(len(data)):
+            feats = [{name: values[b] for name, values in per_model.items()} for per_model in seen]
             for probe, w in chosen:
                 rows = torch.cat([f[probe.node].narrow(probe.dim, probe.offset, probe.size)
                                   .movedim(probe.dim, 0).reshape(probe.size, -1) for f in feats])

@@ -13,7 +13,7 @@ from torch import nn
 import fxzip
 from fxzip import zoo
 
-from helpers import assert_same_function, batches, prepared
+from helpers import assert_same_function, batches, capture, prepared
 
 REL = 1e-4
 
@@ -42,24 +42,10 @@ HIDDEN = ["stem", "b1c1", "b2c1"]  # a conv whose output goes straight into a Re
 STREAM = {"b1c2": "add", "b2c2": "add_1"}  # a conv added to the stream: the point is the sum
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, gm, names):
-        super().__init__(gm)
-        self.names, self.seen = set(names), {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.seen.setdefault(n.name, []).append(out.detach().double().movedim(1, 0).reshape(out.shape[1], -1))
-        return out
-
-
 def _features(model, data, names):
     gm = model if isinstance(model, fx.GraphModule) else fxzip.trace(model, (data[0],))
-    cap = _Capture(gm, names)
-    for x in data:
-        cap.run(x)
-    return {k: torch.cat(v, 1) for k, v in cap.seen.items()}
+    seen = capture(gm, data, names)
+    return {k: torch.cat([x.movedim(1, 0).reshape(x.shape[1], -1) for x in v], 1) for k, v in seen.items()}
 
 
 def _close(got, want):

@@ -25,7 +25,7 @@ rescaling differs per model and cannot be folded into one set of weights.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -136,11 +136,12 @@ def blocks_of(analysis: GraphAnalysis) -> list[tuple[int, ...]]:
 
 
 def match_all(analysis: GraphAnalysis, sims: Mapping[int, Similarity], matcher: Matcher, n_models: int,
-              **kwargs) -> dict[int, Match]:
+              progress: Callable[[list], Iterable] = lambda blocks: blocks, **kwargs) -> dict[int, Match]:
     """A match for every space: grouped blocks two-level, plain spaces directly,
-    spaces without a similarity (fixed, output, no probe) the identity."""
+    spaces without a similarity (fixed, output, no probe) the identity.
+    ``progress`` wraps the list of blocks (a tqdm bar in ``merge``)."""
     out: dict[int, Match] = {}
-    for block in blocks_of(analysis):
+    for block in progress(blocks_of(analysis)):
         out.update(match_units(analysis, block, sims, matcher, n_models, **kwargs))
     return out
 

@@ -148,7 +148,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             matches, rows, details = _dual_space(analysis, states or gms, cal.stats, matcher, len(models), alpha,
                                                  beta, method, weight_similarity, seed, progress)
         else:
-            matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method)
+            matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method, progress)
     if needs_activations and not data_free:
         details["probes"] = cal.probes.name
     with _timed(seconds, "folding"):
@@ -180,7 +180,9 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             details["repair"] = {**fixed.summary(), "norm_reset_passes": 2 if reset_bn else 0}
     if reset_bn:
         with _timed(seconds, "reset"):
-            reset_batch_norm(merged, batches, lambda m, b: m(*b))
+            reset_batch_norm(merged, batches, lambda m, b: m(*b),
+                             progress=lambda b: tqdm(b, total=len(batches) or None, desc="fxzip reset norms",
+                                                     disable=not progress, leave=False))
     seconds["total"] = sum(seconds.values())
     report = MergeReport(method, len(models), rows, seconds, cal.n_batches, cal.n_samples, report_warnings, cut,
                          _macs(merged, gms, batches.example, common is None or common.full), details, cut_reason)
@@ -345,9 +347,10 @@ def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches
     return {i: holder.get_submodule(f"s{i}").stats() for i in spaces}, n_batches, n_samples
 
 
-def _match_all(analysis, stats, matcher, n_models, alpha, beta, method):
+def _match_all(analysis, stats, matcher, n_models, alpha, beta, method, progress: bool = False):
     sims = {i: Similarity.of(st) for i, st in stats.items()}
-    matches = match_all(analysis, sims, matcher, n_models, alpha=alpha, beta=beta)
+    bar = (lambda blocks: tqdm(blocks, desc="fxzip match", disable=not progress, leave=False))
+    matches = match_all(analysis, sims, matcher, n_models, alpha=alpha, beta=beta, progress=bar)
     return matches, _report_rows(analysis, sims, matches, method)
 
 

@@ -77,7 +77,8 @@ def batch_norm_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str, Any, A
     return found
 
 
-def reset_batch_norm(gm: fx.GraphModule, batches: Iterable[Any], call: Callable[[fx.GraphModule, Any], Any]) -> int:
+def reset_batch_norm(gm: fx.GraphModule, batches: Iterable[Any], call: Callable[[fx.GraphModule, Any], Any],
+                     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda b: b) -> int:
     """Overwrite every batch norm's running statistics in ``gm`` (in place) with
     their average over ``batches``; ``call(module, batch)`` runs one batch.
     Returns the number of batches seen."""
@@ -110,7 +111,7 @@ def reset_batch_norm(gm: fx.GraphModule, batches: Iterable[Any], call: Callable[
     tmp.eval()
     seen = 0
     with torch.no_grad():
-        for batch in batches:
+        for batch in progress(batches):
             call(tmp, batch)
             seen += 1
     if seen == 0:

@@ -175,11 +175,8 @@ def inspect_model(model: str, img_size: int | None = None, num_classes: int | No
 def plot_cuts(found: Inspection, n_models: int, path: Any, chosen: str | None = None) -> bool:
     """``cuts.png``: multiply-adds per input of an ``n_models`` partial zip at every cut
     (shared trunk + one head per model) against the layers zipped, with one model and
-    the ensemble for reference. False (nothing written) without matplotlib or cuts."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+    the ensemble for reference. False (nothing written) when the model has no cuts."""
+    from matplotlib.figure import Figure
     if not found.cuts:
         return False
     ks = [c["k"] for c in found.cuts]

@@ -13,8 +13,8 @@ A directory written by ``save`` (and by ``fxzip merge --out``) holds:
   ``state_dict.safetensors`` (the merged GraphModule's state: the weights in
   a format every tool reads);
 * ``report.json`` (``MergeReport.to_dict()`` plus how to rebuild the model and
-  which files were written), ``report.md`` (the same, readable) and, when
-  matplotlib is installed, ``correlation.png`` (``MergeReport.plot``).
+  which files were written), ``report.md`` (the same, readable) and
+  ``correlation.png`` (``MergeReport.plot``).
 
 ``load`` rebuilds a result from such a directory: a partial zip from its
 exported program (no architecture needed), a full zip from the architecture,
@@ -104,7 +104,8 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
         _save_tensors(result.state_dict(), out / STATE)
         info["files"] = {"program": PROGRAM, "state_dict": STATE}
         info["export"] = export_info
-    if report is not None and _plot(report, out / PLOT):
+    if report is not None:
+        report.plot(out / PLOT)
         info["files"]["plot"] = PLOT
     data = report.to_dict() if report is not None else {"versions": versions()}
     data.update(_jsonable(info))
@@ -259,15 +260,6 @@ def _copy_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
         raise ValueError(f"{source} does not match model.pt2 (missing {missing[:4]}, shapes differ {wrong[:4]}); "
                          "the directory mixes files of two results: save the result again")
     module.load_state_dict({k: state[k] for k in own}, strict=True)
-
-
-def _plot(report: MergeReport, path: Path) -> bool:
-    """``correlation.png`` when matplotlib is installed (it is optional)."""
-    try:
-        report.plot(path)
-    except ImportError:
-        return False
-    return True
 
 
 def _eval(module: nn.Module) -> None:

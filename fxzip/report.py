@@ -191,11 +191,8 @@ class MergeReport:
     def plot(self, path: Any = None) -> Any:
         """Matched correlation and merges (within a model, across models) per space
         in network order, as a matplotlib figure; saved to ``path`` when given.
-        matplotlib is imported here, so it stays an optional dependency."""
-        try:
-            from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-        except ImportError as exc:
-            raise ImportError("MergeReport.plot needs matplotlib: pip install matplotlib") from exc
+        matplotlib is imported here rather than at the top so ``import fxzip`` stays fast."""
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
         rows = self.spaces
         x = list(range(len(rows)))
         fig = Figure(figsize=(max(6.0, 0.35 * len(rows) + 2), 6.5))

@@ -163,7 +163,7 @@ def table(rows: Sequence[SweepRow]) -> str:
 
 
 def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) -> list[str]:
-    """``sweep.json`` (settings, versions, rows), ``sweep.csv`` and, with matplotlib,
+    """``sweep.json`` (settings, versions, rows), ``sweep.csv`` and
     ``sweep.png`` (average accuracy versus layers zipped, one line per method/alpha/beta)."""
     from .report import _jsonable, versions
 
@@ -180,10 +180,8 @@ def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any])
             writer.writerow([r.method, r.alpha, r.beta, r.stop_at, r.cut, r.k, r.m] + r.accuracy
                             + [r.average, r.macs, round(r.seconds, 3)])
     files = ["sweep.json", "sweep.csv"]
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return files
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     series: dict[str, list[SweepRow]] = {}

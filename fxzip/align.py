@@ -28,7 +28,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CommonPart", "GraphView", "common_part", "describe", "graph_difference", "shape_nodes"]
+__all__ = ["CommonPart", "GraphView", "architecture_difference", "common_part", "describe", "graph_difference",
+           "shape_nodes"]
 
 ALIAS_MODULES: tuple[type, ...] = (nn.Identity, nn.modules.dropout._DropoutNd)
 """Modules that compute the identity on a traced (eval-mode) model."""
@@ -252,6 +253,44 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"'{node.name}' ({kind} {what}" + (f" -> shape {shape}" if shape else "") + ")"
 
 
+def _name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node as the user knows it: its module path, else its graph name."""
+    if node.op == "call_module":
+        return f"'{node.target}'"
+    if node.op == "placeholder":
+        return f"the input '{node.name}'"
+    return f"'{node.name}'"
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _call_text(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``flatten(x, 1)``: the call with its inputs by name and its constants."""
+    def text(a: Any) -> str:
+        if isinstance(a, fx.Node):
+            return a.name
+        if isinstance(a, (tuple, list)):
+            inner = ", ".join(text(x) for x in a)
+            return f"({inner}{',' if len(a) == 1 and isinstance(a, tuple) else ''})" if isinstance(a, tuple) \
+                else f"[{inner}]"
+        return repr(a)
+
+    args = [text(a) for a in (node.args[1:] if node.op == "call_method" else node.args)]
+    args += [f"{k}={text(v)}" for k, v in node.kwargs.items()]
+    head = f"{text(node.args[0])}.{node.target}" if node.op == "call_method" and node.args else _op_name(gm, node)
+    return f"{head}({', '.join(args)})"
+
+
+def _shape_text(shape: Any) -> str:
+    if shape is None:
+        return "none"
+    return str(tuple(shape))
+
+
 def _summary(m: nn.Module) -> str:
     if isinstance(m, nn.Linear):
         return f"Linear {m.in_features}->{m.out_features}"
@@ -358,9 +397,10 @@ class _Pairing:
             data = [i for i in v0.form(n0).inputs if i not in v0.sources and i not in v0.shape]
             after = data[0] if data else None
             other = self._counterpart(n0, after)
-            where = f"after '{after.name}'" if after is not None and after.op != "placeholder" else "at the input"
+            where = f"after {_name(v0.gm, after)}" if after is not None and after.op != "placeholder" \
+                else "at the input"
             if other is not None:
-                theirs = f"model {k}'s {describe(vk.gm, other)}"
+                theirs = f"model {k}'s {describe(vk.gm, other)}: {self.why(n0, other, k)}"
             else:
                 theirs = f"nothing like it in model {k}"
             return v0.order[n0], (f"model 0 and model {k} differ {where}: first differing node "
@@ -371,6 +411,52 @@ class _Pairing:
                 continue
             return len(v0.nodes), f"model {k} computes {describe(vk.gm, nk)} where model 0 has nothing like it"
         return len(v0.nodes), f"model 0 and model {k} return different tensors"
+
+    def why(self, n0: fx.Node, nk: fx.Node, k: int) -> str:
+        """What differs between model 0's ``n0`` and model k's ``nk``, in the
+        user's terms: the operation or module type, the module's configuration
+        and parameter shapes, the constant arguments, the inputs, the shapes."""
+        v0, vk = self.v0, self.vk
+        f0, fk = v0.form(n0), vk.form(nk)
+        parts: list[str] = []
+        if not _equal(f0.key[:2], fk.key[:2]):
+            parts.append(f"another operation ({_op_name(v0.gm, n0)} vs {_op_name(vk.gm, nk)})")
+        elif f0.key[0] == "module":
+            m0, mk = v0.module(n0), vk.module(nk)
+            c0, ck = dict(_config(m0)), dict(_config(mk))
+            order = [a for a in vars(m0) if a in c0] + [a for a in vars(mk) if a in ck and a not in c0]
+            for attr in order:  # the constructor's order: channels, kernel, stride, padding, ...
+                if not _equal(c0.get(attr), ck.get(attr)):
+                    parts.append(f"{attr} {c0.get(attr, 'unset')} vs {ck.get(attr, 'unset')}")
+            s0, sk = m0.state_dict(), mk.state_dict()
+            for name in sorted(set(s0) | set(sk)):
+                a, b = _shape_of(s0.get(name)), _shape_of(sk.get(name))
+                if a != b:
+                    parts.append(f"{name} {_shape_text(a)} vs {_shape_text(b)}")
+        elif not _equal(f0.key, fk.key) or not _equal(f0.template, fk.template):
+            parts.append(f"other arguments ({_call_text(v0.gm, n0)} vs {_call_text(vk.gm, nk)})")
+        s0, sk = meta_shape(n0), meta_shape(nk)
+        if s0 != sk:
+            parts.append(f"output shape {_shape_text(s0)} vs {_shape_text(sk)}")
+        if not parts:
+            data0 = [i for i in f0.inputs if i not in v0.sources]
+            datak = [i for i in fk.inputs if i not in vk.sources]
+            want = [self.map.get(i) for i in data0]
+            if want != datak and (not f0.commutative or want != datak[::-1]):
+                theirs = ", ".join(_name(vk.gm, i) for i in datak) or "parameters only"
+                mine = ", ".join(_name(v0.gm, i) for i in data0) or "parameters only"
+                paired = ", ".join(_name(vk.gm, i) if i is not None else "nothing" for i in want)
+                parts.append(f"it reads other tensors: model 0's reads {mine} (in model {k}: {paired}), "
+                             f"model {k}'s reads {theirs}")
+            elif n0.op == "call_module" and nk.op == "call_module":
+                parts.append(f"the module is shared differently (model 0 calls {n0.target} "
+                             f"{v0.calls.get(n0.target, 1)} time(s), model {k} calls {nk.target} "
+                             f"{vk.calls.get(nk.target, 1)} time(s))")
+            else:
+                parts.append("its parameters or constants differ in shape or value")
+        if s0 == sk and s0 is not None:
+            parts.append(f"output shape {_shape_text(s0)} in both")
+        return "; ".join(parts)
 
     def _counterpart(self, n0: fx.Node, after: fx.Node | None) -> fx.Node | None:
         if after is None or after not in self.map:
@@ -448,16 +534,35 @@ def common_part(gms: Sequence[fx.GraphModule]) -> CommonPart:
                       min(differences)[1] if differences else "", images)
 
 
+def architecture_difference(gms: Sequence[fx.GraphModule]) -> str | None:
+    """``None`` when the traced models are one architecture (node and module
+    names may differ: timm's and torchvision's resnet18 are one); otherwise the
+    first difference in structure, in the user's terms (module path, type,
+    configuration, parameter and output shapes, what a node reads)."""
+    if graph_difference(gms) is None:
+        return None
+    common = common_part(gms)
+    if common.full:
+        return None
+    return (f"{common.difference}. fxzip merges models of one architecture (names may differ); models that "
+            "agree from the input up to some layer merge as a partial zip (see fxzip.cut_points(a, x, b)).")
+
+
 def graph_difference(gms: Sequence[fx.GraphModule]) -> str | None:
     """Why the traced graphs are not node-for-node identical (``None`` when they
-    are: the fast path, no alignment needed)."""
+    are: the fast path, no alignment needed). Node names count here, so this is
+    no verdict on the architecture: see ``architecture_difference``."""
     ref = list(gms[0].graph.nodes)
+    ref_index = {n: i for i, n in enumerate(ref)}
     for k, gm in enumerate(gms[1:], start=1):
         nodes = list(gm.graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
         for a, b in zip(ref, nodes):
             same_call = a.op == b.op and (a.target == b.target or a.op in ("placeholder", "output"))
             if same_call and a.op == "call_module":
                 same_call = type(gms[0].get_submodule(a.target)) is type(gm.get_submodule(b.target))
+            if same_call and a.op != "placeholder":  # the same inputs (by position) and constants
+                same_call = _equal(_by_position(a, ref_index), _by_position(b, index))
             sa, sb = meta_shape(a), meta_shape(b)
             if not same_call or sa != sb:
                 return (f"model 0 and model {k} differ in architecture at node '{a.name}': "
@@ -474,6 +579,11 @@ def graph_difference(gms: Sequence[fx.GraphModule]) -> str | None:
                 return (f"model 0 and model {k} differ in parameter '{name}': {tuple(t.shape)} vs "
                         f"{other}. fxzip merges models of one architecture.")
     return None
+
+
+def _by_position(node: fx.Node, index: dict[fx.Node, int]) -> Any:
+    """A node's arguments with every node replaced by its position in the graph."""
+    return fx.node.map_arg((tuple(node.args), dict(node.kwargs)), lambda a: ("node", index[a]))
 
 
 def _what(gm: fx.GraphModule, node: fx.Node) -> str:

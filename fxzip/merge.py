@@ -309,10 +309,14 @@ def _device_dtype(m: nn.Module) -> tuple[str, str]:
 
 
 def check_same_architecture(gms: Sequence[fx.GraphModule]) -> None:
-    """Raise ``ValueError`` naming the first node where the traced graphs are not
-    node-for-node identical. ``merge`` no longer requires that (models are
-    aligned by structure, ``fxzip.align``); identical graphs skip the alignment."""
-    difference = graph_difference(gms)
+    """Raise ``ValueError`` unless the traced models are one architecture,
+    compared by structure and data flow, not by names (``fxzip.align``: timm's
+    and torchvision's resnet18 are one). The message names the first difference
+    in the user's terms: module path, type, configuration and shapes. ``merge``
+    itself also accepts models that differ after a shared trunk (a partial zip)."""
+    from .align import architecture_difference
+
+    difference = architecture_difference(gms)
     if difference is not None:
         raise ValueError(difference)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxzip
@@ -77,3 +78,72 @@ def test_no_torch_fx_traceback_on_stderr_before_the_error(capsys):
     with pytest.raises(ValueError, match=r"expected input\[2, 2, 8, 8\] to have 3 channels"):
         fxzip.merge(traced, traced, data=[torch.randn(4, 2, 8, 8)], progress=False)
     assert capsys.readouterr().err == ""
+
+
+# -- two models that really differ in structure: the first real difference, in the user's terms
+
+def test_timm_and_torchvision_resnet18_are_one_architecture_to_the_check():
+    """Same structure, other names (act1 vs relu, same op and shape): not a difference."""
+    import torchvision
+    from fxzip.merge import check_same_architecture
+
+    x = torch.randn(2, 3, 32, 32)
+    ours = fxzip.trace(timm.create_model("resnet18", num_classes=10, pretrained=False).eval(), x)
+    theirs = fxzip.trace(torchvision.models.resnet18(num_classes=10).eval(), x)
+    check_same_architecture([ours, theirs])  # used to fail at 'act1' vs 'relu'
+    deeper = fxzip.trace(timm.create_model("resnet34", num_classes=10, pretrained=False).eval(), x)
+    with pytest.raises(ValueError, match=r"differ after 'layer1.1.relu': first differing node 'layer2_0_conv1' "
+                       r"\(layer2.0.conv1: Conv2d 64->128, kernel_size 3, stride 2\) vs model 1's 'layer1_2_conv1' "
+                       r"\(layer1.2.conv1: Conv2d 64->64, kernel_size 3\): out_channels 128 vs 64; stride 2 vs 1;"
+                       r".*output shape \(2, 128, 4, 4\) vs \(2, 64, 8, 8\)"):
+        check_same_architecture([theirs, deeper])
+
+
+class _Stem(nn.Module):
+    def __init__(self, padding: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=padding)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_configuration_difference_names_the_attribute_and_the_shapes():
+    """Conv2d 3->8, kernel 3 in both: the summary alone would read the same; the
+    message says padding and the output shapes."""
+    with pytest.raises(ValueError, match=r"differ at the input: first differing node 'conv' \(conv: Conv2d 3->8, "
+                       r"kernel_size 3\) vs model 1's 'conv' \(conv: Conv2d 3->8, kernel_size 3\): padding 1 vs 2; "
+                       r"output shape \(2, 8, 8, 8\) vs \(2, 8, 10, 10\)\. .*nothing to merge"):
+        fxzip.merge(_Stem(1), _Stem(2), data=[torch.randn(4, 3, 8, 8)], progress=False)
+
+
+class _Skip(nn.Module):
+    """The residual add reads the conv's output or the activation's: same ops, same shapes."""
+
+    def __init__(self, after_act: bool) -> None:
+        super().__init__()
+        self.after_act = after_act
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        a = self.act(h)
+        y = self.conv2(a) + (a if self.after_act else h)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_data_flow_difference_says_what_each_reads():
+    from fxzip.merge import check_same_architecture
+
+    x = torch.randn(2, 3, 8, 8)
+    gms = [fxzip.trace(_Skip(False), x), fxzip.trace(_Skip(True), x)]
+    with pytest.raises(ValueError, match=r"first differing node 'add' \(function add -> shape \(2, 8, 8, 8\)\) vs "
+                       r"model 1's 'add' \(function add -> shape \(2, 8, 8, 8\)\): it reads other tensors: model 0's "
+                       r"reads 'conv2', 'conv1' \(in model 1: 'conv2', 'conv1'\), model 1's reads 'conv2', 'act'"):
+        check_same_architecture(gms)
+    # merge no longer takes them for one graph (same ops and shapes node for node): a partial zip before the add
+    report = fxzip.merge(_Skip(False), _Skip(True), data=[x], progress=False).meta["fxzip"]
+    assert report.cut.name == "conv1" and "it reads other tensors" in report.cut_reason

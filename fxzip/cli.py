@@ -9,7 +9,9 @@ Subcommands:
 * ``fxzip merge CKPT CKPT [CKPT ...] --model NAME --data PATH --out DIR [...]``:
   merge checkpoints of one architecture on calibration images and write the
   result with ``fxzip.save`` (``model.safetensors`` or ``model.pt2``,
-  ``report.json``, ``report.md``).
+  ``report.json``, ``report.md``). ``torchrun --nproc-per-node K -m fxzip merge
+  ...`` runs it in K processes, each calibrating on every K-th batch
+  (``fxzip.distributed``); rank 0 writes the files.
 * ``fxzip inspect --model NAME [--img-size N] [--json]``: the feature spaces and
   cut points fxzip finds in a model, before any data.
 * ``fxzip sweep CKPT CKPT [...] --model NAME --data PATH --eval DIR DIR [...]``:
@@ -111,8 +113,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from fxzip.commands import run_sweep
+    from fxzip.commands import UsageError, run_sweep
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("fxzip sweep runs in one process; run it without torchrun (fxzip merge takes "
+                         "torchrun --nproc-per-node K)")
     return run_sweep(args)
 
 
@@ -172,8 +177,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from fxzip.commands import run_merge
+    from fxzip.distributed import from_env
 
-    return run_merge(args)
+    with from_env():  # under torchrun: one process group (gloo), the data sharded by rank
+        return run_merge(args)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -130,27 +130,36 @@ def run_merge(args: argparse.Namespace) -> int:
     from .io import save
     from .merge import merge
 
+    from .distributed import is_main, world_size
+
     torch.manual_seed(args.seed)
     stop_at = parse_stop_at(args.stop_at)
+    processes = world_size()
+    if not is_main():  # several processes (torchrun): rank 0 speaks and writes
+        say = _Say(quiet=True)
     say(f"fxzip {__version__}: building {len(args.checkpoints)} x {args.model}")
     models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say)
     with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
         say(f"data: {source.description}")
         say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
             + (f", stop at {stop_at!r}" if stop_at is not None else "")
-            + (", batch-norm statistics kept" if args.no_reset_bn else "") + ")")
-        result = merge(*models, data=source.loader(), method=args.method, alpha=args.alpha, beta=args.beta,
+            + (", batch-norm statistics kept" if args.no_reset_bn else "")
+            + (f", {processes} processes, batch i on rank i % {processes}" if processes > 1 else "") + ")")
+        loader, max_batches = _calibration_loader(source, args.batch_size, args.max_batches)
+        result = merge(*models, data=loader, method=args.method, alpha=args.alpha, beta=args.beta,
                        stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
-                       max_batches=args.max_batches, progress=not args.quiet, seed=args.seed)
+                       max_batches=max_batches, progress=not args.quiet, seed=args.seed)
         input_size = list(source.config["input_size"])
         example = next(iter(source.loader()))[:1]
+    if not is_main():
+        return 0
     report = result.meta["fxzip"]
     report.settings = {
         "command": "fxzip merge", "model": args.model, "checkpoints": [str(c) for c in args.checkpoints],
         "num_classes": [s.num_classes for s in specs], "img_size": args.img_size, "input_size": input_size,
         "data": str(args.data), "method": args.method, "alpha": args.alpha, "beta": args.beta,
         "stop_at": stop_at, "batch_size": args.batch_size, "max_batches": args.max_batches,
-        "reset_bn": not args.no_reset_bn, "seed": args.seed,
+        "reset_bn": not args.no_reset_bn, "seed": args.seed, "processes": processes,
     }
     say(f"saving to {args.out}")
     same = all(s == specs[0] for s in specs)
@@ -169,6 +178,21 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"load it: torch.export.load({str(out / 'model.pt2')!r}).module()(x)  "
               f"-> {report.n_models} outputs, one per model")
     return 0
+
+
+def _calibration_loader(source: Any, batch_size: int, max_batches: int | None) -> tuple[Any, int | None]:
+    """``source``'s loader and the ``max_batches`` to pass to merge. Under
+    torch.distributed this rank's shard: the batches one process reads (at most
+    ``max_batches``), batch i on rank i % world_size (no shuffling, no repeated
+    samples: the merge is one process's on the same batches)."""
+    from torch.utils.data import DataLoader
+
+    from .distributed import shard_batches, world_size
+
+    if world_size() == 1:
+        return source.loader(), max_batches
+    sampler = shard_batches(len(source.dataset), batch_size, max_batches)
+    return DataLoader(source.dataset, batch_sampler=sampler, num_workers=0), None
 
 
 def _cut_costs(model: Any, example: Any, report: Any, out: Path, n_models: int, say: Any) -> None:

@@ -19,6 +19,7 @@ from .align import CommonPart, graph_difference
 from .analysis import GraphAnalysis
 from .cuts import choose_cut, find_cuts, resolve_cut, shared_cuts
 from .data import Batches
+from . import distributed as _dist
 from .grouped import blocks_of, identity_match, match_all, match_units
 from .mudsc import dual_space_match
 from .permute import default_example
@@ -108,6 +109,9 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         ``result.meta["fxzip"]`` is a ``MergeReport`` (``.cut`` and ``.cut_reason``
         say where a partial zip was cut and why).
     """
+    # several processes: this rank's data is its shard; ranks must agree on everything else
+    data = _dist.check_ranks(models, data, {k: v for k, v in locals().items() if k not in _PER_RANK})
+    progress = progress and _dist.is_main()
     matcher = _check_args(models, method, alpha, beta, stop_at)
     policy = probe_policy(probes)
     if repair and data is None:
@@ -187,7 +191,12 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     report = MergeReport(method, len(models), rows, seconds, cal.n_batches, cal.n_samples, report_warnings, cut,
                          _macs(merged, gms, batches.example, common is None or common.full), details, cut_reason)
     merged.meta["fxzip"] = report.mark_head_only(merged)
+    _dist.check_same_result(merged)  # every rank holds the same weights, bit for bit
     return merged
+
+
+_PER_RANK = ("models", "data", "max_batches", "inputs", "progress", "example_inputs")
+"""merge's arguments that may differ between ranks (the rest must agree)."""
 
 
 class Calibration:
@@ -231,6 +240,8 @@ def calibrate(*models: nn.Module, data: Iterable[Any], max_batches: int | None =
     """Trace, analyze and calibrate once; then ``merge(*models, data=calibration, ...)``
     as often as you like (the hyperparameter grid of the papers costs one pass).
     ``probes``: the probe policy (see ``merge``); merges of this calibration use it."""
+    data = _dist.check_ranks(models, data, {"probes": probes}, "fxzip.calibrate")
+    progress = progress and _dist.is_main()
     _check_args(models, "weight_average", 0.0, 0.0, None)
     cal = _prepare(models, data, max_batches, inputs, probe_policy(probes))
     start = time.perf_counter()
@@ -241,11 +252,12 @@ def calibrate(*models: nn.Module, data: Iterable[Any], max_batches: int | None =
 
 def _prepare(models, data, max_batches, inputs, probes: ProbePolicy = PROBE_POLICIES[DEFAULT_PROBES]) -> Calibration:
     seconds: dict[str, float] = {}
-    batches = Batches(data, max_batches, inputs)
-    with _timed(seconds, "trace"):
-        gms = [trace(m, batches.example) for m in models]
-    with _timed(seconds, "analysis"):
-        common, analysis = analyze_models(gms)  # aligns the models unless their graphs are identical
+    with _dist.ranks_agree("reading its data, tracing and analysing the models"):
+        batches = Batches(data, max_batches, inputs)
+        with _timed(seconds, "trace"):
+            gms = [trace(m, batches.example) for m in models]
+        with _timed(seconds, "analysis"):
+            common, analysis = analyze_models(gms)  # aligns the models unless their graphs are identical
     return Calibration(models, gms, analysis, batches, seconds, common, probes)
 
 
@@ -339,6 +351,7 @@ def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches
     insert_observers(joint, node_maps, analysis, spaces, probes)
     device, _ = _device_dtype(gms[0])
     joint.get_submodule(OBSERVERS).to(device)  # statistics accumulate where the features are (GPU models)
+    _dist.agree_shifts(joint.get_submodule(OBSERVERS))  # several processes: one shift, rank 0's
     joint.eval()
     n_batches = n_samples = 0
     with torch.no_grad():
@@ -348,6 +361,7 @@ def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches
             n_batches += 1
             n_samples += int(batch[0].shape[0]) if batch and hasattr(batch[0], "shape") else 0
     holder = joint.get_submodule(OBSERVERS)
+    n_batches, n_samples = _dist.reduce_observers(holder, n_batches, n_samples)  # sums of every rank, once
     return {i: holder.get_submodule(f"s{i}").stats() for i in spaces}, n_batches, n_samples
 
 

@@ -7,6 +7,7 @@ import torch.fx as fx
 from torch import nn
 
 from .data import Batches
+from .distributed import check_ranks, ranks_agree
 from .passes.reset_norm import reset_batch_norm
 from .trace import trace
 
@@ -20,14 +21,17 @@ def reset_norm_stats(model: nn.Module, data: Iterable[Any], max_batches: int | N
     Merging changes what each norm layer sees, so its old statistics are wrong
     (the papers reset them for every method, the original models included).
     Works on any traceable model, including functional ``F.batch_norm`` calls.
-    Returns ``model``.
+    Under ``torch.distributed`` ``data`` is this rank's shard and the
+    statistics are combined across ranks (``fxzip.distributed``): every rank
+    gets the average over all ranks' batches. Returns ``model``.
     """
-    batches = Batches(data, max_batches, inputs)
-    if isinstance(model, fx.GraphModule):
-        reset_batch_norm(model, batches, lambda m, b: m(*b))
-        return model
-    gm = trace(model, batches.example)
+    data = check_ranks([model], data, {}, "fxzip.reset_norm_stats")
+    with ranks_agree("reading the data and tracing the model"):
+        batches = Batches(data, max_batches, inputs)
+        gm = model if isinstance(model, fx.GraphModule) else trace(model, batches.example)
     reset_batch_norm(gm, batches, lambda m, b: m(*b))
+    if gm is model:
+        return model
     own = dict(model.named_buffers())
     for name, buf in gm.named_buffers():
         if name in own and (name.endswith("running_mean") or name.endswith("running_var")

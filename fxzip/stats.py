@@ -7,6 +7,8 @@ one-pass formula that gave the reference code negative variances and NaNs.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -92,6 +94,22 @@ class Workspace:
         return self._prod[: a * b].view(a, b)
 
 
+@contextmanager
+def _ieee_fp32(cuda: bool):
+    """Full float32 products on the GPU (no TF32, whatever the user set): TF32's
+    10-bit mantissa would make the statistics depend on the device."""
+    if not cuda:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 class SpaceObserver(nn.Module):
     """Inserted into the side-by-side graph: accumulates one space's statistics
     from the N models' copies of a probe point. Every pixel/token is a sample;
@@ -130,6 +148,9 @@ class SpaceObserver(nn.Module):
             self._blocks = [(k * size + a, k * size + b) for k in range(n_models)
                             for a, b in zip(edges, edges[1:])]
         self._shift32: torch.Tensor | None = None
+        # called with the fresh shift before anything is accumulated; under
+        # torch.distributed it broadcasts rank 0's (fxzip.distributed.agree_shifts)
+        self.agree_shift = None
 
     def forward(self, *features: torch.Tensor, dim: int, offset: int, weight: float = 1.0) -> None:
         """``weight``: what each sample of this call counts (probe points weighted
@@ -167,10 +188,16 @@ class SpaceObserver(nn.Module):
         if not bool(self.started):
             means = [v.reshape(self.size, -1).float().mean(1) if v.dim() > 1 else v.float() for v in views]
             self.shift.copy_(torch.cat(means).double())
+            if self.agree_shift is not None:
+                self.agree_shift(self.shift)
             self.started.fill_(True)
         self._shift32 = self.shift.float()
 
     def _gram_update(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        with _ieee_fp32(x.is_cuda):
+            self._gram_blocks(x, weight)
+
+    def _gram_blocks(self, x: torch.Tensor, weight: float) -> None:
         blocks, ws = self._blocks, self.workspace
         for i, (a0, a1) in enumerate(blocks):
             xa = x[a0:a1]

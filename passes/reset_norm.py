@@ -8,6 +8,11 @@ norm layer in train mode feeds forward) and accumulates them; afterwards the
 running mean/variance are the plain average over batches of the batch mean
 and unbiased variance, exactly ``nn.BatchNorm`` with ``momentum=None``.
 Dropout and everything else stay in eval mode.
+
+Under ``torch.distributed`` (``fxzip.distributed``) each rank sums its own
+batches' statistics and the sums and batch counts are all-reduced after the
+pass, so the running statistics are one process's average over all ranks'
+batches (not SyncBatchNorm's statistics of the ranks' batches pooled).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from fxzip.distributed import sum_across_ranks, sum_fields_across_ranks
 
 __all__ = ["batch_norm_nodes", "reset_batch_norm"]
 
@@ -114,6 +121,9 @@ def reset_batch_norm(gm: fx.GraphModule, batches: Iterable[Any], call: Callable[
         for batch in progress(batches):
             call(tmp, batch)
             seen += 1
+    # several processes: the per-batch sums and batch counts of every rank, once
+    seen = sum_across_ranks(seen)
+    sum_fields_across_ranks([s for s, _, _ in collectors], "mean_sum", "var_sum", "batches")
     if seen == 0:
         raise ValueError("reset_norm_stats got no batches: data is empty")
     with torch.no_grad():

@@ -260,14 +260,14 @@ def stage_of(exc: BaseException, default: str) -> str:
     return default
 
 
-def _op_of(desc: str) -> str:
-    """'call_module a.b (Cls)' -> 'Cls'; 'call_function torch.functional.roll' -> 'torch.roll';
-    'call_method roll' -> 'Tensor.roll'."""
+def _op_of(desc: str, kind: str = "") -> str:
+    """'a.b (Cls)' (kind 'module') or 'call_module a.b (Cls)' -> 'Cls'; 'torch.roll' or
+    'call_function torch.functional.roll' -> 'torch.roll'; 'Tensor.roll' or 'call_method roll' -> 'Tensor.roll'."""
     m = re.search(r"\((\w+)\)\s*$", desc)
-    if desc.startswith("call_module") and m:
+    if (desc.startswith("call_module") or kind == "module") and m:
         return m.group(1)
-    body = desc.split(" ", 1)[-1].strip()
-    if desc.startswith("call_method"):
+    body = desc.split(" ", 1)[-1].strip() if desc.startswith("call_") else desc.strip()
+    if desc.startswith("call_method") or (kind == "method" and not body.startswith("Tensor.")):
         return f"Tensor.{body}"
     parts = [p for p in body.split(".") if p]
     if len(parts) >= 2 and parts[0] in ("torch", "timm"):
@@ -278,7 +278,7 @@ def _op_of(desc: str) -> str:
 # (regex on the message, label); the first match wins. A label may use the match.
 KEYWORDS: list[tuple[str, Callable[[re.Match], str] | str]] = [
     (r"no channel rule for (module|function|method) (.+?) at node",
-     lambda m: f"no channel rule for {m.group(1)} {_op_of(m.group(2))}"),
+     lambda m: f"no channel rule for {m.group(1)} {_op_of(m.group(2), m.group(1))}"),
     (r"torch\.fx cannot trace \w+: (\w+): (.*)", lambda m: f"cannot trace ({m.group(1)}: {_gist(m.group(2))})"),
     (r"running \w+ on a batch of shape .* failed", "shape propagation failed"),
     (r"indexes the channel axis", "indexes the channel axis"),
@@ -287,7 +287,7 @@ KEYWORDS: list[tuple[str, Callable[[re.Match], str] | str]] = [
     (r"adds the parameter .* per head", "per-head parameter added to attention logits"),
     (r"rotary", "rotary embeddings"),
     (r"grouped-query", "grouped-query attention"),
-    (r"head ax[ie]s|head layout|stacked q/k/v", "head axes"),
+    (r"head ax[ie]s|head layout|stacked q/k/v|channel groups|split into groups|group axis", "head axes"),
     (r"grouped in incompatible ways|ties the groups", "incompatible group counts"),
     (r"straddles", "group straddles concatenated spaces"),
     (r"combines channel axes with different structure", "joins different channel structures"),

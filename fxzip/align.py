@@ -429,7 +429,7 @@ class _Pairing:
                 if not _equal(c0.get(attr), ck.get(attr)):
                     parts.append(f"{attr} {c0.get(attr, 'unset')} vs {ck.get(attr, 'unset')}")
             s0, sk = m0.state_dict(), mk.state_dict()
-            for name in sorted(set(s0) | set(sk)):
+            for name in list(s0) + [key for key in sk if key not in s0]:
                 a, b = _shape_of(s0.get(name)), _shape_of(sk.get(name))
                 if a != b:
                     parts.append(f"{name} {_shape_text(a)} vs {_shape_text(b)}")

@@ -217,9 +217,9 @@ class Analyzer:
             if old.axis == axis:
                 if old.role != role:
                     raise AnalysisError(
-                        f"parameter '{param}' axis {axis} is used both as an output ({'M'}) and an "
-                        f"input ({'U'}) channel axis (at node '{node.name}'); fxzip cannot merge tied "
-                        "weights used that way."
+                        f"parameter '{param}' axis {axis} is used both as output channels (like a layer's "
+                        f"outputs) and as input channels (like a layer's inputs), at node '{node.name}'; "
+                        "fxzip cannot merge weights shared that way."
                     )
                 self.unify(node, old.segments, segments)
                 return
@@ -325,12 +325,12 @@ class Analyzer:
         rule = lookup_rule(node, self.gm)
         if rule is None:
             if any(_carries(self.layout(a)) for a in _flat_nodes(node)):
-                kind = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
                 raise AnalysisError(
-                    f"fxzip has no channel rule for {kind} {_describe(node)} at node '{node.name}' "
-                    f"(input shapes {[tuple(s) for s in map(_shape, _flat_nodes(node)) if s is not None]}). "
-                    f"Register one with @fxzip.register_rule({_key_hint(node)}) - see fxzip.rules "
-                    "for examples - or make the op a no-channel op."
+                    f"fxzip has no channel rule for {_describe(node)} at node '{node.name}' "
+                    f"(input shapes {[tuple(s) for s in map(_shape, _flat_nodes(node)) if s is not None]}): "
+                    "fxzip must know how an op moves the channels of its inputs before it merges across it, "
+                    f"and never guesses. Register a rule with @fxzip.register_rule({_key_hint(node)}) (README, "
+                    "'Extending', works one through for torch.roll; the built-in rules are in fxzip.rules)."
                 )
             self.set(node, NO_CHANNELS)
             return
@@ -340,10 +340,10 @@ class Analyzer:
                 self._heads_as_channels(node, grouped, rule)
                 return
             if grouped:
-                self.fail(node, f"reads {grouped[0].name}, whose channels are spread over several axes "
-                                f"({describe(self.layout(grouped[0]))}); this op has no "
-                                "group-aware rule. Register one with @fxzip.register_rule(...) and mark it "
-                                "@fxzip.rules.group_aware once it handles head axes.")
+                self.fail(node, f"reads '{grouped[0].name}', whose channels are split over several axes "
+                                f"({describe(self.layout(grouped[0]))}), and the rule of this op handles "
+                                "channels on one axis only. Register a rule with @fxzip.register_rule(...) "
+                                "and mark it @fxzip.rules.group_aware once it handles channels split over axes.")
         if not getattr(rule, "map_aware", False):
             maps = [a for a in _flat_nodes(node) if isinstance(self.layout(a), Layout) and
                     self.layout(a).cross_dim is not None]
@@ -659,14 +659,28 @@ def _flat_nodes(node: fx.Node) -> list[fx.Node]:
 
 
 def _describe(node: fx.Node) -> str:
+    """``module layer1.0.conv1 (Conv2d)``, ``function torch.roll``, ``method Tensor.roll``."""
     if node.op == "call_module":
         root = node.graph.owning_module
         mod = root.get_submodule(node.target) if root is not None else None
-        return f"call_module {node.target} ({type(mod).__name__})"
+        return f"module {node.target} ({type(mod).__name__})"
     if node.op == "call_function":
-        t = node.target
-        return f"call_function {getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}".replace("_operator.", "operator.")
+        return f"function {_function_name(node.target)}"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
     return f"{node.op} {node.target}"
+
+
+def _function_name(t: Any) -> str:
+    module = getattr(t, "__module__", "") or ""
+    name = getattr(t, "__name__", str(t))
+    if module in ("_operator", "operator"):
+        return f"operator.{name}"
+    if module.startswith("torch") and getattr(torch, name, None) is t:
+        return f"torch.{name}"  # torch.functional.roll -> torch.roll
+    if module.startswith("torch.nn.functional") or getattr(torch.nn.functional, name, None) is t:
+        return f"torch.nn.functional.{name}"
+    return f"{module}.{name}" if module else name
 
 
 def _key_hint(node: fx.Node) -> str:
@@ -675,8 +689,13 @@ def _key_hint(node: fx.Node) -> str:
         return type(root.get_submodule(node.target)).__name__
     if node.op == "call_method":
         return repr(node.target)
-    return getattr(node.target, "__name__", str(node.target))
+    return _function_name(node.target)
 
 
 def _segs(segs: Sequence[Segment]) -> str:
-    return "[" + ", ".join(f"{s.size}x{s.inner}" if s.inner > 1 else str(s.size) for s in segs) + "]"
+    """Channels in words: ``64 channels``, ``32 + 32 channels (concatenated)``."""
+    text = " + ".join(str(s.size) for s in segs) + " channels" + (" (concatenated)" if len(segs) > 1 else "")
+    inner = sorted({s.inner for s in segs if s.inner > 1})
+    if inner:
+        text += f" of {'/'.join(map(str, inner))} elements each (a flattened C x H x W map)"
+    return text

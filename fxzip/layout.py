@@ -106,12 +106,16 @@ NO_CHANNELS = Layout()
 def describe(lay: Layout) -> str:
     """A layout in a user's terms, for error messages: which axis holds what."""
     parts = []
-    if lay.dim is not None:
-        parts.append(f"channels on axis {lay.dim} ({sum(s.size for s in lay.segments)} units)")
-    if lay.group_dim is not None:
-        parts.append(f"heads on axis {lay.group_dim}")
+    n = sum(s.size for s in lay.segments)
+    if lay.dim is not None and lay.group_dim is not None:
+        parts.append(f"{n} channels split into groups (attention heads, or a channel shuffle's groups) along axis "
+                     f"{lay.group_dim}, the channels of each group along axis {lay.dim}")
+    elif lay.dim is not None:
+        parts.append(f"{n} channels on axis {lay.dim}")
+    elif lay.group_dim is not None:
+        parts.append(f"one entry per attention head (or channel group) on axis {lay.group_dim}")
     if lay.stack_dim is not None:
-        parts.append(f"stacked parts (q/k/v) on axis {lay.stack_dim}")
+        parts.append(f"stacked parts (e.g. q/k/v) on axis {lay.stack_dim}")
     if lay.cross_dim is not None:
         parts.append(f"a second channel axis {lay.cross_dim} ({sum(s.size for s in lay.cross)} units)")
     if lay.param is not None:

@@ -2,8 +2,11 @@
 fix, before any calibration."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -147,3 +150,70 @@ def test_a_data_flow_difference_says_what_each_reads():
     # merge no longer takes them for one graph (same ops and shapes node for node): a partial zip before the add
     report = fxzip.merge(_Skip(False), _Skip(True), data=[x], progress=False).meta["fxzip"]
     assert report.cut.name == "conv1" and "it reads other tensors" in report.cut_reason
+
+
+# -- no internal repr or jargon in a message
+
+_INTERNAL = re.compile(r"Layout\(|Segment\(|ParamView\(|Proxy\(|no-channel op|call_function|call_module|call_method|"
+                       r"head ax[ie]s|head layout|group_dim|stack_dim|\(M\)|\(U\)")
+
+
+class _Conv(nn.Module):
+    """A conv, then ``op`` on its output (a CNN: no attention anywhere)."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.conv, self.fc, self.op = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4), op
+
+    def forward(self, x):
+        return self.fc(self.op(self.conv(x)))
+
+
+def _shuffled(h):
+    return h.view(h.shape[0], 2, 4, h.shape[2], h.shape[3])  # a channel shuffle's (groups, channels per group)
+
+
+@pytest.mark.parametrize("op, expected", [
+    (lambda h: torch.cumsum(h, 1).mean((2, 3)),
+     r"no channel rule for function torch.cumsum at node 'cumsum'.*@fxzip.register_rule\(torch.cumsum\)"),
+    (lambda h: h.reshape(h.shape[0], 4, -1).mean(2).repeat(1, 2),
+     r"reshapes the channel axis 1 of \(2, 8, 4, 4\) into \(4, 32\); fxzip follows a reshape of the channel axis "
+     r"when it keeps channels whole"),
+    (lambda h: h[:, [0, 2, 4, 6, 1, 3, 5, 7]].mean((2, 3)), r"indexes the channel axis with \[0, 2, 4, 6"),
+    (lambda h: F.pad(_shuffled(h), (1, 1)).reshape(h.shape[0], 8, 4, 6).mean((2, 3)),
+     r"reads 'view', whose channels are split over several axes \(8 channels split into groups .* along axis 1, "
+     r"the channels of each group along axis 2\)"),
+    (lambda h: torch.cat([_shuffled(h)] * 2, 1).reshape(h.shape[0], 16, 4, 4)[:, :8].mean((2, 3)),
+     r"concatenates tensors whose channels are split into groups"),
+    (lambda h: (_shuffled(h) + h.view(h.shape[0], 4, 2, 4, 4).transpose(1, 2)).reshape(h.shape[0], 8, 4, 4)
+     .mean((2, 3)), r"whose channel groups sit on different axes"),
+], ids=["unknown_op", "reshape", "index", "grouped_into_plain_rule", "cat_of_groups", "groups_on_other_axes"])
+def test_messages_name_ops_and_shapes_not_internals(op, expected):
+    model = _Conv(op)
+    with pytest.raises(fxzip.AnalysisError) as info:
+        fxzip.analyze(fxzip.trace(model, torch.randn(2, 3, 4, 4)))
+    message = str(info.value)
+    assert re.search(expected, message), message
+    assert not _INTERNAL.search(message), message
+
+
+def test_a_message_about_concatenated_channels_speaks_of_channels():
+    """Two concatenated 4-channel maps, flattened with their pixels, added to 32
+    features of a Linear: the channels do not line up, said in channels and
+    elements, not in internal segments."""
+    class Joined(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.lin, self.fc = nn.Linear(12, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            cat = torch.cat([self.a(x), self.b(x)], 1).flatten(1)  # 8 channels x 4 pixels
+            return self.fc(cat + self.lin(x.flatten(1)))
+
+    with pytest.raises(fxzip.AnalysisError) as info:
+        fxzip.analyze(fxzip.trace(Joined(), torch.randn(2, 3, 2, 2)))
+    message = str(info.value)
+    assert "combines channel axes with different structure: 4 + 4 channels (concatenated) of 4 elements each " \
+           "(a flattened C x H x W map) vs 32 channels" in message, message
+    assert not _INTERNAL.search(message), message

@@ -181,7 +181,8 @@ def _reduce_grouped(ctx, node: fx.Node, lay: Layout) -> None:
     dims = ctx.arg(node, 1, "dim")
     keepdim = ctx.arg(node, 2, "keepdim", False)
     if dims is None or node.target in ("max", "min"):
-        ctx.fail(node, f"reduces a head layout ({describe(lay)}) in a way fxzip does not follow.")
+        ctx.fail(node, f"reduces a tensor whose channels are split into groups ({describe(lay)}) in a way fxzip does not "
+                       "follow.")
     dims = [d % nd for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
     stacked = lay.stack_dim if lay.stack_dim is not None else lay.group_dim
     if lay.dim is not None and lay.dim not in dims and stacked in dims and len(dims) == 1:
@@ -291,8 +292,8 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim, l.cross_dim)  # noqa: E731
     for x, l in grouped[1:]:
         if axes(l) != axes(l0):
-            ctx.fail(node, f"combines head layouts {describe(l0)} ({x0.name}) and {describe(l)} ({x.name}) with "
-                           "different axes.")
+            ctx.fail(node, f"combines {x0.name} ({describe(l0)}) and {x.name} ({describe(l)}), whose "
+                           "channel groups sit on different axes.")
         if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
             ctx.fail(node, f"combines {x0.name} and {x.name}, stacks of different length.")
         ctx.unify(node, l0.segments, l.segments)
@@ -306,17 +307,16 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
         if not l.has_channels and position_in_head(ctx, node, l0, x, out_nd):
             continue  # the same for every head, per position inside it (rotary sin/cos)
         if l.has_channels:
-            ctx.fail(node, f"combines the head layout of {x0.name} with {x.name}, whose channels sit on one axis "
-                           "that is not the head axis.")
+            ctx.fail(node, f"combines {x0.name}, whose channels are split into groups ({describe(l0)}), with "
+                           f"{x.name}, whose channels sit on one axis that is not the group axis.")
         shape = ctx.shape(x)
         lead = out_nd - len(shape)
         for d in (v for v in axes(l0) if v is not None):
             if d - lead < 0 or shape[d - lead] == 1:
                 continue
             if l.param is not None:
-                ctx.fail(node, f"combines the parameter {l.param.name} with the head layout {describe(l0)} along "
-                               "a head "
-                               "channel or stacked axis; fxzip binds parameters per head (one entry per head), "
+                ctx.fail(node, f"combines the parameter {l.param.name} with {x0.name} ({describe(l0)}) along "
+                               "a channel or stacked axis within the heads; fxzip binds parameters per head (one entry per head), "
                                "not per head channel.")
             ctx.fix(l0.segments + l0.cross, f"untracked tensor: {x.name} varies per head at {node.name}")
     ctx.set(node, l0, passthrough=True)

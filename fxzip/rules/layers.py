@@ -158,7 +158,8 @@ def linear_function(ctx, node: fx.Node) -> None:
     out = ctx.layouts[node]
     if computed:
         if not out.has_channels or ctx.layout(b).dim != ctx.ndim(b) - 1:
-            ctx.fail(node, f"adds the computed bias {b.name} ({ctx.layout(b)}) to an output fxzip cannot follow.")
+            ctx.fail(node, f"adds the computed bias {b.name} ({describe(ctx.layout(b))}) to an output fxzip cannot "
+                           "follow.")
         ctx.unify(node, out.segments, ctx.layout(b).segments)  # its parts follow the output channels
 
 

@@ -17,8 +17,11 @@ from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
 from . import group_aware, map_aware, register_rule
 from .heads import link_heads, shared_head_basis
 
-_HEADS = ("fxzip splits a channel axis only into (heads, head_dim) or (parts, heads, head_dim) — "
-          "the way attention reshapes a projection; register a rule for other layouts.")
+_AXIS_WORDS = {"dim": "channel axis", "group_dim": "group axis (heads)", "stack_dim": "stacked axis (q/k/v)"}
+
+_HEADS = ("fxzip follows a reshape of the channel axis when it keeps channels whole: flattening C x H x W "
+          "into features, or splitting C into (groups, channels per group) as attention heads and channel "
+          "shuffles do; for another reshape, register a rule (fxzip.register_rule, README 'Extending').")
 
 
 @register_rule(builtins.getattr, "size", "dim", "numel")
@@ -184,9 +187,8 @@ def as_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
     if lay.stack_dim is not None and lay.group_dim is None:
         return lay
     if lay.stack_dim is not None or lay.group_dim is None or lay.dim is None:
-        ctx.fail(node, f"treats the head axis of {describe(lay)} as a stack of parts; fxzip follows that only for "
-                       "tensors "
-                       "with one head axis and one channel axis.")
+        ctx.fail(node, f"treats the group axis of a tensor ({describe(lay)}) as a stack of parts; fxzip "
+                       "follows that only for tensors with one group axis and one channel axis.")
     groups = ctx.shape(node.args[0])[lay.group_dim] if isinstance(node.args[0], fx.Node) else None
     total = sum(s.size for s in lay.segments)
     groups = groups or 1
@@ -252,10 +254,11 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
             ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the two channel axes ({lay.dim} and "
                            f"{lay.cross_dim}) of a channel x channel map with other axes; fxzip follows such a map "
                            "until a matrix product contracts one of its channel axes.")
-        ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the head axes of {describe(lay)} with other "
-                       "axes; fxzip follows heads only when (heads, head_dim) are merged back into one channel axis.")
+        ctx.fail(node, f"reshapes {tuple(src)} -> {tuple(dst)} mixing the channel groups of a tensor ({describe(lay)}) "
+                       "with other axes; fxzip follows channel groups (attention heads, a channel shuffle) only "
+                       "until (groups, channels per group) are merged back into one channel axis.")
     if (folded is not None or merged_back) and lay.cross_dim is not None:
-        ctx.fail(node, f"reshapes a channel x channel map ({describe(lay)}) across its head axes.")
+        ctx.fail(node, f"reshapes a channel x channel map ({describe(lay)}) across its group axes.")
     if folded is not None:
         return Layout(new["dim"], folded)
     if merged_back:
@@ -422,8 +425,10 @@ def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim)  # noqa: E731
     l0 = lays[0]
     if any(not l.grouped or axes(l) != axes(l0) for l in lays) or dim in axes(l0):
-        ctx.fail(node, f"concatenates head layouts {[str(l) for l in lays]} along axis {dim}; fxzip follows a "
-                       "concatenation of head layouts with the same axes along an axis they do not track.")
+        ctx.fail(node, f"concatenates tensors whose channels are split into groups "
+                       f"({'; '.join(describe(l) for l in lays)}) along axis {dim}; fxzip follows such a "
+                       "concatenation only when every part has its groups and channels on the same axes and the "
+                       "concatenation is along another axis (e.g. tokens).")
     for l in lays[1:]:
         if l0.stack_dim is not None and len(l.segments) != len(l0.segments):
             ctx.fail(node, "concatenates stacks of different length.")
@@ -469,8 +474,9 @@ def roll(ctx, node: fx.Node) -> None:
     tracked = {lay.dim, lay.group_dim, lay.stack_dim} - {None}
     if not dims or tracked & set(dims):
         ctx.fail(node, f"rolls {'the flattened tensor' if not dims else f'axes {dims}'} of {describe(lay)}, which "
-                       "moves channels; "
-                       "fxzip follows rolls over axes without channels.")
+                       "moves channels; fxzip follows rolls over axes without channels. To merge across a roll "
+                       "of the channels, register a rule for it (fxzip.rules.rule_registered; README 'Extending' "
+                       "works this one through).")
     ctx.set(node, lay, passthrough=True)
 
 
@@ -659,7 +665,8 @@ def _split_grouped(ctx, node: fx.Node, lay: Layout, name: str, dim: int, parts: 
     if dim == lay.dim:
         return _split_head_channels(ctx, node, lay, name, dim)
     if dim == lay.group_dim:
-        ctx.fail(node, f"splits the head axis ({describe(lay)}) into {parts} parts; fxzip keeps heads together.")
+        ctx.fail(node, f"splits the group axis of a tensor ({describe(lay)}) into {parts} parts; fxzip keeps channel "
+                       "groups (attention heads) together.")
     if name == "unbind":
         axes = _drop_axis(lay, dim)
         return tuple(Layout(axes["dim"], lay.segments, group_dim=axes["group_dim"], stack_dim=axes["stack_dim"])
@@ -818,7 +825,8 @@ def _index_grouped(ctx, node: fx.Node, lay: Layout, idx: Any) -> Layout:
             out_dim += 1
             continue
         if not isinstance(i, (int, slice)):
-            ctx.fail(node, f"indexes a head layout with {i!r}; only ints and slices are followed.")
+            ctx.fail(node, f"indexes a tensor split into attention heads with {i!r}; only ints and slices are "
+                               "followed.")
         key = next((k for k, v in tracked.items() if v == src_dim), None)
         if key is not None:
             if isinstance(i, slice) and i == slice(None):
@@ -832,8 +840,8 @@ def _index_grouped(ctx, node: fx.Node, lay: Layout, idx: Any) -> Layout:
                 ctx.mark_rigid(segments, f"{node.name} reads the head channels by position ({i!r})")
                 rigid_part = True
             else:
-                ctx.fail(node, f"indexes the {key.replace('_', ' ')} of a head layout with {i!r}; fxzip keeps "
-                               "heads and their channels whole.")
+                ctx.fail(node, f"indexes the {_AXIS_WORDS[key]} of a tensor split into attention heads with {i!r}; "
+                               "fxzip keeps heads and their channels whole.")
         if isinstance(i, slice):
             out_dim += 1
         src_dim += 1

@@ -71,6 +71,35 @@ MATCHERS: dict[str, Matcher] = {}
 
 
 def register_matcher(name: str) -> Callable[[Matcher], Matcher]:
+    """Decorator registering a matcher as ``fxzip.merge(..., method=name)``
+    (``matcher_registered`` does it for a ``with`` block only).
+
+    A matcher is ``fn(stats, n_models, size, **kwargs) -> Match`` for one feature
+    space: ``stats.correlation()`` is the (n_models*size)^2 correlation of the
+    stacked features [model 0 | model 1 | ...] (NaN where a feature is constant;
+    ``stats.constant()`` flags those), ``kwargs`` carry ``alpha``/``beta`` and
+    ``merged=`` when ``merged_width`` widens the space (accept it to support
+    widening; ignore the rest with ``**_``). Return ``Match(assign, within,
+    cross)``: ``assign[k, i]`` is the merged feature that feature ``i`` of model
+    ``k`` joins (``size`` merged features); ``within``/``cross`` count the merges
+    for the report. Example (tests/test_extending.py runs it)::
+
+        from scipy.optimize import linear_sum_assignment
+
+        @fxzip.register_matcher("hungarian")
+        def hungarian(stats, n_models, size, **_):
+            corr = stats.correlation().nan_to_num(0.0)
+            assign = [torch.arange(size)]
+            for k in range(1, n_models):
+                rows, cols = linear_sum_assignment(corr[:size, k * size:(k + 1) * size].numpy(), maximize=True)
+                a = torch.empty(size, dtype=torch.long)
+                a[torch.as_tensor(cols)] = torch.as_tensor(rows)
+                assign.append(a)
+            return Match(torch.stack(assign), within=[0] * n_models, cross=size * (n_models - 1))
+
+        merged = fxzip.merge(a, b, data=loader, method="hungarian")
+    """
+
     def deco(fn: Matcher) -> Matcher:
         MATCHERS[name] = fn
         return fn

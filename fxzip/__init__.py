@@ -2,7 +2,14 @@
 
     merged = fxzip.merge(model_a, model_b, data=loader)          # ZipIt!
     merged = fxzip.merge(model_a, model_b, data=loader, method="permute")
+
+Informational messages go to the ``logging`` loggers under "fxzip" (e.g.
+``logging.getLogger("fxzip").setLevel(logging.INFO)`` with a handler, or
+``logging.basicConfig(level=logging.INFO)``); things to change in your call or
+model are ``warnings.warn``-ed; errors are raised. The library never prints.
 """
+import logging as _logging
+
 from .cuts import CutPoint, cut_points
 from .io import load, save
 from .analysis import AnalysisError, FeatureSpace, GraphAnalysis, analyze
@@ -14,6 +21,8 @@ from .probes import PROBE_POLICIES, ProbePolicy
 from .report import MergeReport
 from .rules import register_rule
 from .trace import TraceError, register_leaf_module, trace
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __version__ = "0.1.0"
 

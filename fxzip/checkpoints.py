@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSpec", "build_model", "read_state_dict", "load_into", "classifier_classes", "CHECKPOINT_SUFFIXES"]
 
@@ -165,6 +168,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             "a dict with entries " + ", ".join(map(repr, list(checkpoint)[:8]))
         raise ValueError(f"{path} is not a state_dict: found {found}. Expected a dict of tensors, or a training "
                          f"checkpoint with one of the entries {', '.join(ENTRIES)}.")
+    if entry is not None:
+        logger.info("%s: using the checkpoint's %r entry", path, entry)
+    if any(k.startswith("module.") for k in checkpoint):
+        logger.info("%s: dropping the 'module.' prefix (DataParallel/DDP) from parameter names", path)
     state = {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
     return state, entry
 

@@ -11,6 +11,7 @@ model 0 inside the common part (``fxzip.align``) that are cuts of every model.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -22,6 +23,8 @@ from torch import nn
 from .align import CommonPart, GraphView, meta_shape, shape_nodes
 from .analysis import GraphAnalysis, analyze
 from .layout import Layout, Segment
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CutPoint", "cut_points", "find_cuts", "resolve_cut", "shared_cuts", "choose_cut"]
 
@@ -245,6 +248,7 @@ def choose_cut(stop_at: Any, cuts: Sequence[CutPoint], common: CommonPart) -> tu
             raise ValueError(f"{common.difference}. The models share no cut point before it, so there is "
                              "nothing to merge: fxzip merges models of one architecture, or models that agree "
                              "from the input up to some layer (see fxzip.cut_points(a, x, b)).")
+        logger.info("partial zip at %s, the last cut point the models share", last)
         return last, f"the last cut point the models share; {common.difference}"
     name = stop_at.name if isinstance(stop_at, CutPoint) else stop_at
     beyond = (isinstance(name, str) and common.after_common(name)) \

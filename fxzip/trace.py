@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import operator
 import io
 from typing import Any, Callable, Sequence
@@ -31,6 +32,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .concrete_trace import ConcreteTracer, UntraceableControlFlow, drop_dead_sizes, drop_proxies
 
 __all__ = ["TraceError", "trace", "register_leaf_module", "example_from_data"]
+
+
+logger = logging.getLogger(__name__)
 
 
 class TraceError(ValueError):
@@ -280,6 +284,10 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         raise
     except Exception as exc:  # torch.fx raises many types here
         symbolic_error = exc
+    gist = f"{type(symbolic_error).__name__}: {(str(symbolic_error).splitlines() or [''])[0][:200]}" if symbolic_error else \
+        "timm no-trace modules would hide weight layers"
+    logger.info("%s: torch.fx symbolic tracing failed (%s); tracing with concrete shapes, so the graph is "
+                "specialised to the example's size %s", type(model).__name__, gist, data_shapes)
     return _concrete(copy.deepcopy(model).eval(), example, data_shapes, symbolic_error)
 
 

@@ -10,6 +10,7 @@ output, so it constrains nothing.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch.fx as fx
@@ -18,6 +19,8 @@ from .align import CommonPart, common_part, graph_difference
 from .analysis import GraphAnalysis, analyze
 
 __all__ = ["analyze_models", "analyze_common"]
+
+logger = logging.getLogger(__name__)
 
 _TRUNK_OUTPUT = "model output"  # the reason the analysis gives spaces its output reads
 
@@ -29,6 +32,12 @@ def analyze_models(gms: Sequence[fx.GraphModule]) -> tuple[CommonPart | None, Gr
     if graph_difference(gms) is None:
         return None, analyze(gms[0])
     common = common_part(gms)
+    if common.full:
+        logger.info("the models' graphs differ in names or node order but not in structure: aligned as one "
+                    "architecture (model 0's names are kept)")
+    else:
+        logger.info("the models share %d of model 0's %d nodes from the input; %s", len(common.prefix),
+                    len(common.views[0].nodes), common.difference)
     return common, analyze(gms[0]) if common.full else analyze_common(gms[0], common)
 
 

@@ -157,6 +157,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--no-reset-bn", action="store_true",
                        help="keep the merged batch-norm statistics instead of recomputing them on the data")
     merge.add_argument("--seed", type=int, default=defaults["seed"], help="random seed (default 0)")
+    merge.add_argument("--device", default="cpu",
+                       help="where to merge: cpu (default), cuda or cuda:N. Under torchrun --nproc-per-node K, "
+                       "cuda puts rank r on cuda:LOCAL_RANK (NCCL), cpu uses gloo")
     merge.add_argument("--quiet", action="store_true", help="no progress, no table: only the files written")
     merge.set_defaults(func=_run_merge)
 
@@ -176,10 +179,11 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from fxzip.commands import run_merge
+    from fxzip.commands import merge_device, run_merge
     from fxzip.distributed import from_env
 
-    with from_env():  # under torchrun: one process group (gloo), the data sharded by rank
+    merge_device(args.device)  # a bad --device fails here, before any process group
+    with from_env(args.device):  # under torchrun: one process group (gloo; NCCL for cuda), the data sharded by rank
         return run_merge(args)
 
 

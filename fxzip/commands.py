@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "run_merge", "run_inspect", "run_sweep", "merge_defaults", "parse_stop_at"]
+__all__ = ["UsageError", "run_merge", "run_inspect", "run_sweep", "merge_defaults", "parse_stop_at", "merge_device"]
 
 
 class UsageError(ValueError):
@@ -34,6 +34,27 @@ def parse_stop_at(value: str | None) -> int | str | None:
     if value is None:
         return None
     return int(value) if value.lstrip("-").isdigit() else value
+
+
+def merge_device(name: str) -> Any:
+    """``--device`` as a ``torch.device``; under torchrun a CUDA device is this
+    rank's ``cuda:LOCAL_RANK``."""
+    import os
+
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is visible to this process; use --device cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: fxzip merge runs on cpu or cuda")
+    return device
 
 
 class _Say:
@@ -139,6 +160,9 @@ def run_merge(args: argparse.Namespace) -> int:
         say = _Say(quiet=True)
     say(f"fxzip {__version__}: building {len(args.checkpoints)} x {args.model}")
     models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say)
+    device = merge_device(getattr(args, "device", "cpu"))
+    models = [m.to(device) for m in models]
+    to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
     with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
         say(f"data: {source.description}")
         say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
@@ -148,9 +172,9 @@ def run_merge(args: argparse.Namespace) -> int:
         loader, max_batches = _calibration_loader(source, args.batch_size, args.max_batches)
         result = merge(*models, data=loader, method=args.method, alpha=args.alpha, beta=args.beta,
                        stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
-                       max_batches=max_batches, progress=not args.quiet, seed=args.seed)
+                       max_batches=max_batches, progress=not args.quiet, seed=args.seed, inputs=to_device)
         input_size = list(source.config["input_size"])
-        example = next(iter(source.loader()))[:1]
+        example = next(iter(source.loader()))[:1].to(device)
     if not is_main():
         return 0
     report = result.meta["fxzip"]
@@ -159,7 +183,7 @@ def run_merge(args: argparse.Namespace) -> int:
         "num_classes": [s.num_classes for s in specs], "img_size": args.img_size, "input_size": input_size,
         "data": str(args.data), "method": args.method, "alpha": args.alpha, "beta": args.beta,
         "stop_at": stop_at, "batch_size": args.batch_size, "max_batches": args.max_batches,
-        "reset_bn": not args.no_reset_bn, "seed": args.seed, "processes": processes,
+        "reset_bn": not args.no_reset_bn, "seed": args.seed, "processes": processes, "device": device.type,
     }
     say(f"saving to {args.out}")
     same = all(s == specs[0] for s in specs)

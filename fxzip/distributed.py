@@ -394,13 +394,16 @@ def _collective_device() -> torch.device:
 
 
 def _all_reduce_(tensors: list[torch.Tensor]) -> None:
-    """Sum every tensor over the ranks, in place, in float64."""
+    """Sum every tensor over the ranks, in place, in float64 (NCCL: CPU tensors
+    travel through the rank's GPU)."""
+    nccl = dist.get_backend() == "nccl"
     small: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
-        if t.dtype == torch.float64 and t.is_contiguous() and t.numel() >= BUCKET:
+        where = _collective_device() if nccl and not t.is_cuda else t.device
+        if t.dtype == torch.float64 and t.is_contiguous() and t.numel() >= BUCKET and where == t.device:
             dist.all_reduce(t)
         elif t.numel():
-            small.setdefault(t.device, []).append(t)
+            small.setdefault(where, []).append(t)
     for device, ts in small.items():
         start = 0
         while start < len(ts):
@@ -409,13 +412,13 @@ def _all_reduce_(tensors: list[torch.Tensor]) -> None:
                 size += ts[stop].numel()
                 stop += 1
             chunk = ts[start:stop]
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in chunk])
+            flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in chunk])
             dist.all_reduce(flat)
             offset = 0
             for t in chunk:
                 n = t.numel()
                 with torch.no_grad():
-                    t.copy_(flat[offset:offset + n].view(t.shape).to(t.dtype))
+                    t.copy_(flat[offset:offset + n].view(t.shape))
                 offset += n
             start = stop
 

@@ -323,3 +323,13 @@ def test_sweep_refuses_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sweep", "a.pt", "b.pt", "--model", "resnet18", "--data", "x", "--eval", "p", "q"]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("tpu9", "is not a device"), ("meta", "runs on cpu or cuda")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device is visible")]))
+def test_merge_device_is_checked_before_any_process_group(monkeypatch, capsys, device, message):
+    from fxzip.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: the check comes before the group would be made
+    assert main(["merge", "a.pt", "b.pt", "--model", "resnet18", "--data", "x", "--out", "o", "--device", device]) == 2
+    assert message in capsys.readouterr().err and not dist.is_initialized()

@@ -44,6 +44,21 @@ CASES = {
     "vit_mudsc_partial": ("vit", (4, 3, 16, 16), 4, {"method": "mudsc", "stop_at": 5}, "strided"),
 }
 
+# The refit and the repair stream data too; they combine their sums with
+# fxzip.distributed once each of their passes calls it (then this case runs).
+from fxzip.passes import refit as _refit_pass, repair as _repair_pass  # noqa: E402
+
+FIT_HOOKS = hasattr(_refit_pass, "sum_fields_across_ranks") and hasattr(_repair_pass, "sum_across_ranks")
+if FIT_HOOKS:
+    CASES["vit_refit_repair"] = ("vit", (4, 3, 16, 16), 4, {"refit": True, "repair": True}, "strided")
+
+
+def _tolerance(name: str) -> float:
+    """1e-5; a refit writes float32 weights solved in float64, and a last-ulp
+    difference there (from the float64 sums' order) feeds every later layer's
+    fit, so those weights agree to 1e-4."""
+    return 1e-4 if CASES[name][3].get("refit") else 1e-5
+
 
 def _models(arch: str, shape, n_batches: int):
     """Two different models (seeds 0 and 1) and the calibration batches; the same
@@ -232,7 +247,7 @@ def test_two_ranks_on_halves_equal_one_process_on_all_batches(ranks, name):
     assert dist_res["assign"] == ref["assign"]
     for k, want in ref["state"].items():
         if want.is_floating_point():
-            assert _rel(dist_res["state"][k], want) <= 1e-5, k
+            assert _rel(dist_res["state"][k], want) <= _tolerance(name), k
         else:
             assert torch.equal(dist_res["state"][k], want), k
     if CASES[name][3].get("reset_bn"):  # the norm reset really ran on both halves: counts of one process
@@ -279,6 +294,12 @@ def test_failure_modes_raise_on_every_rank_before_any_pass(ranks, mode):
             assert kind != "DistributedError"  # the failing rank raises its own error
         else:
             assert kind == "DistributedError" and EXPECTED[mode] in message, (r, message)
+
+
+@pytest.mark.skipif(FIT_HOOKS, reason="the refit and the repair combine their statistics: case vit_refit_repair")
+def test_refit_and_repair_wait_for_their_hooks():
+    pytest.skip("passes/refit.py and passes/repair.py do not call fxzip.distributed yet: refit/repair under "
+                "torch.distributed end with DistributedError (the ranks' weights differ)")
 
 
 def test_shard_batches_partitions_one_process_batches():

@@ -60,7 +60,12 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             from ``fxzip.calibrate`` reuses its statistics. ``None``: a data-free
             merge (``method="mudsc"``/``"mudsc_permute"`` with
             ``weight_similarity=1.0``, or ``"weight_average"``); then
-            ``example_inputs`` gives the shapes for tracing.
+            ``example_inputs`` gives the shapes for tracing. Under
+            ``torch.distributed`` (more than one rank): this rank's shard, the
+            statistics combined across ranks, every rank returning the same
+            model (``fxzip.distributed``; shard without shuffling or padding:
+            ``DistributedSampler``'s defaults do both, which changes the
+            statistics).
         method: "zipit", "permute", "weight_average" (or another registered
             matcher), or MuDSC's dual-space matching on top of zipit ("mudsc") or
             of permute ("mudsc_permute").
@@ -74,7 +79,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         reset_bn: recompute batch-norm statistics of the result on ``data``
             (default: whenever there is data). Without data the running
             statistics are merged like the weights.
-        max_batches: use at most this many batches of ``data``.
+        max_batches: use at most this many batches of ``data`` (per rank
+            under ``torch.distributed``).
         inputs: picks the model input out of a batch, e.g. ``lambda b: b["image"]``.
         weight_similarity: MuDSC's balance: similarity = ``weight_similarity *
             S_weights + (1 - weight_similarity) * S_activations``.
@@ -239,7 +245,8 @@ def calibrate(*models: nn.Module, data: Iterable[Any], max_batches: int | None =
               probes: str | ProbePolicy = DEFAULT_PROBES) -> Calibration:
     """Trace, analyze and calibrate once; then ``merge(*models, data=calibration, ...)``
     as often as you like (the hyperparameter grid of the papers costs one pass).
-    ``probes``: the probe policy (see ``merge``); merges of this calibration use it."""
+    ``probes``: the probe policy (see ``merge``); merges of this calibration use it.
+    Under ``torch.distributed`` ``data`` is this rank's shard (see ``merge``)."""
     data = _dist.check_ranks(models, data, {"probes": probes}, "fxzip.calibrate")
     progress = progress and _dist.is_main()
     _check_args(models, "weight_average", 0.0, 0.0, None)

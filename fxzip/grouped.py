@@ -45,15 +45,24 @@ def identity_match(n_models: int, size: int) -> Match:
 
 
 def _kwargs(space: FeatureSpace, kwargs: Mapping) -> dict:
-    out = dict(kwargs)
+    out = {k: v for k, v in kwargs.items() if k != "widths"}
     if space.bilinear:
         out["beta"] = 0.0
     return out
 
 
 def match_space(space: FeatureSpace, sim: Similarity, matcher: Matcher, n_models: int, **kwargs) -> Match:
-    """One ungrouped space."""
-    return matcher(sim, n_models, space.size, **_kwargs(space, kwargs))
+    """One ungrouped space. ``widths`` (in ``kwargs``): merged features per space
+    index where ``merged_width`` widens it."""
+    merged = kwargs.get("widths", {}).get(space.index, space.size)
+    extra = {"merged": merged} if merged != space.size else {}
+    match = matcher(sim, n_models, space.size, **_kwargs(space, kwargs), **extra)
+    got = int(match.assign.max()) + 1 if match.assign.numel() else 0
+    if got != merged:
+        raise ValueError(f"the matcher returned {got} merged features for the space of {space.name} "
+                         f"({space.size} channels) where {merged} were asked (merged_width); a custom matcher "
+                         "must accept merged= to support merged_width")
+    return match
 
 
 def group_scores(matrix: torch.Tensor, size: int, groups: int, k: int, rigid: bool = False) -> np.ndarray:
@@ -82,10 +91,18 @@ def group_scores(matrix: torch.Tensor, size: int, groups: int, k: int, rigid: bo
 
 def match_block(block: Sequence[FeatureSpace], sims: Mapping[int, Similarity], matcher: Matcher,
                 n_models: int, **kwargs) -> dict[int, Match]:
-    """Spaces sharing one group assignment: groups first, then units inside."""
+    """Spaces sharing one group assignment: groups first, then units inside.
+
+    With ``merged_width`` (``widths`` in ``kwargs``) a block keeps more groups
+    than one model has: the least similar aligned groups (model k's group
+    against the model-0 group it was aligned to) become merged groups of their
+    own, whole (heads stay heads)."""
     groups = block[0].groups
     movable = all(sp.mergeable for sp in block)
+    widths = kwargs.get("widths", {})
+    merged_groups = widths.get(block[0].index, block[0].size) // block[0].group_size
     order = [np.arange(groups)]
+    scores = [np.ones((groups, groups))]
     for k in range(1, n_models):
         score = np.zeros((groups, groups))
         for sp in block:
@@ -98,32 +115,40 @@ def match_block(block: Sequence[FeatureSpace], sims: Mapping[int, Similarity], m
         else:
             perm = np.arange(groups)
         order.append(perm)
+        scores.append(score)
+    members = [[(k, int(order[k][g])) for k in range(n_models)] for g in range(groups)]
+    if merged_groups > groups:
+        weakest = sorted((float(scores[k][g, order[k][g]]), k, g) for k in range(1, n_models) for g in range(groups))
+        for _, k, g in weakest[:merged_groups - groups]:
+            members[g] = [(kk, h) for kk, h in members[g] if kk != k]
+            members.append([(k, int(order[k][g]))])
     out: dict[int, Match] = {}
     for sp in block:
-        out[sp.index] = _within_groups(sp, sims.get(sp.index) if sp.mergeable else None, order, matcher,
+        out[sp.index] = _within_groups(sp, sims.get(sp.index) if sp.mergeable else None, members, matcher,
                                        n_models, kwargs)
     return out
 
 
-def _within_groups(sp: FeatureSpace, sim: Similarity | None, order: list[np.ndarray], matcher: Matcher,
-                   n_models: int, kwargs: Mapping) -> Match:
+def _within_groups(sp: FeatureSpace, sim: Similarity | None, members: list[list[tuple[int, int]]],
+                   matcher: Matcher, n_models: int, kwargs: Mapping) -> Match:
+    """Units inside each merged group ``members[j]`` (pairs of model and that
+    model's group), which becomes merged group ``j``."""
     d, n = sp.group_size, sp.size
     assign = torch.empty(n_models, n, dtype=torch.long)
     within = [0] * n_models
     cross, relaxed = 0, False
     local = torch.arange(d)
-    for g in range(sp.groups):
-        starts = [int(order[k][g]) * d for k in range(n_models)]
-        if sim is None or sp.rigid:  # rigid: unit i of a group stays unit i
-            for k in range(n_models):
-                assign[k, starts[k]:starts[k] + d] = g * d + local
-            cross += d * (n_models - 1)
+    for j, group in enumerate(members):
+        if sim is None or sp.rigid or len(group) == 1:  # rigid: unit i of a group stays unit i
+            for k, h in group:
+                assign[k, h * d:(h + 1) * d] = j * d + local
+            cross += d * (len(group) - 1)
             continue
-        index = torch.cat([k * n + starts[k] + local for k in range(n_models)])
-        m = matcher(sim.subset(index), n_models, d, **_kwargs(sp, kwargs))
-        for k in range(n_models):
-            assign[k, starts[k]:starts[k] + d] = g * d + m.assign[k]
-        within = [a + b for a, b in zip(within, m.within)]
+        index = torch.cat([k * n + h * d + local for k, h in group])
+        m = matcher(sim.subset(index), len(group), d, **_kwargs(sp, kwargs))
+        for i, (k, h) in enumerate(group):
+            assign[k, h * d:(h + 1) * d] = j * d + m.assign[i]
+            within[k] += m.within[i]
         cross += m.cross
         relaxed |= m.budget_relaxed
     return Match(assign, within, cross, relaxed)

@@ -51,10 +51,11 @@ _OUTPUTS = (FULL_WEIGHTS, PROGRAM, STATE, REPORT_JSON, REPORT_MD, PLOT, "cuts.pn
 
 def is_full_zip(result: nn.Module) -> bool:
     """A full zip is one model of the input architecture (its state_dict loads into
-    it); a partial zip has a ``trunk`` and one ``head`` per model."""
+    it); a partial zip has a ``trunk`` and one ``head`` per model, and a
+    ``merged_width`` result wider layers (both are saved as programs)."""
     report = _report_of(result)
     if report is not None:
-        return report.cut is None
+        return report.cut is None and not report.widened
     names = dict(result.named_children())
     return not ("trunk" in names and "head0" in names)
 

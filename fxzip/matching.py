@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from .stats import SpaceStats
 
 __all__ = ["Match", "Similarity", "register_matcher", "unregister_matcher", "matcher_registered", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
-           "cluster_assignment", "mean_matched_correlation"]
+           "cluster_assignment", "mean_matched_correlation", "merged_size"]
 
 
 @dataclass
@@ -134,29 +134,52 @@ def get_matcher(name: str) -> Matcher:
     return MATCHERS[name]
 
 
-def cluster_assignment(clusters: list[list[int]], n_models: int, size: int) -> torch.Tensor:
+def cluster_assignment(clusters: list[list[int]], n_models: int, size: int, merged: int | None = None
+                       ) -> torch.Tensor:
     """Number clusters by their smallest stacked feature index (model 0's first),
-    so a self-merge keeps model 0's channel order."""
-    if len(clusters) != size:
-        raise AssertionError(f"expected {size} clusters, got {len(clusters)}")
+    so a self-merge keeps model 0's channel order. ``merged``: how many clusters
+    the space keeps (``size`` unless ``merged_width`` widened it)."""
+    expected = size if merged is None else merged
+    if len(clusters) != expected:
+        raise AssertionError(f"expected {expected} clusters, got {len(clusters)}")
     assign = torch.empty(n_models * size, dtype=torch.long)
     for j, members in enumerate(sorted(clusters, key=min)):
         assign[members] = j
     return assign.reshape(n_models, size)
 
 
+def merged_size(size: int, merged: int | None, n_models: int) -> int:
+    """The number of merged features a matcher must return: ``size`` (a merge as
+    the papers do it) up to ``n_models * size`` (every feature kept apart)."""
+    if merged is None:
+        return size
+    if not size <= merged <= n_models * size:
+        raise ValueError(f"a space of {size} features from {n_models} models can keep {size} to "
+                         f"{n_models * size} merged features, not {merged}")
+    return int(merged)
+
+
 @register_matcher("weight_average")
-def weight_average(stats: SpaceStats | None, n_models: int, size: int, **_) -> Match:
-    """Channel i of every model is one feature: plain weight averaging."""
+def weight_average(stats: SpaceStats | None, n_models: int, size: int, merged: int | None = None, **_) -> Match:
+    """Channel i of every model is one feature: plain weight averaging. It has no
+    similarity to choose which features to keep apart, so no ``merged_width``."""
+    if merged_size(size, merged, n_models) != size:
+        raise ValueError("weight_average has no similarity to choose which features to keep apart; "
+                         "use merged_width=1.0 with it, or method='zipit' / 'permute' to widen")
     assign = torch.arange(size).repeat(n_models, 1)
     return Match(assign, [0] * n_models, size * (n_models - 1))
 
 
 @register_matcher("permute")
-def permute(stats: SpaceStats, n_models: int, size: int, **_) -> Match:
+def permute(stats: SpaceStats, n_models: int, size: int, merged: int | None = None, **_) -> Match:
     """Align every model to model 0 by a linear sum assignment on the cross-model
     correlations (scipy); merged features average the aligned channels.
-    Equal constant features are paired first, in channel order."""
+    Equal constant features are paired first, in channel order.
+
+    ``merged > size`` (``merged_width``): the ``merged - size`` least correlated
+    matches (model k's feature against the model-0 feature it was aligned to)
+    are left unmerged: model k's feature becomes a merged feature of its own."""
+    merged = merged_size(size, merged, n_models)
     corr = stats.correlation().numpy()
     groups = constant_groups(stats, n_models, size)
     assign = [np.arange(size)]
@@ -171,7 +194,29 @@ def permute(stats: SpaceStats, n_models: int, size: int, **_) -> Match:
         a = np.empty(size, dtype=np.int64)
         a[cols] = rows
         assign.append(a)
-    return Match(torch.as_tensor(np.stack(assign)), [0] * n_models, size * (n_models - 1))
+    assign_t = torch.as_tensor(np.stack(assign))
+    if merged > size:
+        _unmerge_weakest(assign_t, corr, groups, size, merged)
+    return Match(assign_t, [0] * n_models, int((assign_t[1:] < size).sum()))
+
+
+def _unmerge_weakest(assign: torch.Tensor, corr: np.ndarray, constants: list[list[int]], size: int,
+                     merged: int) -> None:
+    """Give the ``merged - size`` least correlated aligned features of models
+    1..N-1 merged features of their own (numbered ``size, size + 1, ...``), in
+    place. Equal constants stay merged (they are the same feature); ties go to
+    the lowest (model, channel)."""
+    n_models = assign.shape[0]
+    fixed = {f for group in constants for f in group}
+    candidates = []
+    for k in range(1, n_models):
+        for i in range(size):
+            stacked = k * size + i
+            if stacked not in fixed:
+                candidates.append((float(corr[int(assign[k, i]), stacked]), k, i))
+    candidates.sort()
+    for j, (_, k, i) in enumerate(candidates[:merged - size]):
+        assign[k, i] = size + j
 
 
 def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[int]]:
@@ -200,7 +245,7 @@ def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[in
 
 @register_matcher("zipit")
 def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta: float = 0.125,
-          owner: str = "models", **_) -> Match:
+          owner: str = "models", merged: int | None = None, **_) -> Match:
     """ZipIt!'s greedy matching, with repeated matching (alpha) and a per-model
     budget (beta).
 
@@ -228,7 +273,10 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
       models, in channel order, form full clusters that leave the pool.
     - If the budget leaves no valid pair before n clusters remain (possible for
       N > 2), the budget is lifted for the rest and ``budget_relaxed`` is set.
+    - ``merged`` (``merged_width``): stop when that many clusters remain instead
+      of n; the least correlated features are the ones left apart.
     """
+    merged = merged_size(size, merged, n_models)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta <= 1.0:
@@ -292,7 +340,7 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
     for chunk in np.array_split(np.arange(total), max(1, total // 256)):
         refresh(chunk)
     merges, cross = premerged, premerged
-    while merges < total - size:
+    while merges < total - merged:
         masked = np.where(active, best_val, neg)
         top = masked.max()
         tied = np.flatnonzero(masked == top)
@@ -347,7 +395,7 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
         if stale.any():
             refresh(np.flatnonzero(stale))
     clusters = finished + [members[i] for i in np.flatnonzero(active).tolist()]
-    return Match(cluster_assignment(clusters, n_models, size), within.tolist(), cross, relaxed)
+    return Match(cluster_assignment(clusters, n_models, size, merged), within.tolist(), cross, relaxed)
 
 
 def mean_matched_correlation(corr: torch.Tensor, assign: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,7 @@ from .passes.split import split_aligned, split_at_cut
 from .report import MergeReport, SpaceReport
 from .trace import trace
 from .trunk import analyze_models
+from .widths import WidthPlan, plan_widths
 
 __all__ = ["merge", "calibrate", "Calibration", "check_same_architecture"]
 
@@ -43,7 +44,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
           beta: float = 0.125, stop_at: Any = None, reset_bn: bool | None = None, max_batches: int | None = None,
           inputs: Callable[[Any], Any] | None = None, progress: bool = True, weight_similarity: float = 0.5,
           example_inputs: Any = None, seed: int = 0, probes: str | ProbePolicy = DEFAULT_PROBES,
-          repair: bool = False, refit: bool | float = False) -> fx.GraphModule:
+          repair: bool = False, refit: bool | float = False,
+          merged_width: float | Mapping[str, float] = 1.0) -> fx.GraphModule:
     """Merge models of one architecture, trained on different tasks, into one.
 
     Args:
@@ -107,6 +109,19 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             factor. One pass over ``data`` per layer depth
             (``report.details["refit"]``). Full zips; runs before ``repair`` and
             the norm reset.
+        merged_width: merged features per space as a multiple of one model's
+            width: 1.0 merges as the papers do; N keeps every feature of the N
+            models apart (the ensemble, side by side); in between, the least
+            similar features stay apart (zipit stops clustering early, permute
+            leaves its weakest matches unmerged; grouped spaces grow by whole
+            heads or groups). A layer between two widened spaces costs
+            ``merged_width**2`` times its multiply-adds (``report.macs``), so a
+            full zip is cheaper than the ensemble below ``sqrt(N)``. A dict maps
+            a space's report name to its factor (others stay at 1). Spaces that
+            pass through an op that cannot take more channels (a channel slice,
+            a module fxzip cannot resize) keep one model's width and the report
+            says why. The result's layers are wider, so it no longer loads into
+            the original class (``fxzip.save`` writes a ``torch.export`` program).
 
     Returns:
         Full zip: a ``GraphModule`` with the architecture's nodes and parameter
@@ -119,6 +134,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     data = _dist.check_ranks(models, data, {k: v for k, v in locals().items() if k not in _PER_RANK})
     progress = progress and _dist.is_main()
     matcher = _check_args(models, method, alpha, beta, stop_at)
+    _check_width_arg(merged_width, method, len(models))
     policy = probe_policy(probes)
     if repair and data is None:
         raise ValueError("repair=True measures the merged features on data; pass data=..., or repair=False for a "
@@ -147,6 +163,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     # aligned models: every model's weights under model 0's names
     states = [common.state(k) for k in range(len(gms))] if common is not None else None
     report_warnings = _output_warnings(analysis) if cut is None else []
+    plan = plan_widths(gms[0], analysis, merged_width, len(models))
     data_free = data is None
     needs_activations = method != "weight_average" and not (method in DUAL_SPACE and weight_similarity == 1.0)
     if needs_activations and not data_free and not (cut is not None and cut.k == 0):
@@ -156,9 +173,11 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     with _timed(seconds, "matching"):
         if method in DUAL_SPACE:
             matches, rows, details = _dual_space(analysis, states or gms, cal.stats, matcher, len(models), alpha,
-                                                 beta, method, weight_similarity, seed, progress)
+                                                 beta, method, weight_similarity, seed, progress, plan.widths)
         else:
-            matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method, progress)
+            matches, rows = _match_all(analysis, cal.stats, matcher, len(models), alpha, beta, method, progress,
+                                       plan.widths)
+        _note_widths(rows, plan)
     if needs_activations and not data_free:
         details["probes"] = cal.probes.name
     with _timed(seconds, "folding"):
@@ -168,6 +187,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             merged = split_aligned(merged, gms, common, cut, assign)
         elif cut is not None:
             merged = split_at_cut(merged, gms, analysis, cut, assign)
+        if plan.widths:
+            _check_widened(merged, batches.example)
     fitting = [name for name, on in (("refit", refit is not False), ("repair", repair)) if on]
     if fitting and cut is not None:
         msg = f"{' and '.join(fitting)} apply to full zips only; the partial zip was not changed by them"
@@ -372,21 +393,23 @@ def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches
     return {i: holder.get_submodule(f"s{i}").stats() for i in spaces}, n_batches, n_samples
 
 
-def _match_all(analysis, stats, matcher, n_models, alpha, beta, method, progress: bool = False):
+def _match_all(analysis, stats, matcher, n_models, alpha, beta, method, progress: bool = False,
+               widths: dict[int, int] | None = None):
     sims = {i: Similarity.of(st) for i, st in stats.items()}
     bar = (lambda blocks: tqdm(blocks, desc="fxzip match", disable=not progress, leave=False))
-    matches = match_all(analysis, sims, matcher, n_models, alpha=alpha, beta=beta, progress=bar)
+    matches = match_all(analysis, sims, matcher, n_models, alpha=alpha, beta=beta, progress=bar, widths=widths or {})
     return matches, _report_rows(analysis, sims, matches, method)
 
 
-def _dual_space(analysis, models, stats, matcher, n_models, alpha, beta, method, weight_similarity, seed, progress):
+def _dual_space(analysis, models, stats, matcher, n_models, alpha, beta, method, weight_similarity, seed, progress,
+                widths: dict[int, int] | None = None):
     """MuDSC (``fxzip.mudsc``): the units it re-matches are ``grouped.blocks_of``,
     each matched by the group-aware ``match_units`` on the blended similarity."""
     activation = {i: Similarity.of(st) for i, st in stats.items()} if weight_similarity < 1.0 else None
     units = [block for block in blocks_of(analysis) if all(analysis.spaces[i].mergeable for i in block)]
 
     def match_block(unit, sims):
-        return match_units(analysis, unit, sims, matcher, n_models, alpha=alpha, beta=beta)
+        return match_units(analysis, unit, sims, matcher, n_models, alpha=alpha, beta=beta, widths=widths or {})
 
     states = [{k: v.detach().cpu() for k, v in (m if isinstance(m, dict) else m.state_dict()).items()}
               for m in models]  # matching runs on CPU
@@ -439,6 +462,46 @@ def _macs(merged: fx.GraphModule, gms: Sequence[fx.GraphModule], example: tuple,
     original = count_macs(gms[0], one)
     ensemble = original * len(gms) if same else original + sum(count_macs(gm, one) for gm in gms[1:])
     return {"merged": count_macs(merged, one), "original": original, "ensemble": ensemble}
+
+
+def _check_width_arg(merged_width: Any, method: str, n_models: int) -> None:
+    """merged_width's type and range, before any work (per-space names are
+    checked once the model is traced)."""
+    values = list(merged_width.values()) if isinstance(merged_width, Mapping) else [merged_width]
+    for w in values:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 1.0 <= float(w) <= n_models:
+            raise ValueError(f"merged_width must be a number from 1.0 (one model's width) to {n_models} (the "
+                             f"{n_models} models side by side), or a dict of such numbers, got {w!r}")
+    if any(float(w) > 1.0 for w in values) and method == "weight_average":
+        raise ValueError("weight_average has no similarity to choose which features to keep apart; use "
+                         "merged_width=1.0 with it, or method='zipit' / 'permute' to widen")
+
+
+def _note_widths(rows: list[SpaceReport], plan: WidthPlan) -> None:
+    for row in rows:
+        if row.index in plan.widths:
+            row.merged = plan.widths[row.index]
+        elif row.index in plan.kept:
+            row.note = "; ".join(filter(None, [row.note, f"kept at one model's width: {plan.kept[row.index]}"]))
+
+
+def _check_widened(merged: fx.GraphModule, example: tuple) -> None:
+    """Run one sample through the widened graph so that a size fxzip did not
+    rewrite fails here, naming the node, instead of in the user's code."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    one = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
+    try:
+        with torch.no_grad():
+            ShapeProp(merged).propagate(*one)
+    except Exception as exc:  # noqa: BLE001 - reported with the node it failed at
+        node = next((n for n in merged.graph.nodes if n.op not in ("placeholder", "get_attr")
+                     and "tensor_meta" not in n.meta), None)
+        where = f" at node {node.name} ({node.target})" if node is not None else ""
+        cause = str(exc.__cause__ or exc).splitlines()[0]
+        raise ValueError(f"the widened model fails{where}: {cause}. That op holds a channel count fxzip does not "
+                         "rewrite; pass merged_width as a dict that leaves its space at 1.0, or register a width "
+                         "rule (fxzip.widths.register_width_rule)") from None
 
 
 @contextmanager

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .analysis import GraphAnalysis
 from .layout import Segment
 from .matching import Match, Similarity, mean_matched_correlation, weight_average
-from .passes.fold import axis_index
+from .passes.fold import axis_index, merged_features, merged_length
 
 __all__ = ["dual_space_match", "unit_blocks", "weight_representation", "weight_correlation", "SKIPPED_LEAVES"]
 
@@ -160,13 +160,14 @@ class _Representation:
     def _fold_axis(self, t: torch.Tensor, other: _Axis, assign: Mapping[int, torch.Tensor], k: int,
                    counts: dict[int, torch.Tensor]) -> torch.Tensor:
         idx = axis_index(other.segments, assign, k)
-        identity = torch.equal(idx, torch.arange(idx.numel()))
+        length = merged_length(other.segments, assign)  # more than one model's under merged_width
+        identity = torch.equal(idx, torch.arange(idx.numel())) and length == idx.numel()
         scale = None
         if other.role == "M":
             for seg in other.segments:
                 if seg.space not in counts:
                     counts[seg.space] = torch.bincount(assign[seg.space].reshape(-1).long(),
-                                                       minlength=self.sizes[seg.space])
+                                                       minlength=merged_features(assign[seg.space]))
             c = torch.cat([counts[s.space].repeat_interleave(s.inner) for s in other.segments])
             if not bool((c == self.n_models).all()):
                 scale = self.n_models / c.to(torch.float32)
@@ -174,7 +175,7 @@ class _Representation:
             return t
         moved = t.movedim(other.axis, 0).contiguous()
         if not identity:
-            moved = torch.zeros_like(moved).index_add_(0, idx, moved)
+            moved = moved.new_zeros((length,) + moved.shape[1:]).index_add_(0, idx, moved)
         if scale is not None:
             moved = moved * scale.reshape(-1, *([1] * (moved.dim() - 1)))
         return moved.movedim(0, other.axis)

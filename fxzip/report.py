@@ -22,7 +22,7 @@ REPORT_FORMAT = 1
 COLUMNS: dict[str, str] = {
     "space": "a feature space: tensors that share one channel basis, named by role and the modules that write it "
              "(a stream: several layers add into it; hidden: one layer's output)",
-    "size": "channels (units) in the space",
+    "size": "channels (units) in the space (a->b: merged_width keeps b merged units)",
     "within/model": "units merged with another unit of the same model, per model (zipit's beta budget)",
     "cross": "merged units that combine units of different models",
     "const": "units whose activation was constant on the calibration data (no correlation to match on)",
@@ -47,10 +47,15 @@ class SpaceReport:
     label: str = ""  # what the space is, by role and module paths (fxzip.naming); name is its first producer
     head_only: bool = False  # partial zip: the space lies after the cut, so each head keeps its own units
     assignment: list = field(default_factory=list, repr=False)  # [model][unit] -> merged unit
+    merged: int = 0  # merged units when merged_width widened the space (0: size)
 
     @property
     def title(self) -> str:
         return self.label or self.name
+
+    @property
+    def merged_size(self) -> int:
+        return self.merged or self.size
 
 
 @dataclass
@@ -67,6 +72,12 @@ class MergeReport:
     details: dict = field(default_factory=dict)  # method-specific, e.g. details["mudsc"]: the sweep history
     cut_reason: str = ""  # why the partial zip was cut where it was (e.g. the models differ after it)
     settings: dict = field(default_factory=dict)  # how the merge was run (filled by the CLI / fxzip.save)
+
+    @property
+    def widened(self) -> bool:
+        """Some space keeps more units than one model has (``merged_width``): the
+        result no longer has the architecture's shapes."""
+        return any(row.merged and row.merged != row.size for row in self.spaces)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything in the report as JSON-safe data (NaN correlations become None).
@@ -230,7 +241,8 @@ class MergeReport:
 def _cells(s: SpaceReport) -> list[str]:
     if s.head_only:
         return [s.title, str(s.size), "-", "-", "-", "-", "head only: each model keeps its own units"]
-    return [s.title, str(s.size), ",".join(map(str, s.within)) if s.matched else "-",
+    size = f"{s.size}->{s.merged}" if s.merged and s.merged != s.size else str(s.size)
+    return [s.title, size, ",".join(map(str, s.within)) if s.matched else "-",
             str(s.cross) if s.matched else "-", str(s.constant),
             "-" if s.mean_corr is None or math.isnan(s.mean_corr) else f"{s.mean_corr:.3f}", s.note]
 

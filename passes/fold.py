@@ -16,7 +16,25 @@ import torch.fx as fx
 from fxzip.analysis import AxisRole, GraphAnalysis
 from fxzip.layout import Segment
 
-__all__ = ["axis_index", "all_tensors", "fold_state", "fold"]
+__all__ = ["axis_index", "all_tensors", "fold_state", "fold", "merged_features", "merged_length", "cluster_sizes"]
+
+
+def merged_features(assign: torch.Tensor) -> int:
+    """Features a space keeps after the merge: its size, or more under
+    ``merged_width`` (matchers number merged features 0, 1, ... densely)."""
+    return int(assign.max()) + 1 if assign.numel() else 0
+
+
+def cluster_sizes(assign: torch.Tensor) -> torch.Tensor:
+    """How many original features (of all models) each merged feature averages:
+    the row sums that make M an average."""
+    n = merged_features(assign)
+    return torch.stack([torch.bincount(a.long(), minlength=n) for a in assign]).sum(0)
+
+
+def merged_length(segments: Sequence[Segment], assign: Mapping[int, torch.Tensor]) -> int:
+    """Elements of an axis laid out as ``segments`` in the merged model."""
+    return sum(merged_features(assign[s.space]) * s.inner for s in segments)
 
 
 def axis_index(segments: Sequence[Segment], assign: Mapping[int, torch.Tensor], k: int) -> torch.Tensor:
@@ -26,7 +44,7 @@ def axis_index(segments: Sequence[Segment], assign: Mapping[int, torch.Tensor], 
         a = assign[seg.space][k].to(torch.long)
         inner = torch.arange(seg.inner)
         parts.append((offset + a[:, None] * seg.inner + inner[None, :]).reshape(-1))
-        offset += seg.length
+        offset += merged_features(assign[seg.space]) * seg.inner
     return torch.cat(parts)
 
 
@@ -62,10 +80,14 @@ def _fold_tensor(tensors: Sequence[torch.Tensor], roles: Sequence[AxisRole],
                  assign: Mapping[int, torch.Tensor], counts: Mapping[int, torch.Tensor]) -> torch.Tensor:
     grouped = [r for r in roles if r.groups > 1]
     if grouped:
-        (g_role,), out_axis = grouped, next(r.axis for r in roles if r.role == "M")
+        (g_role,), out_role = grouped, next(r for r in roles if r.role == "M")
         dense_roles = [AxisRole(r.axis, r.segments, r.role) for r in roles]
-        total = _fold_tensor([block_diagonal(t, g_role, out_axis) for t in tensors], dense_roles, assign, counts)
-        return block_diagonal_part(total, g_role, out_axis)
+        total = _fold_tensor([block_diagonal(t, g_role, out_role.axis) for t in tensors], dense_roles, assign,
+                             counts)
+        # merged_width adds whole groups: the group size stays, the count grows
+        groups = g_role.groups * merged_length(out_role.segments, assign) // tensors[0].shape[out_role.axis]
+        return block_diagonal_part(total, AxisRole(g_role.axis, g_role.segments, g_role.role, groups),
+                                   out_role.axis)
     total = None
     for k, t in enumerate(tensors):
         out = t
@@ -74,7 +96,8 @@ def _fold_tensor(tensors: Sequence[torch.Tensor], roles: Sequence[AxisRole],
             # index_add along a leading, contiguous axis: along axis 1 of a conv
             # weight torch's kernel is ~100x slower on a busy machine
             moved = out.movedim(r.axis, 0).contiguous()
-            out = torch.zeros_like(moved).index_add_(0, idx, moved).movedim(0, r.axis)
+            out = moved.new_zeros((merged_length(r.segments, assign),) + moved.shape[1:])
+            out = out.index_add_(0, idx, moved).movedim(0, r.axis)
         total = out if total is None else total + out
     m_roles = [r for r in roles if r.role == "M"]
     for r in m_roles:
@@ -106,8 +129,7 @@ def fold_state(states: Sequence[Mapping[str, torch.Tensor]], analysis: GraphAnal
     ``k`` joins. Tensors with no channel axis are averaged; integer buffers
     (``num_batches_tracked``) come from the first model.
     """
-    counts = {s: torch.stack([torch.bincount(a[k].long(), minlength=a.shape[1]) for k in range(a.shape[0])]).sum(0)
-              for s, a in assign.items()}
+    counts = {s: cluster_sizes(a) for s, a in assign.items()}
     resolved = {name: [AxisRole(r.axis, analysis.resolved(r.segments), r.role, r.groups) for r in roles]
                 for name, roles in analysis.param_roles.items()}
     merged = {}
@@ -126,6 +148,11 @@ def fold(gm: fx.GraphModule, models: Sequence[fx.GraphModule | Mapping[str, torc
     or of state dicts under ``gm``'s names (models aligned by ``fxzip.align``)."""
     out = copy.deepcopy(gm)
     state = fold_state([m if isinstance(m, Mapping) else all_tensors(m) for m in models], analysis, assign)
+    widened = {s: merged_features(a) for s, a in assign.items() if merged_features(a) != analysis.spaces[s].size}
+    if widened:
+        from .widen import widen
+
+        widen(out, analysis, state, widened)
     with torch.no_grad():
         for name, tensor in all_tensors(out, keep_vars=True).items():
             if name in state:

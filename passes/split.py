@@ -21,7 +21,8 @@ from torch import nn
 from fxzip.analysis import GraphAnalysis
 from fxzip.align import CommonPart
 from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gathering_readers
-from .fold import axis_index
+from .fold import axis_index, merged_length
+from .widen import replace_tensors
 
 __all__ = ["split_at_cut", "split_aligned"]
 
@@ -51,7 +52,7 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
         gather = None
         if cut_node is not None:
             idx = axis_index(cut.segments, assign, k).to(torch.long)
-            identity = torch.equal(idx, torch.arange(len(idx)))
+            identity = torch.equal(idx, torch.arange(len(idx))) and merged_length(cut.segments, assign) == len(idx)
             if set(cut_node.users) - absorbing:  # registered even when identity: one structure per cut
                 root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
                 gather = graph.call_function(torch.index_select, (env[cut_node], cut.dim, graph.get_attr(f"unmerge{k}")))
@@ -116,9 +117,9 @@ def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], comm
                 root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
                 gather = graph.call_function(torch.index_select,
                                              (env[cut_node], cut.dim, graph.get_attr(f"unmerge{k}")))
-            if not torch.equal(idx, torch.arange(len(idx))):
+            if not torch.equal(idx, torch.arange(len(idx))) or merged_length(cut.segments, assign) != len(idx):
                 for reader in absorbing:
-                    _absorb_columns(head, reader.target, idx)
+                    _absorb_columns(head, reader.target, idx, merged_length(cut.segments, assign))
             value[mine] = gather if gather is not None else env[cut_node]
         henv: dict[str, fx.Node] = {}
         for nk in view.nodes:
@@ -159,11 +160,27 @@ def _trunk(nodes: Sequence[fx.Node], cut: CutPoint) -> tuple[set[fx.Node], fx.No
     return trunk | {by_name[a] for a in nx.ancestors(flow, cut.name)} | {cut_node}, cut_node
 
 
-def _absorb_columns(head: fx.GraphModule, target: str, idx: torch.Tensor) -> None:
-    """W_k <- W_k U_k for a conv/linear module (input channels on weight axis 1)."""
+def _absorb_columns(head: fx.GraphModule, target: str, idx: torch.Tensor, length: int) -> None:
+    """W_k <- W_k U_k for a conv/linear module (input channels on weight axis 1),
+    ``length`` merged input channels (more than W_k has under merged_width)."""
     with torch.no_grad():
-        tensor = _get(head, f"{target}.weight")
-        tensor.copy_(torch.zeros_like(tensor).index_add_(1, idx.to(tensor.device), tensor))
+        _put(head, f"{target}.weight", _columns(_get(head, f"{target}.weight"), 1, idx, length))
+
+
+def _put(head: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    """Write ``value`` into tensor ``name``: in place, or as a wider tensor (and
+    resized module) when merged_width widened the merged features it reads."""
+    tensor = _get(head, name)
+    if value.shape == tensor.shape:
+        tensor.copy_(value)
+    else:
+        replace_tensors(head, {name: value})
+
+
+def _columns(tensor: torch.Tensor, axis: int, idx: torch.Tensor, length: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[axis] = length
+    return tensor.new_zeros(shape).index_add_(axis, idx.to(tensor.device), tensor)
 
 
 def _copy(graph: fx.Graph, n: fx.Node, env: dict, prefix: str) -> fx.Node:
@@ -179,8 +196,9 @@ def _absorb_unmerge(head: fx.GraphModule, node_name: str, analysis: GraphAnalysi
     with torch.no_grad():
         for param, axis, segments in analysis.consumed[node_name]:
             tensor = _get(head, param)
-            idx = axis_index(analysis.resolved(segments), assign, k).to(tensor.device)
-            tensor.copy_(torch.zeros_like(tensor).index_add_(axis, idx, tensor))
+            resolved = analysis.resolved(segments)
+            idx = axis_index(resolved, assign, k)
+            _put(head, param, _columns(tensor, axis, idx, merged_length(resolved, assign)))
 
 
 def _device_of(module: nn.Module) -> torch.device:

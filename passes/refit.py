@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
+from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
-from fxzip.passes.fold import _axis_counts, axis_index
+from fxzip.passes.fold import _axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 
 __all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit"]
@@ -221,7 +222,7 @@ def _target(outs: Sequence[torch.Tensor], mod: nn.Module, layer: RefitLayer, ass
     for k, y in enumerate(outs):
         rows = _out_rows(mod, y).double()
         idx = axis_index(layer.segments, assign, k).to(rows.device)
-        part = torch.zeros_like(rows).index_add_(1, idx, rows)
+        part = rows.new_zeros((rows.shape[0], merged_length(layer.segments, assign))).index_add_(1, idx, rows)
         total = part if total is None else total + part
     return total / _axis_counts(layer.segments, counts).to(total)
 
@@ -242,8 +243,7 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
     if one_pass:
         for layer in layers:
             layer.level = 0
-    counts = {s: torch.stack([torch.bincount(a[k].long(), minlength=a.shape[1]) for k in range(a.shape[0])]).sum(0)
-              for s, a in assign.items()}
+    counts = {s: cluster_sizes(a) for s, a in assign.items()}
     n_models = len(node_maps)
     passes = 0
     for level in progress(sorted({l.level for l in layers})):
@@ -260,6 +260,7 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
             for i, (l, mod, normal) in enumerate(zip(wave, mods, normals)):
                 t = _target(ys[i * n_models:(i + 1) * n_models], mod, l, assign, counts)
                 normal.add(_rows(mod, xs[l.input]), t)
+        sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")  # several processes: every rank's sums, once
         passes += 1
         for l, mod, normal in zip(wave, mods, normals):
             w, l.ridge, l.loss_folded, l.loss_refit = _solve(normal, _folded(mod), ridge)

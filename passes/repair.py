@@ -51,8 +51,9 @@ import torch.fx as fx
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
+from fxzip.distributed import sum_across_ranks
 from fxzip.layout import Layout
-from fxzip.passes.fold import _axis_counts, axis_index
+from fxzip.passes.fold import _axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.passes.reset_norm import batch_norm_nodes
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 
@@ -202,10 +203,10 @@ def _targets(joint: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]], sit
             first[i] = first[i] + c.sum(1) if count[i] else c.sum(1)
             second[i] = second[i] + (c * c).sum(1) if count[i] else (c * c).sum(1)
             count[i] += c.shape[1]
-    counts = {sp: torch.stack([torch.bincount(a[k].long(), minlength=a.shape[1]) for k in range(a.shape[0])]).sum(0)
-              for sp, a in assign.items()}
+    first, second, count = sum_across_ranks((first, second, count))
+    counts = {sp: cluster_sizes(a) for sp, a in assign.items()}
     for j, s in enumerate(sites):
-        size = first[j * n_models].shape[0]
+        size = merged_length(s.segments, assign)  # more than one model's under merged_width
         mean_t = torch.zeros(size, dtype=torch.float64)
         std_t = torch.zeros(size, dtype=torch.float64)
         for k in range(n_models):
@@ -286,6 +287,7 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
                 for key, v in parts.items():
                     sums[f"{s.point}|{key}"] = sums.get(f"{s.point}|{key}", 0) + v
                 n[s.point] += d.shape[1]
+        sums, n = sum_across_ranks((sums, n))  # several processes: every rank's sums, once
         passes += 1
         for s in wave:
             m = lambda key: sums[f"{s.point}|{key}"] / n[s.point]  # noqa: E731

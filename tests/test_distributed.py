@@ -42,15 +42,8 @@ CASES = {
     "cnn_partial": ("cnn", (8, 3, 16, 16), 4, {"stop_at": 7, "reset_bn": True}, "halves"),
     "vit_full": ("vit", (4, 3, 16, 16), 4, {}, "strided"),
     "vit_mudsc_partial": ("vit", (4, 3, 16, 16), 4, {"method": "mudsc", "stop_at": 5}, "strided"),
+    "vit_refit_repair": ("vit", (4, 3, 16, 16), 4, {"refit": True, "repair": True}, "strided"),
 }
-
-# The refit and the repair stream data too; they combine their sums with
-# fxzip.distributed once each of their passes calls it (then this case runs).
-from fxzip.passes import refit as _refit_pass, repair as _repair_pass  # noqa: E402
-
-FIT_HOOKS = hasattr(_refit_pass, "sum_fields_across_ranks") and hasattr(_repair_pass, "sum_across_ranks")
-if FIT_HOOKS:
-    CASES["vit_refit_repair"] = ("vit", (4, 3, 16, 16), 4, {"refit": True, "repair": True}, "strided")
 
 
 def _tolerance(name: str) -> float:
@@ -294,12 +287,6 @@ def test_failure_modes_raise_on_every_rank_before_any_pass(ranks, mode):
             assert kind != "DistributedError"  # the failing rank raises its own error
         else:
             assert kind == "DistributedError" and EXPECTED[mode] in message, (r, message)
-
-
-@pytest.mark.skipif(FIT_HOOKS, reason="the refit and the repair combine their statistics: case vit_refit_repair")
-def test_refit_and_repair_wait_for_their_hooks():
-    pytest.skip("passes/refit.py and passes/repair.py do not call fxzip.distributed yet: refit/repair under "
-                "torch.distributed end with DistributedError (the ranks' weights differ)")
 
 
 def test_shard_batches_partitions_one_process_batches():

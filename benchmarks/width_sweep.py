@@ -213,22 +213,33 @@ def goal(summary: dict) -> dict:
             "gap": best["joint"] - ens}
 
 
-def crossing(cells: list[dict], target: float) -> dict:
-    """Where a curve's MACs (linear in width between sweep points; quadratic extrapolation beyond)
-    reach ``target`` x one model, and its joint accuracy there (linear; nan beyond the sweep)."""
-    pts = sorted((c["merged_width"], c["macs_ratio"], c["joint"]) for c in cells)
-    for (w0, m0, j0), (w1, m1, j1) in zip(pts, pts[1:]):
-        if m0 <= target <= m1 and m1 > m0:
-            t = (target - m0) / (m1 - m0)
-            return {"width": w0 + t * (w1 - w0), "joint": j0 + t * (j1 - j0), "extrapolated": False}
-    if len(pts) >= 3 and pts[-1][1] < target:  # fit macs = a w^2 + b w + c through the sweep
-        import numpy as np
+def crossing(cells: list[dict], curve_cells: list[dict], target: float) -> dict:
+    """Where the MACs reach ``target`` x one model (MACs depend on the width only, so every cell
+    of the architecture gives the MACs-per-width curve: linear between sweep points, a quadratic fit
+    beyond), and one curve's joint accuracy there (linear in width; nan outside that curve's widths)."""
+    import numpy as np
 
-        a, b, c = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 2)
-        roots = [r.real for r in np.roots([a, b, c - target]) if abs(r.imag) < 1e-9 and r.real > pts[-1][0]]
-        if roots:
-            return {"width": float(min(roots)), "joint": float("nan"), "extrapolated": True}
-    return {"width": float("nan"), "joint": float("nan"), "extrapolated": True}
+    macs: dict[float, list[float]] = {}
+    for c in cells:
+        macs.setdefault(c["merged_width"], []).append(c["macs_ratio"])
+    pts = sorted((w, _mean(v)) for w, v in macs.items())
+    width, extrapolated = float("nan"), True
+    for (w0, m0), (w1, m1) in zip(pts, pts[1:]):
+        if m0 <= target <= m1 and m1 > m0:
+            width, extrapolated = w0 + (target - m0) / (m1 - m0) * (w1 - w0), False
+            break
+    else:
+        if len(pts) >= 3 and pts[-1][1] < target:
+            a, b, c = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 2)
+            roots = [r.real for r in np.roots([a, b, c - target]) if abs(r.imag) < 1e-9 and r.real > pts[-1][0]]
+            if roots:
+                width = float(min(roots))
+    own = sorted((c["merged_width"], c["joint"]) for c in curve_cells)
+    joint = float("nan")
+    for (w0, j0), (w1, j1) in zip(own, own[1:]):
+        if w0 <= width <= w1:
+            joint = j0 + (width - w0) / (w1 - w0) * (j1 - j0)
+    return {"width": width, "joint": joint, "extrapolated": extrapolated}
 
 
 # --------------------------------------------------------------------------- #
@@ -252,22 +263,29 @@ def reading(arch: str, s: dict) -> list[str]:
             verdict = verdict.replace("**", "") + " (the issue sets this goal for ResNet-20 x1 only; shown for comparison)"
         out.append(f"- {arch}, goal (some configuration within {GOAL_POINTS:g} joint points of the ensemble at "
                    f"<= {GOAL_MACS}x one model's MACs): {verdict}. Best at <= {GOAL_MACS}x: {b['curve']} "
-                   f"merged_width {b['merged_width']:g} ({b['macs_ratio']:.3f}x MACs), joint "
+                   f"merged_width {b['merged_width']:g} ({b['macs_ratio']:.3f}x MACs"
+                   + ("" if len(b["pairs"]) == s["n_pairs"] else f", pairs {b['pairs']} only") + "), joint "
                    f"{_pm(b['joint'], b['joint_std'])} against the ensemble's {g['ensemble']:.1f} "
                    f"({g['gap']:+.1f}; paired per pair {_pm(b['gap_to_ensemble'], b['gap_to_ensemble_std'])}); "
                    f"the originals average {ref['originals_mean']['joint']:.1f}.")
     for curve, cx in s["crossings"].items():
+        cs = sorted((c for c in s["cells"] if c["curve"] == curve), key=lambda c: c["merged_width"])
+        last = cs[-1]
+        n = "" if len(last["pairs"]) == s["n_pairs"] else f", pairs {last['pairs']} only"
+        at_last = (f"its widest finished point (merged_width {last['merged_width']:g}, {last['macs_ratio']:.2f}x MACs{n})"
+                   f" has joint {last['joint']:.1f}, {last['gap_to_ensemble']:+.1f} from the ensemble (paired)")
         if math.isnan(cx["width"]):
-            out.append(f"- {arch} {curve}: MACs never reach the ensemble's 2x in the sweep.")
-        elif cx["extrapolated"]:
-            last = max((c for c in s["cells"] if c["curve"] == curve), key=lambda c: c["merged_width"])
-            out.append(f"- {arch} {curve}: reaches the ensemble's MACs (2x) only beyond the sweep, at merged_width "
-                       f"~{cx['width']:.2f} (quadratic extrapolation of its MACs); at its widest point "
-                       f"({last['merged_width']:g}, {last['macs_ratio']:.2f}x) joint {last['joint']:.1f}, "
-                       f"{last['joint'] - g['ensemble']:+.1f} from the ensemble.")
-        else:
+            out.append(f"- {arch} {curve}: the MACs of the sweep do not reach the ensemble's 2x; {at_last}.")
+        elif not math.isnan(cx["joint"]):
             out.append(f"- {arch} {curve}: reaches the ensemble's MACs (2x) at merged_width ~{cx['width']:.2f}, "
                        f"joint ~{cx['joint']:.1f} there ({cx['joint'] - g['ensemble']:+.1f} from the ensemble).")
+        else:
+            how = "by a quadratic fit of MACs against width" if cx["extrapolated"] else "between sweep points"
+            end = (": below the ensemble at nearly the ensemble's cost, so the curve does not reach the ensemble "
+                   "at equal MACs" if last["macs_ratio"] >= 1.9 and last["gap_to_ensemble"] < 0
+                   else " (the curve is not finished up to the ensemble's cost)")
+            out.append(f"- {arch} {curve}: the MACs reach the ensemble's 2x at merged_width ~{cx['width']:.2f} "
+                       f"({how}), beyond this curve's widths; {at_last}{end}.")
     return out
 
 
@@ -461,10 +479,11 @@ def main(argv: list[str] | None = None) -> dict:
         for c in s["cells"]:
             macs_by_width.setdefault(f"{c['merged_width']:g}", {})[c["method"]] = c["macs_ratio"]
         s["macs_by_width"] = macs_by_width
+        s["n_pairs"] = len(pairs[arch])
         s["goal"] = goal(s)
         s["crossings"] = {}
         for curve in dict.fromkeys(c["curve"] for c in s["cells"]):
-            s["crossings"][curve] = crossing([c for c in s["cells"] if c["curve"] == curve], 2.0)
+            s["crossings"][curve] = crossing(s["cells"], [c for c in s["cells"] if c["curve"] == curve], 2.0)
         summary[arch] = s
     try:
         load = " / ".join(f"{x:.1f}" for x in os.getloadavg())

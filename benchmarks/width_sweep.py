@@ -340,6 +340,10 @@ def write_markdown(path: Path, result: dict) -> None:
             L += [f"- {c}: pairs {', '.join(ps)} not run ({st['missing_reason']})" for c, ps in by_config.items()]
             L += [f"- `{k}`: failed: {e}" for k, e in s["errors"]]
             L.append("")
+    L += ["Plot (`width_sweep.png`): joint accuracy against multiply-adds relative to one model, one line per "
+          "method with and without refit (mean over the pairs finished; error bars: std over pairs; the number by "
+          "each point is its merged_width), the ensemble as a star at 2x, the originals' mean joint accuracy as a "
+          "dotted line, the 1.3x budget as a red line and the band within 3 points of the ensemble shaded.", ""]
     if st.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in st["notes"]]
     path.write_text("\n".join(L) + "\n")
@@ -351,7 +355,7 @@ def write_plot(path: Path, result: dict) -> bool:
     except Exception:
         return False
     archs = result["setting"]["archs"]
-    fig = Figure(figsize=(6.4 * len(archs), 4.6))
+    fig = Figure(figsize=(6.4 * len(archs), 5.2), layout="constrained")
     axes = fig.subplots(1, len(archs), squeeze=False)[0]
     style = {"ZipIt": ("C0", "-", "o"), "ZipIt + refit": ("C0", "--", "s"),
              "Permute": ("C1", "-", "^"), "Permute + refit": ("C1", "--", "v")}
@@ -382,8 +386,11 @@ def write_plot(path: Path, result: dict) -> bool:
         ax.set_ylabel("joint accuracy (%)")
         ax.set_title(f"CIFAR-10 (5+5) {arch}, pairs {result['setting']['pairs'][arch]}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles: dict = {}
+    for ax in axes:  # one legend for every panel, below them
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=120)
     return True
 

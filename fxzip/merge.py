@@ -27,11 +27,11 @@ from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy, probe_policy
 from .matching import MATCHERS, Similarity, get_matcher, mean_matched_correlation
 from .passes.fold import fold
 from .passes.observe import OBSERVERS, insert_observers
-from .passes.refit import DEFAULT_RIDGE, refit as refit_weights
+from .passes.refit import DEFAULT_RIDGE, refit as refit_weights, refit_heads
 from .passes.repair import repair as repair_variance
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
-from .passes.split import split_aligned, split_at_cut
+from .passes.split import split_aligned, split_at_cut, trunk_node_names
 from .report import MergeReport, SpaceReport
 from .trace import trace
 from .trunk import analyze_models
@@ -107,8 +107,11 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             works with every matcher. ``True`` uses a ridge toward the folded
             weights of 1e-3 of the Gram's mean eigenvalue; a float sets that
             factor. One pass over ``data`` per layer depth
-            (``report.details["refit"]``). Full zips; runs before ``repair`` and
-            the norm reset.
+            (``report.details["refit"]``). Full and partial zips: a partial
+            zip's trunk is refit before the split, then each head's first
+            layers are refit to reproduce their own model's outputs from the
+            trunk's merged features (one more pass). Runs before ``repair``
+            and the norm reset.
         merged_width: merged features per space as a multiple of one model's
             width: 1.0 merges as the papers do; N keeps every feature of the N
             models apart (the ensemble, side by side); in between, the least
@@ -180,28 +183,35 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         _note_widths(rows, plan)
     if needs_activations and not data_free:
         details["probes"] = cal.probes.name
+    fitting = [name for name, on in (("refit", refit is not False), ("repair", repair)) if on]
+    if "repair" in fitting and cut is not None:
+        msg = "repair applies to full zips only; the partial zip was not changed by it"
+        warnings.warn(msg, stacklevel=2)
+        report_warnings.append(msg)
+        fitting.remove("repair")
+    joint, node_maps = side_by_side(gms, common) if fitting else (None, None)
+    refit_bar = lambda it: tqdm(list(it), desc="fxzip refit", disable=not progress, leave=False)  # noqa: E731
     with _timed(seconds, "folding"):
         assign = {i: m.assign for i, m in matches.items()}
         merged = fold(gms[0], states or gms, analysis, assign)
+    if "refit" in fitting:  # a partial zip's trunk is refit before the split, its heads after
+        with _timed(seconds, "refit"):
+            trunk = None if cut is None else trunk_node_names(merged, cut)
+            fitted = refit_weights(merged, analysis, joint, node_maps, assign, batches, ridge, progress=refit_bar,
+                                   only=trunk)
+            details["refit"] = fitted.summary()
+    with _timed(seconds, "folding"):
         if cut is not None and common is not None:
             merged = split_aligned(merged, gms, common, cut, assign)
         elif cut is not None:
             merged = split_at_cut(merged, gms, analysis, cut, assign)
         if plan.widths:
             _check_widened(merged, batches.example)
-    fitting = [name for name, on in (("refit", refit is not False), ("repair", repair)) if on]
-    if fitting and cut is not None:
-        msg = f"{' and '.join(fitting)} apply to full zips only; the partial zip was not changed by them"
-        warnings.warn(msg, stacklevel=2)
-        report_warnings.append(msg)
-        fitting = []
-    joint, node_maps = side_by_side(gms, common) if fitting else (None, None)
-    if "refit" in fitting:
+    if "refit" in fitting and cut is not None:
         with _timed(seconds, "refit"):
-            fitted = refit_weights(merged, analysis, joint, node_maps, assign, batches, ridge,
-                                   progress=lambda it: tqdm(list(it), desc="fxzip refit", disable=not progress,
-                                                            leave=False))
-            details["refit"] = fitted.summary()
+            heads = refit_heads(merged, gms, batches, ridge)  # head k is a copy of gms[k]
+            details["refit"]["heads"] = heads.summary()
+            details["refit"]["passes"] += heads.passes
     if "repair" in fitting:
         with _timed(seconds, "repair"):
             if reset_bn:  # the repair measures features downstream of the norms: reset them first

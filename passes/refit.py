@@ -51,7 +51,7 @@ from fxzip.layout import Layout
 from fxzip.passes.fold import _axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 
-__all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit"]
+__all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit", "refit_heads"]
 
 DEFAULT_RIDGE = 1e-3
 
@@ -230,14 +230,17 @@ def _target(outs: Sequence[torch.Tensor], mod: nn.Module, layer: RefitLayer, ass
 def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule,
           node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor], batches: Iterable[tuple],
           ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x,
-          one_pass: bool = False) -> RefitResult:
+          one_pass: bool = False, only: set[str] | None = None) -> RefitResult:
     """Refit every fittable weight layer of ``merged`` in place (module docstring).
     ``one_pass``: fit every layer on the *folded* model's inputs in a single
     pass (the cheap approximation ``benchmarks/refit_passes.py`` measures
-    against the exact network-order refit)."""
+    against the exact network-order refit). ``only``: the node names that may
+    be refit (a partial zip's trunk; its heads are ``refit_heads``'s)."""
     if ridge <= 0:
         raise ValueError(f"refit ridge must be > 0 (it keeps the solve well posed), got {ridge}")
     layers, skipped = find_layers(merged, analysis)
+    if only is not None:
+        layers = [l for l in layers if l.node in only]
     if not layers:
         return RefitResult([], 0, skipped)
     if one_pass:
@@ -267,3 +270,53 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
             l.samples = normal.n
             _write(mod, w)
     return RefitResult(layers, passes, skipped)
+
+
+def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches: Iterable[tuple],
+                ridge: float = DEFAULT_RIDGE) -> RefitResult:
+    """A partial zip's head layers that read the trunk's merged features (their
+    weights hold ``W_k U_k``), refit per model: head k's layer, fed the merged
+    trunk's features, should reproduce model k's own output of that layer
+    (``t = y_k``: a head is not merged), with the ridge toward ``W_k U_k``.
+    One pass: every such layer reads the trunk's output, which the head refits
+    do not change. Layers deeper in a head keep model k's weights (their
+    inputs are model k's own features once the first layers match them)."""
+    heads = {name for name, _ in split.named_children() if name.startswith("head")}
+    in_head = lambda n: n.op == "call_module" and n.target.split(".")[0] in heads  # noqa: E731
+    layers: list[tuple[RefitLayer, int, str]] = []
+    skipped: list[str] = []
+    for node in split.graph.nodes:
+        if not in_head(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        if in_head(src) or src.name.startswith(node.target.split(".")[0] + "_") or src.op == "placeholder":
+            continue  # reads its own head's features (or the raw input): model k's weights already fit
+        mod = split.get_submodule(node.target)
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            continue
+        why = _fittable(mod)
+        if why is not None:
+            skipped.append(f"{node.target}: {why}")
+            continue
+        head = node.target.split(".")[0]
+        k = int(head[len("head"):])
+        layers.append((RefitLayer(node.target, node.name, src.name, ()), k, node.name[len(head) + 1:]))
+    if not layers:
+        return RefitResult([], 0, skipped)
+    inputs = list(dict.fromkeys(l.input for l, _, _ in layers))
+    mine = truncated(split, inputs)
+    theirs = {k: truncated(models[k], [orig for l, kk, orig in layers if kk == k]) for _, k, _ in layers}
+    mods = [split.get_submodule(l.name) for l, _, _ in layers]
+    normals = [_Normal(m) for m in mods]
+    for batch in batches:
+        with torch.no_grad():
+            xs = dict(zip(inputs, mine(*batch)))
+            ys = {k: iter(module(*batch)) for k, module in theirs.items()}
+        for (l, k, _), mod, normal in zip(layers, mods, normals):
+            normal.add(_rows(mod, xs[l.input]), _out_rows(mod, next(ys[k])).double())
+    sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")
+    for (l, _, _), mod, normal in zip(layers, mods, normals):
+        w, l.ridge, l.loss_folded, l.loss_refit = _solve(normal, _folded(mod), ridge)
+        l.samples = normal.n
+        _write(mod, w)
+    return RefitResult([l for l, _, _ in layers], 1, skipped)

@@ -24,7 +24,7 @@ from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gath
 from .fold import axis_index, merged_length
 from .widen import replace_tensors
 
-__all__ = ["split_at_cut", "split_aligned"]
+__all__ = ["split_at_cut", "split_aligned", "trunk_node_names"]
 
 
 def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analysis: GraphAnalysis,
@@ -144,6 +144,11 @@ def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], comm
     gm = fx.GraphModule(root, graph, "PartialZip")
     gm.graph.lint()
     return gm.eval()  # like a full zip: inference mode (a new root module starts in training mode)
+
+
+def trunk_node_names(merged: fx.GraphModule, cut: CutPoint) -> set[str]:
+    """Names of the nodes a partial zip's trunk computes (before the split)."""
+    return {n.name for n in _trunk(list(merged.graph.nodes), cut)[0]}
 
 
 def _trunk(nodes: Sequence[fx.Node], cut: CutPoint) -> tuple[set[fx.Node], fx.Node | None]:

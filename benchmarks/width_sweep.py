@@ -10,16 +10,32 @@ multiply-adds relative to one model (``report.macs``). Reference rows: both
 originals (norm statistics reset on the calibration images) and their
 ensemble (both side by side, 2x the MACs).
 
+Partial zips (``--stops K ...`` without refit, ``--refit-stops K ...`` with it):
+``stop_at=K`` (K weight layers zipped, a shared trunk up to that cut, one head
+per model after it; ``fxzip.cut_points`` lists the K that exist) at merged_width
+1.0, for the same methods and from the same per-pair calibration; with refit
+the trunk is refit before the split and each head's first layers after it.
+They are separate curves ("ZipIt partial", "ZipIt partial + refit", ...) on
+the plot and a table of their own; the goal considers every configuration,
+widened or partial.
+
 Goal checked (issue 12): at most 1.3x one model's MACs, some configuration
 within 3 joint points of the ensemble on ResNet-20 x1.
 
 Rows go into a resumable ``--cache`` JSON; the plain rows of every pair run
-before any refit row, so a cut-off run leaves the cheap curves finished.
+before any refit row (and the partial refit rows before the full-zip refit
+rows), so a cut-off run leaves the cheap curves finished. Every new row records
+the commit it was computed at, and refit rows the merge's refit passes and
+seconds. ``--read-cache`` also takes a results JSON this script wrote
+(``width_sweep.json``): its rows seed the cache, stamped with that run's commit.
 
 Example::
 
     python benchmarks/width_sweep.py --archs resnet20x1 --pairs 0 1 2 --threads 1 \\
         --refit-widths 1.0 1.2 1.3 1.4 --refit-methods zipit --cache /tmp/ws_cache.json
+    python benchmarks/width_sweep.py --archs resnet20x1 --pairs 0 1 2 --threads 1 --widths --methods zipit \\
+        --stops 19 17 15 13 7 --refit-methods zipit --refit-widths --refit-stops 15 17 13 19 7 \\
+        --read-cache benchmarks/results/width_sweep.json --cache /tmp/ws_cache.json
 
 ``--smoke``: random-init tiny models and synthetic images, seconds (used by a test).
 """
@@ -58,18 +74,24 @@ METHODS = ("zipit", "permute")
 GOAL_MACS, GOAL_POINTS = 1.3, 3.0
 
 
-def row_key(arch: str, pair: int, method: str, width: float, refit: bool) -> str:
+def row_key(arch: str, pair: int, method: str, width: float, refit: bool, stop: int | None = None) -> str:
+    if stop is not None:  # partial zip (merged_width 1.0)
+        return f"{arch}|pair{pair}|{method}|stop{stop}|refit{int(refit)}"
     return f"{arch}|pair{pair}|{method}|w{width:g}|refit{int(refit)}"
 
 
-def curve_name(method: str, refit: bool) -> str:
-    return {"zipit": "ZipIt", "permute": "Permute"}[method] + (" + refit" if refit else "")
+def curve_name(method: str, refit: bool, partial: bool = False) -> str:
+    return ({"zipit": "ZipIt", "permute": "Permute"}[method] + (" partial" if partial else "")
+            + (" + refit" if refit else ""))
 
 
-def plan(args) -> list[tuple[bool, str, float]]:
-    """(refit, method, width) in run order: every plain row, then the refit rows."""
-    out = [(False, m, w) for m in args.methods for w in args.widths]
-    out += [(True, m, w) for m in args.refit_methods for w in args.refit_widths]
+def plan(args) -> list[tuple[bool, str, float, int | None]]:
+    """(refit, method, width, stop) in run order (stop None: full zip): every plain row (full, then partial),
+    then the partial refit rows, then the full-zip refit rows."""
+    out = [(False, m, w, None) for m in args.methods for w in args.widths]
+    out += [(False, m, 1.0, k) for m in args.methods for k in args.stops]
+    out += [(True, m, 1.0, k) for m in args.refit_methods for k in args.refit_stops]
+    out += [(True, m, w, None) for m in args.refit_methods for w in args.refit_widths]
     return out
 
 
@@ -96,7 +118,7 @@ class PairState:
         return self
 
 
-def run_references(st: PairState, vecs, cache: dict, save, log) -> None:
+def run_references(st: PairState, vecs, cache: dict, save, log, commit: str = "") -> None:
     arch, pair = st.arch, st.pair
     key = f"{arch}|pair{pair}|Ensemble"
     if key in cache:
@@ -106,10 +128,10 @@ def run_references(st: PairState, vecs, cache: dict, save, log) -> None:
     t0 = time.perf_counter()
     row = ec.score(Ensemble(*originals), st.test, st.tasks, vecs)
     row.update(arch=arch, pair=pair, method="ensemble", macs_ratio=float(len(originals)),
-               seconds=round(time.perf_counter() - t0, 2))
+               seconds=round(time.perf_counter() - t0, 2), commit=commit)
     for k, m in enumerate(originals):
         r = ec.score(m, st.test, st.tasks, vecs)
-        r.update(arch=arch, pair=pair, method=f"model {'AB'[k]}", macs_ratio=1.0)
+        r.update(arch=arch, pair=pair, method=f"model {'AB'[k]}", macs_ratio=1.0, commit=commit)
         cache[f"{arch}|pair{pair}|Model {'AB'[k]}"] = r
     cache[key] = row
     save()
@@ -118,22 +140,31 @@ def run_references(st: PairState, vecs, cache: dict, save, log) -> None:
 
 
 def run_row(st: PairState, method: str, width: float, refit: bool, vecs, cache: dict, save, log,
-            retry_errors: bool) -> None:
+            retry_errors: bool, stop: int | None = None, commit: str = "") -> None:
     arch, pair = st.arch, st.pair
-    key = row_key(arch, pair, method, width, refit)
+    key = row_key(arch, pair, method, width, refit, stop)
     if key in cache and not (retry_errors and "error" in cache[key]):
         return
     st.ready(cache, save)
     alpha, beta = pp.ALPHA_BETA[arch]
     extra = {"alpha": alpha, "beta": beta} if method == "zipit" else {}
-    row: dict[str, Any] = {"arch": arch, "pair": pair, "method": method, "merged_width": width, "refit": refit}
+    if stop is not None:
+        extra["stop_at"] = stop
+    row: dict[str, Any] = {"arch": arch, "pair": pair, "method": method, "merged_width": width, "refit": refit,
+                           "stop_at": stop, "commit": commit}
     if method == "zipit":
         row.update(alpha=alpha, beta=beta)
     t0 = time.perf_counter()
     try:
         merged = fxzip.merge(*st.models, data=st.cal, method=method, progress=False, refit=refit,
                              merged_width=width, **extra)
-        macs = dict(merged.meta["fxzip"].macs)
+        report = merged.meta["fxzip"]
+        row["merge_seconds"] = {k: round(float(v), 2) for k, v in report.seconds.items()}
+        if refit:
+            row["refit_passes"] = report.details["refit"]["passes"]
+        if report.cut is not None:
+            row["cut"] = {"name": report.cut.name, "k": report.cut.k, "m": report.cut.m}
+        macs = dict(report.macs)
         row.update(ec.score(merged.eval(), st.test, st.tasks, vecs))
         row.update(macs={k: float(v) for k, v in macs.items()}, macs_ratio=macs["merged"] / macs["original"],
                    ensemble_macs_ratio=macs["ensemble"] / macs["original"])
@@ -143,11 +174,14 @@ def run_row(st: PairState, method: str, width: float, refit: bool, vecs, cache: 
     row["seconds"] = round(time.perf_counter() - t0, 2)
     cache[key] = row
     save()
+    where = f"w {width:g}" if stop is None else f"stop_at {stop}"
     if "error" in row:
-        log(f"  {arch} pair {pair} {curve_name(method, refit):16s} w {width:g}: ERROR {row['error']}")
+        log(f"  {arch} pair {pair} {curve_name(method, refit, stop is not None):24s} {where}: ERROR {row['error']}")
     else:
-        log(f"  {arch} pair {pair} {curve_name(method, refit):16s} w {width:g}: joint {row['joint']:5.1f} "
-            f"avg {row['avg']:5.1f} MACs x{row['macs_ratio']:.3f} ({row['seconds']:.1f}s)")
+        fit = (f", refit {row['merge_seconds'].get('refit', float('nan')):.1f}s in {row['refit_passes']} passes"
+               if refit else "")
+        log(f"  {arch} pair {pair} {curve_name(method, refit, stop is not None):24s} {where}: joint "
+            f"{row['joint']:5.1f} avg {row['avg']:5.1f} MACs x{row['macs_ratio']:.3f} ({row['seconds']:.1f}s{fit})")
 
 
 # --------------------------------------------------------------------------- #
@@ -164,21 +198,22 @@ def _std(v: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
 
 
-def summarize(cache: dict, arch: str, pairs: list[int], todo: list[tuple[bool, str, float]]) -> dict:
+def summarize(cache: dict, arch: str, pairs: list[int], todo: list[tuple[bool, str, float, int | None]]) -> dict:
     ref = {}
     for name in ("Ensemble", "Model A", "Model B"):
         rows = [cache[f"{arch}|pair{p}|{name}"] for p in pairs if f"{arch}|pair{p}|{name}" in cache]
         ref[name] = {"joint": _mean([r["joint"] for r in rows]), "joint_std": _std([r["joint"] for r in rows]),
                      "avg": _mean([r["avg"] for r in rows]), "avg_std": _std([r["avg"] for r in rows]),
-                     "pairs": [r["pair"] for r in rows]}
+                     "pairs": [r["pair"] for r in rows], "commits": sorted({r.get("commit") or "?" for r in rows})}
     orig = [(cache[f"{arch}|pair{p}|Model A"]["joint"] + cache[f"{arch}|pair{p}|Model B"]["joint"]) / 2
             for p in pairs if f"{arch}|pair{p}|Model A" in cache]
     ref["originals_mean"] = {"joint": _mean(orig), "joint_std": _std(orig)}
     cells, missing, errors = [], [], []
-    for refit, method, width in sorted(todo, key=lambda t: (t[0], METHODS.index(t[1]), t[2])):
+    order = lambda t: (t[3] is not None, t[0], METHODS.index(t[1]), t[2], -(t[3] or 0))  # noqa: E731
+    for refit, method, width, stop in sorted(dict.fromkeys(todo), key=order):
         rows, gaps = [], []
         for p in pairs:
-            key = row_key(arch, p, method, width, refit)
+            key = row_key(arch, p, method, width, refit, stop)
             r = cache.get(key)
             if r is None:
                 missing.append(key)
@@ -191,8 +226,15 @@ def summarize(cache: dict, arch: str, pairs: list[int], todo: list[tuple[bool, s
                     gaps.append(r["joint"] - ens["joint"])
         if not rows:
             continue
-        cells.append({"method": method, "refit": refit, "merged_width": width, "curve": curve_name(method, refit),
+        passes = [r["refit_passes"] for r in rows if "refit_passes" in r]
+        fit_s = [r["merge_seconds"]["refit"] for r in rows if "refit" in r.get("merge_seconds", {})]
+        cut = next((r["cut"] for r in rows if "cut" in r), None)
+        cells.append({"method": method, "refit": refit, "merged_width": width, "stop_at": stop, "cut": cut,
+                      "curve": curve_name(method, refit, stop is not None),
                       "pairs": [r["pair"] for r in rows],
+                      "commits": sorted({r.get("commit") or "?" for r in rows}),
+                      "refit_passes": sorted(set(passes)), "refit_seconds": _mean(fit_s) if fit_s else float("nan"),
+                      "refit_seconds_range": [min(fit_s), max(fit_s)] if fit_s else None,
                       "joint": _mean([r["joint"] for r in rows]), "joint_std": _std([r["joint"] for r in rows]),
                       "avg": _mean([r["avg"] for r in rows]), "avg_std": _std([r["avg"] for r in rows]),
                       "macs_ratio": _mean([r["macs_ratio"] for r in rows]),
@@ -251,6 +293,18 @@ def _pm(m: float, s: float) -> str:
     return f"{m:.1f}" + ("" if math.isnan(s) else f" ± {s:.1f}")
 
 
+def zipped(c: dict) -> str:
+    """'k/m' layers zipped of a partial cell."""
+    m = (c.get("cut") or {}).get("m")
+    return f"{c['stop_at']}/{m}" if m else f"{c['stop_at']}"
+
+
+def config_name(c: dict) -> str:
+    if c["stop_at"] is not None:
+        return f"stop_at {c['stop_at']} ({zipped(c)} zipped)"
+    return f"merged_width {c['merged_width']:g}"
+
+
 def reading(arch: str, s: dict) -> list[str]:
     g, ref = s["goal"], s["reference"]
     out = []
@@ -262,12 +316,28 @@ def reading(arch: str, s: dict) -> list[str]:
         if arch != "resnet20x1":
             verdict = verdict.replace("**", "") + " (the issue sets this goal for ResNet-20 x1 only; shown for comparison)"
         out.append(f"- {arch}, goal (some configuration within {GOAL_POINTS:g} joint points of the ensemble at "
-                   f"<= {GOAL_MACS}x one model's MACs): {verdict}. Best at <= {GOAL_MACS}x: {b['curve']} "
-                   f"merged_width {b['merged_width']:g} ({b['macs_ratio']:.3f}x MACs"
+                   f"<= {GOAL_MACS}x one model's MACs; every configuration of the tables, widened or partial, "
+                   f"{len([c for c in s['cells'] if c['macs_ratio'] <= GOAL_MACS + 1e-9])} within the budget): "
+                   f"{verdict}. Best at <= {GOAL_MACS}x: {b['curve']} {config_name(b)} ({b['macs_ratio']:.3f}x MACs"
                    + ("" if len(b["pairs"]) == s["n_pairs"] else f", pairs {b['pairs']} only") + "), joint "
                    f"{_pm(b['joint'], b['joint_std'])} against the ensemble's {g['ensemble']:.1f} "
                    f"({g['gap']:+.1f}; paired per pair {_pm(b['gap_to_ensemble'], b['gap_to_ensemble_std'])}); "
                    f"the originals average {ref['originals_mean']['joint']:.1f}.")
+        within = [c for c in s["cells"] if c["macs_ratio"] <= GOAL_MACS + 1e-9]
+        per_curve = {}
+        for c in within:
+            if c["curve"] not in per_curve or c["joint"] > per_curve[c["curve"]]["joint"]:
+                per_curve[c["curve"]] = c
+        out.append(f"- {arch}, best of each curve at <= {GOAL_MACS}x MACs (ensemble {g['ensemble']:.1f}): " + "; ".join(
+            f"{c['curve']} {config_name(c)} {c['joint']:.1f} at {c['macs_ratio']:.2f}x ({c['joint'] - g['ensemble']:+.1f})"
+            for c in per_curve.values()) + ".")
+    for curve in dict.fromkeys(c["curve"] for c in s["cells"] if c["stop_at"] is not None):
+        cs = sorted((c for c in s["cells"] if c["curve"] == curve), key=lambda c: c["macs_ratio"])
+        ens = [c for c in cs if c["gap_to_ensemble"] >= -GOAL_POINTS]
+        out.append(f"- {arch} {curve}: " + ", ".join(
+            f"{config_name(c)} {c['joint']:.1f} at {c['macs_ratio']:.2f}x ({c['gap_to_ensemble']:+.1f})" for c in cs)
+            + (f"; within {GOAL_POINTS:g} of the ensemble from {config_name(ens[0])} ({ens[0]['macs_ratio']:.2f}x MACs) on"
+               if ens else f"; no point within {GOAL_POINTS:g} of the ensemble") + ".")
     for curve, cx in s["crossings"].items():
         cs = sorted((c for c in s["cells"] if c["curve"] == curve), key=lambda c: c["merged_width"])
         last = cs[-1]
@@ -291,11 +361,17 @@ def reading(arch: str, s: dict) -> list[str]:
 
 def write_markdown(path: Path, result: dict) -> None:
     st = result["setting"]
-    L = ["# merged_width sweep, with and without refit: CIFAR-10 (5+5) full zips", "",
+    by_commit: dict[str, int] = {}
+    for r in result["rows"].values():
+        if isinstance(r, dict):
+            by_commit[r.get("commit") or "?"] = by_commit.get(r.get("commit") or "?", 0) + 1
+    L = ["# merged_width sweep and partial zips, with and without refit: CIFAR-10 (5+5)", "",
          f"Command: `{st['command']}`", "",
-         f"Machine: {st['machine']}. Commit: {st['commit']}. Wall time of this invocation "
+         f"Machine: {st['machine']}. Commit of this invocation: {st['commit']}. Wall time of this invocation "
          f"{st['wall_seconds'] / 60:.1f} min (rows read from --cache are not recomputed; every row's seconds, "
          "merge + scoring, are in the JSON and the table).", "",
+         "Rows by the commit they were computed at (the tables' commit column says which): "
+         + ", ".join(f"{c}: {n} rows" for c, n in sorted(by_commit.items())) + ".", "",
          "Configuration: " + "; ".join([
              f"pairs {st['pairs']}",
              f"{st['calib_images']} augmented training images of both tasks per pair for the calibration "
@@ -307,6 +383,8 @@ def write_markdown(path: Path, result: dict) -> None:
              "(BatchNorm only)",
              f"widths {st['widths']} for {st['methods']} without refit, {st['refit_widths']} for "
              f"{st['refit_methods']} with refit",
+             f"partial zips (merged_width 1.0, stop_at = layers zipped) {st.get('stops', [])} for {st['methods']} "
+             f"without refit, {st.get('refit_stops', [])} for {st['refit_methods']} with refit",
              "MACs: `report.macs` merged / original (one model); ensemble = both models side by side (2x)"]) + ".",
          ""]
     for arch in st["archs"]:
@@ -314,19 +392,46 @@ def write_markdown(path: Path, result: dict) -> None:
         ref = s["reference"]
         L += [f"## {arch}", "",
               "Joint and average per-task accuracy (%), mean ± std over pairs; Δ ens: paired joint difference to "
-              "the ensemble (mean ± std over pairs).", "",
-              "| configuration | merged_width | MACs (x one model) | joint | avg | Δ ens (joint) | pairs | s/row |",
-              "|---|---|---|---|---|---|---|---|"]
-        for c in s["cells"]:
+              "the ensemble (mean ± std over pairs); s/row: merge + scoring; refit s / passes: the merge's refit "
+              "time (`report.seconds['refit']`, mean over pairs) and `report.details['refit']['passes']` (not "
+              "recorded before the partial-zip rows: -); commit: the commit the rows were computed at.", "",
+              "Full zips, widened:", "",
+              "| configuration | merged_width | MACs (x one model) | joint | avg | Δ ens (joint) | pairs | s/row "
+              "| refit s / passes | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def fit(c):
+            if not c["refit"] or not c["refit_passes"]:
+                return "-"
+            return f"{c['refit_seconds']:.0f} / {', '.join(map(str, c['refit_passes']))}"
+
+        def macs_cell(c):
             lo, hi = c["macs_ratio_range"]
-            macs = f"{c['macs_ratio']:.3f}" + ("" if hi - lo < 5e-4 else f" ({lo:.3f}-{hi:.3f})")
-            L.append(f"| {c['curve']} | {c['merged_width']:g} | {macs} | {_pm(c['joint'], c['joint_std'])} | "
+            return f"{c['macs_ratio']:.3f}" + ("" if hi - lo < 5e-4 else f" ({lo:.3f}-{hi:.3f})")
+
+        for c in (c for c in s["cells"] if c["stop_at"] is None):
+            L.append(f"| {c['curve']} | {c['merged_width']:g} | {macs_cell(c)} | {_pm(c['joint'], c['joint_std'])} | "
                      f"{_pm(c['avg'], c['avg_std'])} | {_pm(c['gap_to_ensemble'], c['gap_to_ensemble_std'])} | "
-                     f"{len(c['pairs'])} | {c['seconds']:.0f} |")
+                     f"{len(c['pairs'])} | {c['seconds']:.0f} | {fit(c)} | {', '.join(c['commits'])} |")
         for name in ("Ensemble", "Model A", "Model B"):
             r = ref[name]
             L.append(f"| {name} | - | {2.0 if name == 'Ensemble' else 1.0:.3f} | {_pm(r['joint'], r['joint_std'])} | "
-                     f"{_pm(r['avg'], r['avg_std'])} | - | {len(r['pairs'])} | - |")
+                     f"{_pm(r['avg'], r['avg_std'])} | - | {len(r['pairs'])} | - | - | {', '.join(r['commits'])} |")
+        partial = [c for c in s["cells"] if c["stop_at"] is not None]
+        if partial:
+            L += ["", "Partial zips (merged_width 1.0; a shared trunk up to the cut, one head per model after it; "
+                  "zipped: weight layers in the trunk / on the longest path; cut: the node the heads read):", "",
+                  "| configuration | stop_at | zipped | cut | MACs (x one model) | joint | avg | Δ ens (joint) | pairs "
+                  "| s/row | refit s / passes | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for c in partial:
+                L.append(f"| {c['curve']} | {c['stop_at']} | {zipped(c)} | {(c.get('cut') or {}).get('name', '-')} | "
+                         f"{macs_cell(c)} | {_pm(c['joint'], c['joint_std'])} | {_pm(c['avg'], c['avg_std'])} | "
+                         f"{_pm(c['gap_to_ensemble'], c['gap_to_ensemble_std'])} | {len(c['pairs'])} | "
+                         f"{c['seconds']:.0f} | {fit(c)} | {', '.join(c['commits'])} |")
+            L.append(f"| Ensemble | 0 | 0 | - | 2.000 | {_pm(ref['Ensemble']['joint'], ref['Ensemble']['joint_std'])} "
+                     f"| {_pm(ref['Ensemble']['avg'], ref['Ensemble']['avg_std'])} | - | "
+                     f"{len(ref['Ensemble']['pairs'])} | - | - | {', '.join(ref['Ensemble']['commits'])} |")
         L += ["", "MACs ratio per merged_width (mean over pairs; the same for refit, which keeps the shapes): "
               + "; ".join(f"{w}: " + ", ".join(f"{m} {x:.3f}" for m, x in sorted(v.items()))
                           for w, v in sorted(s["macs_by_width"].items(), key=lambda kv: float(kv[0]))), ""]
@@ -334,15 +439,18 @@ def write_markdown(path: Path, result: dict) -> None:
         if s["missing"] or s["errors"]:
             L += ["Missing rows:", ""]
             by_config: dict[str, list[str]] = {}
-            for k in s["missing"]:  # arch|pairP|method|wW|refitR
+            for k in s["missing"]:  # arch|pairP|method|wW|refitR or arch|pairP|method|stopK|refitR
                 _, pair, method, w, r = k.split("|")
-                by_config.setdefault(f"{curve_name(method, r == 'refit1')} merged_width {w[1:]}", []).append(pair[4:])
+                where = f"merged_width {w[1:]}" if w.startswith("w") else f"stop_at {w[4:]}"
+                by_config.setdefault(f"{curve_name(method, r == 'refit1', w.startswith('stop'))} {where}",
+                                     []).append(pair[4:])
             L += [f"- {c}: pairs {', '.join(ps)} not run ({st['missing_reason']})" for c, ps in by_config.items()]
             L += [f"- `{k}`: failed: {e}" for k, e in s["errors"]]
             L.append("")
     L += ["Plot (`width_sweep.png`): joint accuracy against multiply-adds relative to one model, one line per "
-          "method with and without refit (mean over the pairs finished; error bars: std over pairs; the number by "
-          "each point is its merged_width), the ensemble as a star at 2x, the originals' mean joint accuracy as a "
+          "method with and without refit, widened full zips (solid / dashed) and partial zips (dash-dot / dotted, "
+          "open markers) (mean over the pairs finished; error bars: std over pairs; the label by each point is its "
+          "merged_width, or k/m layers zipped for a partial zip), the ensemble as a star at 2x, the originals' mean joint accuracy as a "
           "dotted line, the 1.3x budget as a red line and the band within 3 points of the ensemble shaded.", ""]
     if st.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in st["notes"]]
@@ -358,20 +466,24 @@ def write_plot(path: Path, result: dict) -> bool:
     fig = Figure(figsize=(6.4 * len(archs), 5.2), layout="constrained")
     axes = fig.subplots(1, len(archs), squeeze=False)[0]
     style = {"ZipIt": ("C0", "-", "o"), "ZipIt + refit": ("C0", "--", "s"),
-             "Permute": ("C1", "-", "^"), "Permute + refit": ("C1", "--", "v")}
+             "Permute": ("C1", "-", "^"), "Permute + refit": ("C1", "--", "v"),
+             "ZipIt partial": ("C2", "-.", "o"), "ZipIt partial + refit": ("C2", ":", "s"),
+             "Permute partial": ("C3", "-.", "^"), "Permute partial + refit": ("C3", ":", "v")}
     for ax, arch in zip(axes, archs):
         s = result["summary"][arch]
         ref = s["reference"]
         for curve, (color, ls, mk) in style.items():
-            cs = sorted((c for c in s["cells"] if c["curve"] == curve), key=lambda c: c["merged_width"])
+            cs = sorted((c for c in s["cells"] if c["curve"] == curve), key=lambda c: c["macs_ratio"])
             if not cs:
                 continue
+            part = cs[0]["stop_at"] is not None
             ax.errorbar([c["macs_ratio"] for c in cs], [c["joint"] for c in cs],
                         yerr=[0 if math.isnan(c["joint_std"]) else c["joint_std"] for c in cs],
-                        color=color, ls=ls, marker=mk, capsize=3, label=curve)
+                        color=color, ls=ls, marker=mk, capsize=3, label=curve,
+                        mfc="white" if part else color)
             for c in cs:
-                ax.annotate(f"{c['merged_width']:g}", (c["macs_ratio"], c["joint"]), fontsize=6,
-                            xytext=(3, -9), textcoords="offset points", color=color)
+                ax.annotate(zipped(c) if part else f"{c['merged_width']:g}", (c["macs_ratio"], c["joint"]),
+                            fontsize=6, xytext=(3, 4 if part else -9), textcoords="offset points", color=color)
         e = ref["Ensemble"]
         if not math.isnan(e["joint"]):
             ax.errorbar([2.0], [e["joint"]], yerr=[0 if math.isnan(e["joint_std"]) else e["joint_std"]],
@@ -407,18 +519,33 @@ def _commit() -> str:
         return "unknown"
 
 
+def read_rows(path: Path) -> dict:
+    """A cache JSON's rows, or a results JSON's (its "rows", each stamped with the run's commit where it has none)."""
+    data = json.loads(path.read_text())
+    if isinstance(data.get("setting"), dict) and isinstance(data.get("rows"), dict):
+        commit = str(data["setting"].get("commit", "?")).split(" ")[0]
+        return {k: ({"commit": commit, **v} if isinstance(v, dict) and not v.get("commit") else v)
+                for k, v in data["rows"].items()}
+    return data
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", nargs="+", default=["resnet20x1", "vit"], choices=sorted(pp.CKPT))
     ap.add_argument("--pairs", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="rows without refit")
-    ap.add_argument("--widths", type=float, nargs="+", default=list(WIDTHS))
+    ap.add_argument("--widths", type=float, nargs="*", default=list(WIDTHS))
     ap.add_argument("--refit-methods", nargs="*", default=list(METHODS), choices=METHODS, help="rows with refit")
     ap.add_argument("--refit-widths", type=float, nargs="*", default=list(WIDTHS))
+    ap.add_argument("--stops", type=int, nargs="*", default=[],
+                    help="partial zips (stop_at = layers zipped, merged_width 1.0) without refit, for --methods")
+    ap.add_argument("--refit-stops", type=int, nargs="*", default=[],
+                    help="partial zips with refit, for --refit-methods (run before the full-zip refit rows)")
     pp.add_protocol_args(ap)
     ap.add_argument("--cache", default=None, help="JSON of finished rows (resumable)")
     ap.add_argument("--read-cache", nargs="*", default=[],
-                    help="more cache JSONs to read rows from (never written; --cache wins on a clash)")
+                    help="more cache JSONs to read rows from (never written; --cache wins on a clash); a results "
+                         "JSON of this script (width_sweep.json) gives its rows, stamped with its commit")
     ap.add_argument("--retry-errors", action="store_true", help="re-run rows the cache holds as failed")
     ap.add_argument("--only-cached", action="store_true", help="render the tables from --cache, run nothing")
     ap.add_argument("--missing-reason", default="not computed by this invocation")
@@ -442,12 +569,13 @@ def main(argv: list[str] | None = None) -> dict:
     cache_path = Path(args.cache) if args.cache else None
     cache: dict = {}
     for extra in args.read_cache:  # rows of other runs (e.g. one process per architecture), read only
-        cache.update(json.loads(Path(extra).read_text()))
+        cache.update(read_rows(Path(extra)))
     if cache_path and cache_path.exists():
         cache.update(json.loads(cache_path.read_text()))
 
     def save() -> None:
         if cache_path:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_path.with_name(cache_path.name + ".tmp")
             tmp.write_text(json.dumps(cache, indent=1))
             os.replace(tmp, cache_path)
@@ -463,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = {a: [p for p in args.pairs if have(a, p)] for a in args.archs}
     archs = [a for a in args.archs if pairs[a]]
     todo = plan(args)
+    commit = args.commit or _commit()
     if not args.only_cached:
         if data is None:
             import cifar_data
@@ -472,25 +601,26 @@ def main(argv: list[str] | None = None) -> dict:
             states = {p: PairState(arch, p, get, data, args) for p in pairs[arch]}
             for p, stt in states.items():
                 log(f"{arch} pair {p}: references")
-                run_references(stt, vecs, cache, save, log)
+                run_references(stt, vecs, cache, save, log, commit)
             # every plain row before any refit row; each configuration on every pair before the next one,
             # so a cut-off run leaves whole rows of the table (the calibrations stay in memory)
-            for refit, method, width in todo:
+            for refit, method, width, stop in todo:
                 for p, stt in states.items():
-                    run_row(stt, method, width, refit, vecs, cache, save, log, args.retry_errors)
+                    run_row(stt, method, width, refit, vecs, cache, save, log, args.retry_errors, stop, commit)
             del states
     summary = {}
     for arch in archs:
         s = summarize(cache, arch, pairs[arch], todo)
         macs_by_width: dict[str, dict[str, float]] = {}
-        for c in s["cells"]:
+        full = [c for c in s["cells"] if c["stop_at"] is None]
+        for c in full:
             macs_by_width.setdefault(f"{c['merged_width']:g}", {})[c["method"]] = c["macs_ratio"]
         s["macs_by_width"] = macs_by_width
         s["n_pairs"] = len(pairs[arch])
         s["goal"] = goal(s)
         s["crossings"] = {}
-        for curve in dict.fromkeys(c["curve"] for c in s["cells"]):
-            s["crossings"][curve] = crossing(s["cells"], [c for c in s["cells"] if c["curve"] == curve], 2.0)
+        for curve in dict.fromkeys(c["curve"] for c in full):
+            s["crossings"][curve] = crossing(full, [c for c in full if c["curve"] == curve], 2.0)
         summary[arch] = s
     try:
         load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -500,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
     setting = {"command": command, "archs": archs, "pairs": pairs, "calib_images": args.calib_images,
                "test_images": f"the first {args.test_per_class} CIFAR-10 test images of each class ({n_test})",
                "widths": args.widths, "methods": args.methods, "refit_widths": args.refit_widths,
-               "refit_methods": args.refit_methods, "commit": args.commit or _commit(),
+               "refit_methods": args.refit_methods, "stops": args.stops, "refit_stops": args.refit_stops,
+               "commit": commit,
                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads; load average (1/5/15 min) at the end {load}"
                           + (f"; {args.machine_note}" if args.machine_note else ""),

@@ -85,12 +85,13 @@ def curve_name(method: str, refit: bool, partial: bool = False) -> str:
             + (" + refit" if refit else ""))
 
 
-def plan(args) -> list[tuple[bool, str, float, int | None]]:
+def plan(args, arch: str) -> list[tuple[bool, str, float, int | None]]:
     """(refit, method, width, stop) in run order (stop None: full zip): every plain row (full, then partial),
-    then the partial refit rows, then the full-zip refit rows."""
+    then the partial refit rows, then the full-zip refit rows. Partial rows only for ``--stop-archs``."""
+    partial = args.stop_archs is None or arch in args.stop_archs
     out = [(False, m, w, None) for m in args.methods for w in args.widths]
-    out += [(False, m, 1.0, k) for m in args.methods for k in args.stops]
-    out += [(True, m, 1.0, k) for m in args.refit_methods for k in args.refit_stops]
+    out += [(False, m, 1.0, k) for m in args.methods for k in (args.stops if partial else [])]
+    out += [(True, m, 1.0, k) for m in args.refit_methods for k in (args.refit_stops if partial else [])]
     out += [(True, m, w, None) for m in args.refit_methods for w in args.refit_widths]
     return out
 
@@ -383,8 +384,9 @@ def write_markdown(path: Path, result: dict) -> None:
              "(BatchNorm only)",
              f"widths {st['widths']} for {st['methods']} without refit, {st['refit_widths']} for "
              f"{st['refit_methods']} with refit",
-             f"partial zips (merged_width 1.0, stop_at = layers zipped) {st.get('stops', [])} for {st['methods']} "
-             f"without refit, {st.get('refit_stops', [])} for {st['refit_methods']} with refit",
+             f"partial zips (merged_width 1.0, stop_at = layers zipped; {', '.join(st.get('stop_archs', [])) or 'none'}"
+             f" only) {st.get('stops', [])} for {st['methods']} without refit, {st.get('refit_stops', [])} for "
+             f"{st['refit_methods']} with refit",
              "MACs: `report.macs` merged / original (one model); ensemble = both models side by side (2x)"]) + ".",
          ""]
     for arch in st["archs"]:
@@ -482,8 +484,10 @@ def write_plot(path: Path, result: dict) -> bool:
                         color=color, ls=ls, marker=mk, capsize=3, label=curve,
                         mfc="white" if part else color)
             for c in cs:
+                above = part and c["method"] == "zipit"  # partial labels: ZipIt above, Permute below the point
                 ax.annotate(zipped(c) if part else f"{c['merged_width']:g}", (c["macs_ratio"], c["joint"]),
-                            fontsize=6, xytext=(3, 4 if part else -9), textcoords="offset points", color=color)
+                            fontsize=6, xytext=(-14 if above else 3, 5 if above else -9), textcoords="offset points",
+                            color=color)
         e = ref["Ensemble"]
         if not math.isnan(e["joint"]):
             ax.errorbar([2.0], [e["joint"]], yerr=[0 if math.isnan(e["joint_std"]) else e["joint_std"]],
@@ -541,6 +545,8 @@ def parse_args(argv):
                     help="partial zips (stop_at = layers zipped, merged_width 1.0) without refit, for --methods")
     ap.add_argument("--refit-stops", type=int, nargs="*", default=[],
                     help="partial zips with refit, for --refit-methods (run before the full-zip refit rows)")
+    ap.add_argument("--stop-archs", nargs="*", default=None, choices=sorted(pp.CKPT),
+                    help="architectures the --stops / --refit-stops rows are for (default: every one of --archs)")
     pp.add_protocol_args(ap)
     ap.add_argument("--cache", default=None, help="JSON of finished rows (resumable)")
     ap.add_argument("--read-cache", nargs="*", default=[],
@@ -590,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
         data, vecs, get, have = None, None, pp.load_pair, pp.have_pair
     pairs = {a: [p for p in args.pairs if have(a, p)] for a in args.archs}
     archs = [a for a in args.archs if pairs[a]]
-    todo = plan(args)
+    todo = {a: plan(args, a) for a in archs}
     commit = args.commit or _commit()
     if not args.only_cached:
         if data is None:
@@ -604,13 +610,13 @@ def main(argv: list[str] | None = None) -> dict:
                 run_references(stt, vecs, cache, save, log, commit)
             # every plain row before any refit row; each configuration on every pair before the next one,
             # so a cut-off run leaves whole rows of the table (the calibrations stay in memory)
-            for refit, method, width, stop in todo:
+            for refit, method, width, stop in todo[arch]:
                 for p, stt in states.items():
                     run_row(stt, method, width, refit, vecs, cache, save, log, args.retry_errors, stop, commit)
             del states
     summary = {}
     for arch in archs:
-        s = summarize(cache, arch, pairs[arch], todo)
+        s = summarize(cache, arch, pairs[arch], todo[arch])
         macs_by_width: dict[str, dict[str, float]] = {}
         full = [c for c in s["cells"] if c["stop_at"] is None]
         for c in full:
@@ -631,6 +637,7 @@ def main(argv: list[str] | None = None) -> dict:
                "test_images": f"the first {args.test_per_class} CIFAR-10 test images of each class ({n_test})",
                "widths": args.widths, "methods": args.methods, "refit_widths": args.refit_widths,
                "refit_methods": args.refit_methods, "stops": args.stops, "refit_stops": args.refit_stops,
+               "stop_archs": [a for a in archs if args.stop_archs is None or a in args.stop_archs],
                "commit": commit,
                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads; load average (1/5/15 min) at the end {load}"

@@ -53,15 +53,14 @@ on the same batches::
     sampler = fxzip.distributed.shard_batches(len(dataset), batch_size=64)
     loader = DataLoader(dataset, batch_sampler=sampler)
     merged = fxzip.merge(a, b, data=loader)   # the same on every rank
-    if fxzip.distributed.is_main():
-        fxzip.save(merged, "out")
+    fxzip.save(merged, "out")                 # writes on rank 0 only
 
 ``max_batches`` caps each rank's shard. On GPUs use the NCCL backend (one
 device per rank: ``torch.cuda.set_device(local_rank)`` before
 ``init_process_group``); statistics accumulate on the GPU in float32 GEMMs
 with float64 sums, TF32 off for them. On CPUs use gloo. Only rank 0 shows
-progress bars; writing files is left to the caller (``fxzip merge`` under
-``torchrun`` writes on rank 0 only).
+progress bars, and only rank 0 writes files (``fxzip.save`` on any other
+rank returns without writing; ``fxzip merge`` under ``torchrun`` likewise).
 
 Passes that stream data call ``sum_across_ranks`` / ``sum_fields_across_ranks``
 once at the end of each pass; both are no-ops without a process group (or

@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from .checkpoints import ModelSpec, build_model, load_into
+from .distributed import is_main
 from .report import MergeReport, _jsonable, versions
 
 __all__ = ["save", "load", "load_report", "FULL_WEIGHTS", "PROGRAM", "STATE", "REPORT_JSON", "REPORT_MD"]
@@ -80,6 +81,13 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
 
     Returns:
         The directory, as a ``Path``.
+
+    Under ``torch.distributed`` (a process group of more than one rank) only
+    rank 0 writes: every rank holds the same merge, and ranks writing the same
+    files at once would race. Other ranks check the arguments and return the
+    directory without writing, so ``save`` may be called on every rank or on
+    rank 0 alone; it makes no collective call, so neither way can hang (a rank
+    that reads the files afterwards waits on a ``dist.barrier()`` first).
     """
     if not isinstance(result, nn.Module):
         raise TypeError(f"fxzip.save takes the module fxzip.merge returned, got a {type(result).__name__}")
@@ -87,6 +95,8 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
     if spec is not None and not isinstance(spec, ModelSpec):
         raise TypeError(f"model= must be a ModelSpec or a dict with 'name', got {type(model).__name__}")
     out = Path(directory)
+    if not is_main():
+        return out
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory; pass a directory for the result files")
     out.mkdir(parents=True, exist_ok=True)

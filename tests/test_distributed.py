@@ -151,6 +151,14 @@ def _run_cli(root: Path, out: str) -> int:
         sys.modules.pop("mynets", None)
 
 
+def _save_on_every_rank(root: Path, rank: int) -> bool:
+    """``fxzip.save`` called on every rank: whether this rank wrote its directory."""
+    a, b, data = _models("cnn", (8, 3, 16, 16), 1)
+    merged = fxzip.merge(a, b, data=None, method="weight_average", example_inputs=data[0], progress=False)
+    out = fxzip.save(merged, root / f"saved_by_rank{rank}")
+    return out == root / f"saved_by_rank{rank}" and (out / "model.safetensors").exists()
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     # what torchrun sets: fxzip's own start-up (fd.from_env, as `fxzip merge` uses it) makes the gloo group
@@ -164,6 +172,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 results[name] = _run_case(name, rank, world)
             results["failures"] = _failure_cases(rank)
             results["cli"] = _run_cli(Path(out_dir), "two")
+            results["saved"] = _save_on_every_rank(Path(out_dir), rank)
         results["destroyed"] = not dist.is_initialized()
     except Exception:  # noqa: BLE001 - the parent shows it
         results["crash"] = traceback.format_exc()
@@ -184,8 +193,15 @@ def ranks(tmp_path_factory):
     """Both ranks' results (one spawn) and one process's on all batches."""
     out = tmp_path_factory.mktemp("dist")
     _cli_files(out)
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    # a spawned child imports this module by the name pytest gave it: "tests.test_distributed" when a
+    # file path is given on the command line, which needs the repository root on the children's sys.path
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.append(root)
+    try:
+        ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    finally:
+        sys.path.remove(root)
     threads = torch.get_num_threads()
     deadline = time.monotonic() + SPAWN_TIMEOUT
     try:
@@ -323,6 +339,13 @@ def test_fxzip_merge_in_two_processes_equals_one_process(ranks, capsys):
     report = json.loads((root / "two" / "report.json").read_text())
     assert report["calibration"]["batches"] == 3  # both ranks' batches (2 + 1)
     assert report["settings"]["processes"] == 2
+
+
+def test_save_writes_on_rank_0_only(ranks):
+    """``fxzip.save`` called on every rank: rank 0 writes, the others return
+    the directory without writing (no race on the files, no collective)."""
+    got, _, _ = ranks
+    assert [g["saved"] for g in got] == [True] + [False] * (WORLD - 1)
 
 
 def test_sweep_refuses_torchrun(monkeypatch, capsys):

@@ -452,7 +452,8 @@ def write_markdown(path: Path, result: dict) -> None:
     L += ["Plot (`width_sweep.png`): joint accuracy against multiply-adds relative to one model, one line per "
           "method with and without refit, widened full zips (solid / dashed) and partial zips (dash-dot / dotted, "
           "open markers) (mean over the pairs finished; error bars: std over pairs; the label by each point is its "
-          "merged_width, or k/m layers zipped for a partial zip), the ensemble as a star at 2x, the originals' mean joint accuracy as a "
+          "merged_width, or k/m layers zipped for a partial zip; Permute's partial points are drawn 0.008 to the right of their "
+          "MACs so that they do not hide ZipIt's), the ensemble as a star at 2x, the originals' mean joint accuracy as a "
           "dotted line, the 1.3x budget as a red line and the band within 3 points of the ensemble shaded.", ""]
     if st.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in st["notes"]]
@@ -479,13 +480,14 @@ def write_plot(path: Path, result: dict) -> bool:
             if not cs:
                 continue
             part = cs[0]["stop_at"] is not None
-            ax.errorbar([c["macs_ratio"] for c in cs], [c["joint"] for c in cs],
+            dx = 0.008 if part and cs[0]["method"] == "permute" else 0.0  # ZipIt's and Permute's partial points overlap
+            ax.errorbar([c["macs_ratio"] + dx for c in cs], [c["joint"] for c in cs],
                         yerr=[0 if math.isnan(c["joint_std"]) else c["joint_std"] for c in cs],
                         color=color, ls=ls, marker=mk, capsize=3, label=curve,
                         mfc="white" if part else color)
             for c in cs:
                 above = part and c["method"] == "zipit"  # partial labels: ZipIt above, Permute below the point
-                ax.annotate(zipped(c) if part else f"{c['merged_width']:g}", (c["macs_ratio"], c["joint"]),
+                ax.annotate(zipped(c) if part else f"{c['merged_width']:g}", (c["macs_ratio"] + dx, c["joint"]),
                             fontsize=6, xytext=(-14 if above else 3, 5 if above else -9), textcoords="offset points",
                             color=color)
         e = ref["Ensemble"]

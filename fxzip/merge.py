@@ -31,7 +31,7 @@ from .passes.refit import DEFAULT_RIDGE, refit as refit_weights, refit_heads
 from .passes.repair import repair as repair_variance
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
-from .passes.split import split_aligned, split_at_cut, trunk_node_names
+from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_node_names
 from .report import MergeReport, SpaceReport
 from .trace import trace
 from .trunk import analyze_models
@@ -80,7 +80,9 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             than the last shared one; a later one is an error.
         reset_bn: recompute batch-norm statistics of the result on ``data``
             (default: whenever there is data). Without data the running
-            statistics are merged like the weights.
+            statistics are merged like the weights. In a partial zip, norms
+            that no merged weight feeds (every head of ``stop_at=0``) keep
+            their model's own statistics.
         max_batches: use at most this many batches of ``data`` (per rank
             under ``torch.distributed``).
         inputs: picks the model input out of a batch, e.g. ``lambda b: b["image"]``.
@@ -220,10 +222,11 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             fixed = repair_variance(merged, analysis, mergeable, joint, node_maps, assign, batches)
             details["repair"] = {**fixed.summary(), "norm_reset_passes": 2 if reset_bn else 0}
     if reset_bn:
-        with _timed(seconds, "reset"):
+        with _timed(seconds, "reset"):  # a partial zip's heads before any merged weight keep their statistics
             reset_batch_norm(merged, batches, lambda m, b: m(*b),
                              progress=lambda b: tqdm(b, total=len(batches) or None, desc="fxzip reset norms",
-                                                     disable=not progress, leave=False))
+                                                     disable=not progress, leave=False),
+                             only=None if cut is None else depends_on_trunk(merged))
     seconds["total"] = sum(seconds.values())
     report = MergeReport(method, len(models), rows, seconds, cal.n_batches, cal.n_samples, report_warnings, cut,
                          _macs(merged, gms, batches.example, common is None or common.full), details, cut_reason)

@@ -16,7 +16,7 @@ batches (not SyncBatchNorm's statistics of the ranks' batches pooled).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Container, Iterable
 
 import torch
 import torch.fx as fx
@@ -85,11 +85,13 @@ def batch_norm_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str, Any, A
 
 
 def reset_batch_norm(gm: fx.GraphModule, batches: Iterable[Any], call: Callable[[fx.GraphModule, Any], Any],
-                     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda b: b) -> int:
+                     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda b: b,
+                     only: Container[str] | None = None) -> int:
     """Overwrite every batch norm's running statistics in ``gm`` (in place) with
     their average over ``batches``; ``call(module, batch)`` runs one batch.
+    ``only``: the names of the norm nodes to reset (default: all).
     Returns the number of batches seen."""
-    found = batch_norm_nodes(gm)
+    found = [f for f in batch_norm_nodes(gm) if only is None or f[0].name in only]
     if not found:
         return 0
     graph = fx.Graph()

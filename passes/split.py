@@ -24,7 +24,7 @@ from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gath
 from .fold import axis_index, merged_length
 from .widen import replace_tensors
 
-__all__ = ["split_at_cut", "split_aligned", "trunk_node_names"]
+__all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "trunk_node_names"]
 
 
 def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analysis: GraphAnalysis,
@@ -144,6 +144,29 @@ def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], comm
     gm = fx.GraphModule(root, graph, "PartialZip")
     gm.graph.lint()
     return gm.eval()  # like a full zip: inference mode (a new root module starts in training mode)
+
+
+def depends_on_trunk(split: fx.GraphModule) -> set[str]:
+    """Names of the nodes of a split partial zip whose values depend on the
+    trunk's (merged) parameters or buffers. The rest compute what the original
+    models computed (a head fed only by the raw input, every head of a zip that
+    stops before the first weight layer), so a norm reset must leave them alone:
+    re-estimating a model's own statistics on the other tasks' data only moves
+    them away from the ones it was trained with."""
+    def owns_state(node: fx.Node) -> bool:
+        if node.op == "get_attr":
+            return True
+        if node.op == "call_module":
+            mod = split.get_submodule(node.target)
+            return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
+        return False
+
+    changed: set[str] = set()
+    for node in split.graph.nodes:
+        from_trunk = isinstance(node.target, str) and node.target.split(".")[0] == "trunk" and owns_state(node)
+        if from_trunk or any(a.name in changed for a in node.all_input_nodes):
+            changed.add(node.name)
+    return changed
 
 
 def trunk_node_names(merged: fx.GraphModule, cut: CutPoint) -> set[str]:

@@ -61,7 +61,11 @@ class Inspection:
             lines.append(f"      written by {_listing(s['producers'])}")
             if s["consumers"]:
                 lines.append(f"      read by {_listing(s['consumers'])}")
-        lines += ["", "cut points (stop_at= / --stop-at; MACs per input for 2 models: shared trunk + 2 heads)"]
+        depth = self.cuts[0]["m"] if self.cuts else None
+        lines += ["", "cut points (stop_at= / --stop-at; MACs per input for 2 models: shared trunk + 2 heads)"
+                  + (f"\n  k/{depth}: weight layers zipped, counted along the longest input-to-output path "
+                     f"({depth} of the {self.layers}; side branches such as downsample shortcuts are not on it)"
+                     if depth is not None else "")]
         head = ["k", "name", "trunk MACs", "head MACs", "2-model total", "gather"]
         rows = [[f"{c['k']}/{c['m']}", c["name"], f"{c['trunk_macs'] / 1e6:.2f}M", f"{c['head_macs'] / 1e6:.2f}M",
                  f"{(c['trunk_macs'] + 2 * c['head_macs']) / 1e6:.2f}M", "yes" if c["needs_gather"] else ""]

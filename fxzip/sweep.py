@@ -22,15 +22,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["SweepRow", "sweep", "task_accuracy", "write_outputs", "table", "ALPHA_BETA_METHODS"]
+__all__ = ["SweepRow", "sweep", "task_accuracy", "write_outputs", "table", "best_per_depth", "distinct_merges",
+           "ALPHA_BETA_METHODS", "ENSEMBLE"]
 
 ALPHA_BETA_METHODS = ("zipit", "mudsc")
 """Methods whose result depends on alpha and beta."""
+ENSEMBLE = "ensemble"
+"""The method of a row with nothing zipped (k = 0): the models side by side."""
 
 
 @dataclass
 class SweepRow:
-    method: str                 # "original": each model on its own task (the reference)
+    method: str                 # "original": each model on its own task (the reference); ENSEMBLE: k = 0
     alpha: float | None
     beta: float | None
     stop_at: Any                # None: full zip
@@ -105,7 +108,7 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], m
     say("originals on their own tasks: " + ", ".join(f"{a:.3f}" for a in reference))
     cal = calibrate(*models, data=data, max_batches=max_batches, progress=progress)
     say(f"calibrated once on {cal.n_samples} samples in {time.perf_counter() - start:.1f}s")
-    points = [(p, s) for p in grid(methods, alphas, betas) for s in stops]
+    points = distinct_merges(grid(methods, alphas, betas), stops, cuts)
     for i, ((method, alpha, beta), stop) in enumerate(points, 1):
         t = time.perf_counter()
         kwargs = {} if alpha is None else {"alpha": alpha, "beta": beta}
@@ -114,6 +117,8 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], m
         report = merged.meta["fxzip"]
         accuracy = task_accuracy(merged, eval_loaders)
         cut = report.cut
+        if cut is not None and cut.k == 0:  # nothing zipped: the models side by side, whatever the method
+            method, alpha, beta = ENSEMBLE, None, None
         row = SweepRow(method, alpha, beta, stop, "full" if cut is None else cut.name,
                        depth if cut is None else cut.k, depth, accuracy, float(report.macs.get("merged", 0.0)),
                        time.perf_counter() - t)
@@ -138,20 +143,61 @@ def expand_stops(stops: Sequence[Any], cuts: Sequence[Any]) -> list[Any]:
     return found
 
 
+def distinct_merges(points: Sequence[tuple[str, Any, Any]], stops: Sequence[Any], cuts: Sequence[Any]
+                    ) -> list[tuple[tuple[str, Any, Any], Any]]:
+    """Every (method point, stop) pair that gives a different model, so no
+    merge runs twice: a cut with nothing zipped (k = 0) is the models side by
+    side whatever the method (one row, ``ENSEMBLE``), and a cut with every
+    weight layer zipped (k = m) is the full zip, which runs once when both are
+    asked for (``--stop-at all``)."""
+    from .cuts import resolve_cut
+
+    depth = cuts[0].m
+
+    def key(stop: Any) -> Any:
+        k = depth if stop is None else resolve_cut(stop, cuts).k
+        return "ensemble" if k == 0 else "full" if k == depth else resolve_cut(stop, cuts).name
+
+    keys = {stop: key(stop) for stop in stops}
+    full_asked = None in stops
+    kept: list[tuple[tuple[str, Any, Any], Any]] = []
+    seen: set[tuple] = set()
+    for point in points:
+        for stop in stops:
+            if keys[stop] == "full" and stop is not None and full_asked:
+                continue  # the full zip's own row (stop None) stands for it
+            what = ("ensemble",) if keys[stop] == "ensemble" else (point, keys[stop])
+            if what not in seen:
+                seen.add(what)
+                kept.append((point, stop))
+    return kept
+
+
 def _describe(row: SweepRow) -> str:
     ab = f" alpha={row.alpha} beta={row.beta}" if row.alpha is not None else ""
     return f"{row.method}{ab} {row.cut} ({row.k}/{row.m})"
 
 
+def best_per_depth(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """The best average accuracy at each number of layers zipped (k > 0). One
+    best over all rows would favour the least merged (the costliest) every
+    time: a merge is chosen for a budget, so it is compared with the merges
+    of the same depth."""
+    best: dict[int, SweepRow] = {}
+    for r in rows:
+        if r.method not in ("original", ENSEMBLE) and (r.k not in best or r.average > best[r.k].average):
+            best[r.k] = r
+    return list(best.values())
+
+
 def table(rows: Sequence[SweepRow]) -> str:
-    """The sweep as a text table; ``*`` marks the best average accuracy among merges."""
+    """The sweep as a text table; ``*`` marks the best average accuracy at each number of layers zipped."""
     n = max(len(r.accuracy) for r in rows)
-    merges = [r for r in rows if r.method != "original"]
-    best = max(merges, key=lambda r: r.average) if merges else None
+    best = best_per_depth(rows)
     head = ["method", "alpha", "beta", "cut", "k/m"] + [f"task{k}" for k in range(n)] + ["avg", "MACs", "time"]
     body = []
     for r in rows:
-        body.append([r.method + (" *" if r is best else ""), "-" if r.alpha is None else f"{r.alpha:g}",
+        body.append([r.method + (" *" if any(r is b for b in best) else ""), "-" if r.alpha is None else f"{r.alpha:g}",
                      "-" if r.beta is None else f"{r.beta:g}", r.cut, f"{r.k}/{r.m}" if r.method != "original"
                      else "-"] + [f"{a:.3f}" for a in r.accuracy] + [f"{r.average:.3f}",
                      f"{r.macs / 1e6:.1f}M" if r.macs else "-", f"{r.seconds:.1f}s"])
@@ -159,7 +205,7 @@ def table(rows: Sequence[SweepRow]) -> str:
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
                      + ["task k: accuracy of model k's output (head k of a partial zip) on eval folder k; "
-                        "k/m: weight layers zipped; * best average"])
+                        "k/m: weight layers zipped; * best average at its k"])
 
 
 def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) -> list[str]:
@@ -185,13 +231,19 @@ def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any])
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     series: dict[str, list[SweepRow]] = {}
+    ensemble = next((r for r in rows if r.method == ENSEMBLE), None)
     for r in rows:
-        if r.method != "original":
+        if r.method not in ("original", ENSEMBLE):
             key = r.method + (f" a={r.alpha:g} b={r.beta:g}" if r.alpha is not None else "")
             series.setdefault(key, []).append(r)
     for key, points in series.items():
-        points = sorted(points, key=lambda r: r.k)
+        points = sorted(points + ([ensemble] if ensemble is not None else []), key=lambda r: r.k)
         ax.plot([r.k for r in points], [r.average for r in points], "o-", label=key)
+    if ensemble is not None:
+        ax.plot([0], [ensemble.average], "ks", label="nothing zipped (the models side by side)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     reference = next((r for r in rows if r.method == "original"), None)
     if reference is not None:
         ax.axhline(reference.average, color="0.5", linestyle="--", label="originals (each on its task)")

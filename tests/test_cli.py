@@ -325,3 +325,25 @@ def test_merge_a_model_from_a_factory_and_tensor_data(tmp_path, monkeypatch, cap
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"] == {"name": "mynets:make", "num_classes": 4, "img_size": None, "kwargs": {}}
     assert report["calibration"] == {"batches": 2, "samples": 16}
+
+
+def test_sweep_runs_each_distinct_merge_once():
+    """``--stop-at all``: nothing zipped (k = 0) is one ensemble row whatever the
+    method, and the cut that zips every layer is the full zip, run once; ``*``
+    marks the best merge at each depth, never the unmerged models."""
+    from fxzip.cuts import INPUT, CutPoint
+    from fxzip.sweep import ENSEMBLE, SweepRow, best_per_depth, distinct_merges, expand_stops, grid
+
+    cuts = [CutPoint(INPUT, 0, 4, None, None, False), CutPoint("mid", 2, 4, 0, 1, False),
+            CutPoint("fc", 4, 4, 1, 1, False)]
+    points = grid(["zipit", "permute"], [0.3, 0.5], [0.125])
+    merges = distinct_merges(points, expand_stops(["all"], cuts), cuts)
+    assert merges == [(points[0], INPUT), (points[0], "mid"), (points[0], None), (points[1], "mid"),
+                      (points[1], None), (points[2], "mid"), (points[2], None)]
+    assert distinct_merges(points[:1], ["fc"], cuts) == [(points[0], "fc")]  # alone, the k = m cut runs
+    rows = [SweepRow("original", None, None, None, "original", 0, 4, [1.0, 1.0]),
+            SweepRow(ENSEMBLE, None, None, INPUT, INPUT, 0, 4, [1.0, 1.0]),
+            SweepRow("zipit", 0.3, 0.125, "mid", "mid", 2, 4, [0.8, 0.9]),
+            SweepRow("permute", None, None, "mid", "mid", 2, 4, [0.9, 0.9]),
+            SweepRow("permute", None, None, None, "full", 4, 4, [0.5, 0.6])]
+    assert best_per_depth(rows) == [rows[3], rows[4]]

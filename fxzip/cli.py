@@ -103,7 +103,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--num-classes", type=int, nargs="+", metavar="N", help="as for fxzip merge")
     sweep.add_argument("--img-size", type=int, metavar="N", help="as for fxzip merge")
     sweep.add_argument("--batch-size", type=int, default=32, help="calibration and evaluation batch size")
-    sweep.add_argument("--max-batches", type=int, help="calibrate on at most this many batches")
+    sweep.add_argument("--max-batches", type=int,
+                       help="calibrate on at most this many batches (per process), of samples spread evenly "
+                            "over the data")
     sweep.add_argument("--eval-max", type=int, metavar="N", help="score on at most N images per task (a seeded "
                        "random subset)")
     sweep.add_argument("--no-reset-bn", action="store_true", help="keep merged batch-norm statistics")
@@ -153,7 +155,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                        help="partial zip: zip the first K weight layers (the last cut with k <= K), or stop at the "
                        "cut point NAME (see fxzip inspect)")
     merge.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    merge.add_argument("--max-batches", type=int, help="calibrate on at most this many batches")
+    merge.add_argument("--max-batches", type=int,
+                       help="calibrate on at most this many batches (per process), of samples spread evenly "
+                            "over the data")
     merge.add_argument("--no-reset-bn", action="store_true",
                        help="keep the merged batch-norm statistics instead of recomputing them on the data")
     merge.add_argument("--seed", type=int, default=defaults["seed"], help="random seed (default 0)")

@@ -165,6 +165,9 @@ def run_merge(args: argparse.Namespace) -> int:
     to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
     with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
         say(f"data: {source.description}")
+        spread = source.spread(args.max_batches, processes)
+        if spread:
+            say(spread)
         say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
             + (f", stop at {stop_at!r}" if stop_at is not None else "")
             + (", batch-norm statistics kept" if args.no_reset_bn else "")
@@ -306,6 +309,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         loaders.append(DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0))
     with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
         say(f"data: {source.description}")
+        spread = source.spread(args.max_batches)
+        if spread:
+            say(spread)
         rows = sweep(models, source.loader(), loaders, args.methods, args.alphas, args.betas, stops,
                      reset_bn=False if args.no_reset_bn else None, max_batches=args.max_batches, seed=args.seed,
                      progress=not args.quiet, say=say)

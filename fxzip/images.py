@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = ["DataSource", "check_data_path", "data_config", "image_transform", "open_data", "IMAGE_SUFFIXES"]
 
@@ -146,6 +146,22 @@ class DataSource:
         self.description = (f"{len(files)} images from {self.path.name} at {size} "
                             f"(resize + center crop {config.get('crop_pct')}, mean {tuple(config['mean'])}, "
                             f"std {tuple(config['std'])})")
+
+    def spread(self, max_batches: int | None, processes: int = 1) -> str | None:
+        """Keep ``max_batches`` batches per process of samples evenly spaced over
+        the whole data instead of its first files: an image folder is read in
+        ImageFolder's order, class by class, so its first batches would hold
+        the first classes only, and the statistics of the others would be
+        missing. Deterministic (every ``len / kept``-th sample). Returns what
+        was done, for the user, or None when every sample is kept."""
+        if max_batches is None:
+            return None
+        n, kept = len(self.dataset), max_batches * self.batch_size * processes
+        if kept >= n:
+            return None
+        self.dataset = Subset(self.dataset, [i * n // kept for i in range(kept)])
+        return (f"--max-batches {max_batches}: {kept} of the {n} samples, evenly spaced over the data "
+                f"(one in every {n / kept:.2g}), so every part of it is seen")
 
     def loader(self) -> DataLoader:
         """A deterministic DataLoader (no shuffling; calibration order does not matter)."""

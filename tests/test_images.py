@@ -43,6 +43,20 @@ def test_folder_and_archive_give_the_imagefolder_batches(folder):
         assert "6 images" in source.description
 
 
+def test_max_batches_spreads_over_the_whole_folder(folder):
+    """A capped calibration takes samples from every class folder, not the
+    first files in ImageFolder's (class by class) order."""
+    from torchvision.datasets import ImageFolder
+
+    model = timm.create_model("resnet18")
+    labels = [y for _, y in ImageFolder(str(folder / "data"))]  # c0, c0, c0, c1, c1, c1
+    source = open_data(folder / "data", model, 16, batch_size=1)
+    assert source.spread(None) is None and source.spread(6) is None and len(source.dataset) == 6
+    assert "2 of the 6 samples" in source.spread(2)
+    assert sorted(labels[i] for i in source.dataset.indices) == [0, 1]
+    assert len(list(source.loader())) == 2
+
+
 def test_tensor_files(folder):
     model = timm.create_model("resnet18")
     images = np.random.default_rng(1).integers(0, 256, (5, 3, 20, 20), dtype=np.uint8)

@@ -8,10 +8,9 @@ with every command's output and wall time, plus ``cli_transcript_sweep.png``.
 
 The user's files (all offline, from scikit-learn's bundled 8x8 digits):
 
-* ``train/``: calibration images of all ten digits (the training split), 32x32
-  RGB PNGs in one flat folder, file names in a seeded random order (``fxzip
-  merge`` reads a folder in sorted order without shuffling, so with class
-  folders ``--max-batches 10`` would calibrate on the first two digits only);
+* ``train/0..9``: calibration images of all ten digits (the training split),
+  32x32 RGB PNGs, one folder per digit as a user would keep them (``--max-batches``
+  takes samples evenly spaced over the folder, so every digit is in the calibration);
 * ``taskA/0..4``: held-out digits 0-4; ``taskB/5..9``: held-out digits 5-9
   (ImageFolder labels 0..4 in both);
 * ``taskA.pth`` / ``taskB.pth``: ``timm.create_model("resnet18", num_classes=5)``
@@ -97,7 +96,7 @@ print(f"partial/model.pt2 (torch.export): head 0 on taskA {accuracy(partial, 'ta
 # ---------------------------------------------------------------- the user's files
 
 def build_images(workdir: Path) -> dict:
-    """train/ (flat, shuffled names), taskA/ and taskB/ (class folders); returns the training split."""
+    """train/, taskA/ and taskB/ (class folders); returns the training split."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -109,19 +108,20 @@ def build_images(workdir: Path) -> dict:
         n_held = int(round(HELD_OUT * len(idx)))
         held_idx += idx[:n_held].tolist()
         train_idx += idx[n_held:].tolist()
-    train_idx = rng.permutation(train_idx).tolist()   # the order of train/'s sorted file names
+    train_idx = rng.permutation(train_idx).tolist()   # the training order
 
     def image(i: int):
         gray = (digits.images[i] / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").resize((IMG, IMG), Image.BILINEAR).convert("RGB")
 
-    stamp = workdir / ".images_done"
+    stamp = workdir / ".images_v2"  # v2: train/ in class folders
     if not stamp.exists():
         for name in ("train", "taskA", "taskB"):
             shutil.rmtree(workdir / name, ignore_errors=True)
-        (workdir / "train").mkdir(parents=True)
-        for pos, i in enumerate(train_idx):
-            image(i).save(workdir / "train" / f"{pos:04d}.png")
+        for i in train_idx:
+            folder = workdir / "train" / str(int(digits.target[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            image(i).save(folder / f"{i:04d}.png")
         for i in held_idx:
             d = int(digits.target[i])
             folder = workdir / ("taskA" if d < 5 else "taskB") / str(d)
@@ -387,10 +387,9 @@ def write_markdown(path: Path, machine: dict, load_start, load_end, started, dat
         "From scikit-learn's bundled digits (`load_digits`, 1797 8x8 images; nothing is downloaded), upscaled",
         f"(bilinear) to 32x32 RGB PNG. Seed {SEED}; {int(HELD_OUT * 100)}% of each digit held out.",
         "",
-        f"- `train/`: {data['n_train']} calibration images of all ten digits (the training split) in one flat",
-        "  folder, file names in a seeded random order. `fxzip merge` reads a folder in sorted order without",
-        "  shuffling, so with one folder per class `--max-batches 10` (320 images) would calibrate on the",
-        "  first two digits only.",
+        f"- `train/0..9`: {data['n_train']} calibration images of all ten digits (the training split), one",
+        "  folder per digit; `--max-batches 10` takes 320 of them evenly spaced over the folder, so every",
+        "  digit is in the calibration.",
         f"- `taskA/0..4`, `taskB/5..9`: the {data['n_held']} held-out images, one folder per class",
         "  (ImageFolder labels 0..4 in both).",
         "- `taskA.pth`, `taskB.pth`: `timm.create_model(\"resnet18\", num_classes=5, pretrained=False)`, trained",

@@ -272,14 +272,35 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
     return RefitResult(layers, passes, skipped)
 
 
+def _reads_trunk(split: fx.GraphModule, src: fx.Node, head: str) -> bool:
+    """Whether a head layer's input ``src`` is the trunk's output, directly or
+    through a chain of the head's one-input ops that hold no fitted weight (a
+    pre-norm transformer's LayerNorm, an activation, a reshape): the layer then
+    still reads the merged features through ``U_k``. A chain through another
+    weight layer or a join of several tensors (a residual add) is the head's
+    own computation."""
+    mine = lambda n: n.name.startswith(head + "_") or (  # noqa: E731
+        n.op == "call_module" and n.target.split(".")[0] == head)
+    while mine(src):
+        if src.op == "call_module" and isinstance(split.get_submodule(src.target), (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            return False
+        tensors = [a for a in src.all_input_nodes if a.op != "get_attr"]
+        if len(tensors) != 1:
+            return False
+        src = tensors[0]
+    return src.op != "placeholder"
+
+
 def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches: Iterable[tuple],
                 ridge: float = DEFAULT_RIDGE) -> RefitResult:
     """A partial zip's head layers that read the trunk's merged features (their
     weights hold ``W_k U_k``), refit per model: head k's layer, fed the merged
     trunk's features, should reproduce model k's own output of that layer
-    (``t = y_k``: a head is not merged), with the ridge toward ``W_k U_k``.
-    One pass: every such layer reads the trunk's output, which the head refits
-    do not change. Layers deeper in a head keep model k's weights (their
+    (``t = y_k``: a head is not merged), with the ridge toward ``W_k U_k``;
+    a layer reads the trunk also through one-input ops without fitted weights
+    (``_reads_trunk``: the LayerNorm before a pre-norm block's qkv). One pass:
+    every such layer reads the trunk's output, which the head refits do not
+    change. Layers deeper in a head keep model k's weights (their
     inputs are model k's own features once the first layers match them)."""
     heads = {name for name, _ in split.named_children() if name.startswith("head")}
     in_head = lambda n: n.op == "call_module" and n.target.split(".")[0] in heads  # noqa: E731
@@ -288,12 +309,12 @@ def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches
     for node in split.graph.nodes:
         if not in_head(node) or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        src = node.args[0]
-        if in_head(src) or src.name.startswith(node.target.split(".")[0] + "_") or src.op == "placeholder":
-            continue  # reads its own head's features (or the raw input): model k's weights already fit
         mod = split.get_submodule(node.target)
         if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
+        src = node.args[0]
+        if not _reads_trunk(split, src, node.target.split(".")[0]):
+            continue  # reads its own head's features (or the raw input): model k's weights already fit
         why = _fittable(mod)
         if why is not None:
             skipped.append(f"{node.target}: {why}")

@@ -121,3 +121,19 @@ def test_partial_zip_refits_trunk_and_heads():
     for row in merged.meta["fxzip"].details["refit"]["heads"]["per_layer"].values():
         assert row["loss_refit"] < row["loss_folded"]
     assert not merged.meta["fxzip"].warnings
+
+
+def test_partial_zip_refits_head_layers_behind_a_layer_norm():
+    """A pre-norm ViT cut on its residual stream after block 0's attention: the
+    block's MLP fc1 reads the trunk through the head's LayerNorm (norm2) and is
+    refit (a permuted copy is still recovered exactly); the layers behind the
+    next residual add are the head's own and are not."""
+    make, shape = MODELS["vit"]
+    data = batches(shape, 2)
+    model = prepared(make(), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    merged = fxzip.merge(model, permuted, data=data, stop_at="add_1", refit=True, progress=False)
+    heads = merged.meta["fxzip"].details["refit"]["heads"]
+    assert sorted(heads["per_layer"]) == ["head0.blocks.0.mlp.fc1", "head1.blocks.0.mlp.fc1"]
+    for head in merged(data[0]):
+        assert float((head - model(data[0])).abs().max() / model(data[0]).abs().max()) <= 1e-5

@@ -155,8 +155,9 @@ def distinct_merges(points: Sequence[tuple[str, Any, Any]], stops: Sequence[Any]
     depth = cuts[0].m
 
     def key(stop: Any) -> Any:
-        k = depth if stop is None else resolve_cut(stop, cuts).k
-        return "ensemble" if k == 0 else "full" if k == depth else resolve_cut(stop, cuts).name
+        cut = None if stop is None else resolve_cut(stop, cuts)
+        k = depth if cut is None else cut.k
+        return "ensemble" if k == 0 else "full" if k == depth else cut.name
 
     keys = {stop: key(stop) for stop in stops}
     full_asked = None in stops
@@ -197,7 +198,8 @@ def table(rows: Sequence[SweepRow]) -> str:
     head = ["method", "alpha", "beta", "cut", "k/m"] + [f"task{k}" for k in range(n)] + ["avg", "MACs", "time"]
     body = []
     for r in rows:
-        body.append([r.method + (" *" if any(r is b for b in best) else ""), "-" if r.alpha is None else f"{r.alpha:g}",
+        star = " *" if any(r is b for b in best) else ""
+        body.append([r.method + star, "-" if r.alpha is None else f"{r.alpha:g}",
                      "-" if r.beta is None else f"{r.beta:g}", r.cut, f"{r.k}/{r.m}" if r.method != "original"
                      else "-"] + [f"{a:.3f}" for a in r.accuracy] + [f"{r.average:.3f}",
                      f"{r.macs / 1e6:.1f}M" if r.macs else "-", f"{r.seconds:.1f}s"])

@@ -272,6 +272,15 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
     return RefitResult(layers, passes, skipped)
 
 
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _in_head(node: fx.Node, head: str) -> bool:
+    """Whether ``node`` belongs to head ``head`` of a split partial zip (its
+    modules live under ``head``, its other nodes are named ``head_...``)."""
+    return node.name.startswith(head + "_") or (node.op == "call_module" and node.target.split(".")[0] == head)
+
+
 def _reads_trunk(split: fx.GraphModule, src: fx.Node, head: str) -> bool:
     """Whether a head layer's input ``src`` is the trunk's output, directly or
     through a chain of the head's one-input ops that hold no fitted weight (a
@@ -279,10 +288,8 @@ def _reads_trunk(split: fx.GraphModule, src: fx.Node, head: str) -> bool:
     still reads the merged features through ``U_k``. A chain through another
     weight layer or a join of several tensors (a residual add) is the head's
     own computation."""
-    mine = lambda n: n.name.startswith(head + "_") or (  # noqa: E731
-        n.op == "call_module" and n.target.split(".")[0] == head)
-    while mine(src):
-        if src.op == "call_module" and isinstance(split.get_submodule(src.target), (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    while _in_head(src, head):
+        if src.op == "call_module" and isinstance(split.get_submodule(src.target), _WEIGHT_LAYERS):
             return False
         tensors = [a for a in src.all_input_nodes if a.op != "get_attr"]
         if len(tensors) != 1:
@@ -303,23 +310,22 @@ def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches
     change. Layers deeper in a head keep model k's weights (their
     inputs are model k's own features once the first layers match them)."""
     heads = {name for name, _ in split.named_children() if name.startswith("head")}
-    in_head = lambda n: n.op == "call_module" and n.target.split(".")[0] in heads  # noqa: E731
     layers: list[tuple[RefitLayer, int, str]] = []
     skipped: list[str] = []
     for node in split.graph.nodes:
-        if not in_head(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        head = node.target.split(".")[0] if node.op == "call_module" else None
+        if head not in heads or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         mod = split.get_submodule(node.target)
-        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if not isinstance(mod, _WEIGHT_LAYERS):
             continue
         src = node.args[0]
-        if not _reads_trunk(split, src, node.target.split(".")[0]):
+        if not _reads_trunk(split, src, head):
             continue  # reads its own head's features (or the raw input): model k's weights already fit
         why = _fittable(mod)
         if why is not None:
             skipped.append(f"{node.target}: {why}")
             continue
-        head = node.target.split(".")[0]
         k = int(head[len("head"):])
         layers.append((RefitLayer(node.target, node.name, src.name, ()), k, node.name[len(head) + 1:]))
     if not layers:

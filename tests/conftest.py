@@ -14,7 +14,6 @@ import torch
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _workers > 1:
-    _threads = str(max(1, (os.cpu_count() or 1) // _workers))
-    os.environ["OMP_NUM_THREADS"] = _threads
-    os.environ["MKL_NUM_THREADS"] = _threads
-    torch.set_num_threads(int(_threads))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)

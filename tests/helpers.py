@@ -69,6 +69,16 @@ def assert_same_function(ref: nn.Module, other: nn.Module, data: list[torch.Tens
         assert err <= tol, f"max |difference| / max |output| = {err:.3g} > {tol}"
 
 
+def assert_heads_compute(ref: nn.Module, partial: nn.Module, data: list[torch.Tensor], n_heads: int,
+                         tol: float = TOL) -> None:
+    """Every head of a partial zip (a tuple, one output per model) computes ``ref``'s function."""
+    for want, got in zip(outputs(ref, data), outputs(partial, data)):
+        assert isinstance(got, tuple) and len(got) == n_heads
+        for head in got:
+            err = max_rel_diff(want, head)
+            assert err <= tol, f"max |difference| / max |output| = {err:.3g} > {tol}"
+
+
 def capture(gm, data, names) -> dict[str, list]:
     """The values of the named nodes of ``gm`` (a GraphModule) on every batch of
     ``data``, in float64: what a test compares a pass's statistics against."""

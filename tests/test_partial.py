@@ -12,14 +12,7 @@ import fxzip
 from fxzip import zoo
 from fxzip.evaluate import count_macs
 
-from helpers import assert_same_function, batches, max_rel_diff, outputs, prepared, TOL
-
-
-def _heads_equal(model, partial, data, n_heads):
-    for want, got in zip(outputs(model, data), outputs(partial, data)):
-        assert isinstance(got, tuple) and len(got) == n_heads
-        for head in got:
-            assert max_rel_diff(want, head) <= TOL
+from helpers import assert_heads_compute, assert_same_function, batches, max_rel_diff, outputs, prepared
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ def test_self_merge_every_cut_resnet20(resnet20_setup):
     a, _, data = resnet20_setup
     for cut in fxzip.cut_points(a, data[0]):
         partial = fxzip.merge(a, copy.deepcopy(a), data=data, stop_at=cut, reset_bn=False, progress=False)
-        _heads_equal(a, partial, data, 2)
+        assert_heads_compute(a, partial, data, 2)
 
 
 def test_self_merge_every_cut_resnet18():
@@ -52,7 +45,7 @@ def test_self_merge_every_cut_resnet18():
     cal = fxzip.calibrate(model, copy.deepcopy(model), data=data, progress=False)
     for cut in fxzip.cut_points(model, data[0]):
         partial = fxzip.merge(*cal.originals, data=cal, stop_at=cut.name, reset_bn=False, progress=False)
-        _heads_equal(model, partial, data, 2)
+        assert_heads_compute(model, partial, data, 2)
 
 
 def test_stop_at_zero_is_the_ensemble(resnet20_setup):
@@ -96,7 +89,7 @@ def test_many_copies_merge_back_fully_and_partially(resnet20_setup, n_models):
         assert_same_function(a, full, data)
         partial = fxzip.merge(*models_used, data=data, method=method, stop_at=13, reset_bn=False,
                               progress=False, **kw)
-        _heads_equal(a, partial, data, n_models)
+        assert_heads_compute(a, partial, data, n_models)
 
 
 def test_zipit_with_beta_uses_its_within_model_budget(resnet20_setup):

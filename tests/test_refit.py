@@ -11,7 +11,7 @@ from torch import nn
 import fxzip
 from fxzip import zoo
 
-from helpers import assert_same_function, batches, prepared
+from helpers import assert_heads_compute, assert_same_function, batches, prepared
 
 
 class TwoLayer(nn.Module):
@@ -103,14 +103,6 @@ def test_refit_arguments_are_checked_before_any_work():
         fxzip.merge(a, b, data=data, refit=-1.0, progress=False)
 
 
-def _each_head_computes(model, partial, x, tol: float = 1e-5) -> None:
-    """Every head of a partial zip of ``model`` with its permuted copy is ``model``'s function."""
-    with torch.no_grad():
-        want = model(x)
-        for head in partial(x):
-            assert float((head - want).abs().max() / want.abs().max()) <= tol
-
-
 def test_partial_zip_refits_trunk_and_heads():
     """A partial zip's trunk is refit like a full zip; each head's first layers
     (holding W_k U_k) are refit to their own model's outputs. Both keep
@@ -122,7 +114,7 @@ def test_partial_zip_refits_trunk_and_heads():
     merged = fxzip.merge(model, permuted, data=data, stop_at=9, refit=True, reset_bn=False, progress=False)
     fitted = merged.meta["fxzip"].details["refit"]
     assert fitted["layers"] > 0 and fitted["heads"]["layers"] == 2  # layer2.1.conv1 of each head
-    _each_head_computes(model, merged, data[0])
+    assert_heads_compute(model, merged, data[:1], 2)
     other = prepared(make(), data, seed=5)
     merged = fxzip.merge(model, other, data=data, stop_at=9, refit=True, reset_bn=False, progress=False)
     for row in merged.meta["fxzip"].details["refit"]["heads"]["per_layer"].values():
@@ -142,4 +134,4 @@ def test_partial_zip_refits_head_layers_behind_a_layer_norm():
     merged = fxzip.merge(model, permuted, data=data, stop_at="add_1", refit=True, progress=False)
     heads = merged.meta["fxzip"].details["refit"]["heads"]
     assert sorted(heads["per_layer"]) == ["head0.blocks.0.mlp.fc1", "head1.blocks.0.mlp.fc1"]
-    _each_head_computes(model, merged, data[0])
+    assert_heads_compute(model, merged, data[:1], 2)

@@ -28,7 +28,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSpec", "build_model", "read_state_dict", "load_into", "classifier_classes", "CHECKPOINT_SUFFIXES"]
+__all__ = ["ModelSpec", "spec_from_record", "recorded_numbers", "build_model", "read_state_dict", "load_into", "classifier_classes", "CHECKPOINT_SUFFIXES"]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -36,15 +36,30 @@ ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")
 """Entries of a training checkpoint that hold the weights, in timm's order of preference."""
 
 
+LIBRARIES = ("timm", "torchvision")
+"""Model registries an architecture may be named from. A name in one of them
+builds a model from library code the user installed; nothing is imported by
+name (see ``spec_from_record``)."""
+
+UNSAFE_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                           "checkpoint_path", "cache_dir", "weights", "weights_backbone", "progress",
+                           "features_only", "scriptable", "exportable"})
+"""Builder arguments a result folder may not set: they read files or the
+network (weights, caches), or change what is built beyond the architecture."""
+
+
 @dataclass
 class ModelSpec:
-    """How to build an architecture: ``name`` (timm name or ``module:factory``),
-    ``num_classes`` and ``img_size`` (passed only where the model takes them)."""
+    """How to build an architecture: ``name`` (a timm or torchvision name, or
+    ``module:factory`` for the user's own code), ``num_classes`` and ``img_size``
+    (passed only where the model takes them), and ``library``: ``"timm"``,
+    ``"torchvision"`` or None (a timm name, or a factory)."""
 
     name: str
     num_classes: int | None = None
     img_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    library: str | None = None
 
     @property
     def is_factory(self) -> bool:
@@ -55,7 +70,80 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
-        return cls(data["name"], data.get("num_classes"), data.get("img_size"), dict(data.get("kwargs") or {}))
+        """A spec from the caller's own dict (trusted: a factory is imported when
+        built). For a record read from a file use ``spec_from_record``."""
+        return cls(data["name"], data.get("num_classes"), data.get("img_size"), dict(data.get("kwargs") or {}),
+                   data.get("library"))
+
+
+def spec_from_record(data: Any, source: str) -> ModelSpec:
+    """A ``ModelSpec`` from a record in a file someone else may have written
+    (``report.json`` of a shared result folder).
+
+    Such a record only names an architecture of a registry (``LIBRARIES``) with
+    plain numbers and strings as arguments: a ``module:factory`` would import and
+    call any function (``os:system``), and builder arguments such as
+    ``checkpoint_path`` or ``pretrained_cfg_overlay`` read other files or the
+    network, so both are refused, with the way to pass the model instead.
+    """
+    fix = ("pass the architecture yourself: fxzip.load(DIR, model=...) with the module (e.g. "
+           "timm.create_model(NAME, num_classes=N)), a registry name, or a ModelSpec")
+    if not isinstance(data, Mapping) or not isinstance(data.get("name"), str) or not data["name"]:
+        raise ValueError(f"{source}: the recorded architecture is not a name ({data!r:.80}); {fix}")
+    name, library = data["name"], data.get("library")
+    if ":" in name:
+        raise ValueError(f"{source} names the architecture {name!r} as module:factory code; fxzip.load never "
+                         "imports or calls code named in a result folder (a folder from elsewhere could name any "
+                         f"function). If you trust that code, {fix}, e.g. model={name!r}.")
+    if library is not None and library not in LIBRARIES:
+        raise ValueError(f"{source}: library {library!r} is not one fxzip builds from ({', '.join(LIBRARIES)}); "
+                         f"{fix}")
+    num_classes, img_size = recorded_numbers(data, source)
+    kwargs = data.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{source}: kwargs must be a dict, got {type(kwargs).__name__}; {fix}")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_") or key in UNSAFE_KWARGS:
+            raise ValueError(f"{source}: the builder argument {key!r} may not come from a result folder (it reads "
+                             f"files or changes what is built); {fix}")
+        if not _plain(value):
+            raise ValueError(f"{source}: the builder argument {key!r} holds {type(value).__name__} data; only "
+                             f"numbers, strings, booleans and lists of them are read from a result folder; {fix}")
+    spec = ModelSpec(name, num_classes, img_size, dict(kwargs), library)
+    if library is None:  # records before the library was written down: the name decides
+        spec.library = _library_of(name)
+        if spec.library is None:
+            raise ValueError(f"{source}: {name!r} is neither a timm nor a torchvision model name; {fix}")
+    return spec
+
+
+def recorded_numbers(data: Mapping[str, Any], source: str) -> tuple[int | None, int | None]:
+    """``num_classes`` and ``img_size`` of a record, each None or a non-negative int."""
+    values = []
+    for key in ("num_classes", "img_size"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{source}: {key} must be a non-negative integer, got {value!r}; pass model= "
+                             "(the architecture as a module or a ModelSpec) to fxzip.load")
+        values.append(value)
+    return values[0], values[1]
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return depth < 2 and isinstance(value, (list, tuple)) and all(_plain(v, depth + 1) for v in value)
+
+
+def _library_of(name: str) -> str | None:
+    """The registry that knows ``name`` (timm first: the CLI's names are timm's)."""
+    import timm
+
+    if timm.is_model(name):
+        return "timm"
+    import torchvision
+
+    return "torchvision" if name in torchvision.models.list_models() else None
 
 
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
@@ -108,7 +196,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
     timm: ``timm.create_model(name, num_classes=..., pretrained=False)`` with
     ``img_size`` when the model takes it (ViTs and other models whose position
-    tables depend on it). A factory gets ``num_classes``/``img_size`` only when its
+    tables depend on it). torchvision (``library="torchvision"``):
+    ``get_model(name, weights=None)``, ``img_size`` as ``image_size``. A factory gets ``num_classes``/``img_size`` only when its
     signature accepts them. ``spec.img_size`` is set to None when the model does
     not take it (CNNs run at any size), so the spec rebuilds the model as built.
     """
@@ -125,6 +214,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise TypeError(f"--model {spec.name!r} returned a {type(model).__name__}, not an nn.Module")
         return model.eval()
+    if spec.library == "torchvision":
+        return _build_torchvision(spec, kwargs)
+    if spec.library not in (None, "timm"):
+        raise ValueError(f"model library {spec.library!r} is not one fxzip builds from ({', '.join(LIBRARIES)})")
     import timm
 
     if spec.num_classes is not None:
@@ -137,6 +230,25 @@ def build_model(spec: ModelSpec) -> nn.Module:
                 raise
             spec.img_size = None  # the model takes no img_size: the data's size is all it needs
     return timm.create_model(spec.name, pretrained=False, **kwargs).eval()
+
+
+def _build_torchvision(spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None)``: random weights, nothing
+    downloaded; ``img_size`` as ``image_size`` for the models that take it (ViTs)."""
+    import torchvision
+
+    if spec.name not in torchvision.models.list_models():
+        raise ValueError(f"{spec.name!r} is not a torchvision model name (torchvision.models.list_models())")
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    if spec.img_size is not None:
+        try:
+            return torchvision.models.get_model(spec.name, weights=None, image_size=spec.img_size, **kwargs).eval()
+        except TypeError as exc:
+            if "image_size" not in str(exc):
+                raise
+            spec.img_size = None
+    return torchvision.models.get_model(spec.name, weights=None, **kwargs).eval()
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:

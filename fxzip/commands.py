@@ -130,7 +130,7 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
             if found:
                 n_cls = found[0]
                 say(f"{path}: {n_cls} classes (the size of its {names[0]}.weight; --num-classes overrides)")
-        spec = ModelSpec(model, n_cls, img_size)
+        spec = ModelSpec(model, n_cls, img_size, library=None if ":" in model else "timm")
         net = build_model(spec)
         if n_cls is None:
             n_cls = classifier_classes(net, state)

@@ -35,8 +35,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .checkpoints import ModelSpec, build_model, load_into
+from .checkpoints import ModelSpec, build_model, load_into, recorded_numbers, spec_from_record
 from .distributed import is_main
+from .program_check import check_program
 from .report import MergeReport, _jsonable, versions
 
 __all__ = ["save", "load", "load_report", "FULL_WEIGHTS", "PROGRAM", "STATE", "REPORT_JSON", "REPORT_MD"]
@@ -139,6 +140,15 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
 
     A loaded GraphModule carries its report in ``.meta["fxzip"]``; for any
     result ``load_report(directory)`` returns it.
+
+    A result folder is data from whoever wrote it: loading reads tensors
+    (safetensors; a ``torch.export`` program of ATen operations, its weights
+    unpickled with ``weights_only``) and JSON, and never imports or calls a
+    name the folder carries. The architecture of a full zip comes from
+    ``model`` or, when the caller passes none, from ``report.json`` only as a
+    timm or torchvision registry name with plain arguments
+    (``checkpoints.spec_from_record``); a ``module:factory`` recorded there is
+    refused, with the way to pass it.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -153,6 +163,7 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
                 raise FileNotFoundError(f"{root / STATE} is missing: it holds the weights to load into model=")
             loaded = load_into(model, state, str(root / STATE))
         else:
+            check_program(root / PROGRAM)  # torch.export.load runs code from a tampered archive
             loaded = torch.export.load(str(root / PROGRAM)).module()
             if state is not None:
                 _copy_weights(loaded, state, root / STATE)
@@ -160,17 +171,7 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
         from safetensors.torch import load_file
 
         state = load_file(str(root / FULL_WEIGHTS))
-        if isinstance(model, nn.Module):
-            target = model
-        else:
-            spec = ModelSpec(model) if isinstance(model, str) else model
-            if spec is None and data.get("model"):
-                spec = ModelSpec.from_dict(data["model"])
-            if spec is None:
-                raise ValueError(f"{root} holds a full zip (model.safetensors) but no record of its architecture; "
-                                 "pass model= (the architecture as a module, e.g. timm.create_model(NAME, "
-                                 "num_classes=N), or a ModelSpec)")
-            target = build_model(spec)
+        target = model if isinstance(model, nn.Module) else build_model(_architecture(root, data, model))
         loaded = load_into(target, state, str(root / FULL_WEIGHTS))
         _eval(loaded)
     else:
@@ -178,6 +179,37 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
     if isinstance(loaded, fx.GraphModule) and "method" in data:
         loaded.meta["fxzip"] = MergeReport.from_dict(data)
     return loaded
+
+
+def _architecture(root: Path, data: Mapping[str, Any], model: ModelSpec | str | None) -> ModelSpec:
+    """The spec to build a full zip from: the caller's (trusted: a factory name it
+    passes is its own code), else the record in report.json (untrusted: registry
+    names only). A name passed without numbers takes the record's
+    ``num_classes`` / ``img_size``."""
+    source = str(root / REPORT_JSON)
+    recorded = data.get("model")
+    if isinstance(model, ModelSpec):
+        return model
+    if model is not None and not isinstance(model, str):
+        raise TypeError(f"model= must be a module, a model name or a ModelSpec, got {type(model).__name__}")
+    if recorded is None and model is None:
+        raise ValueError(f"{root} holds a full zip ({FULL_WEIGHTS}) but no record of its architecture; pass model= "
+                         "(the architecture as a module, e.g. timm.create_model(NAME, num_classes=N), or a ModelSpec)")
+    if model is None:
+        return spec_from_record(recorded, source)
+    library = None if ":" in model else _library_or_fail(model)
+    numbers = recorded_numbers(recorded, source) if isinstance(recorded, Mapping) else (None, None)
+    return ModelSpec(model, *numbers, library=library)
+
+
+def _library_or_fail(name: str) -> str:
+    from .checkpoints import _library_of
+
+    library = _library_of(name)
+    if library is None:
+        raise ValueError(f"model={name!r} is neither a timm nor a torchvision model name; pass the module itself, "
+                         "or module.path:factory for your own code")
+    return library
 
 
 def load_report(directory: str | os.PathLike) -> MergeReport:

@@ -317,13 +317,16 @@ def test_merge_a_model_from_a_factory_and_tensor_data(tmp_path, monkeypatch, cap
     assert main(["merge", "m0.pt", "m1.pt", "--model", "mynets:make", "--num-classes", "4", "--data", "x.pt",
                  "--out", "out", "--batch-size", "8", "--quiet"]) == 0
     assert "model.safetensors" in capsys.readouterr().out
-    loaded = fxzip.load(tmp_path / "out")  # rebuilt with the factory recorded in report.json
+    with pytest.raises(ValueError, match="never imports or calls code named in a result folder"):
+        fxzip.load(tmp_path / "out")  # the recorded factory is code: a folder from elsewhere could name any
+    loaded = fxzip.load(tmp_path / "out", model="mynets:make")  # the caller's own code, the record's numbers
     merged = fxzip.merge(*models, data=torch.split(torch.cat(data), 8), progress=False)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert max_rel_diff(merged(x), loaded(x)) < 1e-5
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["model"] == {"name": "mynets:make", "num_classes": 4, "img_size": None, "kwargs": {}}
+    assert report["model"] == {"name": "mynets:make", "num_classes": 4, "img_size": None, "kwargs": {},
+                               "library": None}
     assert report["calibration"] == {"batches": 2, "samples": 16}
 
 

@@ -9,8 +9,10 @@ Checkpoints are ``state_dict`` files: ``.safetensors``, or ``.pt``/``.pth``/
 ``.bin``/``.ckpt`` read with ``torch.load(weights_only=True)`` (no pickled code
 runs). A training checkpoint (a dict with a ``state_dict_ema``, ``model_ema``,
 ``state_dict`` or ``model`` entry) is unwrapped as timm's ``load_checkpoint``
-does (EMA weights first), and a ``module.`` prefix left by DataParallel/DDP is
-removed.
+does (EMA weights first). A prefix that a wrapper put on every key
+(``module.`` of DataParallel/DDP, ``model.`` of Lightning, ``_orig_mod.`` of
+``torch.compile``) is removed when the model's own keys do not carry it
+(``--strip-prefix`` names another).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import importlib
 import inspect
 import logging
 import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +31,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSpec", "spec_from_record", "recorded_numbers", "build_model", "read_state_dict", "load_into", "classifier_classes", "CHECKPOINT_SUFFIXES"]
+__all__ = ["ModelSpec", "spec_from_record", "recorded_numbers", "build_model", "read_state_dict", "strip_prefix",
+           "wrapper_prefix", "load_into", "classifier_classes", "CHECKPOINT_SUFFIXES"]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -177,7 +181,10 @@ def check_model_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:8]
+        import difflib
+
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), timm.list_models(), n=5, cutoff=0.75)
+        close += [n for n in timm.list_models(f"*{name}*") if n not in close][:8 - len(close)]
         hint = f" Similar timm names: {', '.join(close)}." if close else ""
         raise ValueError(f"--model {name!r} is not a timm model name.{hint} For your own model code pass "
                          "module.path:factory (a function returning the nn.Module).")
@@ -253,19 +260,33 @@ def _build_torchvision(spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
     """The weights in ``path`` and the checkpoint entry they came from (None: the
-    file is a plain state_dict)."""
+    file is a plain state_dict). Keys are as stored: prefixes left by wrappers
+    (``module.``, ``model.``) are handled by ``load_into``, which knows the model's
+    own keys. Every way the file can be unreadable ends in one ``ValueError``
+    that names the file and the fix."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), None
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): the save or the copy did not finish; write it again")
+    if path.name.lower().endswith(".safetensors"):
+        return _read_safetensors(path), None
+    if _is_safetensors(path):
+        raise ValueError(f"checkpoint {path} is a safetensors file under another suffix; rename it to "
+                         f"{path.stem}.safetensors")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-                         "fxzip reads state_dict files with torch.load(weights_only=True); a checkpoint that "
-                         "pickles whole objects must be converted first: torch.save(model.state_dict(), path) "
-                         "or safetensors.torch.save_file(model.state_dict(), path).") from exc
+    except pickle.UnpicklingError as exc:
+        what = str(exc).split("\n")
+        culprit = next((line.strip() for line in what if "GLOBAL" in line or "Unsupported" in line), "")
+        raise ValueError(f"checkpoint {path} pickles Python objects, not only tensors{f' ({culprit})' if culprit else ''}; "
+                         "fxzip never unpickles code from a checkpoint. Save the weights alone where the model was "
+                         "trained: torch.save(model.state_dict(), path) or safetensors.torch.save_file("
+                         "model.state_dict(), path).") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}"
+                         f"{': ' + _first_line(exc) if _first_line(exc) else ''}): it is truncated or not a "
+                         "PyTorch file. Copy or save it again.") from None
     entry = None
     if isinstance(checkpoint, nn.Module):
         raise ValueError(f"{path} holds a whole pickled model; save its weights instead: "
@@ -282,10 +303,59 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                          f"checkpoint with one of the entries {', '.join(ENTRIES)}.")
     if entry is not None:
         logger.info("%s: using the checkpoint's %r entry", path, entry)
-    if any(k.startswith("module.") for k in checkpoint):
-        logger.info("%s: dropping the 'module.' prefix (DataParallel/DDP) from parameter names", path)
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
-    return state, entry
+    return dict(checkpoint), entry
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({_first_line(exc)}): it is "
+                         "truncated or corrupt. Copy or save it again.") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and a
+    JSON header ``{"...``; torch files are zip archives or pickles."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of a library's message (the rest is often advice that
+    does not apply here)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(".") if lines else ""
+
+
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+"""Prefixes that wrappers add to every key: DataParallel / DDP (``module.``),
+Lightning (``model.``: the attribute the LightningModule keeps the net in) and
+``torch.compile`` (``_orig_mod.``)."""
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str, source: str) -> dict[str, torch.Tensor]:
+    """``state`` with ``prefix`` removed from every key; keys without it are an
+    error (a prefix names one wrapper; a partial match means another layout)."""
+    without = [k for k in state if not k.startswith(prefix)]
+    if without:
+        raise ValueError(f"--strip-prefix {prefix!r}: {len(without)} keys of {source} do not start with it (e.g. "
+                         f"{without[0]!r}); pass the prefix that every key carries")
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def wrapper_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> str | None:
+    """The wrapper prefix to remove: every checkpoint key carries it, and none of
+    the model's own keys do (a Hugging Face model's keys start with ``model.`` on
+    purpose, and then nothing is removed)."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
+            return prefix
+    return None
 
 
 def classifier_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
@@ -294,8 +364,9 @@ def classifier_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> i
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifier = cfg.get("classifier") if isinstance(cfg, dict) else None
     names = [classifier] if isinstance(classifier, str) else list(classifier or ())
+    prefix = wrapper_prefix(state, model.state_dict()) or ""
     for name in names:
-        weight = state.get(f"{name}.weight")
+        weight = state.get(f"{prefix}{name}.weight")
         if weight is not None and weight.dim() >= 1:
             return int(weight.shape[0])
     return None
@@ -303,8 +374,15 @@ def classifier_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> i
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """``model.load_state_dict(state, strict=True)`` with an error that says what
-    differs (missing/unexpected keys, shapes) and what to change."""
+    differs (missing/unexpected keys, shapes) and what to change. A wrapper's
+    prefix (``WRAPPER_PREFIXES``) carried by every key of ``state`` and by none
+    of the model's is removed first, and the log says so."""
     own = model.state_dict()
+    prefix = wrapper_prefix(state, own)
+    if prefix is not None:
+        logger.info("%s: every key starts with %r and the model's do not: removing it (a wrapper's prefix)",
+                    source, prefix)
+        state = {k[len(prefix):]: v for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"

@@ -101,6 +101,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                        help="cut points: k, a name, 'full' (full zip) or 'all' (every cut point and the full zip); "
                        "default full")
     sweep.add_argument("--num-classes", type=int, nargs="+", metavar="N", help="as for fxzip merge")
+    sweep.add_argument("--strip-prefix", metavar="PREFIX", help="as for fxzip merge")
     sweep.add_argument("--img-size", type=int, metavar="N", help="as for fxzip merge")
     sweep.add_argument("--batch-size", type=int, default=32, help="calibration and evaluation batch size")
     sweep.add_argument("--max-batches", type=int,
@@ -142,6 +143,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--num-classes", type=int, nargs="+", metavar="N",
                        help="classes of the models: one value for all, or one per checkpoint (default: read from "
                        "each checkpoint's classifier)")
+    merge.add_argument("--strip-prefix", metavar="PREFIX",
+                       help="remove PREFIX from every key of the checkpoints (a wrapper's, e.g. 'net.'); 'module.', "
+                       "'model.' and '_orig_mod.' are removed without it when every key carries them and the "
+                       "model's own keys do not")
     merge.add_argument("--img-size", type=int, metavar="N",
                        help="input size in pixels: the data is resized to it, and timm models that take img_size "
                        "(ViTs) are built for it (default: the model's data config)")

@@ -7,12 +7,13 @@ traceback by ``fxzip.cli``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["UsageError", "run_merge", "run_inspect", "run_sweep", "merge_defaults", "parse_stop_at", "merge_device"]
 
@@ -103,30 +104,34 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
     for name in ("alpha", "beta"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    out = Path(args.out) if args.out is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    if args.out is not None:
+        _check_out(args)
     check_model_name(args.model)
     check_data_path(args.data)
     return list(classes) * (n if len(classes) == 1 else 1) if classes is not None else [None] * n
 
 
 def load_models(model: str, checkpoints: list[str], classes: list[int | None], img_size: int | None,
-                say: Any = print) -> tuple[list[Any], list[Any]]:
+                say: Any = print, strip: str | None = None) -> tuple[list[Any], list[Any]]:
     """Build one model per checkpoint and load it strictly; ``classes[k]`` None
     reads the classifier's size from checkpoint k (timm models)."""
-    from .checkpoints import ModelSpec, build_model, classifier_classes, load_into, read_state_dict
+    from .checkpoints import (WRAPPER_PREFIXES, ModelSpec, build_model, classifier_classes, load_into,
+                              read_state_dict, strip_prefix, wrapper_prefix)
 
-    models, specs = [], []
-    for path, n_cls in zip(checkpoints, classes):
+    read = []  # every file is read (and refused) before any model is built
+    for path in checkpoints:
         state, entry = read_state_dict(path)
+        read.append((strip_prefix(state, strip, path) if strip else state, entry))
+    models, specs = [], []
+    for path, n_cls, (state, entry) in zip(checkpoints, classes, read):
         say(f"{path}: {len(state)} tensors" + (f" from the checkpoint's {entry!r} entry" if entry else ""))
         if n_cls is None and ":" not in model:
             import timm.models
 
             names = timm.models.get_pretrained_cfg_value(model, "classifier") or ()
             names = [names] if isinstance(names, str) else list(names)
-            found = [int(state[f"{c}.weight"].shape[0]) for c in names if f"{c}.weight" in state]
+            found = [int(state[f"{p}{c}.weight"].shape[0]) for c in names for p in ("",) + WRAPPER_PREFIXES
+                     if f"{p}{c}.weight" in state]  # a wrapper's prefix is removed by load_into
             if found:
                 n_cls = found[0]
                 say(f"{path}: {n_cls} classes (the size of its {names[0]}.weight; --num-classes overrides)")
@@ -135,14 +140,57 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
         if n_cls is None:
             n_cls = classifier_classes(net, state)
             spec.num_classes = n_cls
+        prefix = wrapper_prefix(state, net.state_dict())
+        if prefix:
+            say(f"{path}: every key starts with {prefix!r} (a wrapper's) and the model's do not: removed")
         models.append(load_into(net, state, path))
         specs.append(spec)
     return models, specs
 
 
+def _out_kind(args: argparse.Namespace) -> Any:
+    from .result_dir import MERGE, SWEEP
+
+    return SWEEP if getattr(args, "command", "merge") == "sweep" else MERGE
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out``: not a file; can be created; empty, an earlier result of this
+    command, or ``--overwrite``; holds none of the inputs (``fxzip.result_dir``)."""
+    from .result_dir import check
+
+    inputs = [*args.checkpoints, args.data, *(getattr(args, "eval", None) or [])]
+    check(args.out, _out_kind(args), overwrite=getattr(args, "overwrite", False), protect=inputs)
+
+
+@contextlib.contextmanager
+def _out_lock(args: argparse.Namespace) -> Iterator[None]:
+    """Hold ``--out``'s lock from the argument checks until the files are in
+    place: a second command writing to the same ``--out`` fails at once. Cleans
+    up what an interrupted run left there first. Under torchrun only rank 0
+    (the writer) takes it."""
+    from .distributed import is_main
+    from .result_dir import lock, recover
+
+    if args.out is None or not is_main():
+        yield
+        return
+    with lock(args.out):
+        for sentence in recover(args.out):
+            print(f"fxzip {getattr(args, 'command', 'merge')}: {sentence}", file=sys.stderr)
+        _check_out(args)
+        yield
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """``fxzip merge``: checkpoints + images -> a merged model in ``--out``."""
     classes = _check_merge_args(args)
+    with _out_lock(args):
+        return _merge_and_save(args, classes)
+
+
+def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
+    """``fxzip merge`` after the argument checks, holding ``--out``'s lock."""
     say = _Say(args.quiet)
     import torch
 
@@ -159,7 +207,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if not is_main():  # several processes (torchrun): rank 0 speaks and writes
         say = _Say(quiet=True)
     say(f"fxzip {__version__}: building {len(args.checkpoints)} x {args.model}")
-    models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say)
+    models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say,
+                                 strip=args.strip_prefix)
     device = merge_device(getattr(args, "device", "cpu"))
     models = [m.to(device) for m in models]
     to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
@@ -190,9 +239,12 @@ def run_merge(args: argparse.Namespace) -> int:
     }
     say(f"saving to {args.out}")
     same = all(s == specs[0] for s in specs)
-    out = save(result, args.out, model=specs[0] if same else None)
-    if same:  # one architecture: the cut points' costs (cuts.png)
-        _cut_costs(models[0], example, report, out, len(models), say)
+    cuts = None
+    if same:  # one architecture: the cut points' costs (cuts.png), written with the result
+        def cuts(folder: Path) -> None:
+            _cut_costs(models[0], example, report, folder, len(models), say)
+    out = save(result, args.out, model=specs[0] if same else None, overwrite=getattr(args, "overwrite", False),
+               extra_files=cuts)
     if not args.quiet:
         print(report.table())
     files = sorted(p.name for p in out.iterdir())
@@ -223,7 +275,9 @@ def _calibration_loader(source: Any, batch_size: int, max_batches: int | None) -
 
 
 def _cut_costs(model: Any, example: Any, report: Any, out: Path, n_models: int, say: Any) -> None:
-    """Write ``cuts.png`` (MACs of a partial zip at every cut point) next to the result."""
+    """Write ``cuts.png`` (MACs of a partial zip at every cut point) into ``out``,
+    the result's temporary folder (``fxzip.save``'s ``extra_files``): it is
+    part of the result, in place with it or not at all."""
     from .inspection import inspect_graph, plot_cuts
     from .trace import trace
 
@@ -285,6 +339,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.eval_max is not None and args.eval_max < 1:
         raise UsageError(f"--eval-max must be at least 1, got {args.eval_max}")
     stops = [None if s == "full" else "all" if s == "all" else parse_stop_at(s) for s in args.stop_at_values]
+    with _out_lock(args):
+        return _sweep_and_write(args, classes, stops)
+
+
+def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops: list[Any]) -> int:
+    """``fxzip sweep`` after the argument checks, holding ``--out``'s lock."""
     say = _Say(args.quiet)
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -293,7 +353,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep, table, write_outputs
 
     torch.manual_seed(args.seed)
-    models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say)
+    models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say,
+                                 strip=args.strip_prefix)
     config = data_config(models[0], args.img_size)
     from torchvision.datasets import ImageFolder
 
@@ -323,6 +384,6 @@ def run_sweep(args: argparse.Namespace) -> int:
                     "alphas": args.alphas, "betas": args.betas, "stop_at": args.stop_at_values,
                     "batch_size": args.batch_size, "max_batches": args.max_batches, "eval_max": args.eval_max,
                     "reset_bn": not args.no_reset_bn, "seed": args.seed}
-        files = write_outputs(rows, Path(args.out), settings)
+        files = write_outputs(rows, Path(args.out), settings, overwrite=getattr(args, "overwrite", False))
         print(f"wrote {args.out}: {', '.join(files)}")
     return 0

@@ -77,9 +77,6 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 MODES = ("brief", "fxzip_probes", "zipit_repo")
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import coverage  # noqa: E402  (the benchmark module beside this file)
 
 RESULTS = Path(__file__).resolve().parent / "results"

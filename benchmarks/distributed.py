@@ -36,11 +36,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
     torch.set_num_threads(cfg["threads"])
     import fxzip
-    from fxzip import distributed as fd
     from fxzip import zoo
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import redraw
+    from common import redraw
 
     gen = torch.Generator().manual_seed(0)
     n_batches = -(-cfg["images"] // cfg["batch"])

@@ -62,9 +62,6 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import cifar_data  # noqa: E402
 import fxzip  # noqa: E402

@@ -27,7 +27,6 @@ Outputs (``--out`` stem, default ``benchmarks/results/cifar10_5+5_resnet20x{widt
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
@@ -38,9 +37,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import cifar_data  # noqa: E402
 import eval_cifar as ev  # noqa: E402

@@ -46,9 +46,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import shlex
 import sys
 import time
@@ -61,9 +59,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import cifar_data  # noqa: E402
 import eval_cifar as ec  # noqa: E402  (helper-6's protocol helpers, reused)

@@ -52,7 +52,6 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
 
 import cifar_data  # noqa: E402
 import train_cifar as tc  # noqa: E402

@@ -742,7 +742,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite perf.md and perf.png from the perf.json in --out (no measurement)")
     args = parser.parse_args(argv)
     if args.one:
-        sys.path.insert(0, str(ROOT))
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
     if args.render:

@@ -59,9 +59,6 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402

@@ -29,9 +29,6 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-for _p in (str(HERE), str(HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402

@@ -21,10 +21,10 @@ from .probes import PROBE_POLICIES, ProbePolicy
 from .report import MergeReport
 from .rules import register_rule
 from .trace import TraceError, register_leaf_module, trace
+from .version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
-__version__ = "0.1.0"
 
 __all__ = [
     "merge", "calibrate", "save", "load", "Calibration", "cut_points", "CutPoint", "permute_channels", "reset_norm_stats", "trace", "analyze", "register_rule",

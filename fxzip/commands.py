@@ -194,7 +194,7 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     say = _Say(args.quiet)
     import torch
 
-    from . import __version__
+    from .version import __version__
     from .images import open_data
     from .io import save
     from .merge import merge

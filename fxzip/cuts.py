@@ -51,7 +51,7 @@ def cut_points(model: nn.Module, example_inputs: Any = None, *others: nn.Module)
     With ``others``: the cut points ``model`` shares with every one of them
     (models that agree up to some layer and differ after it, e.g. another head).
     """
-    from .permute import default_example
+    from .trace import default_example
     from .trace import trace
     from .trunk import analyze_models
 

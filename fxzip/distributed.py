@@ -207,7 +207,7 @@ def check_ranks(models: Sequence[Any], data: Any, settings: Mapping[str, Any], w
     (a one-shot iterator with its first batch put back)."""
     if not active():
         return data
-    from . import __version__
+    from .version import __version__
 
     mine: dict[str, Any] = {"settings": {k: _canon(v) for k, v in settings.items()},
                             "software": {"torch": torch.__version__, "fxzip": __version__}}

@@ -22,7 +22,7 @@ from .data import Batches
 from . import distributed as _dist
 from .grouped import blocks_of, identity_match, match_all, match_units
 from .mudsc import dual_space_match
-from .permute import default_example
+from .trace import default_example
 from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy, probe_policy
 from .matching import MATCHERS, Similarity, get_matcher, mean_matched_correlation
 from .passes.fold import fold

@@ -14,28 +14,10 @@ from torch import nn
 
 from .analysis import GraphAnalysis, analyze
 from .grouped import blocks_of
-from .trace import trace
+from .trace import default_example, trace
 from .passes.fold import fold
 
-__all__ = ["permute_channels", "random_assignment", "default_example"]
-
-
-def default_example(model: nn.Module) -> torch.Tensor:
-    """An input of the shape timm's config declares, for APIs called without data.
-
-    A timm model built with ``img_size=`` keeps its pretrained config's size
-    (224), so the size its patch embedding was built for wins."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None and isinstance(built, tuple) and len(built) == 2:
-        size = (size[0], *built)
-    if size is None:
-        raise TypeError(
-            f"{type(model).__name__} declares no input size; pass example_inputs=<a batch of inputs> "
-            "so fxzip can trace it and learn its shapes."
-        )
-    return torch.randn(2, *size)
+__all__ = ["permute_channels", "random_assignment"]
 
 
 def permute_channels(model: nn.Module, seed: int = 0, example_inputs: Any = None) -> fx.GraphModule:

@@ -251,7 +251,7 @@ def versions() -> dict[str, str]:
     """Versions of the software a result depends on (timm only when installed)."""
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     found = {"fxzip": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:

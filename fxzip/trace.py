@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .concrete_trace import ConcreteTracer, UntraceableControlFlow, drop_dead_sizes, drop_proxies
 
-__all__ = ["TraceError", "trace", "register_leaf_module", "example_from_data"]
+__all__ = ["TraceError", "trace", "register_leaf_module", "example_from_data", "default_example"]
 
 
 logger = logging.getLogger(__name__)
@@ -403,3 +403,21 @@ def example_from_data(batch: Any, inputs: Callable[[Any], Any] | None = None) ->
         f"data yields {type(batch).__name__}; expected a tensor or a tuple/list whose first element "
         "is the input tensor. Pass inputs=callable to pick the input from a batch."
     )
+
+
+def default_example(model: nn.Module) -> torch.Tensor:
+    """An input of the shape timm's config declares, for APIs called without data.
+
+    A timm model built with ``img_size=`` keeps its pretrained config's size
+    (224), so the size its patch embedding was built for wins."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None and isinstance(built, tuple) and len(built) == 2:
+        size = (size[0], *built)
+    if size is None:
+        raise TypeError(
+            f"{type(model).__name__} declares no input size; pass example_inputs=<a batch of inputs> "
+            "so fxzip can trace it and learn its shapes."
+        )
+    return torch.randn(2, *size)

@@ -14,42 +14,10 @@ import torch
 import torch.fx as fx
 
 from fxzip.analysis import AxisRole, GraphAnalysis
+from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_features, merged_length
 from fxzip.layout import Segment
 
 __all__ = ["axis_index", "all_tensors", "fold_state", "fold", "merged_features", "merged_length", "cluster_sizes"]
-
-
-def merged_features(assign: torch.Tensor) -> int:
-    """Features a space keeps after the merge: its size, or more under
-    ``merged_width`` (matchers number merged features 0, 1, ... densely)."""
-    return int(assign.max()) + 1 if assign.numel() else 0
-
-
-def cluster_sizes(assign: torch.Tensor) -> torch.Tensor:
-    """How many original features (of all models) each merged feature averages:
-    the row sums that make M an average."""
-    n = merged_features(assign)
-    return torch.stack([torch.bincount(a.long(), minlength=n) for a in assign]).sum(0)
-
-
-def merged_length(segments: Sequence[Segment], assign: Mapping[int, torch.Tensor]) -> int:
-    """Elements of an axis laid out as ``segments`` in the merged model."""
-    return sum(merged_features(assign[s.space]) * s.inner for s in segments)
-
-
-def axis_index(segments: Sequence[Segment], assign: Mapping[int, torch.Tensor], k: int) -> torch.Tensor:
-    """For an axis laid out as ``segments``, where each element of model ``k`` goes."""
-    parts, offset = [], 0
-    for seg in segments:
-        a = assign[seg.space][k].to(torch.long)
-        inner = torch.arange(seg.inner)
-        parts.append((offset + a[:, None] * seg.inner + inner[None, :]).reshape(-1))
-        offset += merged_features(assign[seg.space]) * seg.inner
-    return torch.cat(parts)
-
-
-def _axis_counts(segments: Sequence[Segment], counts: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([counts[s.space].repeat_interleave(s.inner) for s in segments])
 
 
 def block_diagonal(t: torch.Tensor, grouped: AxisRole, out_axis: int) -> torch.Tensor:
@@ -101,7 +69,7 @@ def _fold_tensor(tensors: Sequence[torch.Tensor], roles: Sequence[AxisRole],
         total = out if total is None else total + out
     m_roles = [r for r in roles if r.role == "M"]
     for r in m_roles:
-        c = _axis_counts(r.segments, counts).to(total.device, total.dtype)
+        c = axis_counts(r.segments, counts).to(total.device, total.dtype)
         shape = [1] * total.dim()
         shape[r.axis] = -1
         total = total / c.reshape(shape)

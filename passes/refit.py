@@ -48,7 +48,7 @@ from torch import nn
 from fxzip.analysis import GraphAnalysis
 from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
-from fxzip.passes.fold import _axis_counts, axis_index, cluster_sizes, merged_length
+from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 
 __all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit", "refit_heads"]
@@ -224,7 +224,7 @@ def _target(outs: Sequence[torch.Tensor], mod: nn.Module, layer: RefitLayer, ass
         idx = axis_index(layer.segments, assign, k).to(rows.device)
         part = rows.new_zeros((rows.shape[0], merged_length(layer.segments, assign))).index_add_(1, idx, rows)
         total = part if total is None else total + part
-    return total / _axis_counts(layer.segments, counts).to(total)
+    return total / axis_counts(layer.segments, counts).to(total)
 
 
 def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule,

@@ -53,7 +53,7 @@ from torch import nn
 from fxzip.analysis import GraphAnalysis
 from fxzip.distributed import sum_across_ranks
 from fxzip.layout import Layout
-from fxzip.passes.fold import _axis_counts, axis_index, cluster_sizes, merged_length
+from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.passes.reset_norm import batch_norm_nodes
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 
@@ -216,7 +216,7 @@ def _targets(joint: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]], sit
             idx = axis_index(s.segments, assign, k)
             mean_t.index_add_(0, idx, mu)
             std_t.index_add_(0, idx, var.sqrt())
-        per = _axis_counts(s.segments, counts).double()
+        per = axis_counts(s.segments, counts).double()
         s.target_mean, s.target_std = mean_t / per, std_t / per
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from fxzip.analysis import GraphAnalysis
 from fxzip.align import CommonPart
 from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gathering_readers
-from .fold import axis_index, merged_length
+from fxzip.assignment import axis_index, merged_length
 from .widen import replace_tensors
 
 __all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "trunk_node_names"]

@@ -8,7 +8,8 @@ from torch import nn
 
 import fxzip
 from fxzip.matching import MATCHERS, matcher_registered, unregister_matcher, weight_average
-from fxzip.rules import _MODULE_RULES, rule_registered, unregister_rule
+from fxzip.rules import rule_registered, unregister_rule
+from fxzip.rules.registry import _MODULE_RULES
 from helpers import assert_same_function, prepared
 
 

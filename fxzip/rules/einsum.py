@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..layout import NO_CHANNELS, Layout
-from . import group_aware, register_rule
+from .registry import group_aware, register_rule
 from .heads import shared_head_basis
 
 _AXES = ("dim", "group_dim", "stack_dim")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, describe
-from . import group_aware, map_aware, register_rule
+from .registry import group_aware, map_aware, register_rule
 from .heads import per_head, position_in_head
 from .shape import as_stack, join_stack
 

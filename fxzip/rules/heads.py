@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..layout import Layout
+from .segments import channel_range
 
 __all__ = ["link_heads", "per_head", "position_in_head", "shared_head_basis"]
 
@@ -85,8 +86,6 @@ def shared_head_basis(ctx, node: fx.Node, x: fx.Node, lay: Layout) -> tuple:
 def link_heads(ctx, node: fx.Node, segments, heads: int) -> tuple:
     """Link block ``h`` of ``heads`` equal blocks of ``segments`` to block 0,
     unit by unit, and return block 0 (the shared basis)."""
-    from .shape import channel_range
-
     width = sum(s.length for s in segments) // heads
     first = channel_range(ctx, node, segments, 0, width)
     for h in range(1, heads):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, Segment, describe
-from . import group_aware, register_rule
+from .registry import group_aware, register_rule
 from .heads import shared_head_basis
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
-from . import group_aware, map_aware, register_rule
+from .registry import group_aware, map_aware, register_rule
 from .heads import link_heads, shared_head_basis
+from .segments import channel_range
 
 _AXIS_WORDS = {"dim": "channel axis", "group_dim": "group axis (heads)", "stack_dim": "stacked axis (q/k/v)"}
 
@@ -573,26 +574,6 @@ def split(ctx, node: fx.Node) -> None:
         pieces.append(Layout(dim, channel_range(ctx, node, lay.segments, lo, lo + size)))
         lo += size
     ctx.set(node, tuple(pieces), passthrough=True)
-
-
-def channel_range(ctx, node: fx.Node, segments: Sequence[Segment], lo: int, hi: int) -> tuple[Segment, ...]:
-    """Elements ``lo .. hi`` of a channel axis laid out as ``segments``, as
-    ranges of their spaces. A range that starts or ends inside a space refines
-    it (``fxzip.refine``): the parts are matched separately wherever the space
-    appears; channels no range keeps are dead and fold like any other."""
-    out: list[Segment] = []
-    offset = 0
-    for seg in segments:
-        a, b = max(lo, offset), min(hi, offset + seg.length)
-        if a < b:
-            if (a - offset) % seg.inner or (b - offset) % seg.inner:
-                ctx.fail(node, f"cuts the channel axis at element {a if (a - offset) % seg.inner else b}, inside "
-                               f"one channel's {seg.inner} elements (a flattened C x H x W map); fxzip follows "
-                               "only cuts between whole channels.")
-            first = (a - offset) // seg.inner
-            out.append(replace(seg, start=seg.start + first, size=(b - a) // seg.inner))
-        offset += seg.length
-    return tuple(out)
 
 
 @register_rule("narrow", torch.narrow)

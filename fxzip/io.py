@@ -9,12 +9,23 @@ A directory written by ``save`` (and by ``fxzip merge --out``) holds:
 * **every other result** (a partial zip: trunk + ``head0..headN-1``):
   ``model.pt2``, a ``torch.export`` program with a dynamic batch dimension that
   runs with ``torch.export.load(path).module()(x)`` alone (fxzip need not be
-  installed: the program holds the graph and the weights), beside
-  ``state_dict.safetensors`` (the merged GraphModule's state: the weights in
-  a format every tool reads);
-* ``report.json`` (``MergeReport.to_dict()`` plus how to rebuild the model and
-  which files were written), ``report.md`` (the same, readable) and
-  ``correlation.png`` (``MergeReport.plot``).
+  installed: the program holds the graph and the weights, stored once;
+  ``fxzip.load(DIR, model=gm)`` loads them into a GraphModule of the same
+  structure). Folders written by earlier versions also hold
+  ``state_dict.safetensors`` (the same weights again); ``load`` still reads
+  them;
+* ``report.json`` (``MergeReport.to_dict()`` plus how to rebuild the model,
+  which files were written and, in ``manifest``, every other file's size in
+  bytes; written last), ``report.md`` (the same, readable) and
+  ``correlation.png`` (``MergeReport.plot``); ``fxzip merge`` adds
+  ``cuts.png``.
+
+The folder is written atomically (``fxzip.result_dir``): everything goes into
+a temporary sibling folder that takes the directory's place by one rename, so
+an interrupted save leaves the previous complete result or the new one. An
+fxzip result (a ``report.json`` with fxzip's ``format`` key, and only the file
+names above) is replaced by saving again; any other non-empty folder needs
+``overwrite=True``.
 
 ``load`` rebuilds a result from such a directory: a partial zip from its
 exported program (no architecture needed), a full zip from the architecture,
@@ -29,7 +40,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -38,7 +49,7 @@ from torch import nn
 from .checkpoints import ModelSpec, build_model, load_into, recorded_numbers, spec_from_record
 from .distributed import is_main
 from .program_check import check_program
-from .report import MergeReport, _jsonable, versions
+from .report import REPORT_FORMAT, MergeReport, _jsonable, versions
 
 __all__ = ["save", "load", "load_report", "FULL_WEIGHTS", "PROGRAM", "STATE", "REPORT_JSON", "REPORT_MD"]
 
@@ -48,7 +59,6 @@ STATE = "state_dict.safetensors"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT = "correlation.png"
-_OUTPUTS = (FULL_WEIGHTS, PROGRAM, STATE, REPORT_JSON, REPORT_MD, PLOT, "cuts.png")
 
 
 def is_full_zip(result: nn.Module) -> bool:
@@ -63,15 +73,19 @@ def is_full_zip(result: nn.Module) -> bool:
 
 
 def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | Mapping[str, Any] | None = None,
-         example_inputs: Any = None) -> Path:
-    """Write ``result`` (what ``fxzip.merge`` returned) to ``directory``.
+         example_inputs: Any = None, overwrite: bool = False,
+         extra_files: Callable[[Path], Any] | None = None) -> Path:
+    """Write ``result`` (what ``fxzip.merge`` returned) to ``directory``, atomically.
 
     Args:
         result: a merged model; its report (``result.meta["fxzip"]``) goes to
             ``report.json``/``report.md``.
-        directory: created if needed; earlier fxzip outputs in it are replaced
-            (so it never holds a stale ``model.pt2`` beside a new
-            ``model.safetensors``).
+        directory: created if needed (with its parents). An earlier fxzip
+            result there is replaced as a whole (never a stale ``model.pt2``
+            beside a new ``model.safetensors``); a non-empty folder that is not
+            one (``fxzip.result_dir``: a ``report.json`` with fxzip's
+            ``format`` key and only fxzip's file names) is refused unless
+            ``overwrite=True``, which replaces it and everything in it.
         model: how to rebuild the plain architecture of a full zip (a
             ``ModelSpec`` or its dict: timm name or ``module:factory``,
             ``num_classes``, ``img_size``); recorded in ``report.json`` so that
@@ -79,9 +93,20 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
         example_inputs: an input batch for ``torch.export`` (partial zips). By
             default one is made from the input shapes recorded when the models
             were traced.
+        overwrite: replace a non-empty folder that is not an fxzip result.
+        extra_files: called with the temporary folder the result is written
+            in, before ``report.json``; files it writes there become part of
+            the result (``fxzip merge`` writes ``cuts.png`` so).
 
     Returns:
         The directory, as a ``Path``.
+
+    The files are written into a temporary sibling folder, fsynced, and put in
+    ``directory``'s place by one rename (``fxzip.result_dir``): an interrupted
+    save leaves the previous result or the new one, and the next save cleans up
+    what it left. ``report.json`` is written last and lists every other file
+    with its size (``manifest``). A second save to the same directory while one
+    runs (another process) fails at once, naming its pid.
 
     Under ``torch.distributed`` (a process group of more than one rank) only
     rank 0 writes: every rank holds the same merge, and ranks writing the same
@@ -90,6 +115,8 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
     rank 0 alone; it makes no collective call, so neither way can hang (a rank
     that reads the files afterwards waits on a ``dist.barrier()`` first).
     """
+    from . import result_dir
+
     if not isinstance(result, nn.Module):
         raise TypeError(f"fxzip.save takes the module fxzip.merge returned, got a {type(result).__name__}")
     spec = ModelSpec.from_dict(model) if isinstance(model, Mapping) else model
@@ -98,42 +125,44 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
     out = Path(directory)
     if not is_main():
         return out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory; pass a directory for the result files")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _OUTPUTS:
-        (out / name).unlink(missing_ok=True)
     report = _report_of(result)
     if report is not None:
         report.mark_head_only(result)
     info: dict[str, Any] = {"model": spec.to_dict() if spec is not None else None}
-    if is_full_zip(result):
-        _save_tensors(result.state_dict(), out / FULL_WEIGHTS)
-        info["files"] = {"weights": FULL_WEIGHTS}
-    else:
-        program, export_info = export_program(result, example_inputs)
-        torch.export.save(program, str(out / PROGRAM))
-        _save_tensors(result.state_dict(), out / STATE)
-        info["files"] = {"program": PROGRAM, "state_dict": STATE}
-        info["export"] = export_info
-    if report is not None:
-        report.plot(out / PLOT)
-        info["files"]["plot"] = PLOT
-    data = report.to_dict() if report is not None else {"versions": versions()}
-    data.update(_jsonable(info))
-    (out / REPORT_JSON).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    if report is not None:
-        (out / REPORT_MD).write_text(report.to_markdown())
+    with result_dir.writing(out, result_dir.MERGE, overwrite=overwrite, option="directory",
+                            flag="overwrite=True") as stage:
+        folder = stage.path
+        if is_full_zip(result):
+            _save_tensors(result.state_dict(), folder / FULL_WEIGHTS)
+            info["files"] = {"weights": FULL_WEIGHTS}
+        else:  # the program holds the weights: stored once
+            program, export_info = export_program(result, example_inputs)
+            torch.export.save(program, str(folder / PROGRAM))
+            info["files"] = {"program": PROGRAM}
+            info["export"] = export_info
+        if report is not None:
+            report.plot(folder / PLOT)
+            info["files"]["plot"] = PLOT
+        if extra_files is not None:
+            extra_files(folder)
+        if report is not None:
+            (folder / REPORT_MD).write_text(report.to_markdown())
+        data = report.to_dict() if report is not None else {"format": REPORT_FORMAT, "versions": versions()}
+        data.update(_jsonable(info))
+        data["manifest"] = stage.manifest(leave_out=[REPORT_JSON])
+        (folder / REPORT_JSON).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
     return out
 
 
 def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None = None) -> nn.Module:
     """Rebuild a result written by ``save`` (or ``fxzip merge --out``), in eval mode.
 
-    * partial zip (``model.pt2``): the exported program's module, with the
-      weights of ``state_dict.safetensors``; it returns one output per model.
-      With ``model=`` (a GraphModule of the same structure, e.g. from
-      ``fxzip.merge(..., stop_at=...)``), the weights are loaded into it instead.
+    * partial zip (``model.pt2``): the exported program's module; it returns
+      one output per model. With ``model=`` (a GraphModule of the same
+      structure, e.g. from ``fxzip.merge(..., stop_at=...)``), the program's
+      weights are loaded into it instead. (Folders written by earlier
+      versions also hold the weights in ``state_dict.safetensors``; they are
+      read from there.)
     * full zip (``model.safetensors``): the plain architecture, taken from
       ``model`` (a module, loaded in place; a timm name or ``module:factory``;
       a ``ModelSpec``) or else from the ``model`` recorded in ``report.json``.
@@ -157,16 +186,23 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
     if (root / PROGRAM).exists():
         from safetensors.torch import load_file
 
+        # folders written before the weights were stored once also hold them in state_dict.safetensors
         state = load_file(str(root / STATE)) if (root / STATE).exists() else None
-        if isinstance(model, nn.Module):
-            if state is None:
-                raise FileNotFoundError(f"{root / STATE} is missing: it holds the weights to load into model=")
+        if isinstance(model, nn.Module) and state is not None:
             loaded = load_into(model, state, str(root / STATE))
         else:
             check_program(root / PROGRAM)  # torch.export.load runs code from a tampered archive
-            loaded = torch.export.load(str(root / PROGRAM)).module()
-            if state is not None:
-                _copy_weights(loaded, state, root / STATE)
+            program = torch.export.load(str(root / PROGRAM))
+            if isinstance(model, nn.Module):  # the weights the program holds, into the caller's module
+                own = model.state_dict()
+                weights = dict(program.state_dict)
+                weights.update({k: v for k, v in program.constants.items()
+                                if isinstance(v, torch.Tensor) and k in own and k not in weights})
+                loaded = load_into(model, weights, str(root / PROGRAM))
+            else:
+                loaded = program.module()
+                if state is not None:
+                    _copy_weights(loaded, state, root / STATE)
     elif (root / FULL_WEIGHTS).exists():
         from safetensors.torch import load_file
 

@@ -44,8 +44,10 @@ inputs, used as they are). Images get the model's timm evaluation transform
 --out: a full zip is model.safetensors, loadable with
 timm.create_model(NAME, num_classes=N, checkpoint_path=DIR/model.safetensors); a
 partial zip is model.pt2 (torch.export.load(path).module()(x) -> one output per
-model, no fxzip needed) and state_dict.safetensors; both with report.json and
-report.md.
+model, no fxzip needed); both with report.json and report.md. The folder is
+written atomically (a temporary sibling renamed into place); an earlier fxzip
+result is replaced, any other non-empty folder needs --overwrite, and a second
+command writing to the same --out fails at once.
 """
 
 
@@ -90,7 +92,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--data", required=True, metavar="PATH", help="calibration inputs (as for fxzip merge)")
     sweep.add_argument("--eval", required=True, nargs="+", metavar="DIR",
                        help="one labelled image folder (ImageFolder layout) per checkpoint: model k's task")
-    sweep.add_argument("--out", metavar="DIR", help="write sweep.json, sweep.csv and sweep.png here")
+    sweep.add_argument("--out", metavar="DIR", help="write sweep.json, sweep.csv and sweep.png here (atomically: "
+                       "an earlier sweep there is replaced as a whole)")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="replace --out even if it is a non-empty folder that is not an fxzip sweep")
     sweep.add_argument("--methods", nargs="+", default=[defaults["method"]], metavar="M",
                        help=f"methods to try (default {defaults['method']})")
     sweep.add_argument("--alphas", nargs="+", type=float, default=[defaults["alpha"]], metavar="A",
@@ -139,7 +144,11 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--model", required=True, metavar="NAME",
                        help="timm model name (built with pretrained=False), or module.path:factory for your own code")
     merge.add_argument("--data", required=True, metavar="PATH", help="calibration inputs (see below)")
-    merge.add_argument("--out", required=True, metavar="DIR", help="directory for the result files")
+    merge.add_argument("--out", required=True, metavar="DIR",
+                       help="directory for the result files (written atomically: an earlier result there is "
+                       "replaced as a whole)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace --out even if it is a non-empty folder that is not an fxzip result")
     merge.add_argument("--num-classes", type=int, nargs="+", metavar="N",
                        help="classes of the models: one value for all, or one per checkpoint (default: read from "
                        "each checkpoint's classifier)")
@@ -220,7 +229,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (``sys.argv[1:]`` when None), run the subcommand, return its exit code."""
     args = _build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (fxzip inspect --json | head -1): stop quietly, as a process killed by
+        # SIGPIPE would; stdout goes to devnull so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        if os.environ.get("FXZIP_DEBUG"):
+            raise
+        print(f"fxzip {args.command}: interrupted" + (f"; {args.out} is as it was before (or, if the files "
+              "were already in place, the new result)" if getattr(args, "out", None) else ""), file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError) as exc:
         # fxzip's own errors (bad arguments, models it cannot merge) are ValueErrors with the fix in the
         # message: print it alone; FXZIP_DEBUG=1 shows the traceback for a bug report

@@ -210,9 +210,27 @@ def table(rows: Sequence[SweepRow]) -> str:
                         "k/m: weight layers zipped; * best average at its k"])
 
 
-def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) -> list[str]:
-    """``sweep.json`` (settings, versions, rows), ``sweep.csv`` and
-    ``sweep.png`` (average accuracy versus layers zipped, one line per method/alpha/beta)."""
+def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any], *,
+                  overwrite: bool = False) -> list[str]:
+    """``sweep.json`` (settings, versions, rows; completed last with ``manifest``,
+    every other file's size), ``sweep.csv`` and ``sweep.png`` (average accuracy
+    versus layers zipped, one line per method/alpha/beta), written atomically:
+    into a temporary folder that takes ``out``'s place (``fxzip.result_dir``).
+    An earlier sweep in ``out`` is replaced; another non-empty folder needs
+    ``overwrite``."""
+    from .result_dir import SWEEP, writing
+
+    with writing(out, SWEEP, overwrite=overwrite) as stage:
+        files = _write_files(rows, stage.path, settings)
+        marker = stage.path / SWEEP.marker
+        data = json.loads(marker.read_text())
+        data["manifest"] = stage.manifest(leave_out=[SWEEP.marker])
+        marker.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    return files
+
+
+def _write_files(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) -> list[str]:
+    """The files of ``write_outputs``, into the folder ``out``."""
     from .report import _jsonable, versions
 
     out.mkdir(parents=True, exist_ok=True)

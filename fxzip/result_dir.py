@@ -350,10 +350,10 @@ def writing(out: str | os.PathLike, kind: Kind, *, overwrite: bool = False, opti
                 say(sentence)
         check(out, kind, overwrite=overwrite, option=option, flag=flag, protect=protect)
         stage = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        if os.path.lexists(stage):
-            shutil.rmtree(stage)
-        os.mkdir(stage)  # 0777 less the umask, like any folder the user makes
-        try:
+        try:  # from before the folder exists: a Ctrl-C right after mkdir still removes it
+            if os.path.lexists(stage):
+                shutil.rmtree(stage)
+            os.mkdir(stage)  # 0777 less the umask, like any folder the user makes
             yield Stage(stage)
             if not (stage / kind.marker).exists():
                 raise RuntimeError(f"{kind.marker} was not written: the result in {stage} is incomplete")

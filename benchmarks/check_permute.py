@@ -633,6 +633,83 @@ def auto_reading(result: dict) -> str:
     return "\n\n".join(out)
 
 
+def _random_resnet20(seed: int) -> nn.Module:
+    from fxzip.zoo import resnet20
+    torch.manual_seed(seed)
+    m = resnet20(1, out_dim=16)
+    with torch.no_grad():  # non-trivial BN affine params and running stats, so a wrong fold is visible
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(0.0, 0.5)
+    return m.eval()
+
+
+def self_check() -> None:
+    """``--self-check``: the hand-written Permute path on random-init models (no CIFAR data, no
+    checkpoints). A random ResNet-20x1 A and a copy B of A with a known random channel permutation
+    in every feature space (built with this script's space map and fold):
+
+    * B computes exactly what A computes (the space map is complete and consistent);
+    * matching A with B recovers the inverse of the known permutation in every space, for every
+      probe set; the 50/50 merge of A and the aligned B equals A (self-merge identity), and a wrong
+      permutation of one space breaks it (the check can fail);
+    * the hand-written BN reset equals fxzip's reset of the same model and keeps the self-merge
+      equal to A reset;
+    * fxzip's own permute recovers the same permutations (the comparison the benchmark makes).
+
+    Raises AssertionError on the first failed check; prints one line per check passed.
+    """
+    import fxzip
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    batches = [x[:4], x[4:]]
+    # BN statistics of the data itself: no channel is dead on these 8 images (dead ones tie at correlation 0)
+    a = reset_bn(_random_resnet20(0), batches)
+    spaces = resnet20_spaces(a)
+    names = {sp.name for sp in spaces}
+    assert {"stream1", "stream2", "stream3"} <= names and len(spaces) == 12, sorted(names)
+    assert sum(sp.size for sp in spaces) == 3 * (16 + 32 + 64) + (16 + 32 + 64)
+    print(f"self-check: {len(spaces)} spaces", flush=True)
+    known = {sp.name: torch.randperm(sp.size, generator=gen).numpy() for sp in spaces}
+    b = build(1, permute_state(a.state_dict(), spaces, known), 16)
+    with torch.no_grad():
+        ya = a(x)
+        assert (b(x) - ya).abs().max() < 1e-4, "the permuted copy must compute what A computes"
+    print("self-check: the permuted copy computes A's function", flush=True)
+    stats = collect_stats(a, b, batches, probe_names(spaces), chunk=2)
+    for mode in MODES:
+        merged, perms = hand_permute(a, b, stats, mode)
+        for sp in spaces:
+            np.testing.assert_array_equal(perms[sp.name], np.argsort(known[sp.name]), err_msg=f"{mode} {sp.name}")
+        m = build(1, merged, 16)
+        with torch.no_grad():
+            assert (m(x) - ya).abs().max() < 1e-4, f"self-merge ({mode}) must equal A"
+        print(f"self-check: {mode}: known permutation recovered in every space; self-merge equals A", flush=True)
+    bad = dict(perms)
+    bad["stream2"] = np.roll(bad["stream2"], 1)
+    m_bad = build(1, interpolate_states(a.state_dict(), permute_state(b.state_dict(), spaces, bad), 0.5), 16)
+    with torch.no_grad():
+        assert (m_bad(x) - ya).abs().max() > 1e-3, "a wrong permutation must break the self-merge identity"
+    print("self-check: a wrong permutation breaks the identity", flush=True)
+    ra = reset_bn(build(1, a.state_dict(), 16), batches)
+    rf = fxzip.reset_norm_stats(build(1, a.state_dict(), 16), batches).eval()
+    for k, v in ra.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.allclose(v, rf.state_dict()[k], rtol=1e-4, atol=1e-5), k
+    rm = reset_bn(build(1, merged, 16), batches)
+    with torch.no_grad():
+        assert (rm(x) - ra(x)).abs().max() < 1e-3, "the reset self-merge must equal A reset"
+    print("self-check: hand-written BN reset equals fxzip's reset", flush=True)
+    _, fx = fxzip_permute([a, b], batches)
+    for sp in spaces:
+        np.testing.assert_array_equal(fx[_key(sp)]["perm"], np.argsort(known[sp.name]), err_msg=sp.name)
+    print("self-check: fxzip's permute recovers the same permutations", flush=True)
+    print("self-check passed", flush=True)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[1, 4])
@@ -648,6 +725,8 @@ def parse_args(argv):
     ap.add_argument("--recompute-fxzip", action="store_true")
     ap.add_argument("--reading", type=str, default=None, help="file with the plain-language reading for the .md")
     ap.add_argument("--out", type=str, default=str(HERE / "results" / "permute_check"))
+    ap.add_argument("--self-check", action="store_true",
+                    help="only check the hand-written Permute path on random-init models (no data) and exit")
     return ap.parse_args(argv)
 
 
@@ -655,6 +734,9 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(1)
     args = parse_args(argv)
+    if args.self_check:
+        self_check()
+        return {}
     import cifar_data
     import eval_cifar as ev
     log = lambda *a: print(*a, flush=True)

@@ -3,23 +3,28 @@
 ResNet-20 GroupNorm and the ViT run every row (W.Avg, Permute, ZipIt, MuDSC-zip, MuDSC-permute,
 data-free MuDSC, partial zips, Ensemble); the (width 0.25) MobileNetV2 runs the rows that only a
 BatchNorm model has (data-free MuDSC + norm reset) plus the originals, W.Avg, a partial zip and the
-ensemble, to keep the test short.
+ensemble, to keep the test short. Each runs as a user runs it: ``python benchmarks/eval_methods.py --smoke ...``.
 """
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
-import eval_methods  # noqa: E402
 
 SCHEMA = {"method", "zipped", "macs_g", "joint", "joint_std", "task_a", "task_b", "avg", "avg_std"}
+
+
+def _run(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/eval_methods.py", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def _check(out: Path, expect: set[str]) -> dict:
@@ -42,7 +47,7 @@ def _check(out: Path, expect: set[str]) -> dict:
 @pytest.mark.parametrize("arch,m,partial", [("resnet20gn", 20, "7"), ("vit", 10, "5")])
 def test_all_rows(tmp_path, arch, m, partial):
     out = tmp_path / f"smoke_{arch}"
-    eval_methods.main(["--arch", arch, "--smoke", "--partial", partial, "--out", str(out), "--quiet"])
+    _run("--arch", arch, "--smoke", "--partial", partial, "--out", str(out), "--quiet")
     res = _check(out, {"Model A", "Model B", "W.Avg", "Permute", f"ZipIt {m}/{m}", "MuDSC-zip", "MuDSC-permute",
                        "MuDSC data-free", "Permute + repair", "ZipIt + repair", f"ZipIt {partial}/{m}", "Ensemble"})
     by = {r["method"]: r for r in res["rows"]}
@@ -55,6 +60,6 @@ def test_all_rows(tmp_path, arch, m, partial):
 
 def test_batchnorm_rows(tmp_path):
     out = tmp_path / "smoke_mobilenetv2"
-    eval_methods.main(["--arch", "mobilenetv2", "--smoke", "--partial", "48", "--out", str(out), "--quiet",
-                       "--rows", "Model A", "Model B", "W.Avg", "MuDSC data-free + reset", "partial", "Ensemble"])
+    _run("--arch", "mobilenetv2", "--smoke", "--partial", "48", "--out", str(out), "--quiet",
+         "--rows", "Model A", "Model B", "W.Avg", "MuDSC data-free + reset", "partial", "Ensemble")
     _check(out, {"Model A", "Model B", "W.Avg", "MuDSC data-free + reset", "ZipIt 48/53", "Ensemble"})

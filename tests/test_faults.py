@@ -194,6 +194,17 @@ def test_a_following_run_restores_or_cleans_leftovers_and_stores_the_weights_onc
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gm(x), program(x)))
+    # a folder of an earlier version, with the weights also in state_dict.safetensors, still loads from there
+    from safetensors.torch import save_file
+
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    save_file({k: v.contiguous() for k, v in gm.state_dict().items()}, str(older / "state_dict.safetensors"))
+    again = fxzip.merge(*models, data=data, progress=False, stop_at=int(STOP), method="permute")
+    assert fxzip.load(older, model=again) is again
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(gm(x), again(x)))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gm(x), fxzip.load(older)(x)))
 
 
 def test_a_second_merge_into_the_same_out_fails_at_once(root, tmp_path, capsys, monkeypatch):

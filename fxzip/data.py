@@ -1,4 +1,13 @@
-"""How fxzip reads ``data``: batches in, model inputs out."""
+"""How fxzip reads ``data``: batches in, model inputs out.
+
+Every floating input tensor is checked for NaN and Inf as it is read (its sum
+is finite exactly when every element is, unless it overflows, which the exact
+``torch.isfinite`` check then settles; about 0.3% of a resnet18 forward):
+such a batch would fill the statistics with NaN and fail far away (the
+matcher), so it is an error naming the batch. Under ``torch.distributed`` the
+rank that met it finishes its pass and every rank raises at the pass's end
+(no rank is left waiting in a collective).
+"""
 from __future__ import annotations
 
 import itertools
@@ -6,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from . import distributed as _dist
 from .trace import example_from_data
 
 __all__ = ["Batches"]
@@ -44,9 +54,20 @@ class Batches:
         self.example = first
 
     def __iter__(self) -> Iterator[tuple]:
-        for batch in itertools.islice(self.data, self.max_batches):
+        several = _dist.active()
+        problem = None
+        for index, batch in enumerate(itertools.islice(self.data, self.max_batches)):
             x = example_from_data(batch, self.inputs)
-            yield tuple(x) if isinstance(x, (tuple, list)) else (x,)
+            inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+            if problem is None:
+                problem = non_finite_inputs(inputs, index, f"rank {_dist.rank()}'s shard" if several else "the data")
+                if problem is not None and not several:
+                    raise ValueError(problem)
+            yield inputs
+        if several:  # the end of a full pass, on every rank: all raise if any met a bad batch
+            with _dist.ranks_agree("reading its data"):
+                if problem is not None:
+                    raise ValueError(problem)
 
     def __len__(self) -> int:
         try:
@@ -54,3 +75,20 @@ class Batches:
         except TypeError:
             n = self.max_batches or 0
         return min(n, self.max_batches) if self.max_batches else n
+
+
+def non_finite_inputs(inputs: tuple, index: int, where: str = "the data") -> str | None:
+    """What is wrong with batch ``index`` when a floating input holds NaN or Inf, else None."""
+    for j, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            continue
+        total = x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()  # NaN and Inf propagate
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x).all()):
+            nan = int(torch.isnan(x).sum())
+            inf = int(torch.isinf(x).sum())
+            what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+            which = f" (input {j})" if len(inputs) > 1 else ""
+            return (f"batch {index} of {where} holds {what} value{'s' if nan + inf > 1 else ''}{which} in a "
+                    f"{tuple(x.shape)} input: check the preprocessing (a division by a zero std, a log of 0, "
+                    "a corrupt file) and pass finite inputs")
+    return None

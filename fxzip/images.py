@@ -17,25 +17,44 @@ Three kinds of ``PATH``:
 Image preprocessing is the model's evaluation transform from timm's data
 config (``timm.data.resolve_data_config`` + ``create_transform``: resize,
 center crop, normalisation); ``img_size`` overrides the config's input size
-(e.g. a ViT built with ``img_size=64`` still declares 224 in its config).
+(e.g. a ViT built with ``img_size=64`` still declares 224 in its config), and
+``crop_pct`` / ``crop_mode`` / ``interpolation`` its crop, as timm names them.
+
+Images are decoded when a batch is read. A file that cannot be decoded (a
+truncated JPEG, a text file named ``x.jpg``) is left out of its batch with a
+warning naming it (``DataSource.skipped`` lists them; ``fxzip merge`` puts the
+count in its report); a batch whose every file failed is skipped. With
+``strict=True`` (``--strict-data``) the first such file is an error instead.
+Decoding is strict either way: PIL's ``LOAD_TRUNCATED_IMAGES`` stays off, so a
+truncated file is never read as a half-grey image.
 """
 from __future__ import annotations
 
 import os
 import tarfile
 import tempfile
+import warnings
+import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-__all__ = ["DataSource", "check_data_path", "data_config", "image_transform", "open_data", "IMAGE_SUFFIXES"]
+__all__ = ["DataSource", "check_data_path", "check_crop_options", "data_config", "image_transform", "open_data",
+           "IMAGE_SUFFIXES", "CROP_MODES", "INTERPOLATIONS"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+CROP_MODES = ("center", "squash", "border")
+"""timm's evaluation crop modes (``timm.data.transforms_imagenet_eval``)."""
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+"""timm's interpolation names for resizing (``timm.data.transforms.str_to_interp_mode``)."""
+WARNED_FILES = 5
+"""Files that cannot be decoded are warned about one by one up to this many; then once for the rest."""
+_ARCHIVE_ERRORS = (EOFError, tarfile.ReadError, tarfile.CompressionError, zlib.error, OSError)
 
 
 def check_data_path(path: str | os.PathLike) -> str:
@@ -52,19 +71,40 @@ def check_data_path(path: str | os.PathLike) -> str:
         return "folder"
     name = p.name.lower()
     if name.endswith(ARCHIVE_SUFFIXES):
-        if not tarfile.is_tarfile(p):
-            raise ValueError(f"--data {p} is not a readable tar archive")
+        try:  # the first header only: a truncation further on is found when the archive is extracted
+            with tarfile.open(p) as tar:
+                tar.next()
+        except _ARCHIVE_ERRORS as exc:
+            raise ValueError(_archive_error(p, exc)) from None
         return "archive"
     if name.endswith(TENSOR_SUFFIXES):
         return "tensor"
     raise ValueError(f"--data {p}: unknown kind of file. Pass {accepted}.")
 
 
-def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
-    """timm's evaluation data config of ``model``, ``img_size`` overriding its input size."""
+def check_crop_options(crop_pct: float | None = None, crop_mode: str | None = None,
+                       interpolation: str | None = None) -> None:
+    """A ValueError naming the accepted values for a crop option timm would not
+    take (None: the model's data config). Cheap: runs before any work."""
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"--crop-pct must be in (0, 1] (the fraction of the resized image kept by the crop; "
+                         f"1 keeps it all), got {crop_pct}")
+    if crop_mode is not None and crop_mode not in CROP_MODES:
+        raise ValueError(f"--crop-mode {crop_mode!r} is not one of timm's crop modes: {', '.join(CROP_MODES)}")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation {interpolation!r} is not one of timm's interpolations: "
+                         f"{', '.join(INTERPOLATIONS)}")
+
+
+def data_config(model: nn.Module, img_size: int | None = None, crop_pct: float | None = None,
+                crop_mode: str | None = None, interpolation: str | None = None) -> dict[str, Any]:
+    """timm's evaluation data config of ``model``, ``img_size`` overriding its input
+    size and ``crop_pct`` / ``crop_mode`` / ``interpolation`` its crop (None: the
+    model's own)."""
     from timm.data import resolve_data_config
 
-    args: dict[str, Any] = {}
+    check_crop_options(crop_pct, crop_mode, interpolation)
+    args: dict[str, Any] = {"crop_pct": crop_pct, "crop_mode": crop_mode, "interpolation": interpolation}
     if img_size is not None:
         channels = resolve_data_config({}, model=model)["input_size"][0]
         args["input_size"] = (channels, img_size, img_size)
@@ -78,18 +118,80 @@ def image_transform(config: dict[str, Any]) -> Callable:
     return create_transform(**config, is_training=False)
 
 
+class _Unreadable:
+    """What ``_ImageFiles`` returns for a file it cannot decode: the collate
+    function leaves it out of the batch and the loader records it."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+
 class _ImageFiles(Dataset):
-    def __init__(self, files: list[Path], transform: Callable, mode: str):
-        self.files, self.transform, self.mode = files, transform, mode
+    def __init__(self, files: list[Path], transform: Callable, mode: str, strict: bool = False,
+                 names: list[str] | None = None):
+        self.files, self.transform, self.mode, self.strict = files, transform, mode, strict
+        self.names = names if names is not None else [str(f) for f in files]  # as the user knows them
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> Any:
         from PIL import Image
 
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert(self.mode))
+        try:  # Image.open only reads the header; convert() decodes, and fails on a truncated file
+            with Image.open(self.files[i]) as img:
+                img = img.convert(self.mode)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... per format
+            detail = str(exc).splitlines()[0].replace(str(self.files[i]), self.names[i]) if str(exc) else "no detail"
+            reason = f"{type(exc).__name__}: {detail}"
+            if self.strict:
+                raise ValueError(f"--data: {self.names[i]} cannot be decoded as an image ({reason}); remove or "
+                                 "replace the file, or leave out --strict-data to skip such files with a "
+                                 "warning") from None
+            return _Unreadable(self.names[i], reason)
+        return self.transform(img)
+
+
+def _collate_readable(samples: list[Any]) -> tuple[torch.Tensor | None, list[_Unreadable]]:
+    """A batch of the samples that could be read (None when none could) and the failures."""
+    failed = [s for s in samples if isinstance(s, _Unreadable)]
+    readable = [s for s in samples if not isinstance(s, _Unreadable)]
+    return (default_collate(readable) if readable else None), failed
+
+
+class ImageBatches:
+    """The batches of a ``DataSource``, re-iterable: a ``DataLoader`` whose
+    batches leave out the files that cannot be decoded (recorded on the source,
+    with a warning the first time each is seen); a batch with no readable file
+    is skipped. Deterministic: the same batches, in order, on every pass."""
+
+    def __init__(self, source: "DataSource", batch_size: int | None, batch_sampler: Any = None):
+        self.source, self.dataset = source, source.dataset
+        self.batch_size = batch_size
+        if batch_sampler is None:
+            self.loader = DataLoader(source.dataset, batch_size=batch_size, shuffle=False, num_workers=0,
+                                     collate_fn=_collate_readable)
+        else:
+            self.loader = DataLoader(source.dataset, batch_sampler=batch_sampler, num_workers=0,
+                                     collate_fn=_collate_readable)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        batches = 0
+        for batch, failed in self.loader:
+            for f in failed:
+                self.source._skip(f)
+            if batch is not None:
+                batches += 1
+                yield batch
+        if batches == 0 and len(self.loader) > 0:
+            name, why = next(iter(self.source.skipped.items()), ("?", "?"))
+            raise ValueError(f"--data {self.source.path}: none of its images could be decoded "
+                             f"({len(self.source.skipped)} files, e.g. {name}: {why}); check the files")
 
 
 class _Tensors(Dataset):
@@ -111,11 +213,13 @@ class DataSource:
     one-line description of what was read. Holds the temporary directory of an
     extracted archive until ``close()`` (or the end of a ``with`` block)."""
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any], batch_size: int = 32):
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any], batch_size: int = 32, strict: bool = False):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-        self.path, self.config, self.batch_size = Path(path), config, batch_size
+        self.path, self.config, self.batch_size, self.strict = Path(path), config, batch_size, strict
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self.skipped: dict[str, str] = {}
+        """Files that could not be decoded (as the user names them) and why, in the order found."""
         kind = check_data_path(self.path)
         channels = config["input_size"][0]
         transform = image_transform(config)
@@ -135,16 +239,29 @@ class DataSource:
         root = self.path
         if kind == "archive":
             self._tmp = tempfile.TemporaryDirectory(prefix="fxzip-data-")
-            with tarfile.open(self.path) as tar:
-                tar.extractall(self._tmp.name, filter="data")
+            try:
+                with tarfile.open(self.path) as tar:
+                    tar.extractall(self._tmp.name, filter="data")
+            except tarfile.FilterError as exc:
+                self.close()
+                raise ValueError(f"--data {self.path}: the archive holds a member fxzip does not extract ({exc}): "
+                                 "only plain files and folders inside it are read; re-create it from an image "
+                                 "folder (tar czf calib.tar.gz calib/)") from None
+            except _ARCHIVE_ERRORS as exc:
+                self.close()
+                raise ValueError(_archive_error(self.path, exc)) from None
             root = Path(self._tmp.name)
         files = list(_image_files(root))
         if not files:
+            self.close()
             raise ValueError(f"--data {self.path}: the archive holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        self.dataset = _ImageFiles(files, transform, "L" if channels == 1 else "RGB")
+        names = ([f"{self.path}:{f.relative_to(root).as_posix()}" for f in files] if kind == "archive"
+                 else [str(f) for f in files])
+        self.dataset = _ImageFiles(files, transform, "L" if channels == 1 else "RGB", strict, names)
         size = "x".join(map(str, config["input_size"][1:]))
         self.description = (f"{len(files)} images from {self.path.name} at {size} "
-                            f"(resize + center crop {config.get('crop_pct')}, mean {tuple(config['mean'])}, "
+                            f"(resize + {config.get('crop_mode') or 'center'} crop {config.get('crop_pct')}, "
+                            f"{config.get('interpolation')}, mean {tuple(config['mean'])}, "
                             f"std {tuple(config['std'])})")
 
     def spread(self, max_batches: int | None, processes: int = 1) -> str | None:
@@ -163,9 +280,31 @@ class DataSource:
         return (f"--max-batches {max_batches}: {kept} of the {n} samples, evenly spaced over the data "
                 f"(one in every {n / kept:.2g}), so every part of it is seen")
 
-    def loader(self) -> DataLoader:
-        """A deterministic DataLoader (no shuffling; calibration order does not matter)."""
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
+    def loader(self, batch_sampler: Any = None) -> ImageBatches:
+        """The batches, deterministic (no shuffling; calibration order does not
+        matter), without the files that cannot be decoded (see ``skipped``).
+        ``batch_sampler``: which samples form each batch (e.g. this rank's shard,
+        ``fxzip.distributed.shard_batches``) instead of ``batch_size`` in order."""
+        return ImageBatches(self, None if batch_sampler is not None else self.batch_size, batch_sampler)
+
+    def _skip(self, failed: _Unreadable) -> None:
+        name = failed.name
+        if name in self.skipped:
+            return
+        self.skipped[name] = failed.reason
+        n = len(self.skipped)
+        if n <= WARNED_FILES:
+            warnings.warn(f"--data: {name} cannot be decoded as an image ({failed.reason}); it is skipped "
+                          "(--strict-data, or DataSource(strict=True), fails instead)", stacklevel=2)
+        elif n == WARNED_FILES + 1:
+            warnings.warn(f"--data: {name} cannot be decoded as an image either ({failed.reason}); more than "
+                          f"{WARNED_FILES} files are skipped, the rest without a warning each (the count is in "
+                          "the merge report)", stacklevel=2)
+
+    def skipped_summary(self, first: int = 5) -> dict[str, Any]:
+        """For a report: how many files were skipped and the first few, with why."""
+        return {"skipped_files": len(self.skipped),
+                "skipped_examples": [f"{name} ({why})" for name, why in list(self.skipped.items())[:first]]}
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -180,9 +319,19 @@ class DataSource:
 
 
 def open_data(path: str | os.PathLike, model: nn.Module, img_size: int | None = None,
-              batch_size: int = 32) -> DataSource:
-    """``DataSource`` of ``path`` preprocessed for ``model`` (timm data config)."""
-    return DataSource(path, data_config(model, img_size), batch_size)
+              batch_size: int = 32, *, crop_pct: float | None = None, crop_mode: str | None = None,
+              interpolation: str | None = None, strict: bool = False) -> DataSource:
+    """``DataSource`` of ``path`` preprocessed for ``model`` (timm data config,
+    with ``img_size`` and the crop options overriding it; see ``data_config``).
+    ``strict``: a file that cannot be decoded is an error instead of skipped."""
+    config = data_config(model, img_size, crop_pct, crop_mode, interpolation)
+    return DataSource(path, config, batch_size, strict)
+
+
+def _archive_error(path: Path, exc: BaseException) -> str:
+    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return (f"--data {path}: the archive is truncated or corrupt ({type(exc).__name__}: {detail}); re-create it "
+            "(e.g. tar czf calib.tar.gz calib/) or pass the image folder itself")
 
 
 def _image_files(root: Path):

@@ -167,7 +167,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             cut, cut_reason = choose_cut(stop_at, shared_cuts(gms, common, analysis), common)
     # aligned models: every model's weights under model 0's names
     states = [common.state(k) for k in range(len(gms))] if common is not None else None
-    report_warnings = _output_warnings(analysis) if cut is None else []
+    report_warnings = _output_warnings(analysis, gms, common) if cut is None else []
     plan = plan_widths(gms[0], analysis, merged_width, len(models))
     data_free = data is None
     needs_activations = method != "weight_average" and not (method in DUAL_SPACE and weight_similarity == 1.0)
@@ -334,6 +334,8 @@ def _check_args(models: Sequence[nn.Module], method: str, alpha: float, beta: fl
 
     for k, m in enumerate(models):
         check_model(m, f"model {k}")  # a state_dict or a torch.compile wrapper: says what to pass instead
+    for k, m in enumerate(models):
+        check_finite(m, f"model {k}")  # NaN would only fail later, deep in the matcher
     devices = [_device_dtype(m) for m in models]
     if len(set(devices)) > 1:
         raise ValueError(
@@ -352,6 +354,37 @@ def _check_args(models: Sequence[nn.Module], method: str, alpha: float, beta: fl
         raise ValueError("zipit with alpha=0 never lets a merged cluster re-enter the pool, so only pairs "
                          f"form; merging {len(models)} models needs alpha > 0.")
     return matcher
+
+
+NORM_STATISTICS = ("running_mean", "running_var")
+"""Buffers that must be finite like parameters (a diverged batch norm)."""
+
+
+def check_finite(model: nn.Module, who: str = "the model") -> None:
+    """Raise ``ValueError`` naming the first tensor of ``model`` that holds NaN or
+    Inf: every parameter, and every floating buffer, except that a buffer other
+    than a norm's running statistics may hold -Inf (attention masks and
+    padding biases use -Inf on purpose; NaN and +Inf are never meant). Costs one
+    sum per tensor (NaN and Inf propagate into it), and an exact count only when
+    the sum is not finite."""
+    tensors = [("parameter", n, t) for n, t in model.named_parameters()]
+    tensors += [("buffer", n, t) for n, t in model.named_buffers()]
+    for kind, name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        data = t.detach()
+        total = data.sum(dtype=torch.float32) if data.element_size() < 4 else data.sum()
+        if bool(torch.isfinite(total)):
+            continue
+        nan, pos, neg = int(torch.isnan(data).sum()), int(torch.isposinf(data).sum()), int(torch.isneginf(data).sum())
+        if kind == "buffer" and not name.endswith(NORM_STATISTICS) and nan == 0 and pos == 0:
+            continue  # -Inf only: a mask
+        if nan + pos + neg == 0:
+            continue  # the sum overflowed; every value is finite
+        what = ", ".join(f"{n} {label}" for n, label in ((nan, "NaN"), (pos, "+Inf"), (neg, "-Inf")) if n)
+        raise ValueError(f"{who}'s {kind} {name!r} holds {what} (of {data.numel()} values): the model diverged "
+                         "in training or its weights were corrupted when saved; use a checkpoint from before the "
+                         "divergence, or re-export it")
 
 
 def _device_dtype(m: nn.Module) -> tuple[str, str]:
@@ -374,8 +407,18 @@ def check_same_architecture(gms: Sequence[fx.GraphModule]) -> None:
         raise ValueError(difference)
 
 
-def _output_warnings(analysis: GraphAnalysis) -> list[str]:
+def _output_warnings(analysis: GraphAnalysis, gms: Sequence[fx.GraphModule] = (),
+                     common: CommonPart | None = None) -> list[str]:
+    """Messages for the report of a full zip about what happens to the output
+    space. A stream that also feeds the network inside is a ``warnings.warn``
+    (change the call: add a head, or cut earlier). Output layers (a classifier)
+    are averaged as if the models' outputs meant the same thing, which is what a
+    shared label space or a CLIP-style embedding wants and what two heads of
+    different tasks do not: that is said in the report every time (not as a
+    Python warning: it is not a mistake in the call), with the partial zip
+    that keeps one head per model."""
     out = []
+    heads = []
     for sp in analysis.spaces:
         if sp.touches_output and len(sp.producers) > 1 and sp.consumers:
             msg = (f"the output space ({sp.size} channels) also contains internal producers "
@@ -383,7 +426,37 @@ def _output_warnings(analysis: GraphAnalysis) -> list[str]:
                    "without matching (e.g. a backbone with num_classes=0). Add a head, or cut earlier.")
             warnings.warn(msg, stacklevel=3)
             out.append(msg)
+        elif sp.touches_output and sp.producers:
+            heads.append(sp)
+    if heads:
+        out.append(_outputs_averaged(heads, gms, analysis, common))
     return out
+
+
+def _outputs_averaged(heads: list, gms: Sequence[fx.GraphModule], analysis: GraphAnalysis,
+                      common: CommonPart | None) -> str:
+    """The report's note that the output layers were averaged, naming the last cut before them."""
+    from .report import OUTPUTS_AVERAGED
+
+    layers = sorted({p for sp in heads for p in sp.producers})
+    cut = None
+    if gms:
+        try:
+            cuts = find_cuts(gms[0], analysis) if common is None else shared_cuts(gms, common, analysis)
+            before = [c for c in cuts if c.k < c.m and c.space not in {sp.index for sp in heads}]
+            cut = before[-1] if before else None
+        except Exception:  # noqa: BLE001 - only a suggestion; the merge does not depend on it
+            cut = None
+    if cut is not None and cut.k > 0:
+        suggest = (f"the partial zip at the last cut before them keeps one head per model: "
+                   f"stop_at={cut.name!r} (fxzip merge --stop-at {cut.name}; {cut.k} of {cut.m} layers zipped)")
+    else:
+        suggest = "a partial zip keeps one head per model (stop_at=..., fxzip merge --stop-at; see fxzip.cut_points)"
+    sizes = ", ".join(f"{sp.size}" for sp in heads)
+    return (f"{OUTPUTS_AVERAGED}: the models' output layers ({', '.join(layers[:6])}{'...' if len(layers) > 6 else ''}"
+            f"; {sizes} outputs) are averaged as if their outputs meant the same thing (one label set, or a shared "
+            f"embedding). If the models are different tasks (e.g. classes 0-4 and 5-9), the merged outputs mean "
+            f"neither: {suggest}.")
 
 
 def _calibrate(gms, analysis: GraphAnalysis, spaces: list[int], batches: Batches, progress: bool,

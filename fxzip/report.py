@@ -14,10 +14,14 @@ import platform
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["SpaceReport", "MergeReport", "COLUMNS"]
+__all__ = ["SpaceReport", "MergeReport", "COLUMNS", "OUTPUTS_AVERAGED"]
 
 REPORT_FORMAT = 1
 """Version of the ``report.json`` layout (bumped when a key changes meaning)."""
+
+OUTPUTS_AVERAGED = "outputs averaged"
+"""How the report's message about a full zip's averaged output layers begins
+(``MergeReport.outputs_averaged``; ``fxzip sweep`` notes it on full-zip rows)."""
 
 COLUMNS: dict[str, str] = {
     "space": "a feature space: tensors that share one channel basis, named by role and the modules that write it "
@@ -72,6 +76,13 @@ class MergeReport:
     details: dict = field(default_factory=dict)  # method-specific, e.g. details["mudsc"]: the sweep history
     cut_reason: str = ""  # why the partial zip was cut where it was (e.g. the models differ after it)
     settings: dict = field(default_factory=dict)  # how the merge was run (filled by the CLI / fxzip.save)
+
+    @property
+    def outputs_averaged(self) -> str | None:
+        """The message saying that the models' output layers were averaged as if
+        their outputs meant the same thing (a full zip of models with heads), with
+        the partial zip that keeps one head per model; None otherwise."""
+        return next((w for w in self.warnings if w.startswith(OUTPUTS_AVERAGED)), None)
 
     @property
     def widened(self) -> bool:

@@ -8,6 +8,10 @@ partial zip). The result is a table, ``sweep.json``/``sweep.csv`` and the
 papers' accuracy-versus-layers-zipped plot (``sweep.png``).
 
 alpha/beta only matter to ``zipit``/``mudsc``; other methods run once per cut.
+
+A full zip averages the models' output layers as if their outputs meant the
+same thing; its rows carry the report's note saying so (``note``, and the
+table's footnote names the partial zip that keeps one head per model).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class SweepRow:
     accuracy: list[float] = field(default_factory=list)  # per task (model), in checkpoint order
     macs: float = 0.0           # multiply-adds per input of the merged model (all heads)
     seconds: float = 0.0        # merge + evaluation time
+    note: str = ""              # e.g. the report's "outputs averaged ..." message of a full zip
 
     @property
     def average(self) -> float:
@@ -121,7 +126,7 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], m
             method, alpha, beta = ENSEMBLE, None, None
         row = SweepRow(method, alpha, beta, stop, "full" if cut is None else cut.name,
                        depth if cut is None else cut.k, depth, accuracy, float(report.macs.get("merged", 0.0)),
-                       time.perf_counter() - t)
+                       time.perf_counter() - t, report.outputs_averaged or "")
         rows.append(row)
         say(f"[{i}/{len(points)}] {_describe(row)}: " + ", ".join(f"{a:.3f}" for a in accuracy)
             + f" (avg {row.average:.3f}, {row.seconds:.1f}s)")
@@ -192,22 +197,29 @@ def best_per_depth(rows: Sequence[SweepRow]) -> list[SweepRow]:
 
 
 def table(rows: Sequence[SweepRow]) -> str:
-    """The sweep as a text table; ``*`` marks the best average accuracy at each number of layers zipped."""
+    """The sweep as a text table; ``*`` marks the best average accuracy at each number of layers zipped;
+    ``note`` marks the full zips whose output layers were averaged (explained under the table)."""
+    from .report import OUTPUTS_AVERAGED
+
     n = max(len(r.accuracy) for r in rows)
     best = best_per_depth(rows)
-    head = ["method", "alpha", "beta", "cut", "k/m"] + [f"task{k}" for k in range(n)] + ["avg", "MACs", "time"]
+    head = ["method", "alpha", "beta", "cut", "k/m"] + [f"task{k}" for k in range(n)] + ["avg", "MACs", "time",
+                                                                                       "note"]
     body = []
     for r in rows:
         star = " *" if any(r is b for b in best) else ""
         body.append([r.method + star, "-" if r.alpha is None else f"{r.alpha:g}",
                      "-" if r.beta is None else f"{r.beta:g}", r.cut, f"{r.k}/{r.m}" if r.method != "original"
                      else "-"] + [f"{a:.3f}" for a in r.accuracy] + [f"{r.average:.3f}",
-                     f"{r.macs / 1e6:.1f}M" if r.macs else "-", f"{r.seconds:.1f}s"])
+                     f"{r.macs / 1e6:.1f}M" if r.macs else "-", f"{r.seconds:.1f}s",
+                     f"{OUTPUTS_AVERAGED} (1)" if r.note.startswith(OUTPUTS_AVERAGED) else ""])
     widths = [max(len(row[i]) for row in body + [head]) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+    averaged = next((r.note for r in rows if r.note.startswith(OUTPUTS_AVERAGED)), None)
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
                      + ["task k: accuracy of model k's output (head k of a partial zip) on eval folder k; "
-                        "k/m: weight layers zipped; * best average at its k"])
+                        "k/m: weight layers zipped; * best average at its k"]
+                     + ([f"(1) {averaged}"] if averaged else []))
 
 
 def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any], *,
@@ -241,10 +253,10 @@ def _write_files(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) 
         writer = csv.writer(f)
         n = max(len(r.accuracy) for r in rows)
         writer.writerow(["method", "alpha", "beta", "stop_at", "cut", "k", "m"] + [f"task{k}" for k in range(n)]
-                        + ["average", "macs", "seconds"])
+                        + ["average", "macs", "seconds", "note"])
         for r in rows:
             writer.writerow([r.method, r.alpha, r.beta, r.stop_at, r.cut, r.k, r.m] + r.accuracy
-                            + [r.average, r.macs, round(r.seconds, 3)])
+                            + [r.average, r.macs, round(r.seconds, 3), r.note])
     files = ["sweep.json", "sweep.csv"]
     from matplotlib.figure import Figure
 

@@ -74,7 +74,7 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
     """Everything that can be checked without building a model; returns the
     number of classes per checkpoint (None: read from the checkpoint)."""
     from .checkpoints import CHECKPOINT_SUFFIXES, check_model_name
-    from .images import check_data_path
+    from .images import check_crop_options, check_data_path
     from .matching import MATCHERS
     from .merge import DUAL_SPACE
 
@@ -108,6 +108,7 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
         _check_out(args)
     check_model_name(args.model)
     check_data_path(args.data)
+    check_crop_options(args.crop_pct, args.crop_mode, args.interpolation)
     return list(classes) * (n if len(classes) == 1 else 1) if classes is not None else [None] * n
 
 
@@ -117,6 +118,7 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
     reads the classifier's size from checkpoint k (timm models)."""
     from .checkpoints import (WRAPPER_PREFIXES, ModelSpec, build_model, classifier_classes, load_into,
                               read_state_dict, strip_prefix, wrapper_prefix)
+    from .merge import check_finite
 
     read = []  # every file is read (and refused) before any model is built
     for path in checkpoints:
@@ -144,6 +146,7 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
         if prefix:
             say(f"{path}: every key starts with {prefix!r} (a wrapper's) and the model's do not: removed")
         models.append(load_into(net, state, path))
+        check_finite(models[-1], f"checkpoint {path}")  # NaN would only fail later, deep in the matcher
         specs.append(spec)
     return models, specs
 
@@ -199,7 +202,7 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     from .io import save
     from .merge import merge
 
-    from .distributed import is_main, world_size
+    from .distributed import is_main, sum_across_ranks, world_size
 
     torch.manual_seed(args.seed)
     stop_at = parse_stop_at(args.stop_at)
@@ -212,7 +215,7 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     device = merge_device(getattr(args, "device", "cpu"))
     models = [m.to(device) for m in models]
     to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
-    with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
+    with open_data(args.data, models[0], args.img_size, args.batch_size, **_data_options(args)) as source:
         say(f"data: {source.description}")
         spread = source.spread(args.max_batches, processes)
         if spread:
@@ -226,6 +229,9 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
                        stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
                        max_batches=max_batches, progress=not args.quiet, seed=args.seed, inputs=to_device)
         input_size = list(source.config["input_size"])
+        transform = {k: source.config.get(k) for k in ("crop_pct", "crop_mode", "interpolation")}
+        skipped = source.skipped_summary()  # under torchrun: every rank's count, rank 0's names
+        skipped["skipped_files"] = sum_across_ranks(skipped["skipped_files"])
         example = next(iter(source.loader()))[:1].to(device)
     if not is_main():
         return 0
@@ -236,7 +242,9 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
         "data": str(args.data), "method": args.method, "alpha": args.alpha, "beta": args.beta,
         "stop_at": stop_at, "batch_size": args.batch_size, "max_batches": args.max_batches,
         "reset_bn": not args.no_reset_bn, "seed": args.seed, "processes": processes, "device": device.type,
+        **transform, "strict_data": args.strict_data, **skipped,
     }
+    _say_data_notes(report, skipped, args.quiet)
     say(f"saving to {args.out}")
     same = all(s == specs[0] for s in specs)
     cuts = None
@@ -264,14 +272,32 @@ def _calibration_loader(source: Any, batch_size: int, max_batches: int | None) -
     torch.distributed this rank's shard: the batches one process reads (at most
     ``max_batches``), batch i on rank i % world_size (no shuffling, no repeated
     samples: the merge is one process's on the same batches)."""
-    from torch.utils.data import DataLoader
-
     from .distributed import shard_batches, world_size
 
     if world_size() == 1:
         return source.loader(), max_batches
     sampler = shard_batches(len(source.dataset), batch_size, max_batches)
-    return DataLoader(source.dataset, batch_sampler=sampler, num_workers=0), None
+    return source.loader(batch_sampler=sampler), None
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``open_data``'s keywords from --crop-pct, --crop-mode, --interpolation and --strict-data."""
+    return {"crop_pct": args.crop_pct, "crop_mode": args.crop_mode, "interpolation": args.interpolation,
+            "strict": args.strict_data}
+
+
+def _say_data_notes(report: Any, skipped: dict[str, Any], quiet: bool = False) -> None:
+    """On stderr, even with --quiet: the files left out of the calibration, and
+    (fxzip merge --quiet; without it the report's table says it) that the
+    models' output layers were averaged."""
+    if skipped["skipped_files"]:
+        n = skipped["skipped_files"]
+        print(f"fxzip: note: {n} file{'s' if n > 1 else ''} of --data could not be decoded and "
+              f"{'were' if n > 1 else 'was'} skipped (first: {', '.join(skipped['skipped_examples'][:3])}); "
+              "--strict-data fails instead", file=sys.stderr)
+    averaged = getattr(report, "outputs_averaged", None)
+    if averaged and quiet:
+        print(f"fxzip: note: {averaged}", file=sys.stderr)
 
 
 def _cut_costs(model: Any, example: Any, report: Any, out: Path, n_models: int, say: Any) -> None:
@@ -355,7 +381,7 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
     torch.manual_seed(args.seed)
     models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say,
                                  strip=args.strip_prefix)
-    config = data_config(models[0], args.img_size)
+    config = data_config(models[0], args.img_size, args.crop_pct, args.crop_mode, args.interpolation)
     from torchvision.datasets import ImageFolder
 
     loaders = []
@@ -368,7 +394,7 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
             dataset = subset
         say(f"eval {folder}: {len(dataset)} images, {len(getattr(dataset, 'classes', []))} classes")
         loaders.append(DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0))
-    with open_data(args.data, models[0], args.img_size, args.batch_size) as source:
+    with open_data(args.data, models[0], args.img_size, args.batch_size, **_data_options(args)) as source:
         say(f"data: {source.description}")
         spread = source.spread(args.max_batches)
         if spread:
@@ -376,14 +402,18 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
         rows = sweep(models, source.loader(), loaders, args.methods, args.alphas, args.betas, stops,
                      reset_bn=False if args.no_reset_bn else None, max_batches=args.max_batches, seed=args.seed,
                      progress=not args.quiet, say=say)
+        skipped = source.skipped_summary()
     print(table(rows))
+    _say_data_notes(None, skipped)
     if args.out:
         settings = {"command": "fxzip sweep", "model": args.model, "checkpoints": list(args.checkpoints),
                     "num_classes": [s.num_classes for s in specs], "data": args.data, "eval": list(args.eval),
                     "img_size": args.img_size, "input_size": list(config["input_size"]), "methods": args.methods,
                     "alphas": args.alphas, "betas": args.betas, "stop_at": args.stop_at_values,
                     "batch_size": args.batch_size, "max_batches": args.max_batches, "eval_max": args.eval_max,
-                    "reset_bn": not args.no_reset_bn, "seed": args.seed}
+                    "reset_bn": not args.no_reset_bn, "seed": args.seed,
+                    **{k: config.get(k) for k in ("crop_pct", "crop_mode", "interpolation")},
+                    "strict_data": args.strict_data, **skipped}
         files = write_outputs(rows, Path(args.out), settings, overwrite=getattr(args, "overwrite", False))
         print(f"wrote {args.out}: {', '.join(files)}")
     return 0

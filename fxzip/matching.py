@@ -277,6 +277,25 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
       of n; the least correlated features are the ones left apart.
     """
     merged = merged_size(size, merged, n_models)
+    _check_zipit_args(n_models, alpha, beta, owner)
+    pool = _ZipPool(stats, n_models, size, beta, owner == "models")
+    total = n_models * size
+    while pool.merges < total - merged:
+        i, top = pool.best_row()
+        if top == -np.inf:
+            pool.relax()
+            continue
+        j = int(pool.best_col[i])
+        if not pool.valid(i, j):
+            pool.refresh(np.array([i]))
+            continue
+        pool.join(i, j, alpha)
+    clusters = pool.finished + [pool.members[i] for i in np.flatnonzero(pool.active).tolist()]
+    return Match(cluster_assignment(clusters, n_models, size, merged), pool.within.tolist(), pool.cross,
+                 pool.relaxed)
+
+
+def _check_zipit_args(n_models: int, alpha: float, beta: float, owner: str) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta <= 1.0:
@@ -286,116 +305,134 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
                          f"merging {n_models} models needs alpha > 0.")
     if owner not in ("models", "first"):
         raise ValueError(f"owner must be 'models' or 'first', got {owner!r}")
-    total = n_models * size
-    # The loop is thousands of small vector ops: numpy (one thread, microsecond
-    # overhead) is several times faster than torch here, and does not stall when
-    # the other cores are busy.
-    S = stats.correlation().numpy().astype(np.float64, copy=True)
-    neg = -np.inf
-    np.fill_diagonal(S, neg)
-    comp = np.zeros((total, n_models), dtype=bool)
-    comp[np.arange(total), np.arange(total) // size] = True
-    budget = np.full(n_models, math.floor(beta * (n_models - 1) * size / n_models), dtype=np.int64)
-    within = np.zeros(n_models, dtype=np.int64)
-    active = np.ones(total, dtype=bool)
-    members: dict[int, list[int]] = {i: [i] for i in range(total)}
-    finished: list[list[int]] = []
-    relaxed = False
-    for group in constant_groups(stats, n_models, size):
-        # Equal constants carry no correlation signal and tie with each other:
-        # zip them across models in channel order and take them out of the pool
-        # (this also keeps thousands of dead channels from stalling the greedy).
-        finished.append(group)
-        for f in group:
-            members.pop(f)
-        active[group] = False
-        S[group, :] = neg
-        S[:, group] = neg
-    premerged = sum(len(g) - 1 for g in finished)
-    best_val = np.full(total, neg)
-    best_col = np.zeros(total, dtype=np.int64)
-    best_across = np.zeros(total, dtype=bool)
 
-    def invalid(rows: np.ndarray) -> np.ndarray:
+
+class _ZipPool:
+    """The clusters of ZipIt!'s greedy and, per cluster row, its cached best
+    partner. The loop is thousands of small vector ops: numpy (one thread,
+    microsecond overhead) is several times faster than torch here, and does not
+    stall when the other cores are busy.
+
+    ``comp[c, m]``: cluster ``c`` holds a feature of model ``m`` (with
+    ``owner="first"`` only its lowest member's model); ``within[m]`` counts
+    model m's within-model merges against ``budget[m]``."""
+
+    def __init__(self, stats: SpaceStats, n_models: int, size: int, beta: float, own_all: bool):
+        total = n_models * size
+        self.total, self.own_all, self.relaxed = total, own_all, False
+        self.S = stats.correlation().numpy().astype(np.float64, copy=True)
+        np.fill_diagonal(self.S, -np.inf)
+        self.comp = np.zeros((total, n_models), dtype=bool)
+        self.comp[np.arange(total), np.arange(total) // size] = True
+        self.budget = np.full(n_models, math.floor(beta * (n_models - 1) * size / n_models), dtype=np.int64)
+        self.within = np.zeros(n_models, dtype=np.int64)
+        self.active = np.ones(total, dtype=bool)
+        self.members: dict[int, list[int]] = {i: [i] for i in range(total)}
+        self.finished: list[list[int]] = []
+        for group in constant_groups(stats, n_models, size):
+            # Equal constants carry no correlation signal and tie with each other:
+            # zip them across models in channel order and take them out of the pool
+            # (this also keeps thousands of dead channels from stalling the greedy).
+            self.finished.append(group)
+            for f in group:
+                self.members.pop(f)
+            self._retire(group)
+        self.merges = self.cross = sum(len(g) - 1 for g in self.finished)
+        self.best_val = np.full(total, -np.inf)
+        self.best_col = np.zeros(total, dtype=np.int64)
+        self.best_across = np.zeros(total, dtype=bool)
+        for chunk in np.array_split(np.arange(total), max(1, total // 256)):
+            self.refresh(chunk)
+
+    def _retire(self, rows) -> None:
+        self.active[rows] = False
+        self.S[rows, :] = -np.inf
+        self.S[:, rows] = -np.inf
+
+    def invalid(self, rows: np.ndarray) -> np.ndarray:
         """(rows, total): pairs that would exceed an exhausted model's budget."""
-        exhausted = within >= budget
-        bad = np.zeros((len(rows), total), dtype=bool)
+        exhausted = self.within >= self.budget
+        bad = np.zeros((len(rows), self.total), dtype=bool)
         if exhausted.any():
-            bad |= (comp[rows][:, exhausted].astype(np.uint8) @ comp[:, exhausted].T.astype(np.uint8)) > 0
-        bad |= ~active[None, :]
+            bad |= (self.comp[rows][:, exhausted].astype(np.uint8)
+                    @ self.comp[:, exhausted].T.astype(np.uint8)) > 0
+        bad |= ~self.active[None, :]
         bad[np.arange(len(rows)), rows] = True
         return bad
 
-    def refresh(rows: np.ndarray) -> None:
-        vals = np.where(invalid(rows), neg, S[rows])
-        overlap = (comp[rows].astype(np.uint8) @ comp.T.astype(np.uint8)) > 0
+    def refresh(self, rows: np.ndarray) -> None:
+        """Recompute the cached best partner of ``rows``: a pair across models
+        wins a tie with a pair within one model."""
+        neg = -np.inf
+        vals = np.where(self.invalid(rows), neg, self.S[rows])
+        overlap = (self.comp[rows].astype(np.uint8) @ self.comp.T.astype(np.uint8)) > 0
         across = np.where(overlap, neg, vals).argmax(1)
         inside = np.where(overlap, vals, neg).argmax(1)
         r = np.arange(len(rows))
         take_across = vals[r, across] >= vals[r, inside]
-        best_col[rows] = np.where(take_across, across, inside)
-        best_val[rows] = vals[r, best_col[rows]]
-        best_across[rows] = take_across
+        self.best_col[rows] = np.where(take_across, across, inside)
+        self.best_val[rows] = vals[r, self.best_col[rows]]
+        self.best_across[rows] = take_across
 
-    for chunk in np.array_split(np.arange(total), max(1, total // 256)):
-        refresh(chunk)
-    merges, cross = premerged, premerged
-    while merges < total - merged:
-        masked = np.where(active, best_val, neg)
+    def best_row(self) -> tuple[int, float]:
+        """The row of the most similar pair and its similarity; among ties a pair
+        across models, then the lowest row."""
+        masked = np.where(self.active, self.best_val, -np.inf)
         top = masked.max()
         tied = np.flatnonzero(masked == top)
-        tied_across = tied[best_across[tied]]
-        i = int(tied_across[0] if len(tied_across) else tied[0])
-        if top == neg:
-            if relaxed:
-                raise RuntimeError("zipit found no pair to merge although clusters remain")
-            relaxed = True
-            budget[:] = total
-            for chunk in np.array_split(np.flatnonzero(active), max(1, int(active.sum()) // 256)):
-                refresh(chunk)
-            continue
-        j = int(best_col[i])
-        overlap = comp[i] & comp[j]
-        if not active[j] or (overlap & (within >= budget)).any():
-            refresh(np.array([i]))
-            continue
-        within += overlap
-        cross += int(not overlap.any())
-        merges += 1
+        tied_across = tied[self.best_across[tied]]
+        return int(tied_across[0] if len(tied_across) else tied[0]), float(top)
+
+    def relax(self) -> None:
+        """No valid pair is left: lift the budget for the rest (``budget_relaxed``)."""
+        if self.relaxed:
+            raise RuntimeError("zipit found no pair to merge although clusters remain")
+        self.relaxed = True
+        self.budget[:] = self.total
+        for chunk in np.array_split(np.flatnonzero(self.active), max(1, int(self.active.sum()) // 256)):
+            self.refresh(chunk)
+
+    def valid(self, i: int, j: int) -> bool:
+        """The cached pair is still allowed (``j`` may have merged, a budget may be spent)."""
+        return bool(self.active[j]) and not (self.comp[i] & self.comp[j] & (self.within >= self.budget)).any()
+
+    def join(self, i: int, j: int, alpha: float) -> None:
+        """Merge clusters ``i`` and ``j`` into the lower index; with ``alpha > 0``
+        it re-enters the pool with ``alpha * min`` of its parents' similarities."""
+        overlap = self.comp[i] & self.comp[j]
+        self.within += overlap
+        self.cross += int(not overlap.any())
+        self.merges += 1
         keep, drop = min(i, j), max(i, j)
-        merged_row = alpha * np.minimum(S[i], S[j]) if alpha > 0 else None
-        members[keep] = members[keep] + members.pop(drop)
-        if owner == "models":  # "first": keep stays the lowest member, so its model owns the cluster
-            comp[keep] |= comp[drop]
-        active[drop] = False
-        S[drop, :] = neg
-        S[:, drop] = neg
-        if merged_row is not None:
-            merged_row[keep] = neg
-            merged_row[drop] = neg
-            S[keep, :] = merged_row
-            S[:, keep] = merged_row
+        merged_row = alpha * np.minimum(self.S[i], self.S[j]) if alpha > 0 else None
+        self.members[keep] = self.members[keep] + self.members.pop(drop)
+        if self.own_all:  # "first": keep stays the lowest member, so its model owns the cluster
+            self.comp[keep] |= self.comp[drop]
+        self._retire(drop)
+        if merged_row is None:
+            self.finished.append(self.members.pop(keep))
+            self._retire(keep)
         else:
-            active[keep] = False
-            finished.append(members.pop(keep))
-            S[keep, :] = neg
-            S[:, keep] = neg
-        stale = ((best_col == i) | (best_col == j)) & active
+            merged_row[keep] = merged_row[drop] = -np.inf
+            self.S[keep, :] = merged_row
+            self.S[:, keep] = merged_row
+        stale = ((self.best_col == i) | (self.best_col == j)) & self.active
         if merged_row is not None:
             stale[keep] = True
-            # The re-entering cluster beats a row's cached best only where alpha*min
-            # exceeds it (rows whose similarities are all negative, or exhausted).
-            better = (merged_row > best_val) & active & ~stale
-            if better.any():
-                rows = np.flatnonzero(better)
-                ok = ~(comp[rows] & comp[keep] & (within >= budget)).any(1)
-                best_val[rows[ok]] = merged_row[rows[ok]]
-                best_col[rows[ok]] = keep
-                best_across[rows[ok]] = ~(comp[rows[ok]] & comp[keep]).any(1)
+            self._offer(keep, merged_row, stale)
         if stale.any():
-            refresh(np.flatnonzero(stale))
-    clusters = finished + [members[i] for i in np.flatnonzero(active).tolist()]
-    return Match(cluster_assignment(clusters, n_models, size, merged), within.tolist(), cross, relaxed)
+            self.refresh(np.flatnonzero(stale))
+
+    def _offer(self, keep: int, merged_row: np.ndarray, stale: np.ndarray) -> None:
+        """The re-entering cluster beats a row's cached best only where alpha*min
+        exceeds it (rows whose similarities are all negative, or exhausted)."""
+        better = (merged_row > self.best_val) & self.active & ~stale
+        if better.any():
+            rows = np.flatnonzero(better)
+            ok = ~(self.comp[rows] & self.comp[keep] & (self.within >= self.budget)).any(1)
+            self.best_val[rows[ok]] = merged_row[rows[ok]]
+            self.best_col[rows[ok]] = keep
+            self.best_across[rows[ok]] = ~(self.comp[rows[ok]] & self.comp[keep]).any(1)
 
 
 def mean_matched_correlation(corr: torch.Tensor, assign: torch.Tensor) -> float:

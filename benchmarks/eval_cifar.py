@@ -64,6 +64,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 import cifar_data  # noqa: E402
+
 import fxzip  # noqa: E402
 from fxzip.evaluate import Ensemble, EvalResult, count_macs, evaluate  # noqa: E402
 from fxzip.zoo import resnet20  # noqa: E402

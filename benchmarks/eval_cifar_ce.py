@@ -40,6 +40,7 @@ ROOT = HERE.parent
 
 import cifar_data  # noqa: E402
 import eval_cifar as ev  # noqa: E402
+
 import fxzip  # noqa: E402
 from fxzip.evaluate import Ensemble, evaluate  # noqa: E402
 from fxzip.zoo import resnet20  # noqa: E402

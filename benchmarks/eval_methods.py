@@ -62,6 +62,7 @@ ROOT = HERE.parent
 
 import cifar_data  # noqa: E402
 import eval_cifar as ec  # noqa: E402  (helper-6's protocol helpers, reused)
+
 import fxzip  # noqa: E402
 from fxzip.evaluate import Ensemble, count_macs  # noqa: E402
 from fxzip.zoo import cifar_vit, resnet20  # noqa: E402

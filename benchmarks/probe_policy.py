@@ -42,6 +42,7 @@ ROOT = HERE.parent
 
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402
+
 import fxzip  # noqa: E402
 from fxzip.evaluate import Ensemble  # noqa: E402
 from fxzip.probes import PROBE_POLICIES  # noqa: E402

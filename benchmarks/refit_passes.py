@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import os
+import platform
 import shlex
 import sys
 import time
@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402
 import probe_policy as pp  # noqa: E402
+
 import fxzip  # noqa: E402
 from fxzip.passes.refit import refit  # noqa: E402
 from fxzip.passes.side_by_side import side_by_side  # noqa: E402

@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402
 import probe_policy as pp  # noqa: E402
+
 import fxzip  # noqa: E402
 from fxzip.matching import MATCHERS, zipit  # noqa: E402
 

@@ -10,9 +10,9 @@ model are ``warnings.warn``-ed; errors are raised. The library never prints.
 """
 import logging as _logging
 
+from .analysis import AnalysisError, FeatureSpace, GraphAnalysis, analyze
 from .cuts import CutPoint, cut_points
 from .io import load, save
-from .analysis import AnalysisError, FeatureSpace, GraphAnalysis, analyze
 from .matching import MATCHERS, register_matcher
 from .merge import Calibration, calibrate, merge
 from .norm import reset_norm_stats
@@ -29,5 +29,5 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 __all__ = [
     "merge", "calibrate", "save", "load", "Calibration", "cut_points", "CutPoint", "permute_channels", "reset_norm_stats", "trace", "analyze", "register_rule",
     "register_leaf_module", "register_matcher", "MATCHERS", "MergeReport", "FeatureSpace", "ProbePolicy", "PROBE_POLICIES",
-    "GraphAnalysis", "AnalysisError", "TraceError",
+    "GraphAnalysis", "AnalysisError", "TraceError", "__version__",
 ]

@@ -116,8 +116,16 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
                 say: Any = print, strip: str | None = None) -> tuple[list[Any], list[Any]]:
     """Build one model per checkpoint and load it strictly; ``classes[k]`` None
     reads the classifier's size from checkpoint k (timm models)."""
-    from .checkpoints import (WRAPPER_PREFIXES, ModelSpec, build_model, classifier_classes, load_into,
-                              read_state_dict, strip_prefix, wrapper_prefix)
+    from .checkpoints import (
+        WRAPPER_PREFIXES,
+        ModelSpec,
+        build_model,
+        classifier_classes,
+        load_into,
+        read_state_dict,
+        strip_prefix,
+        wrapper_prefix,
+    )
     from .merge import check_finite
 
     read = []  # every file is read (and refused) before any model is built
@@ -197,12 +205,11 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     say = _Say(args.quiet)
     import torch
 
-    from .version import __version__
+    from .distributed import is_main, sum_across_ranks, world_size
     from .images import open_data
     from .io import save
     from .merge import merge
-
-    from .distributed import is_main, sum_across_ranks, world_size
+    from .version import __version__
 
     torch.manual_seed(args.seed)
     stop_at = parse_stop_at(args.stop_at)
@@ -343,8 +350,8 @@ def _eval_folder(path: str) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``fxzip sweep``: one calibration, a grid of merges, each scored per task."""
-    from .merge import DUAL_SPACE
     from .matching import MATCHERS
+    from .merge import DUAL_SPACE
 
     args.method = args.methods[0]
     args.alpha, args.beta = args.alphas[0], args.betas[0]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .align import CommonPart, GraphView, meta_shape, shape_nodes
-from .analysis import GraphAnalysis, analyze
+from .analysis import GraphAnalysis
 from .layout import Layout, Segment
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ def cut_points(model: nn.Module, example_inputs: Any = None, *others: nn.Module)
     With ``others``: the cut points ``model`` shares with every one of them
     (models that agree up to some layer and differ after it, e.g. another head).
     """
-    from .trace import default_example
-    from .trace import trace
+    from .trace import default_example, trace
     from .trunk import analyze_models
 
     example = default_example(model) if example_inputs is None else example_inputs

@@ -15,25 +15,25 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .align import CommonPart, graph_difference
+from . import distributed as _dist
+from .align import CommonPart
 from .analysis import GraphAnalysis
 from .cuts import choose_cut, find_cuts, resolve_cut, shared_cuts
 from .data import Batches
-from . import distributed as _dist
 from .grouped import blocks_of, identity_match, match_all, match_units
-from .mudsc import dual_space_match
-from .trace import default_example
-from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy, probe_policy
 from .matching import MATCHERS, Similarity, get_matcher, mean_matched_correlation
+from .mudsc import dual_space_match
 from .passes.fold import fold
 from .passes.observe import OBSERVERS, insert_observers
-from .passes.refit import DEFAULT_RIDGE, refit as refit_weights, refit_heads
+from .passes.refit import DEFAULT_RIDGE, refit_heads
+from .passes.refit import refit as refit_weights
 from .passes.repair import repair as repair_variance
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
 from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_node_names
+from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy, probe_policy
 from .report import MergeReport, SpaceReport
-from .trace import trace
+from .trace import default_example, trace
 from .trunk import analyze_models
 from .widths import WidthPlan, plan_widths
 

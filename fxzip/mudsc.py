@@ -52,9 +52,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis import GraphAnalysis
+from .assignment import axis_index, merged_features, merged_length
 from .layout import Segment
 from .matching import Match, Similarity, mean_matched_correlation, weight_average
-from .assignment import axis_index, merged_features, merged_length
 
 __all__ = ["dual_space_match", "unit_blocks", "weight_representation", "weight_correlation", "SKIPPED_LEAVES"]
 

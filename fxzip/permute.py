@@ -14,8 +14,8 @@ from torch import nn
 
 from .analysis import GraphAnalysis, analyze
 from .grouped import blocks_of
-from .trace import default_example, trace
 from .passes.fold import fold
+from .trace import default_example, trace
 
 __all__ = ["permute_channels", "random_assignment"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import platform
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 

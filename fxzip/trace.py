@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import operator
-import io
 from typing import Any, Callable, Sequence
 
 import torch

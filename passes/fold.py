@@ -15,7 +15,6 @@ import torch.fx as fx
 
 from fxzip.analysis import AxisRole, GraphAnalysis
 from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_features, merged_length
-from fxzip.layout import Segment
 
 __all__ = ["axis_index", "all_tensors", "fold_state", "fold", "merged_features", "merged_length", "cluster_sizes"]
 

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
+from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
-from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
-from fxzip.passes.waves import depth_levels, run_batches, truncated
+from fxzip.passes.waves import depth_levels, truncated
 
 __all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit", "refit_heads"]
 

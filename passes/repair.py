@@ -51,9 +51,9 @@ import torch.fx as fx
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
+from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.distributed import sum_across_ranks
 from fxzip.layout import Layout
-from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.passes.reset_norm import batch_norm_nodes
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 

@@ -37,7 +37,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxzip.distributed import active as _distributed, sum_across_ranks, sum_fields_across_ranks
+from fxzip.distributed import active as _distributed
+from fxzip.distributed import sum_across_ranks, sum_fields_across_ranks
 
 __all__ = ["batch_norm_nodes", "reset_batch_norm"]
 

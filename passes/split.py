@@ -18,10 +18,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxzip.analysis import GraphAnalysis
 from fxzip.align import CommonPart
-from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gathering_readers
+from fxzip.analysis import GraphAnalysis
 from fxzip.assignment import axis_index, merged_length
+from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gathering_readers
+
 from .widen import replace_tensors
 
 __all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "trunk_node_names"]

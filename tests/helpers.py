@@ -9,8 +9,6 @@ is dead by accident and normalised activations stay O(1)).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 

@@ -14,14 +14,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip.analysis import AnalysisError, analyze
 from fxzip.permute import random_assignment
 from fxzip.trace import trace
-
-from helpers import assert_same_function, batches, prepared
 
 DIM, HEADS, SIDE = 32, 4, 3
 TOKENS = SIDE * SIDE

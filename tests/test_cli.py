@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import batches, max_rel_diff, prepared
 
 import fxzip
 from fxzip.cli import main
-from helpers import batches, max_rel_diff, prepared
 
 timm = pytest.importorskip("timm")
 Image = pytest.importorskip("PIL.Image")

@@ -13,12 +13,10 @@ import pytest
 import timm
 import torch
 import torchvision
-
+from helpers import TOL, assert_same_function, batches, max_rel_diff, prepared
 from torch import nn
 
 import fxzip
-
-from helpers import assert_same_function, batches, max_rel_diff, outputs, prepared, TOL
 
 
 def channel_flip(x: torch.Tensor) -> torch.Tensor:

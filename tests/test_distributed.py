@@ -19,18 +19,17 @@ import os
 import sys
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import batches, max_rel_diff, prepared
 
 import fxzip
 from fxzip import distributed as fd
 from fxzip import zoo
-from helpers import batches, max_rel_diff, prepared
 
 WORLD = 2
 SPAWN_TIMEOUT = 240  # seconds for the whole spawn (imports included); a hang fails instead of blocking CI

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip.layout import Layout
 from fxzip.rules import group_aware, lookup_function_rule, rule_registered
 from fxzip.rules.shape import channel_range
-from helpers import assert_same_function, batches, prepared
 
 builtin_roll = lookup_function_rule(torch.roll)  # fxzip's own: rolls over axes without channels
 

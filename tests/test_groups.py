@@ -9,14 +9,13 @@ import copy
 import pytest
 import timm
 import torch
+from helpers import assert_heads_compute, assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip.analysis import analyze
 from fxzip.permute import random_assignment
 from fxzip.trace import trace
-
-from helpers import assert_heads_compute, assert_same_function, batches, prepared
 
 # timm models named by the issue, at CPU-test sizes (64 px: 16 tokens for the ViTs; 4 of their
 # 12 blocks, since every block is alike and each one adds the same spaces to match)

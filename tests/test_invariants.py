@@ -8,11 +8,10 @@ import copy
 import pytest
 import timm
 import torch
+from helpers import assert_same_function, batches, prepared
 
 import fxzip
 from fxzip import zoo
-
-from helpers import assert_same_function, batches, prepared
 
 MATCHERS = ["weight_average", "permute", "zipit"]
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip.checkpoints import ModelSpec
 from fxzip.program_check import UnsafeProgramError, check_program
-from helpers import batches, prepared
 
 timm = pytest.importorskip("timm")
 

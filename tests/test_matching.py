@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from fxzip.matching import (MATCHERS, cluster_assignment, get_matcher, mean_matched_correlation, permute,
-                            weight_average, zipit)
+from fxzip.matching import (
+    MATCHERS,
+    cluster_assignment,
+    get_matcher,
+    mean_matched_correlation,
+    permute,
+    weight_average,
+    zipit,
+)
 from fxzip.stats import SpaceObserver, SpaceStats
-
 
 # ----------------------------------------------------------------- helpers
 

@@ -13,13 +13,12 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_function, batches, max_rel_diff, outputs, prepared
 from torch import nn
 
 import fxzip
 from fxzip import zoo
 from fxzip.matching import matcher_registered
-
-from helpers import assert_same_function, batches, max_rel_diff, outputs, prepared
 
 SHAPE = (16, 3, 16, 16)
 

@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_function, batches, redraw
 from torch import nn
 
 import fxzip
@@ -21,9 +22,6 @@ from fxzip.matching import Similarity, mean_matched_correlation, permute, zipit
 from fxzip.mudsc import dual_space_match, unit_blocks, weight_correlation
 from fxzip.passes.fold import fold
 from fxzip.trace import trace
-
-from helpers import assert_same_function, batches, redraw
-
 
 # ----------------------------------------------------------------- helpers
 

@@ -10,12 +10,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip.passes.fold import all_tensors
-
-from helpers import assert_same_function, batches, prepared
 
 
 class StarReLUNet(nn.Module):

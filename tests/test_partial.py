@@ -7,12 +7,11 @@ import io
 import pytest
 import timm
 import torch
+from helpers import assert_heads_compute, assert_same_function, batches, max_rel_diff, outputs, prepared
 
 import fxzip
 from fxzip import zoo
 from fxzip.evaluate import count_macs
-
-from helpers import assert_heads_compute, assert_same_function, batches, max_rel_diff, outputs, prepared
 
 
 @pytest.fixture(scope="module")

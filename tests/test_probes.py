@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_function, batches, capture, prepared
 
 import fxzip
 from fxzip import zoo
 from fxzip.probes import PROBE_POLICIES, ProbePolicy, select_probes
-
-from helpers import assert_same_function, batches, capture, prepared
 
 
 def _analysis(model, x):

@@ -10,14 +10,13 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_heads_compute, assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip.analysis import analyze
 from fxzip.refine import Refinement
 from fxzip.trace import trace
-
-from helpers import assert_heads_compute, assert_same_function, batches, prepared
 
 
 class CSPBlock(nn.Module):

@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_heads_compute, assert_same_function, batches, prepared
 from torch import nn
 
 import fxzip
 from fxzip import zoo
-
-from helpers import assert_heads_compute, assert_same_function, batches, prepared
 
 
 class TwoLayer(nn.Module):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_function, prepared
 from torch import nn
 
 import fxzip
 from fxzip.matching import MATCHERS, matcher_registered, unregister_matcher, weight_average
 from fxzip.rules import rule_registered, unregister_rule
 from fxzip.rules.registry import _MODULE_RULES
-from helpers import assert_same_function, prepared
 
 
 class Doubling(nn.Module):

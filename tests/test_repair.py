@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from helpers import assert_same_function, batches, capture, prepared
 from torch import nn
 
 import fxzip
 from fxzip import zoo
-
-from helpers import assert_same_function, batches, capture, prepared
 
 REL = 1e-4
 

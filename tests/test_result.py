@@ -7,12 +7,11 @@ import copy
 import pytest
 import timm
 import torch
+from helpers import assert_same_function, batches, max_rel_diff, prepared
 from torch import nn
 
 import fxzip
 from fxzip import zoo
-
-from helpers import assert_same_function, batches, max_rel_diff, outputs, prepared
 
 
 def _two_resnet20(data):

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from helpers import batches, max_rel_diff, prepared
 
 import fxzip
 from fxzip.checkpoints import ModelSpec
 from fxzip.io import load_report
 from fxzip.report import MergeReport
-from helpers import batches, max_rel_diff, prepared
 
 timm = pytest.importorskip("timm")
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
+from helpers import assert_same_function, batches, prepared, redraw
 from torch import nn
 
 import fxzip
-from helpers import assert_same_function, batches, prepared, redraw
 
 trace_module = importlib.import_module("fxzip.trace")  # fxzip.trace is the function
 

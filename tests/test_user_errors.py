@@ -88,6 +88,7 @@ def test_no_torch_fx_traceback_on_stderr_before_the_error(capsys):
 def test_timm_and_torchvision_resnet18_are_one_architecture_to_the_check():
     """Same structure, other names (act1 vs relu, same op and shape): not a difference."""
     import torchvision
+
     from fxzip.merge import check_same_architecture
 
     x = torch.randn(2, 3, 32, 32)

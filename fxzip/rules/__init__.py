@@ -19,8 +19,16 @@ marked ``@group_aware`` see them; any other rule stops the analysis.
 """
 from __future__ import annotations
 
-from .registry import (Rule, group_aware, lookup_function_rule, lookup_rule, map_aware, register_rule,
-                       rule_registered, unregister_rule)
+from .registry import (
+    Rule,
+    group_aware,
+    lookup_function_rule,
+    lookup_rule,
+    map_aware,
+    register_rule,
+    rule_registered,
+    unregister_rule,
+)
 
 __all__ = ["register_rule", "unregister_rule", "rule_registered", "lookup_rule", "lookup_function_rule",
            "group_aware", "map_aware", "Rule"]

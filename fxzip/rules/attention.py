@@ -20,9 +20,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..layout import NO_CHANNELS, Layout, describe
-from .registry import group_aware, map_aware, register_rule
 from .elementwise import binary
 from .heads import per_head, shared_head_basis
+from .registry import group_aware, map_aware, register_rule
 from .shape import channel_range
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 
 from ..layout import NO_CHANNELS, Layout
-from .registry import group_aware, register_rule
 from .heads import shared_head_basis
+from .registry import group_aware, register_rule
 
 _AXES = ("dim", "group_dim", "stack_dim")
 
@@ -96,7 +96,7 @@ def _two(ctx, node: fx.Node, equation: str, operands: list, lays: list[Layout], 
     order = [0, 1] if (lays[0].has_channels or not lays[1].has_channels) else [1, 0]
     if not lays[0].has_channels and not lays[1].has_channels and not lays[0].grouped:
         order = [1, 0]
-    (a, b), (la, lb), (sa, sb), (ta, tb) = ([operands[i] for i in order], [lays[i] for i in order],
+    (a, b), (la, lb), (_, sb), (ta, tb) = ([operands[i] for i in order], [lays[i] for i in order],
                                             [ins[i] for i in order], [(ta, tb)[i] for i in order])
     c, g = ta.get("dim"), ta.get("group_dim")
     if g is not None and tb.get("group_dim") not in (None, g):

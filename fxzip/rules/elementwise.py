@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, describe
-from .registry import group_aware, map_aware, register_rule
 from .heads import per_head, position_in_head
+from .registry import group_aware, map_aware, register_rule
 from .shape import as_stack, join_stack
 
 _UNARY_MODULES = (

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, Segment, describe
-from .registry import group_aware, register_rule
 from .heads import shared_head_basis
+from .registry import group_aware, register_rule
 
 
 def _module_param(ctx, node: fx.Node, attr: str) -> str | None:

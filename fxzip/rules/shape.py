@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
-from .registry import group_aware, map_aware, register_rule
 from .heads import link_heads, shared_head_basis
+from .registry import group_aware, map_aware, register_rule
 from .segments import channel_range
 
 _AXIS_WORDS = {"dim": "channel axis", "group_dim": "group axis (heads)", "stack_dim": "stacked axis (q/k/v)"}

@@ -308,7 +308,10 @@ def test_merge_a_model_from_a_factory_and_tensor_data(tmp_path, monkeypatch, cap
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     data = batches((8, 3, 16, 16), 2)
+    sys.modules.pop("mynets", None)  # another test's mynets may be cached in this worker
     import mynets
+
+    monkeypatch.setitem(sys.modules, "mynets", mynets)  # and this one is gone after the test
 
     models = [prepared(mynets.make(num_classes=4), data, seed) for seed in (0, 1)]
     for seed, model in enumerate(models):

@@ -56,6 +56,7 @@ def root(tmp_path_factory):
             return small_cnn(out_dim=num_classes, in_channels=3, width=16)
     """))
     sys.path.insert(0, str(root))
+    sys.modules.pop("mynets", None)  # another test's mynets (other widths) may be cached in this worker
     import mynets
 
     data = batches((16, 3, 16, 16), 2)

@@ -273,6 +273,17 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         except Exception as exc:
             raise _run_error(model, data_shapes, exc) from exc
         return gm
+    try:
+        return _trace_copy(model, example, data_shapes)
+    except Exception as exc:  # a clearer reason when the images do not fit a fixed-size patch embedding
+        problem = _image_size_problem(model, example)
+        if problem is None:
+            raise
+        raise ValueError(problem) from exc
+
+
+def _trace_copy(model: nn.Module, example: tuple, data_shapes: list) -> fx.GraphModule:
+    """Symbolic tracing of a copy, else concrete-shape tracing (see ``trace``)."""
     copied = copy.deepcopy(model).eval()
     symbolic_error: Exception | None = None
     try:
@@ -311,8 +322,8 @@ def check_model(model: Any, which: str = "the model") -> None:
 def check_inputs(model: nn.Module, example: tuple) -> None:
     """Catch, before tracing, inputs the model cannot take and that torch would
     report as something else: a dtype that is not the model's (``expected scalar
-    type Double``), and a timm ViT built for another image size (an assertion
-    that prints a Proxy)."""
+    type Double``). (A ViT built for another image size is diagnosed when tracing
+    fails: ``_image_size_problem``.)"""
     params = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     dtype = params[0].dtype if params else None
     for t in example:
@@ -324,17 +335,25 @@ def check_inputs(model: nn.Module, example: tuple) -> None:
         if t.is_floating_point() and t.dtype != dtype:
             raise TypeError(f"the data is {t.dtype} but the model's parameters are {dtype}: convert one to the "
                             f"other, e.g. x.to({dtype}) in the DataLoader (or model.to({t.dtype}))")
+
+
+def _image_size_problem(model: nn.Module, example: tuple) -> str | None:
+    """Why tracing failed when a timm patch embedding with a fixed image size does
+    not match the images (its assertion would print a Proxy). Asked only after a
+    failure: inner patch embeddings (Visformer's ``patch_embed1..3``) are built for
+    the feature maps they read, not for the images, and trace fine."""
     images = next((t for t in example if isinstance(t, torch.Tensor) and t.dim() == 4), None)
     if images is None:
-        return
+        return None
     for name, m in model.named_modules():
         size = getattr(m, "img_size", None)
         if getattr(m, "strict_img_size", False) and isinstance(size, tuple) and len(size) == 2 \
                 and not getattr(m, "dynamic_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
             h, w = images.shape[-2:]
-            raise ValueError(f"'{name}' ({type(m).__name__}) was built for {size[0]}x{size[1]} images but the data "
-                             f"is {h}x{w}: build the model for the data's size, e.g. timm.create_model(NAME, "
-                             f"img_size={h if h == w else (h, w)}), or resize the data to {size[0]}x{size[1]}")
+            return (f"'{name}' ({type(m).__name__}) was built for {size[0]}x{size[1]} images but the data is "
+                    f"{h}x{w}: build the model for the data's size, e.g. timm.create_model(NAME, "
+                    f"img_size={h if h == w else (h, w)}), or resize the data to {size[0]}x{size[1]}")
+    return None
 
 
 def _concrete(model: nn.Module, example: tuple, data_shapes: list,

@@ -12,9 +12,9 @@ num_classes=10[, img_size=S])``; nothing is downloaded) a fresh subprocess
 0. create: build the model and run it eagerly on a batch at its size;
    trace + analysis: ``fxzip.trace.trace`` and ``fxzip.analysis.analyze``, which
    also give the spaces and the probe points used to size the calibration set;
-   prepare: every parameter and floating buffer re-drawn at O(1) scale (the
-   recipe of ``tests/helpers.py::redraw``, copied here because tests/ is not
-   installed), then batch-norm statistics recomputed with ``fxzip.reset_norm_stats``.
+   prepare: every parameter and floating buffer re-drawn at O(1) scale
+   (``fxzip.zoo.redraw``, the tests' recipe), then batch-norm statistics recomputed with
+   ``fxzip.reset_norm_stats``.
 1. identity: ``fxzip.merge(model, deepcopy(model), data=batches, method="zipit",
    reset_bn=False)`` must compute the model's function on held-out batches:
    max|out_merged - out_model| <= 1e-5 * max|out_model| (in float32, or where that
@@ -102,30 +102,6 @@ OUTCOMES = ("pass", "fail-identity", "fail-permute", "nothing-permuted", "fail-r
 
 # ----------------------------------------------------------------------------- model and data
 
-def redraw(model, seed: int = 0):
-    """Re-draw every floating parameter/buffer at O(1) scale, in place (tests/helpers.py::redraw).
-
-    timm zero-initialises the last norm of residual branches and starts layer
-    scales at 1e-6, so on a fresh model a wrong fold would be invisible."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "running_var":
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif leaf == "running_mean" or leaf == "bias":
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
-            elif t.dim() <= 1 or "gamma" in leaf or "token" in leaf or "pos" in leaf or "scale" in leaf:
-                sign = torch.where(torch.rand(t.shape, generator=gen) < 0.2, -1.0, 1.0)
-                t.copy_(sign * (torch.rand(t.shape, generator=gen) + 0.5))
-            else:
-                fan_in = t[0].numel()
-                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-    return model
 
 
 def create(name: str, size: int, seed: int = 0):
@@ -426,6 +402,8 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     # prepare: O(1) parameters, batch-norm statistics on the data ------------------------
     try:
         with _Stage(rec, "prepare", "prepare", persist):
+            from fxzip.zoo import redraw
+
             redraw(model, seed)
             fxzip.reset_norm_stats(model, data, max_batches=8)
     except Exception as exc:  # noqa: BLE001

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["resnet20", "vgg_cnn", "mlp", "small_cnn", "group_norm_groups", "cifar_vit"]
+__all__ = ["resnet20", "vgg_cnn", "mlp", "small_cnn", "group_norm_groups", "cifar_vit", "redraw"]
 
 
 # --------------------------------------------------------------------------- #
@@ -285,3 +285,30 @@ def cifar_vit(width: int = 1, out_dim: int = 384, patch_size: int = 4, depth: in
     return VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=3, num_classes=out_dim,
                              global_pool="token", embed_dim=96 * w, depth=depth, num_heads=3 * w,
                              mlp_ratio=mlp_ratio)
+
+
+def redraw(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw every floating parameter/buffer of ``model`` in place at O(1) scale.
+
+    A test or benchmark fixture: timm zero-initialises the last norm of every
+    residual branch and starts layer scales at 1e-6, so on a fresh model a wrong
+    fold is invisible. Running variances in [0.5, 1.5), means and biases
+    N(0, 0.3^2), vectors and scales +-[0.5, 1.5) with 20 % negative, weights
+    He-normal; deterministic for ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "running_var":
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif leaf == "running_mean" or leaf == "bias":
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+            elif t.dim() <= 1 or "gamma" in leaf or "token" in leaf or "pos" in leaf or "scale" in leaf:
+                sign = torch.where(torch.rand(t.shape, generator=gen) < 0.2, -1.0, 1.0)
+                t.copy_(sign * (torch.rand(t.shape, generator=gen) + 0.5))
+            else:
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+    return model

@@ -13,29 +13,11 @@ import torch
 from torch import nn
 
 import fxzip
+from fxzip.zoo import redraw  # noqa: F401  (the tests import it from here)
 
 TOL = 1e-5
 
 
-def redraw(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-draw every floating parameter/buffer of ``model`` in place at O(1) scale."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "running_var":
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif leaf == "running_mean" or leaf == "bias":
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
-            elif t.dim() <= 1 or "gamma" in leaf or "token" in leaf or "pos" in leaf or "scale" in leaf:
-                sign = torch.where(torch.rand(t.shape, generator=gen) < 0.2, -1.0, 1.0)
-                t.copy_(sign * (torch.rand(t.shape, generator=gen) + 0.5))
-            else:
-                fan_in = t[0].numel()
-                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-    return model
 
 
 def batches(shape: tuple[int, ...], n: int, seed: int = 0) -> list[torch.Tensor]:

@@ -77,6 +77,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    """How --data images are read: the same flags for merge and sweep."""
+    parser.add_argument("--crop-pct", type=float, metavar="F",
+                        help="fraction of the resized image the center crop keeps, in (0, 1] (timm's crop_pct; "
+                        "default: the model's data config)")
+    parser.add_argument("--crop-mode", metavar="MODE",
+                        help="timm's crop_mode: center, squash or border (default: the model's data config)")
+    parser.add_argument("--interpolation", metavar="NAME",
+                        help="resize interpolation, as timm names it: nearest, bilinear, bicubic, box, hamming, "
+                        "lanczos (default: the model's data config)")
+    parser.add_argument("--strict-data", action="store_true",
+                        help="fail on the first image file that cannot be decoded (default: skip it with a warning "
+                        "and count it in the report)")
+
+
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     from fxzip.commands import merge_defaults
 
@@ -108,17 +123,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--num-classes", type=int, nargs="+", metavar="N", help="as for fxzip merge")
     sweep.add_argument("--strip-prefix", metavar="PREFIX", help="as for fxzip merge")
     sweep.add_argument("--img-size", type=int, metavar="N", help="as for fxzip merge")
-    sweep.add_argument("--crop-pct", type=float, metavar="F",
-                       help="fraction of the resized image the center crop keeps, in (0, 1] (timm's crop_pct; "
-                       "default: the model's data config)")
-    sweep.add_argument("--crop-mode", metavar="MODE",
-                       help="timm's crop_mode: center, squash or border (default: the model's data config)")
-    sweep.add_argument("--interpolation", metavar="NAME",
-                       help="resize interpolation, as timm names it: nearest, bilinear, bicubic, box, hamming, "
-                       "lanczos (default: the model's data config)")
-    sweep.add_argument("--strict-data", action="store_true",
-                       help="fail on the first image file that cannot be decoded (default: skip it with a warning "
-                       "and count it in the report)")
+    _add_image_options(sweep)
     sweep.add_argument("--batch-size", type=int, default=32, help="calibration and evaluation batch size")
     sweep.add_argument("--max-batches", type=int,
                        help="calibrate on at most this many batches (per process), of samples spread evenly "
@@ -179,17 +184,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--stop-at", metavar="K|NAME",
                        help="partial zip: zip the first K weight layers (the last cut with k <= K), or stop at the "
                        "cut point NAME (see fxzip inspect)")
-    merge.add_argument("--crop-pct", type=float, metavar="F",
-                       help="fraction of the resized image the center crop keeps, in (0, 1] (timm's crop_pct; "
-                       "default: the model's data config)")
-    merge.add_argument("--crop-mode", metavar="MODE",
-                       help="timm's crop_mode: center, squash or border (default: the model's data config)")
-    merge.add_argument("--interpolation", metavar="NAME",
-                       help="resize interpolation, as timm names it: nearest, bilinear, bicubic, box, hamming, "
-                       "lanczos (default: the model's data config)")
-    merge.add_argument("--strict-data", action="store_true",
-                       help="fail on the first image file that cannot be decoded (default: skip it with a warning "
-                       "and count it in the report)")
+    _add_image_options(merge)
     merge.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     merge.add_argument("--max-batches", type=int,
                        help="calibrate on at most this many batches (per process), of samples spread evenly "

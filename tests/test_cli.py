@@ -29,14 +29,7 @@ SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, here and in the subprocesses (ENV): on a shared 2-core
-    machine two threads oversubscribe and slow these small convs many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for these small convs
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ FULL_FILES = ["correlation.png", "cuts.png", "model.safetensors", "report.json",
 PARTIAL_FILES = ["correlation.png", "cuts.png", "model.pt2", "report.json", "report.md"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for these small convs
 
 
 @pytest.fixture(scope="module")

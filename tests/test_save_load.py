@@ -17,14 +17,7 @@ from fxzip.report import MergeReport
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads oversubscribe and
-    make these small convs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for these small convs
 
 
 @pytest.fixture(scope="module")

@@ -458,7 +458,255 @@ class _Evaluated:
     value: float
 
 
+@dataclass
+class _Best:
+    """The best state seen so far: what is returned, and where ``revert`` continues from."""
+
+    objective: float
+    matches: dict[int, Match]
+    assign: dict[int, torch.Tensor]
+    values: dict[int, float]
+    sweep: int
+
+
 Unit = tuple[int, ...]
+
+
+def _units_of(spaces: Sequence[int | Sequence[int]], match_space: Callable | None,
+              match_block: Callable | None) -> list[Unit]:
+    """The steps of a sweep, one per entry of ``spaces`` (a tie block is one step).
+
+    Why checked up front: a space in two steps would get two assignments in one
+    sweep, and a tie block (or a run without ``match_space``) has nothing to match
+    it without ``match_block``."""
+    units: list[Unit] = []
+    for entry in spaces:
+        unit = tuple(int(s) for s in entry) if isinstance(entry, (tuple, list)) else (int(entry),)
+        if unit and unit not in units:
+            units.append(unit)
+    flat = [s for u in units for s in u]
+    if len(set(flat)) != len(flat):
+        raise ValueError("a space appears in two entries of spaces")
+    if any(len(u) > 1 for u in units) and match_block is None:
+        raise ValueError("tuple entries of spaces (tie blocks) need match_block")
+    if match_space is None and match_block is None:
+        raise ValueError("give match_space, match_block or both")
+    return units
+
+
+class _DualSpace:
+    """The state of the coordinate ascent: the current match and assignment of every
+    space, and the caches that keep a sweep cheap.
+
+    Why one object: a space's weight similarity, and so its value in the objective,
+    depends on its neighbours' current assignments, so the re-matching step, the
+    objective and ``revert`` all read and write the same state. Two caches rest on
+    that dependency being explicit (``deps``): a step whose inputs did not change
+    since it last ran is not re-run (the matchers are deterministic), and a space's
+    value is not re-evaluated while the assignments it was computed from hold."""
+
+    def __init__(self, analysis: GraphAnalysis, states: Sequence[Mapping[str, torch.Tensor]], units: list[Unit],
+                 activation: Mapping[int, Any] | None, weight_similarity: float,
+                 match_space: Callable[[int, Similarity], Match] | None,
+                 match_block: Callable[[Unit, dict[int, Similarity]], dict[int, Match]] | None,
+                 skip: Sequence[str], cache: bool, align: bool):
+        self.units = units
+        self.flat = [s for u in units for s in u]
+        self.n_models = len(states)
+        self.weight_similarity = weight_similarity
+        self.match_space, self.match_block = match_space, match_block
+        self.act: dict[int, Similarity] = {}
+        if activation is not None:
+            self.act = {s: Similarity.of(activation[s]) for s in self.flat if activation.get(s) is not None}
+        self.ws = {s: weight_similarity if s in self.act else 1.0 for s in self.flat}
+        rep = _Representation(analysis, states, {s for s in self.flat if self.ws[s] > 0}, set(self.flat), skip)
+        self.grams = _WeightGrams(rep, cache, align)
+        self.deps = {s: rep.deps.get(s, frozenset()) for s in self.flat}
+        self.unit_deps = {u: frozenset().union(*(self.deps[s] for s in u)) for u in units}
+        self._start(analysis)
+        self.last: dict[Unit, _Matched] = {}
+        self.evaluated: dict[int, _Evaluated] = {}
+        self.calls = {"matcher": 0, "matcher_reused": 0, "pair_evaluations": 0}
+
+    def _start(self, analysis: GraphAnalysis) -> None:
+        """The point the sweeps ascend from: Eq. 8 (activation matching) for a step whose
+        spaces all have activations, else Eq. 7 (the identity); every other space of the
+        graph keeps the identity."""
+        sizes = {sp.index: sp.size for sp in analysis.spaces}
+        self.matches: dict[int, Match] = {}
+        for u in self.units:
+            if all(s in self.act for s in u):
+                self.matches.update(self.run(u, {s: self.act[s] for s in u}))
+            else:
+                self.matches.update({s: weight_average(None, self.n_models, sizes[s]) for s in u})
+        self.assign = _identity_assign(analysis, self.n_models, {s: m.assign for s, m in self.matches.items()})
+
+    def run(self, unit: Unit, sims: dict[int, Similarity]) -> dict[int, Match]:
+        """The caller's matcher for one step: ``match_space`` for a single space when given,
+        else ``match_block`` (tie blocks, or every step without ``match_space``)."""
+        if len(unit) == 1 and self.match_space is not None:
+            return {unit[0]: self.match_space(unit[0], sims[unit[0]])}
+        out = self.match_block(unit, sims)
+        return {s: out[s] for s in unit}
+
+    def snapshot(self, keys) -> dict[int, torch.Tensor]:
+        return {d: self.assign[d] for d in keys}
+
+    def unchanged(self, snap: dict[int, torch.Tensor]) -> bool:
+        return all(_same(a, self.assign[d]) for d, a in snap.items())
+
+    def combined(self, s: int) -> torch.Tensor:
+        """Eq. 4's blend ``ws * S_weights + (1 - ws) * S_activations`` under the current
+        assignments of the neighbours (no Gram at all when ``ws`` is 0)."""
+        ws = self.ws[s]
+        if ws == 0.0:
+            return self.act[s].correlation().to(torch.float64)
+        w = self.grams.correlation(s, self.assign)
+        if ws == 1.0:
+            return w
+        return ws * w + (1.0 - ws) * self.act[s].correlation().to(torch.float64)
+
+    def value_of(self, s: int) -> float:
+        """The space's mean matched combined similarity under the current assignments;
+        cached while the assignments it was computed from hold."""
+        ev = self.evaluated.get(s)
+        if ev is not None and self.unchanged(ev.snap):
+            return ev.value
+        v = self._pair_value(s)
+        self.calls["pair_evaluations"] += 1
+        self.evaluated[s] = _Evaluated(self.snapshot(self.deps[s] | {s}), v)
+        return v
+
+    def _pair_value(self, s: int) -> float:
+        """The value from the matched pairs only (no Gram): what a space needs when a
+        neighbour moved after it was matched."""
+        cid = self.assign[s].reshape(-1)
+        same = cid[:, None] == cid[None, :]
+        p, q = torch.nonzero(torch.triu(same, diagonal=1), as_tuple=True)
+        if p.numel() == 0:
+            return float("nan")
+        ws = self.ws[s]
+        total = torch.zeros(p.numel(), dtype=torch.float64)
+        if ws > 0:
+            total += ws * self.grams.matched_pairs(s, self.assign, (p, q))
+        if ws < 1:
+            total += (1.0 - ws) * self.act[s].correlation().to(torch.float64)[p, q]
+        return float(total.mean())
+
+    def objective(self) -> tuple[float, dict[int, float]]:
+        """The mean over spaces of their values (spaces with no matched pair left out)."""
+        values = {s: self.value_of(s) for s in self.flat}
+        finite = [v for v in values.values() if not math.isnan(v)]
+        return (float(np.mean(finite)) if finite else float("nan")), values
+
+    def step(self, u: Unit) -> None:
+        """Re-match one step given its neighbours' current assignments, and take its matches."""
+        prev = self.last.get(u)
+        if prev is not None and self.unchanged(prev.snap):
+            step = prev                          # same inputs, same (deterministic) matches
+            self.calls["matcher_reused"] += 1
+        else:
+            step = self.last[u] = self._rematch(u)
+        for s in u:
+            self.matches[s] = step.matches[s]
+            new = step.matches[s].assign.long()
+            if not torch.equal(new, self.assign[s]):   # keep the tensor when equal: cheap identity checks
+                self.assign[s] = new
+        for s in u:
+            if s in step.values:
+                # valid while the inputs it was computed from hold: a tie partner (or the
+                # space itself, for a weight mapping a space to itself) that just moved
+                # makes it stale, and the objective then re-evaluates it from the pairs
+                valid = {s: self.assign[s], **{d: step.snap[d] for d in self.deps[s]}}
+                self.evaluated[s] = _Evaluated(valid, step.values[s])
+
+    def _rematch(self, u: Unit) -> _Matched:
+        """Run the matcher on the combined similarities of the step's spaces; their values
+        come for free from the matrices just built."""
+        snap = self.snapshot(self.unit_deps[u])
+        mats = {s: self.combined(s) for s in u}
+        sims = {s: Similarity(c, self.act[s].constant(), self.act[s].mean) if s in self.act else Similarity(c)
+                for s, c in mats.items()}
+        found = self.run(u, sims)
+        vals = {s: mean_matched_correlation(mats[s], found[s].assign) for s in u}
+        # alignment mode with N > 2: pairs of models 1.. are NaN in the matrix; from the pairs
+        vals = {s: v for s, v in vals.items() if not math.isnan(v)}
+        self.calls["matcher"] += 1
+        return _Matched(snap, found, vals)
+
+    def sweep(self, rng: np.random.Generator, history: dict[str, Any]) -> tuple[float, dict[int, float], int]:
+        """One sweep: every step once, in a fresh seeded random order; recorded in ``history``.
+        Returns the objective after it, the spaces' values and how many spaces moved."""
+        t0 = time.perf_counter()
+        order = [self.units[i] for i in rng.permutation(len(self.units))]
+        before = dict(self.assign)
+        for u in order:
+            self.step(u)
+        obj, values = self.objective()
+        moved = sum(not _same(before[s], self.assign[s]) for s in self.flat)
+        history["objective"].append(obj)
+        history["orders"].append([u[0] if len(u) == 1 else u for u in order])
+        history["changed"].append(moved)
+        history["seconds"].append(time.perf_counter() - t0)
+        return obj, values, moved
+
+
+def _ascend(state: _DualSpace, seed: int, patience: int, max_sweeps: int, revert: bool, progress: bool
+            ) -> tuple[_Best, dict[str, Any]]:
+    """Coordinate ascent on the objective (Eq. 4): sweeps until ``patience`` sweeps
+    brought no improvement or ``max_sweeps`` ran. Returns the best state and the history.
+
+    Why the first sweep is always taken, and why an improvement must exceed
+    ``_IMPROVE_TOL`` and change an assignment: see ``dual_space_match`` and
+    ``_IMPROVE_TOL``."""
+    obj, values = state.objective() if state.flat else (float("nan"), {})
+    best = _Best(obj, dict(state.matches), dict(state.assign), values, 0)
+    history: dict[str, Any] = {
+        "objective": [obj], "sweeps": 0, "best_sweep": 0, "best_objective": obj, "seed": seed,
+        "weight_similarity": state.weight_similarity, "orders": [], "changed": [], "seconds": [],
+        "init": {"activation": sum(s in state.act for s in state.flat),
+                 "identity": sum(s not in state.act for s in state.flat)},
+        "stopped": "max_sweeps",
+    }
+    rng = np.random.default_rng(seed)
+    stall = 0
+    bar = tqdm(total=max_sweeps, desc="fxzip mudsc", disable=not progress or not state.units, leave=False)
+    try:
+        for sweep in range(1, max_sweeps + 1 if state.units else 1):
+            obj, values, moved = state.sweep(rng, history)
+            history["sweeps"] = sweep
+            differs = any(not torch.equal(best.assign[s], state.assign[s]) for s in state.flat)
+            if sweep == 1 or (differs and (obj > best.objective + _IMPROVE_TOL or math.isnan(best.objective))):
+                best = _Best(obj, dict(state.matches), dict(state.assign), values, sweep)
+                stall = 0
+            else:
+                stall += 1
+                if revert:
+                    state.matches, state.assign = dict(best.matches), dict(best.assign)
+            bar.update(1)
+            bar.set_postfix(objective=f"{obj:.4f}", best=f"{best.objective:.4f}", changed=moved)
+            if stall >= patience:
+                history["stopped"] = "patience"
+                break
+    finally:
+        bar.close()
+    return best, history
+
+
+def _result(state: _DualSpace, best: _Best, history: dict[str, Any], start_time: float
+            ) -> tuple[dict[int, Match], dict]:
+    """The best matches, each with its space's value as ``extra["mudsc_similarity"]``,
+    and the history completed with the best sweep and the work counters."""
+    out = {}
+    for s in state.flat:
+        m = best.matches[s]
+        out[s] = Match(m.assign, list(m.within), m.cross, m.budget_relaxed,
+                       {**m.extra, "mudsc_similarity": best.values.get(s, float("nan"))})
+    calls = state.calls
+    history.update(best_sweep=best.sweep, best_objective=best.objective, matcher_calls=calls["matcher"],
+                   matcher_reused=calls["matcher_reused"], pair_evaluations=calls["pair_evaluations"],
+                   grams=dict(state.grams.counts), total_seconds=time.perf_counter() - start_time)
+    return out, history
 
 
 def dual_space_match(analysis: GraphAnalysis, states: Sequence[Mapping[str, torch.Tensor]],
@@ -523,161 +771,8 @@ def dual_space_match(analysis: GraphAnalysis, states: Sequence[Mapping[str, torc
     if patience < 1:
         raise ValueError(f"patience must be at least 1, got {patience}")
     start_time = time.perf_counter()
-    n_models = len(states)
-    units: list[Unit] = []
-    for entry in spaces:
-        unit = tuple(int(s) for s in entry) if isinstance(entry, (tuple, list)) else (int(entry),)
-        if unit and unit not in units:
-            units.append(unit)
-    flat = [s for u in units for s in u]
-    if len(set(flat)) != len(flat):
-        raise ValueError("a space appears in two entries of spaces")
-    if any(len(u) > 1 for u in units) and match_block is None:
-        raise ValueError("tuple entries of spaces (tie blocks) need match_block")
-    if match_space is None and match_block is None:
-        raise ValueError("give match_space, match_block or both")
-    sizes = {sp.index: sp.size for sp in analysis.spaces}
-    act: dict[int, Similarity] = {}
-    if activation is not None:
-        act = {s: Similarity.of(activation[s]) for s in flat if activation.get(s) is not None}
-    ws = {s: weight_similarity if s in act else 1.0 for s in flat}
-    rep = _Representation(analysis, states, {s for s in flat if ws[s] > 0}, set(flat), skip)
-    grams = _WeightGrams(rep, cache, align)
-    deps = {s: rep.deps.get(s, frozenset()) for s in flat}
-    unit_deps = {u: frozenset().union(*(deps[s] for s in u)) for u in units}
-
-    def run(unit: Unit, sims: dict[int, Similarity]) -> dict[int, Match]:
-        if len(unit) == 1 and match_space is not None:
-            return {unit[0]: match_space(unit[0], sims[unit[0]])}
-        out = match_block(unit, sims)
-        return {s: out[s] for s in unit}
-
-    # Eq. 8 (activations) or Eq. 7 (identity) as the start
-    matches: dict[int, Match] = {}
-    for u in units:
-        if all(s in act for s in u):
-            matches.update(run(u, {s: act[s] for s in u}))
-        else:
-            matches.update({s: weight_average(None, n_models, sizes[s]) for s in u})
-    assign = _identity_assign(analysis, n_models, {s: m.assign for s, m in matches.items()})
-
-    last: dict[Unit, _Matched] = {}
-    evaluated: dict[int, _Evaluated] = {}
-    calls = {"matcher": 0, "matcher_reused": 0, "pair_evaluations": 0}
-
-    def snapshot(keys) -> dict[int, torch.Tensor]:
-        return {d: assign[d] for d in keys}
-
-    def unchanged(snap: dict[int, torch.Tensor]) -> bool:
-        return all(_same(a, assign[d]) for d, a in snap.items())
-
-    def combined(s: int) -> torch.Tensor:
-        if ws[s] == 0.0:
-            return act[s].correlation().to(torch.float64)
-        w = grams.correlation(s, assign)
-        if ws[s] == 1.0:
-            return w
-        return ws[s] * w + (1.0 - ws[s]) * act[s].correlation().to(torch.float64)
-
-    def value_of(s: int) -> float:
-        """The space's mean matched combined similarity under the current assignments."""
-        ev = evaluated.get(s)
-        if ev is not None and unchanged(ev.snap):
-            return ev.value
-        cid = assign[s].reshape(-1)
-        same = cid[:, None] == cid[None, :]
-        p, q = torch.nonzero(torch.triu(same, diagonal=1), as_tuple=True)
-        if p.numel() == 0:
-            v = float("nan")
-        else:
-            total = torch.zeros(p.numel(), dtype=torch.float64)
-            if ws[s] > 0:
-                total += ws[s] * grams.matched_pairs(s, assign, (p, q))
-            if ws[s] < 1:
-                total += (1.0 - ws[s]) * act[s].correlation().to(torch.float64)[p, q]
-            v = float(total.mean())
-        calls["pair_evaluations"] += 1
-        evaluated[s] = _Evaluated(snapshot(deps[s] | {s}), v)
-        return v
-
-    def objective() -> tuple[float, dict[int, float]]:
-        values = {s: value_of(s) for s in flat}
-        finite = [v for v in values.values() if not math.isnan(v)]
-        return (float(np.mean(finite)) if finite else float("nan")), values
-
-    obj, values = objective() if flat else (float("nan"), {})
-    best = (obj, dict(matches), dict(assign), values, 0)
-    history: dict[str, Any] = {
-        "objective": [obj], "sweeps": 0, "best_sweep": 0, "best_objective": obj, "seed": seed,
-        "weight_similarity": weight_similarity, "orders": [], "changed": [], "seconds": [],
-        "init": {"activation": sum(s in act for s in flat), "identity": sum(s not in act for s in flat)},
-        "stopped": "max_sweeps",
-    }
-    rng = np.random.default_rng(seed)
-    stall = 0
-    bar = tqdm(total=max_sweeps, desc="fxzip mudsc", disable=not progress or not units, leave=False)
-    try:
-        for sweep in range(1, max_sweeps + 1 if units else 1):
-            t0 = time.perf_counter()
-            order = [units[i] for i in rng.permutation(len(units))]
-            before = dict(assign)
-            for u in order:
-                prev = last.get(u)
-                if prev is not None and unchanged(prev.snap):
-                    step = prev                          # same inputs, same (deterministic) matches
-                    calls["matcher_reused"] += 1
-                else:
-                    snap = snapshot(unit_deps[u])
-                    mats = {s: combined(s) for s in u}
-                    sims = {s: Similarity(c, act[s].constant(), act[s].mean) if s in act else Similarity(c)
-                            for s, c in mats.items()}
-                    found = run(u, sims)
-                    vals = {s: mean_matched_correlation(mats[s], found[s].assign) for s in u}
-                    # alignment mode with N > 2: pairs of models 1.. are NaN in the matrix; from the pairs
-                    vals = {s: v for s, v in vals.items() if not math.isnan(v)}
-                    calls["matcher"] += 1
-                    step = last[u] = _Matched(snap, found, vals)
-                for s in u:
-                    matches[s] = step.matches[s]
-                    new = step.matches[s].assign.long()
-                    if not torch.equal(new, assign[s]):   # keep the tensor when equal: cheap identity checks
-                        assign[s] = new
-                for s in u:
-                    if s in step.values:
-                        # valid while the inputs it was computed from hold: a tie partner (or the
-                        # space itself, for a weight mapping a space to itself) that just moved
-                        # makes it stale, and the objective then re-evaluates it from the pairs
-                        valid = {s: assign[s], **{d: step.snap[d] for d in deps[s]}}
-                        evaluated[s] = _Evaluated(valid, step.values[s])
-            obj, values = objective()
-            moved = sum(not _same(before[s], assign[s]) for s in flat)
-            history["objective"].append(obj)
-            history["orders"].append([u[0] if len(u) == 1 else u for u in order])
-            history["changed"].append(moved)
-            history["seconds"].append(time.perf_counter() - t0)
-            history["sweeps"] = sweep
-            differs = any(not torch.equal(best[2][s], assign[s]) for s in flat)
-            if sweep == 1 or (differs and (obj > best[0] + _IMPROVE_TOL or math.isnan(best[0]))):
-                best = (obj, dict(matches), dict(assign), values, sweep)
-                stall = 0
-            else:
-                stall += 1
-                if revert:
-                    matches, assign = dict(best[1]), dict(best[2])
-            bar.update(1)
-            bar.set_postfix(objective=f"{obj:.4f}", best=f"{best[0]:.4f}", changed=moved)
-            if stall >= patience:
-                history["stopped"] = "patience"
-                break
-    finally:
-        bar.close()
-    best_obj, best_matches, _, best_values, best_sweep = best
-    out = {}
-    for s in flat:
-        m = best_matches[s]
-        out[s] = Match(m.assign, list(m.within), m.cross, m.budget_relaxed,
-                       {**m.extra, "mudsc_similarity": best_values.get(s, float("nan"))})
-    history.update(best_sweep=best_sweep, best_objective=best_obj, matcher_calls=calls["matcher"],
-                   matcher_reused=calls["matcher_reused"], pair_evaluations=calls["pair_evaluations"],
-                   grams=dict(grams.counts), total_seconds=time.perf_counter() - start_time)
-    return out, history
+    units = _units_of(spaces, match_space, match_block)
+    state = _DualSpace(analysis, states, units, activation, weight_similarity, match_space, match_block,
+                       skip, cache, align)
+    best, history = _ascend(state, seed, patience, max_sweeps, revert, progress)
+    return _result(state, best, history, start_time)

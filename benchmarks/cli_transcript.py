@@ -134,7 +134,7 @@ def build_images(workdir: Path) -> dict:
 
 
 def cli_transform():
-    """The transform ``fxzip merge --model resnet18 --img-size 32`` applies (fxzip/images.py)."""
+    """The transform ``fxzip merge --model resnet18 --img-size 32`` applies (fxzip/cli/images.py)."""
     import timm
     from timm.data import create_transform, resolve_data_config
 

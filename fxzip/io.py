@@ -46,8 +46,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .checkpoints import ModelSpec, build_model, load_into, recorded_numbers, spec_from_record
 from .distributed import is_main
+from .model_spec import ModelSpec, _library_of, build_model, load_into, recorded_numbers, spec_from_record
 from .program_check import check_program
 from .report import REPORT_FORMAT, MergeReport, _jsonable, versions
 
@@ -176,7 +176,7 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
     name the folder carries. The architecture of a full zip comes from
     ``model`` or, when the caller passes none, from ``report.json`` only as a
     timm or torchvision registry name with plain arguments
-    (``checkpoints.spec_from_record``); a ``module:factory`` recorded there is
+    (``model_spec.spec_from_record``); a ``module:factory`` recorded there is
     refused, with the way to pass it.
     """
     root = Path(directory)
@@ -239,8 +239,6 @@ def _architecture(root: Path, data: Mapping[str, Any], model: ModelSpec | str | 
 
 
 def _library_or_fail(name: str) -> str:
-    from .checkpoints import _library_of
-
     library = _library_of(name)
     if library is None:
         raise ValueError(f"model={name!r} is neither a timm nor a torchvision model name; pass the module itself, "

@@ -37,7 +37,7 @@ from torch import nn
 import fxzip
 from fxzip import zoo
 from fxzip.cli import main
-from fxzip.images import DataSource, check_data_path, data_config, open_data
+from fxzip.cli.images import DataSource, check_data_path, data_config, open_data
 from fxzip.report import OUTPUTS_AVERAGED
 
 timm = pytest.importorskip("timm")

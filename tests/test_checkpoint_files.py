@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fxzip.checkpoints import check_model_name, load_into, read_state_dict, strip_prefix
 from fxzip.cli import main
+from fxzip.cli.checkpoints import check_model_name, read_state_dict, strip_prefix
+from fxzip.model_spec import load_into
 
 timm = pytest.importorskip("timm")
 

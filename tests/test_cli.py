@@ -330,8 +330,8 @@ def test_sweep_runs_each_distinct_merge_once():
     """``--stop-at all``: nothing zipped (k = 0) is one ensemble row whatever the
     method, and the cut that zips every layer is the full zip, run once; ``*``
     marks the best merge at each depth, never the unmerged models."""
+    from fxzip.cli.sweep import ENSEMBLE, SweepRow, best_per_depth, distinct_merges, expand_stops, grid
     from fxzip.cuts import INPUT, CutPoint
-    from fxzip.sweep import ENSEMBLE, SweepRow, best_per_depth, distinct_merges, expand_stops, grid
 
     cuts = [CutPoint(INPUT, 0, 4, None, None, False), CutPoint("mid", 2, 4, 0, 1, False),
             CutPoint("fc", 4, 4, 1, 1, False)]

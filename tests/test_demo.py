@@ -1,7 +1,7 @@
 """The demo's table and verdict: several pairs, a winner only beyond the spread."""
 from __future__ import annotations
 
-from fxzip import demo
+from fxzip.cli import demo
 from fxzip.evaluate import EvalResult
 
 

@@ -6,7 +6,7 @@ import pytest
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxzip
-from fxzip import demo
+from fxzip.cli import demo
 from fxzip.evaluate import evaluate
 
 

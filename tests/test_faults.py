@@ -322,7 +322,7 @@ with module.lock(sys.argv[2]):
 
 
 def test_sweep_outputs_are_written_atomically_and_refuse_a_foreign_folder(tmp_path):
-    from fxzip.sweep import SweepRow, write_outputs
+    from fxzip.cli.sweep import SweepRow, write_outputs
 
     rows = [SweepRow("original", None, None, None, "original", 0, 4, [0.9, 0.8]),
             SweepRow("zipit", 0.5, 0.5, None, "full", 4, 4, [0.7, 0.6], 1e6, 1.0)]

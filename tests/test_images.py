@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fxzip.checkpoints import ModelSpec, build_model
-from fxzip.images import check_data_path, data_config, open_data
+from fxzip.cli.images import check_data_path, data_config, open_data
+from fxzip.model_spec import ModelSpec, build_model
 
 timm = pytest.importorskip("timm")
 Image = pytest.importorskip("PIL.Image")

@@ -22,7 +22,7 @@ from helpers import batches, prepared
 from torch import nn
 
 import fxzip
-from fxzip.checkpoints import ModelSpec
+from fxzip.model_spec import ModelSpec
 from fxzip.program_check import UnsafeProgramError, check_program
 
 timm = pytest.importorskip("timm")

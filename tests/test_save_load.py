@@ -10,8 +10,8 @@ import torch
 from helpers import batches, max_rel_diff, prepared
 
 import fxzip
-from fxzip.checkpoints import ModelSpec
 from fxzip.io import load_report
+from fxzip.model_spec import ModelSpec
 from fxzip.report import MergeReport
 
 timm = pytest.importorskip("timm")

@@ -1,4 +1,5 @@
-"""The ``fxzip`` command line (console entry point ``fxzip = "fxzip.cli:main"``).
+"""The ``fxzip`` command line: the argument parser and ``main`` (console entry point
+``fxzip = "fxzip.cli:main"``, re-exported by ``fxzip.cli``; ``python -m fxzip``).
 
 Subcommands:
 
@@ -93,7 +94,7 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from fxzip.commands import merge_defaults
+    from fxzip.cli.commands import merge_defaults
 
     defaults = merge_defaults()
     sweep = sub.add_parser(
@@ -137,7 +138,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from fxzip.commands import UsageError, run_sweep
+    from fxzip.cli.commands import UsageError, run_sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("fxzip sweep runs in one process; run it without torchrun (fxzip merge takes "
@@ -146,7 +147,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
-    from fxzip.commands import merge_defaults
+    from fxzip.cli.commands import merge_defaults
 
     defaults = merge_defaults()
     merge = sub.add_parser(
@@ -214,7 +215,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from fxzip.commands import merge_device, run_merge
+    from fxzip.cli.commands import merge_device, run_merge
     from fxzip.distributed import from_env
 
     merge_device(args.device)  # a bad --device fails here, before any process group
@@ -223,7 +224,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from fxzip.commands import run_inspect
+    from fxzip.cli.commands import run_inspect
 
     return run_inspect(args)
 
@@ -231,7 +232,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from fxzip.demo import WIDTH, run  # imported lazily: keeps `fxzip --help` fast
+    from fxzip.cli.demo import WIDTH, run  # imported lazily: keeps `fxzip --help` fast
 
     if args.epochs < 1:
         raise SystemExit("fxzip demo: --epochs must be at least 1")

@@ -31,7 +31,7 @@ class Inspection:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        from .report import versions
+        from ..report import versions
 
         return {"model": self.model, "input_size": self.input_size, "macs": self.macs, "params": self.params,
                 "weight_layers": self.layers, "error": self.error, "spaces": self.spaces, "cuts": self.cuts,
@@ -100,9 +100,9 @@ def node_macs(gm: fx.GraphModule, example: tuple) -> dict[str, int]:
 
 def inspect_graph(name: str, gm: fx.GraphModule, example: tuple) -> Inspection:
     """The analysis and cut points of a traced model (``example``: a batch of one)."""
-    from .analysis import analyze
-    from .cuts import INPUT, find_cuts
-    from .naming import space_label
+    from ..analysis import analyze
+    from ..cuts import INPUT, find_cuts
+    from ..naming import space_label
 
     found = Inspection(name, list(example[0].shape[1:]) if example and hasattr(example[0], "shape") else [])
     found.params = sum(p.numel() for p in gm.parameters())
@@ -149,9 +149,10 @@ def inspect_model(model: str, img_size: int | None = None, num_classes: int | No
                   checkpoint: str | None = None) -> Inspection:
     """Build ``model`` (timm name or ``module:factory``; weights from ``checkpoint``
     when given), trace it at its data config's input size and inspect it."""
-    from .checkpoints import ModelSpec, build_model, load_into, read_state_dict
+    from ..model_spec import ModelSpec, build_model, load_into
+    from ..trace import trace
+    from .checkpoints import read_state_dict
     from .images import data_config
-    from .trace import trace
 
     state = None
     if checkpoint is not None:

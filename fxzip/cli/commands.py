@@ -1,8 +1,8 @@
-"""What ``fxzip merge`` and ``fxzip inspect`` do (the argument parsing is in ``fxzip.cli``).
+"""What ``fxzip merge``, ``inspect`` and ``sweep`` do (the argument parsing is in ``fxzip.cli.parser``).
 
 Every argument is checked before any model is built or image decoded, so a
 typo costs a second; errors are raised as ``UsageError`` and printed without a
-traceback by ``fxzip.cli``.
+traceback by ``fxzip.cli.main``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class UsageError(ValueError):
 
 def merge_defaults() -> dict[str, Any]:
     """``fxzip.merge``'s keyword defaults (the CLI's defaults follow them)."""
-    from .merge import merge
+    from ..merge import merge
 
     return {k: p.default for k, p in inspect.signature(merge).parameters.items()
             if p.default is not inspect.Parameter.empty}
@@ -73,10 +73,10 @@ class _Say:
 def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
     """Everything that can be checked without building a model; returns the
     number of classes per checkpoint (None: read from the checkpoint)."""
+    from ..matching import MATCHERS
+    from ..merge import DUAL_SPACE
     from .checkpoints import CHECKPOINT_SUFFIXES, check_model_name
     from .images import check_crop_options, check_data_path
-    from .matching import MATCHERS
-    from .merge import DUAL_SPACE
 
     if len(args.checkpoints) < 2:
         raise UsageError(f"fxzip merge needs at least two checkpoints, got {len(args.checkpoints)}")
@@ -116,17 +116,9 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
                 say: Any = print, strip: str | None = None) -> tuple[list[Any], list[Any]]:
     """Build one model per checkpoint and load it strictly; ``classes[k]`` None
     reads the classifier's size from checkpoint k (timm models)."""
-    from .checkpoints import (
-        WRAPPER_PREFIXES,
-        ModelSpec,
-        build_model,
-        classifier_classes,
-        load_into,
-        read_state_dict,
-        strip_prefix,
-        wrapper_prefix,
-    )
-    from .merge import check_finite
+    from ..merge import check_finite
+    from ..model_spec import WRAPPER_PREFIXES, ModelSpec, build_model, load_into, wrapper_prefix
+    from .checkpoints import classifier_classes, read_state_dict, strip_prefix
 
     read = []  # every file is read (and refused) before any model is built
     for path in checkpoints:
@@ -160,7 +152,7 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
 
 
 def _out_kind(args: argparse.Namespace) -> Any:
-    from .result_dir import MERGE, SWEEP
+    from ..result_dir import MERGE, SWEEP
 
     return SWEEP if getattr(args, "command", "merge") == "sweep" else MERGE
 
@@ -168,7 +160,7 @@ def _out_kind(args: argparse.Namespace) -> Any:
 def _check_out(args: argparse.Namespace) -> None:
     """``--out``: not a file; can be created; empty, an earlier result of this
     command, or ``--overwrite``; holds none of the inputs (``fxzip.result_dir``)."""
-    from .result_dir import check
+    from ..result_dir import check
 
     inputs = [*args.checkpoints, args.data, *(getattr(args, "eval", None) or [])]
     check(args.out, _out_kind(args), overwrite=getattr(args, "overwrite", False), protect=inputs)
@@ -180,8 +172,8 @@ def _out_lock(args: argparse.Namespace) -> Iterator[None]:
     place: a second command writing to the same ``--out`` fails at once. Cleans
     up what an interrupted run left there first. Under torchrun only rank 0
     (the writer) takes it."""
-    from .distributed import is_main
-    from .result_dir import lock, recover
+    from ..distributed import is_main
+    from ..result_dir import lock, recover
 
     if args.out is None or not is_main():
         yield
@@ -205,11 +197,11 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     say = _Say(args.quiet)
     import torch
 
-    from .distributed import is_main, sum_across_ranks, world_size
+    from ..distributed import is_main, sum_across_ranks, world_size
+    from ..io import save
+    from ..merge import merge
+    from ..version import __version__
     from .images import open_data
-    from .io import save
-    from .merge import merge
-    from .version import __version__
 
     torch.manual_seed(args.seed)
     stop_at = parse_stop_at(args.stop_at)
@@ -279,7 +271,7 @@ def _calibration_loader(source: Any, batch_size: int, max_batches: int | None) -
     torch.distributed this rank's shard: the batches one process reads (at most
     ``max_batches``), batch i on rank i % world_size (no shuffling, no repeated
     samples: the merge is one process's on the same batches)."""
-    from .distributed import shard_batches, world_size
+    from ..distributed import shard_batches, world_size
 
     if world_size() == 1:
         return source.loader(), max_batches
@@ -311,8 +303,8 @@ def _cut_costs(model: Any, example: Any, report: Any, out: Path, n_models: int, 
     """Write ``cuts.png`` (MACs of a partial zip at every cut point) into ``out``,
     the result's temporary folder (``fxzip.save``'s ``extra_files``): it is
     part of the result, in place with it or not at all."""
+    from ..trace import trace
     from .inspection import inspect_graph, plot_cuts
-    from .trace import trace
 
     found = inspect_graph(str(report.settings.get("model", "")), trace(model, example), (example,))
     chosen = getattr(report.cut, "name", None)
@@ -350,8 +342,8 @@ def _eval_folder(path: str) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``fxzip sweep``: one calibration, a grid of merges, each scored per task."""
-    from .matching import MATCHERS
-    from .merge import DUAL_SPACE
+    from ..matching import MATCHERS
+    from ..merge import DUAL_SPACE
 
     args.method = args.methods[0]
     args.alpha, args.beta = args.alphas[0], args.betas[0]

@@ -98,8 +98,8 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], m
 
     The first row is the reference: each original model on its own task.
     """
-    from .cuts import cut_points
-    from .merge import calibrate, merge
+    from ..cuts import cut_points
+    from ..merge import calibrate, merge
 
     start = time.perf_counter()
     example = next(iter(data))
@@ -136,7 +136,7 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], m
 def expand_stops(stops: Sequence[Any], cuts: Sequence[Any]) -> list[Any]:
     """``stops`` with "all" replaced by every cut point and the full zip (None),
     each checked against ``cuts`` now, before any calibration."""
-    from .cuts import resolve_cut
+    from ..cuts import resolve_cut
 
     found: list[Any] = []
     for stop in stops:
@@ -155,7 +155,7 @@ def distinct_merges(points: Sequence[tuple[str, Any, Any]], stops: Sequence[Any]
     side whatever the method (one row, ``ENSEMBLE``), and a cut with every
     weight layer zipped (k = m) is the full zip, which runs once when both are
     asked for (``--stop-at all``)."""
-    from .cuts import resolve_cut
+    from ..cuts import resolve_cut
 
     depth = cuts[0].m
 
@@ -199,7 +199,7 @@ def best_per_depth(rows: Sequence[SweepRow]) -> list[SweepRow]:
 def table(rows: Sequence[SweepRow]) -> str:
     """The sweep as a text table; ``*`` marks the best average accuracy at each number of layers zipped;
     ``note`` marks the full zips whose output layers were averaged (explained under the table)."""
-    from .report import OUTPUTS_AVERAGED
+    from ..report import OUTPUTS_AVERAGED
 
     n = max(len(r.accuracy) for r in rows)
     best = best_per_depth(rows)
@@ -230,7 +230,7 @@ def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any],
     into a temporary folder that takes ``out``'s place (``fxzip.result_dir``).
     An earlier sweep in ``out`` is replaced; another non-empty folder needs
     ``overwrite``."""
-    from .result_dir import SWEEP, writing
+    from ..result_dir import SWEEP, writing
 
     with writing(out, SWEEP, overwrite=overwrite) as stage:
         files = _write_files(rows, stage.path, settings)
@@ -243,7 +243,7 @@ def write_outputs(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any],
 
 def _write_files(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) -> list[str]:
     """The files of ``write_outputs``, into the folder ``out``."""
-    from .report import _jsonable, versions
+    from ..report import _jsonable, versions
 
     out.mkdir(parents=True, exist_ok=True)
     records = [{**asdict(r), "average": r.average} for r in rows]

@@ -15,7 +15,7 @@ demo reports the mean and spread over pairs and calls a difference only when
 it exceeds the pair-to-pair spread. ZipIt's alpha / beta are chosen as the
 library recommends: on held-out training digits, never on the test digits.
 
-Run it with ``fxzip demo`` (or ``python -m fxzip.cli demo``).
+Run it with ``fxzip demo`` (or ``python -m fxzip demo``).
 """
 
 from __future__ import annotations

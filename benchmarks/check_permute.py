@@ -290,12 +290,12 @@ def fxzip_permute(models: Sequence[nn.Module], calib: list[torch.Tensor]):
     """fxzip.merge(method='permute') as eval_cifar.py runs it, and the assignment it used per space
     (as p[i] = B channel placed at merged channel i), keyed by the space's sorted producer convs."""
     import fxzip
+    from fxzip.match_spaces import match_spaces
     from fxzip.matching import get_matcher
-    from fxzip.merge import _match_all
 
     cal = fxzip.calibrate(*models, data=calib, progress=False)
     merged = fxzip.merge(*models, data=cal, method="permute", progress=False)
-    matches, _ = _match_all(cal.analysis, cal.stats, get_matcher("permute"), len(models), 0.3, 0.125, "permute")
+    matches, _ = match_spaces(cal.analysis, cal.stats, get_matcher("permute"), len(models), 0.3, 0.125, "permute")
     out = {}
     for sp in cal.analysis.spaces:
         if not sp.mergeable:

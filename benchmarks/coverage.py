@@ -209,11 +209,10 @@ _FXZIP_FILES = [  # (path fragment, stage), matched against the deepest fxzip fr
     ("fxzip/stats.py", "calibrate"), ("passes/observe.py", "calibrate"), ("passes/side_by_side.py", "calibrate"),
     ("fxzip/matching.py", "match"), ("fxzip/grouped.py", "match"), ("fxzip/mudsc.py", "match"),
     ("passes/fold.py", "fold"), ("passes/split.py", "fold"), ("passes/reset_norm.py", "prepare"),
-    ("fxzip/norm.py", "prepare"), ("fxzip/permute.py", "match"),
+    ("fxzip/norm.py", "prepare"), ("fxzip/permute.py", "match"), ("fxzip/calibration.py", "calibrate"),
+    ("fxzip/match_spaces.py", "match"), ("fxzip/options.py", "match"), ("fxzip/stages.py", "fold"),
 ]
-_MERGE_FUNCS = {"_prepare": "trace", "_calibrate": "calibrate", "run": "calibrate", "calibrate": "calibrate",
-                "_match_all": "match", "_dual_space": "match", "_report_rows": "match", "_check_args": "match",
-                "_macs": "fold"}
+_MERGE_FUNCS = {"calibrate": "calibrate"}
 
 
 def stage_of(exc: BaseException, default: str) -> str:

@@ -89,7 +89,7 @@ def test_timm_and_torchvision_resnet18_are_one_architecture_to_the_check():
     """Same structure, other names (act1 vs relu, same op and shape): not a difference."""
     import torchvision
 
-    from fxzip.merge import check_same_architecture
+    from fxzip.options import check_same_architecture
 
     x = torch.randn(2, 3, 32, 32)
     ours = fxzip.trace(timm.create_model("resnet18", num_classes=10, pretrained=False).eval(), x)
@@ -140,7 +140,7 @@ class _Skip(nn.Module):
 
 
 def test_a_data_flow_difference_says_what_each_reads():
-    from fxzip.merge import check_same_architecture
+    from fxzip.options import check_same_architecture
 
     x = torch.randn(2, 3, 8, 8)
     gms = [fxzip.trace(_Skip(False), x), fxzip.trace(_Skip(True), x)]

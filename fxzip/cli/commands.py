@@ -74,7 +74,7 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
     """Everything that can be checked without building a model; returns the
     number of classes per checkpoint (None: read from the checkpoint)."""
     from ..matching import MATCHERS
-    from ..merge import DUAL_SPACE
+    from ..options import DUAL_SPACE
     from .checkpoints import CHECKPOINT_SUFFIXES, check_model_name
     from .images import check_crop_options, check_data_path
 
@@ -116,8 +116,8 @@ def load_models(model: str, checkpoints: list[str], classes: list[int | None], i
                 say: Any = print, strip: str | None = None) -> tuple[list[Any], list[Any]]:
     """Build one model per checkpoint and load it strictly; ``classes[k]`` None
     reads the classifier's size from checkpoint k (timm models)."""
-    from ..merge import check_finite
     from ..model_spec import WRAPPER_PREFIXES, ModelSpec, build_model, load_into, wrapper_prefix
+    from ..options import check_finite
     from .checkpoints import classifier_classes, read_state_dict, strip_prefix
 
     read = []  # every file is read (and refused) before any model is built
@@ -343,7 +343,7 @@ def _eval_folder(path: str) -> None:
 def run_sweep(args: argparse.Namespace) -> int:
     """``fxzip sweep``: one calibration, a grid of merges, each scored per task."""
     from ..matching import MATCHERS
-    from ..merge import DUAL_SPACE
+    from ..options import DUAL_SPACE
 
     args.method = args.methods[0]
     args.alpha, args.beta = args.alphas[0], args.betas[0]

@@ -31,7 +31,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .concrete_trace import ConcreteTracer, UntraceableControlFlow, drop_dead_sizes, drop_proxies
 
-__all__ = ["TraceError", "trace", "register_leaf_module", "example_from_data", "default_example"]
+__all__ = ["TraceError", "trace", "register_leaf_module", "set_opaque_function", "example_from_data",
+           "default_example"]
 
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,37 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     return set(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
 
 
-def _wrapped_functions() -> tuple[Callable, ...]:
-    """timm's no-trace functions that stay opaque: only those with a channel
-    rule. The others (``window_partition``, ``window_reverse``, ...) are
-    reshapes and permutes that the analysis follows op by op, so they are
-    traced through (on the concrete path when they branch on shapes)."""
-    from .rules import lookup_function_rule
+OpaqueFunction = Callable[[Callable], bool]
+"""``opaque(fn)``: whether a function the tracer may wrap stays one opaque call node."""
 
+
+def _nothing_opaque(fn: Callable) -> bool:
+    return False
+
+
+_opaque_function: OpaqueFunction = _nothing_opaque
+
+
+def set_opaque_function(predicate: OpaqueFunction) -> None:
+    """Say which of timm's no-trace functions stay opaque (one call node) when
+    tracing; the others are traced through.
+
+    Why a predicate set from outside: the answer is "those with a channel rule"
+    (``fxzip.rules`` sets it when it loads), and the rules are a layer above
+    tracing: the tracer asks, it does not import them. The predicate is asked
+    whenever a tracer is built, so rules registered later count."""
+    global _opaque_function
+    _opaque_function = predicate
+
+
+def _wrapped_functions(opaque: OpaqueFunction) -> tuple[Callable, ...]:
+    """timm's no-trace functions that stay opaque: only those ``opaque`` accepts
+    (those with a channel rule). The others (``window_partition``,
+    ``window_reverse``, ...) are reshapes and permutes that the analysis follows
+    op by op, so they are traced through (on the concrete path when they branch
+    on shapes)."""
     _, functions = _timm_notrace()
-    return tuple(f for f in functions if lookup_function_rule(f) is not None)
+    return tuple(f for f in functions if opaque(f))
 
 
 def _known_leaves() -> tuple[type, ...]:
@@ -111,9 +134,9 @@ class _Tracer(fx.Tracer):
     """Plain torch.fx: standard torch modules and timm's no-trace modules are leaves
     (a graph that still has no-trace leaves is re-traced with concrete shapes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, opaque: OpaqueFunction) -> None:
         notrace_modules, _ = _timm_notrace()
-        super().__init__(autowrap_functions=_wrapped_functions())
+        super().__init__(autowrap_functions=_wrapped_functions(opaque))
         self.notrace_modules = notrace_modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -134,8 +157,8 @@ class _ConcreteTracer(ConcreteTracer):
     """The fallback tracer: the same leaves as ``_Tracer``, except that timm's
     no-trace modules are traced through (every proxy already has a shape)."""
 
-    def __init__(self, example: Sequence[Any]):
-        super().__init__(example, autowrap_functions=_wrapped_functions())
+    def __init__(self, example: Sequence[Any], opaque: OpaqueFunction):
+        super().__init__(example, autowrap_functions=_wrapped_functions(opaque))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _kept_whole(m) or _is_torch_leaf(m)
@@ -203,7 +226,7 @@ def _run_trace(tracer: fx.Tracer, model: nn.Module) -> fx.GraphModule:
 def _symbolic(model: nn.Module) -> fx.GraphModule | None:
     """Plain torch.fx tracing; ``None`` when timm no-trace modules ended up as
     leaves (they hide weight layers, so the model needs the concrete tracer)."""
-    tracer = _Tracer()
+    tracer = _Tracer(_opaque_function)
     gm = _run_trace(tracer, model)
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -360,7 +383,7 @@ def _concrete(model: nn.Module, example: tuple, data_shapes: list,
               symbolic_error: Exception | None) -> fx.GraphModule:
     """The fallback; its errors say whether the model's control flow, the data or
     the tracer is at fault."""
-    tracer = _ConcreteTracer(example)
+    tracer = _ConcreteTracer(example, _opaque_function)
     try:
         gm = _run_trace(tracer, model)
     except TraceError:

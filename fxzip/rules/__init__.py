@@ -38,4 +38,20 @@ def _load_builtin_rules() -> None:
     from . import attention, einsum, elementwise, layers, shape  # noqa: F401  (registration side effects)
 
 
+def _has_function_rule(fn) -> bool:
+    """A function with a channel rule can stay one opaque call node when traced
+    (timm's no-trace helpers such as ``maybe_add_mask``); the rest are traced
+    through so the analysis sees their ops."""
+    return lookup_function_rule(fn) is not None
+
+
+def _tell_the_tracer() -> None:
+    """Tracing is the layer below the rules: it asks this predicate instead of
+    importing the registry (``fxzip.trace.set_opaque_function``)."""
+    from ..trace import set_opaque_function
+
+    set_opaque_function(_has_function_rule)
+
+
 _load_builtin_rules()
+_tell_the_tracer()

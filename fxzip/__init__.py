@@ -10,24 +10,9 @@ model are ``warnings.warn``-ed; errors are raised. The library never prints.
 """
 import logging as _logging
 
-from .analysis import AnalysisError, FeatureSpace, GraphAnalysis, analyze
-from .cuts import CutPoint, cut_points
-from .io import load, save
-from .matching import MATCHERS, register_matcher
-from .merge import Calibration, calibrate, merge
-from .norm import reset_norm_stats
-from .permute import permute_channels
-from .probes import PROBE_POLICIES, ProbePolicy
-from .report import MergeReport
-from .rules import register_rule
-from .trace import TraceError, register_leaf_module, trace
-from .version import __version__
+from . import api as _api
+from .api import *  # noqa: F403 - the public names, defined or re-exported in fxzip.api
+
+__all__ = list(_api.__all__)
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
-
-
-__all__ = [
-    "merge", "calibrate", "save", "load", "Calibration", "cut_points", "CutPoint", "permute_channels", "reset_norm_stats", "trace", "analyze", "register_rule",
-    "register_leaf_module", "register_matcher", "MATCHERS", "MergeReport", "FeatureSpace", "ProbePolicy", "PROBE_POLICIES",
-    "GraphAnalysis", "AnalysisError", "TraceError", "__version__",
-]

@@ -12,9 +12,16 @@ import math
 import platform
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["SpaceReport", "MergeReport", "COLUMNS", "OUTPUTS_AVERAGED"]
+import torch.fx as fx
+
+from .align import CommonPart
+from .analysis import GraphAnalysis
+from .cuts import CutPoint, find_cuts, shared_cuts
+from .warn import warn_caller
+
+__all__ = ["SpaceReport", "MergeReport", "COLUMNS", "OUTPUTS_AVERAGED", "output_warnings"]
 
 REPORT_FORMAT = 1
 """Version of the ``report.json`` layout (bumped when a key changes meaning)."""
@@ -131,8 +138,6 @@ class MergeReport:
     def from_dict(cls, data: dict[str, Any]) -> "MergeReport":
         """The report back from ``to_dict()`` / a ``report.json`` (the cut comes back
         as a ``CutPoint`` without its channel segments)."""
-        from .cuts import CutPoint
-
         names = {f.name for f in fields(SpaceReport)}
         rows = [SpaceReport(**{k: (float("nan") if k == "mean_corr" and v is None else v)
                                for k, v in row.items() if k in names}) for row in data.get("spaces", [])]
@@ -292,3 +297,53 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
         return _jsonable(value.tolist())
     return str(value)
+
+
+def output_warnings(analysis: GraphAnalysis, gms: Sequence[fx.GraphModule] = (),
+                    common: CommonPart | None = None) -> list[str]:
+    """Messages for the report of a full zip about what happens to the output
+    space. A stream that also feeds the network inside is a ``warnings.warn``
+    (change the call: add a head, or cut earlier). Output layers (a classifier)
+    are averaged as if the models' outputs meant the same thing, which is what a
+    shared label space or a CLIP-style embedding wants and what two heads of
+    different tasks do not: that is said in the report every time (not as a
+    Python warning: it is not a mistake in the call), with the partial zip
+    that keeps one head per model."""
+    out = []
+    heads = []
+    for sp in analysis.spaces:
+        if sp.touches_output and len(sp.producers) > 1 and sp.consumers:
+            msg = (f"the output space ({sp.size} channels) also contains internal producers "
+                   f"{sp.producers[:6]}{'...' if len(sp.producers) > 6 else ''}: the whole stream is averaged "
+                   "without matching (e.g. a backbone with num_classes=0). Add a head, or cut earlier.")
+            warn_caller(msg)
+            out.append(msg)
+        elif sp.touches_output and sp.producers:
+            heads.append(sp)
+    if heads:
+        out.append(outputs_averaged_note(heads, gms, analysis, common))
+    return out
+
+
+def outputs_averaged_note(heads: list, gms: Sequence[fx.GraphModule], analysis: GraphAnalysis,
+                          common: CommonPart | None) -> str:
+    """The report's note that the output layers were averaged, naming the last cut before them."""
+    layers = sorted({p for sp in heads for p in sp.producers})
+    cut = None
+    if gms:
+        try:
+            cuts = find_cuts(gms[0], analysis) if common is None else shared_cuts(gms, common, analysis)
+            before = [c for c in cuts if c.k < c.m and c.space not in {sp.index for sp in heads}]
+            cut = before[-1] if before else None
+        except Exception:  # noqa: BLE001 - only a suggestion; the merge does not depend on it
+            cut = None
+    if cut is not None and cut.k > 0:
+        suggest = (f"the partial zip at the last cut before them keeps one head per model: "
+                   f"stop_at={cut.name!r} (fxzip merge --stop-at {cut.name}; {cut.k} of {cut.m} layers zipped)")
+    else:
+        suggest = "a partial zip keeps one head per model (stop_at=..., fxzip merge --stop-at; see fxzip.cut_points)"
+    sizes = ", ".join(f"{sp.size}" for sp in heads)
+    return (f"{OUTPUTS_AVERAGED}: the models' output layers ({', '.join(layers[:6])}{'...' if len(layers) > 6 else ''}"
+            f"; {sizes} outputs) are averaged as if their outputs meant the same thing (one label set, or a shared "
+            f"embedding). If the models are different tasks (e.g. classes 0-4 and 5-9), the merged outputs mean "
+            f"neither: {suggest}.")

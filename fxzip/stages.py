@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .calibration import Calibration, capture
-from .cuts import CutPoint, choose_cut, find_cuts, output_warnings, resolve_cut, shared_cuts
+from .cuts import CutPoint, choose_cut, find_cuts, resolve_cut, shared_cuts
 from .evaluate import count_macs
 from .match_spaces import match_dual_space, match_spaces, note_widths
 from .options import MergeOptions
@@ -34,7 +34,7 @@ from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
 from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_node_names
 from .pipeline import Stage, StageResult, check_order
-from .report import MergeReport, SpaceReport
+from .report import MergeReport, SpaceReport, output_warnings
 from .trace import default_example
 from .warn import warn_caller
 from .widths import WidthPlan, plan_widths

@@ -21,12 +21,14 @@ import copy
 import io
 import logging
 import operator
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .concrete_trace import ConcreteTracer, UntraceableControlFlow, drop_dead_sizes, drop_proxies
@@ -208,9 +210,30 @@ def _multihead_attention(m: nn.MultiheadAttention, name: str, query, key, value,
     return out, weights
 
 
+@contextmanager
+def _fx_wraps_seen_through(opaque: OpaqueFunction) -> Iterator[None]:
+    """Functions a library registered with ``torch.fx.wrap`` (torchvision's
+    ``stochastic_depth``, ``shifted_window_attention``, ...) are traced into
+    the torch ops they run, unless ``opaque`` keeps them (a rule registered for
+    the function wins). A library wraps a helper so that *its own* fx users get
+    one call node; to the channel analysis that node would be an unknown op,
+    while its body is ops the analysis knows. torch.fx patches every entry of
+    its module-level table while any tracer runs, so the entries are hidden for
+    the duration of fxzip's trace and put back afterwards."""
+    table = _symbolic_trace._wrapped_fns_to_patch
+    hidden = {key: frame for key, frame in table.items()
+              if key[1] in frame and callable(frame[key[1]]) and not opaque(frame[key[1]])}
+    for key in hidden:
+        del table[key]
+    try:
+        yield
+    finally:
+        table.update(hidden)
+
+
 def _run_trace(tracer: fx.Tracer, model: nn.Module) -> fx.GraphModule:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _fx_wraps_seen_through(_opaque_function):
             graph = tracer.trace(model)
     finally:
         drop_proxies(model)  # forward code may have cached a proxy on a module

@@ -3,8 +3,8 @@
 The fold computes every merged tensor at its merged size; this pass puts them
 in place: tensors that grew replace the module's (parameters stay parameters,
 buffers buffers), each resized module's attributes follow its tensors
-(``fxzip.widths`` registry: ``in_channels``, ``num_features``, ``num_groups``,
-...), and the channel sizes written into ``view``/``reshape`` calls are
+(the width rules registered with each op's channel rule in ``fxzip.rules``:
+``in_channels``, ``num_features``, ``num_groups``, ...), and the channel sizes written into ``view``/``reshape`` calls are
 rewritten from the analysis's layouts. The graph keeps its nodes; only sizes
 change, so the result is a GraphModule that no longer loads into the original
 class.
@@ -19,7 +19,9 @@ from torch import nn
 
 from fxzip.analysis import GraphAnalysis
 from fxzip.layout import Layout
-from fxzip.widths import SIZES, layout_sizes, width_rule
+from fxzip.rules.registry import SIZES
+from fxzip.rules.registry import lookup_width as width_rule
+from fxzip.rules.resize import layout_sizes
 
 __all__ = ["widen", "replace_tensors"]
 

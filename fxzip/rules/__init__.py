@@ -16,22 +16,33 @@ An op with no rule whose inputs carry channels stops the analysis with an
 error naming the op, so nothing is ever guessed. The same holds for tensors
 whose channels are spread over several axes (attention heads): only rules
 marked ``@group_aware`` see them; any other rule stops the analysis.
+
+How an op takes wider channels under ``merged_width`` is registered with its
+rule, in the same registry: ``@register_rule(MyBlock, width=my_resizer)``
+(``FREE``, ``SIZES``, a resizer or ``PerNode``; ``register_width`` alone).
 """
 from __future__ import annotations
 
 from .registry import (
+    FREE,
+    SIZES,
+    PerNode,
+    Resizer,
     Rule,
     group_aware,
     lookup_function_rule,
     lookup_rule,
+    lookup_width,
     map_aware,
     register_rule,
+    register_width,
     rule_registered,
     unregister_rule,
 )
 
 __all__ = ["register_rule", "unregister_rule", "rule_registered", "lookup_rule", "lookup_function_rule",
-           "group_aware", "map_aware", "Rule"]
+           "group_aware", "map_aware", "Rule", "register_width", "lookup_width", "FREE", "SIZES", "PerNode",
+           "Resizer"]
 
 
 def _load_builtin_rules() -> None:

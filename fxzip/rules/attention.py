@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..layout import NO_CHANNELS, Layout, describe
 from .elementwise import binary
 from .heads import per_head, shared_head_basis
-from .registry import group_aware, map_aware, register_rule
+from .registry import FREE, group_aware, map_aware, register_rule
 from .shape import channel_range
 
 
@@ -31,7 +31,7 @@ def _batch_axis(axis: int | None, nd: int, out_nd: int) -> int | None:
     return None if axis is None else axis + out_nd - nd
 
 
-@register_rule(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")
+@register_rule(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", width=FREE)
 @group_aware
 @map_aware
 def matmul(ctx, node: fx.Node) -> None:
@@ -186,7 +186,7 @@ def _untracked_heads(ctx, node: fx.Node, a: fx.Node, values: Layout, out_nd: int
         ctx.fix(values.segments, f"untracked tensor: {a.name} weighs each head at {node.name}")
 
 
-@register_rule(F.scaled_dot_product_attention)
+@register_rule(F.scaled_dot_product_attention, width=FREE)
 @group_aware
 def scaled_dot_product_attention(ctx, node: fx.Node) -> None:
     q, k, v = (ctx.arg(node, i, n) for i, n in enumerate(("query", "key", "value")))

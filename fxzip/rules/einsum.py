@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..layout import NO_CHANNELS, Layout
 from .heads import shared_head_basis
-from .registry import group_aware, register_rule
+from .registry import FREE, group_aware, register_rule
 
 _AXES = ("dim", "group_dim", "stack_dim")
 
@@ -51,7 +51,7 @@ def _varies(ctx, x, labels: str, label: str) -> bool:
     return label in labels and shape is not None and shape[labels.index(label)] != 1
 
 
-@register_rule(torch.einsum, torch.functional.einsum)
+@register_rule(torch.einsum, torch.functional.einsum, width=FREE)
 @group_aware
 def einsum(ctx, node: fx.Node) -> None:
     equation = node.args[0]

@@ -1,6 +1,7 @@
 """Rules for ops that keep every channel where it is: activations, dropout,
 pooling over space, reductions over non-channel axes, and broadcasting
-arithmetic (residual adds, gates, layer scales)."""
+arithmetic (residual adds, gates, layer scales). None of them holds a channel
+count, so all take wider channels as they are (``width=FREE``)."""
 from __future__ import annotations
 
 import operator
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, describe
 from .heads import per_head, position_in_head
-from .registry import group_aware, map_aware, register_rule
+from .registry import FREE, group_aware, map_aware, register_rule
 from .shape import as_stack, join_stack
 
 _UNARY_MODULES = (
@@ -39,7 +40,7 @@ _RESAMPLING = (F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.Upsampling
 """Unary ops that move values along spatial axes (not element-wise on a channel x channel map)."""
 
 
-@register_rule(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
+@register_rule(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS, width=FREE)
 @group_aware
 @map_aware
 def unary(ctx, node: fx.Node) -> None:
@@ -61,7 +62,7 @@ def unary(ctx, node: fx.Node) -> None:
 
 
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax",
-               "log_softmax")
+               "log_softmax", width=FREE)
 @group_aware
 @map_aware
 def softmax(ctx, node: fx.Node) -> None:
@@ -107,7 +108,7 @@ _PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad
                 nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
 
 
-@register_rule(*_POOL_MODULES, *_POOL_FUNCTIONS, *_PAD_MODULES)
+@register_rule(*_POOL_MODULES, *_POOL_FUNCTIONS, *_PAD_MODULES, width=FREE)
 def pool(ctx, node: fx.Node) -> None:
     """Pooling/padding over trailing spatial axes; channels must not be pooled."""
     x = node.args[0]
@@ -142,7 +143,7 @@ def _pad(ctx, node: fx.Node, lay: Layout, pad: list, nd: int) -> None:
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp")
 
 
-@register_rule(*_REDUCTIONS, torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
+@register_rule(*_REDUCTIONS, torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, width=FREE)
 @group_aware
 def reduce(ctx, node: fx.Node) -> None:
     """Reductions over non-channel axes keep channels (global pooling). A
@@ -209,7 +210,7 @@ _BINARY = (
 )
 
 
-@register_rule(*_BINARY)
+@register_rule(*_BINARY, width=FREE)
 @group_aware
 @map_aware
 def binary(ctx, node: fx.Node) -> None:
@@ -222,7 +223,7 @@ def binary(ctx, node: fx.Node) -> None:
     broadcast(ctx, node, [a, b])
 
 
-@register_rule(torch.addcmul, "addcmul", torch.addcdiv, "addcdiv")
+@register_rule(torch.addcmul, "addcmul", torch.addcdiv, "addcdiv", width=FREE)
 @group_aware
 def addcmul(ctx, node: fx.Node) -> None:
     """``input + value * t1 * t2`` (or ``/ t2``): broadcasting over three operands

@@ -1,14 +1,23 @@
 """Rules for layers with weights: they open spaces (producers), absorb the
-previous space (consumers), or carry per-channel parameters (norms)."""
+previous space (consumers), or carry per-channel parameters (norms).
+
+Each layer's width rule (``merged_width``) is registered with its channel rule:
+a module's resizer sets the attributes that follow its tensors once they were
+replaced by wider ones (``out_channels``, ``num_features``, ``num_groups``, ...);
+a functional norm's rewrite scales the channel count in its arguments."""
 from __future__ import annotations
 
+from typing import Mapping
+
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, Segment, describe
 from .heads import shared_head_basis
-from .registry import group_aware, register_rule
+from .registry import FREE, PerNode, group_aware, register_rule, register_width
+from .resize import input_ratio, scaled, set_arg
 
 
 def _module_param(ctx, node: fx.Node, attr: str) -> str | None:
@@ -120,7 +129,15 @@ def _conv_along_channels(ctx, node: fx.Node, m: nn.Module, lay: Layout) -> bool:
     return True
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _resize_conv(module: nn.Module, old: Mapping[str, torch.Size]) -> None:
+    weight = module.weight
+    if module.groups > 1 and "weight" in old:
+        module.groups = module.groups * weight.shape[0] // old["weight"][0]
+    module.out_channels = weight.shape[0]
+    module.in_channels = weight.shape[1] * module.groups
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, width=_resize_conv)
 def conv_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     lay = ctx.layout(node.args[0])
@@ -134,7 +151,13 @@ def conv_module(ctx, node: fx.Node) -> None:
             ctx.role(node, gain[0], 0, lay.segments, "M")
 
 
-@register_rule(F.conv1d, F.conv2d, F.conv3d)
+def _conv_function_width(node: fx.Node) -> str | None:
+    """``F.conv*`` holds no channel count, except a grouped one's ``groups``."""
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return FREE if groups == 1 else None
+
+
+@register_rule(F.conv1d, F.conv2d, F.conv3d, width=PerNode(_conv_function_width))
 def conv_function(ctx, node: fx.Node) -> None:
     w = ctx.arg(node, 1, "weight")
     groups = ctx.arg(node, 6, "groups", 1)
@@ -143,13 +166,17 @@ def conv_function(ctx, node: fx.Node) -> None:
               in_dim=1, out_size=wshape[0], out_dim=1, groups=groups, in_size=wshape[1] * groups)
 
 
-@register_rule(nn.Linear)
+def _resize_linear(module: nn.Module, old: Mapping[str, torch.Size]) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+@register_rule(nn.Linear, width=_resize_linear)
 def linear_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     _linear(ctx, node, node.args[0], _named(ctx, node, "weight"), _named(ctx, node, "bias"), m.out_features)
 
 
-@register_rule(F.linear)
+@register_rule(F.linear, width=FREE)
 def linear_function(ctx, node: fx.Node) -> None:
     w, b = ctx.arg(node, 1, "weight"), ctx.arg(node, 2, "bias")
     computed = isinstance(b, fx.Node) and ctx.layout(b).has_channels  # e.g. a cat of q/k/v biases
@@ -248,6 +275,16 @@ def batch_norm_module(ctx, node: fx.Node) -> None:
     _per_channel(ctx, node, node.args[0], params, dim=1)
 
 
+def _resize_batch_norm(module: nn.Module, old: Mapping[str, torch.Size]) -> None:
+    ref = module.weight if module.weight is not None else module.running_mean
+    module.num_features = ref.shape[0]
+
+
+# Width: the plain batch norms are resized; SyncBatchNorm and the instance norms
+# (and the functional forms) keep their spaces at one model's width.
+register_width(_resize_batch_norm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 @register_rule(F.batch_norm, F.instance_norm)
 def batch_norm_function(ctx, node: fx.Node) -> None:
     names = ("running_mean", "running_var", "weight", "bias")
@@ -256,14 +293,30 @@ def batch_norm_function(ctx, node: fx.Node) -> None:
     _per_channel(ctx, node, node.args[0], params, dim=1)
 
 
-@register_rule(nn.LayerNorm)
+def _resize_layer_norm(module: nn.Module, old: Mapping[str, torch.Size]) -> None:
+    ref = module.weight if module.weight is not None else None
+    if ref is None:
+        raise ValueError("a LayerNorm without affine parameters cannot be widened here")
+    module.normalized_shape = tuple(ref.shape)
+
+
+@register_rule(nn.LayerNorm, width=_resize_layer_norm)
 @group_aware
 def layer_norm_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     _layer_norm(ctx, node, node.args[0], tuple(m.normalized_shape), _named(ctx, node, "weight"), _named(ctx, node, "bias"))
 
 
-@register_rule(F.layer_norm)
+def _rewrite_layer_norm(node: fx.Node, analysis, sizes: Mapping[int, int]) -> None:
+    """``F.layer_norm(x, normalized_shape, ...)`` over the channel axis (last):
+    the last normalised size grows with the channels."""
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    shape = list(shape) if isinstance(shape, (tuple, list)) else [shape]
+    shape[-1] = scaled(shape[-1], input_ratio(node, analysis, sizes), node)
+    set_arg(node, 1, "normalized_shape", tuple(shape))
+
+
+@register_rule(F.layer_norm, width=_rewrite_layer_norm)
 @group_aware
 def layer_norm_function(ctx, node: fx.Node) -> None:
     shape = tuple(ctx.arg(node, 1, "normalized_shape"))
@@ -299,13 +352,27 @@ def _head_norm(ctx, node, x, lay: Layout, normalized_shape, weight, bias) -> Non
     ctx.set(node, lay, passthrough=True)
 
 
-@register_rule(nn.GroupNorm)
+def _resize_group_norm(module: nn.Module, old: Mapping[str, torch.Size]) -> None:
+    if module.weight is None:
+        raise ValueError("a GroupNorm without affine parameters cannot be widened here")
+    channels = module.weight.shape[0]
+    module.num_groups = module.num_groups * channels // module.num_channels
+    module.num_channels = channels
+
+
+@register_rule(nn.GroupNorm, width=_resize_group_norm)
 def group_norm_module(ctx, node: fx.Node) -> None:
     m = ctx.module(node)
     _group_norm(ctx, node, m.num_groups, m.num_channels, _named(ctx, node, "weight"), _named(ctx, node, "bias"))
 
 
-@register_rule(F.group_norm)
+def _rewrite_group_norm(node: fx.Node, analysis, sizes: Mapping[int, int]) -> None:
+    """``F.group_norm(x, num_groups, ...)``: whole groups were added."""
+    groups = node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"]
+    set_arg(node, 1, "num_groups", scaled(groups, input_ratio(node, analysis, sizes), node))
+
+
+@register_rule(F.group_norm, width=_rewrite_group_norm)
 def group_norm_function(ctx, node: fx.Node) -> None:
     x = node.args[0]
     groups = ctx.arg(node, 1, "num_groups")

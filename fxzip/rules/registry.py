@@ -1,10 +1,17 @@
 """The rule tables and the functions that fill and read them (see the package
 docstring, ``fxzip.rules``). The built-in rules import this module, not the
-package, so registering them makes no import cycle."""
+package, so registering them makes no import cycle.
+
+Everything fxzip knows about an op is registered here, under the op's key: its
+channel rule (what the analysis follows) and its width rule (how the op takes
+wider channels under ``merged_width``; ``fxzip.widths`` plans with it and
+``passes.widen`` applies it). A built-in op declares both in its rules module,
+next to each other."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch.fx as fx
 
@@ -14,7 +21,35 @@ _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Callable, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
-__all__ = ["register_rule", "unregister_rule", "rule_registered", "lookup_rule", "lookup_function_rule", "group_aware", "map_aware", "Rule"]
+FREE = "free"
+"""Width rule: the op holds no channel count (activations, arithmetic, pooling,
+concatenation, permutes, attention products, ``flatten``)."""
+SIZES = "sizes"
+"""Width rule: the op holds sizes in its arguments (``view``/``reshape``); the
+widening pass rewrites the channel axes' sizes from the analysis's layouts."""
+Resizer = Callable[..., None]
+"""Width rule of a module class: ``resizer(module, old_shapes)`` fixes the
+module's attributes after its tensors were replaced by wider ones
+(``old_shapes``: each replaced tensor's shape). Of a function or method:
+``rewrite(node, analysis, sizes)`` rewrites the node's size arguments
+(``sizes``: merged features of each widened space)."""
+
+
+@dataclass(frozen=True)
+class PerNode:
+    """A width rule that depends on the call, not only on the op:
+    ``decide(node)`` gives ``FREE``, ``SIZES``, a rewrite or ``None`` (this call
+    cannot take wider channels), e.g. ``x[...]`` slicing the channel axis."""
+
+    decide: Callable[[fx.Node], Any]
+
+
+_MODULE_WIDTHS: dict[type, Any] = {}
+_FUNCTION_WIDTHS: dict[Callable, Any] = {}
+_METHOD_WIDTHS: dict[str, Any] = {}
+
+__all__ = ["register_rule", "unregister_rule", "rule_registered", "lookup_rule", "lookup_function_rule", "group_aware",
+           "map_aware", "Rule", "FREE", "SIZES", "Resizer", "PerNode", "register_width", "lookup_width"]
 
 
 def group_aware(rule: Rule) -> Rule:
@@ -31,7 +66,7 @@ def map_aware(rule: Rule) -> Rule:
     return rule
 
 
-def register_rule(*keys: type | Callable | str) -> Callable[[Rule], Rule]:
+def register_rule(*keys: type | Callable | str, width: Any = None) -> Callable[[Rule], Rule]:
     """Decorator registering ``rule(ctx, node)`` for module classes (``call_module``
     nodes, looked up along the MRO), functions (``torch.roll``) or method names
     (``"roll"`` for ``x.roll(...)``). It replaces a rule registered for the same
@@ -65,6 +100,9 @@ def register_rule(*keys: type | Callable | str) -> Callable[[Rule], Rule]:
     - ``ctx.fail(node, message)``: refuse, naming the node (raise
       ``fxzip.AnalysisError``); say what the op does in the user's terms.
 
+    ``width`` (optional) registers the ops' width rule with it: ``FREE``,
+    ``SIZES``, a ``Resizer`` or ``PerNode`` (``register_width``).
+
     ``fxzip.rules.shape.channel_range(ctx, node, segments, lo, hi)`` gives the
     segments of channels ``lo .. hi`` (a slice; fxzip then matches the parts of
     the space apart). A worked example, a rule for ``torch.roll`` along the
@@ -97,14 +135,9 @@ def register_rule(*keys: type | Callable | str) -> Callable[[Rule], Rule]:
 
     def deco(rule: Rule) -> Rule:
         for key in keys:
-            if isinstance(key, str):
-                _METHOD_RULES[key] = rule
-            elif isinstance(key, type):
-                _MODULE_RULES[key] = rule
-            elif callable(key):
-                _FUNCTION_RULES[key] = rule
-            else:
-                raise TypeError(f"cannot register a rule for {key!r}")
+            _table(key)[key] = rule
+        if width is not None:
+            register_width(width, *keys)
         return rule
 
     return deco
@@ -166,3 +199,41 @@ def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
 def lookup_function_rule(fn: Callable) -> Rule | None:
     """The rule registered for a plain function, if any."""
     return _FUNCTION_RULES.get(fn)
+
+
+def _width_table(key: type | Callable | str) -> dict:
+    if isinstance(key, str):
+        return _METHOD_WIDTHS
+    if isinstance(key, type):
+        return _MODULE_WIDTHS
+    if callable(key):
+        return _FUNCTION_WIDTHS
+    raise TypeError(f"cannot register a width rule for {key!r}")
+
+
+def register_width(width: Any, *keys: type | Callable | str) -> None:
+    """How ops ``keys`` (module classes, functions, method names) take wider
+    channels under ``merged_width``: ``FREE``, ``SIZES`` (view-like: sizes
+    rewritten), a ``Resizer`` (a module class's attributes; a function's size
+    arguments) or ``PerNode``. An op without one keeps every space it touches at
+    one model's width. Independent of the channel rule: registering, replacing
+    or unregistering a rule leaves the width rule as it is."""
+    for key in keys:
+        _width_table(key)[key] = width
+
+
+def lookup_width(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """The width rule of ``node`` (None: the op cannot take wider channels).
+    Module classes are looked up along the MRO."""
+    if node.op in ("placeholder", "output", "get_attr"):
+        return FREE
+    if node.op == "call_module":
+        for cls in type(gm.get_submodule(node.target)).__mro__:
+            if cls in _MODULE_WIDTHS:
+                return _MODULE_WIDTHS[cls]
+        return None
+    if node.op == "call_method":
+        width = _METHOD_WIDTHS.get(node.target)
+    else:
+        width = _FUNCTION_WIDTHS.get(node.target)
+    return width.decide(node) if isinstance(width, PerNode) else width

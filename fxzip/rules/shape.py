@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
 from .heads import link_heads, shared_head_basis
-from .registry import group_aware, map_aware, register_rule
+from .registry import FREE, SIZES, PerNode, group_aware, map_aware, register_rule, register_width
 from .segments import channel_range
 
 _AXIS_WORDS = {"dim": "channel axis", "group_dim": "group axis (heads)", "stack_dim": "stacked axis (q/k/v)"}
@@ -25,7 +25,7 @@ _HEADS = ("fxzip follows a reshape of the channel axis when it keeps channels wh
           "shuffles do; for another reshape, register a rule (fxzip.register_rule, README 'Extending').")
 
 
-@register_rule(builtins.getattr, "size", "dim", "numel")
+@register_rule(builtins.getattr, "size", "dim", "numel", width=FREE)
 @group_aware
 def no_tensor(ctx, node: fx.Node) -> None:
     """Shape queries return Python values, not features."""
@@ -309,6 +309,13 @@ def reshape(ctx, node: fx.Node) -> None:
             and not (after.grouped and not before.grouped))
 
 
+# Widths: flatten and squeeze hold no channel count; view/reshape hold sizes the
+# widening pass rewrites from the layouts. unflatten, view_as and reshape_as hold
+# sizes it does not rewrite, so their spaces keep one model's width.
+register_width(FREE, torch.flatten, "flatten", nn.Flatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze)
+register_width(SIZES, "view", "reshape", torch.reshape)
+
+
 def _perm_of(node: fx.Node, nd: int) -> list[int]:
     if node.target in ("transpose", torch.transpose) or node.target == "swapaxes":
         d0, d1 = node.args[1] % nd, node.args[2] % nd
@@ -325,7 +332,7 @@ def _perm_of(node: fx.Node, nd: int) -> list[int]:
     return [d % nd for d in dims]
 
 
-@register_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", "t")
+@register_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", "t", width=FREE)
 @group_aware
 @map_aware
 def permute(ctx, node: fx.Node) -> None:
@@ -378,7 +385,7 @@ def repeat_interleave(ctx, node: fx.Node) -> None:
     ctx.set(node, lay, passthrough=True)
 
 
-@register_rule(torch.cat, torch.concat, torch.concatenate)
+@register_rule(torch.cat, torch.concat, torch.concatenate, width=FREE)
 @group_aware
 def cat(ctx, node: fx.Node) -> None:
     """Along the channel axis the segments concatenate; along any other axis all
@@ -481,7 +488,7 @@ def roll(ctx, node: fx.Node) -> None:
     ctx.set(node, lay, passthrough=True)
 
 
-@register_rule(torch.stack)
+@register_rule(torch.stack, width=FREE)
 def stack(ctx, node: fx.Node) -> None:
     """A new axis over tensors of one basis (outputs of parallel branches)."""
     parts = list(node.args[0])
@@ -576,6 +583,10 @@ def split(ctx, node: fx.Node) -> None:
     ctx.set(node, tuple(pieces), passthrough=True)
 
 
+# Width: unbind holds no count; split, chunk and tensor_split hold part sizes or counts.
+register_width(FREE, torch.unbind, "unbind")
+
+
 @register_rule("narrow", torch.narrow)
 def narrow(ctx, node: fx.Node) -> None:
     """``x.narrow(dim, start, length)``: a slice."""
@@ -655,7 +666,24 @@ def _split_grouped(ctx, node: fx.Node, lay: Layout, name: str, dim: int, parts: 
     return tuple(lay for _ in range(parts))
 
 
-@register_rule(operator.getitem)
+def _getitem_width(node: fx.Node) -> str | None:
+    """Width of ``x[...]``: ``FREE`` when it selects along other axes only
+    (``x[:, 0]``, a tuple's item), else None (a channel slice holds a count).
+    Reads the layout ``fxzip.widths.plan_widths`` puts in ``node.meta``."""
+    src = node.args[0]
+    lay = src.meta.get("fxzip_layout") if isinstance(src, fx.Node) else None
+    index = node.args[1]
+    if not isinstance(index, tuple):
+        index = (index,)
+    if isinstance(lay, tuple) or lay is None:
+        return FREE if isinstance(node.args[1], int) or lay is None else None
+    if any(i is Ellipsis for i in index):
+        return None
+    full = slice(None, None, None)
+    return FREE if all(a >= len(index) or index[a] == full for a in lay.tracked_axes) else None
+
+
+@register_rule(operator.getitem, width=PerNode(_getitem_width))
 @group_aware
 def getitem(ctx, node: fx.Node) -> None:
     src = node.args[0]

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["UsageError", "run_merge", "run_inspect", "run_sweep", "merge_defaults", "parse_stop_at", "merge_device"]
+__all__ = ["UsageError", "run_merge", "run_inspect", "run_sweep", "merge_defaults", "parse_stop_at", "merge_device",
+           "merged_width_arg", "check_merge_options"]
 
 
 class UsageError(ValueError):
@@ -35,6 +36,46 @@ def parse_stop_at(value: str | None) -> int | str | None:
     if value is None:
         return None
     return int(value) if value.lstrip("-").isdigit() else value
+
+
+def merged_width_arg(entries: list[tuple[str | None, float]] | None) -> float | dict[str, float]:
+    """``--merged-width`` entries ((None or a space's name, W), from the parser)
+    as ``merge``'s ``merged_width``: one factor for every space, or a dict of
+    the spaces named (the others stay at 1.0). The numbers themselves are the
+    library's to check (``check_merge_options``)."""
+    if not entries:
+        return merge_defaults()["merged_width"]
+    bare = [w for name, w in entries if name is None]
+    named = [(name, w) for name, w in entries if name is not None]
+    if bare and named:
+        raise UsageError("--merged-width takes one factor W for every space, or NAME=W entries for the spaces "
+                         "to widen (the others stay at 1.0), not both")
+    if len(bare) > 1:
+        raise UsageError(f"--merged-width W was given {len(bare)} times ({', '.join(f'{w:g}' for w in bare)}); give "
+                         "one factor for every space, or NAME=W per space (fxzip sweep takes several)")
+    if bare:
+        return bare[0]
+    widths: dict[str, float] = {}
+    for name, w in named:
+        if name in widths:
+            raise UsageError(f"--merged-width names the space {name!r} twice")
+        widths[name] = w
+    return widths
+
+
+def check_merge_options(models: list[Any], **options: Any) -> None:
+    """The library's own checks of ``merge``'s options (``MergeOptions.checked``:
+    the method, alpha/beta, refit, repair, merged_width, probes, with the
+    models), run on the built models before any data is read, so that a bad
+    combination fails with the library's message before any calibration work.
+    Options not given are ``merge``'s defaults; the command line always has
+    data."""
+    from ..options import MergeOptions
+
+    wanted = inspect.signature(MergeOptions.checked).parameters
+    kwargs = {k: v for k, v in merge_defaults().items() if k in wanted}
+    kwargs.update(options, progress=False)
+    MergeOptions.checked(models, "--data", **kwargs)
 
 
 def merge_device(name: str) -> Any:
@@ -188,6 +229,7 @@ def _out_lock(args: argparse.Namespace) -> Iterator[None]:
 def run_merge(args: argparse.Namespace) -> int:
     """``fxzip merge``: checkpoints + images -> a merged model in ``--out``."""
     classes = _check_merge_args(args)
+    args.merged_width = merged_width_arg(args.merged_width)
     with _out_lock(args):
         return _merge_and_save(args, classes)
 
@@ -213,6 +255,9 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
                                  strip=args.strip_prefix)
     device = merge_device(getattr(args, "device", "cpu"))
     models = [m.to(device) for m in models]
+    options = {"method": args.method, "alpha": args.alpha, "beta": args.beta, "refit": args.refit,
+               "repair": args.repair, "merged_width": args.merged_width, "probes": args.probes}
+    check_merge_options(models, **options)  # the library's message for a bad combination, before any data
     to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
     with open_data(args.data, models[0], args.img_size, args.batch_size, **_data_options(args)) as source:
         say(f"data: {source.description}")
@@ -221,12 +266,13 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
             say(spread)
         say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
             + (f", stop at {stop_at!r}" if stop_at is not None else "")
+            + _describe_options(args.refit, args.repair, args.merged_width, args.probes)
             + (", batch-norm statistics kept" if args.no_reset_bn else "")
             + (f", {processes} processes, batch i on rank i % {processes}" if processes > 1 else "") + ")")
         loader, max_batches = _calibration_loader(source, args.batch_size, args.max_batches)
-        result = merge(*models, data=loader, method=args.method, alpha=args.alpha, beta=args.beta,
-                       stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
-                       max_batches=max_batches, progress=not args.quiet, seed=args.seed, inputs=to_device)
+        result = merge(*models, data=loader, stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
+                       max_batches=max_batches, progress=not args.quiet, seed=args.seed, inputs=to_device,
+                       **options)
         input_size = list(source.config["input_size"])
         transform = {k: source.config.get(k) for k in ("crop_pct", "crop_mode", "interpolation")}
         skipped = source.skipped_summary()  # under torchrun: every rank's count, rank 0's names
@@ -239,7 +285,8 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
         "command": "fxzip merge", "model": args.model, "checkpoints": [str(c) for c in args.checkpoints],
         "num_classes": [s.num_classes for s in specs], "img_size": args.img_size, "input_size": input_size,
         "data": str(args.data), "method": args.method, "alpha": args.alpha, "beta": args.beta,
-        "stop_at": stop_at, "batch_size": args.batch_size, "max_batches": args.max_batches,
+        "stop_at": stop_at, "refit": args.refit, "repair": args.repair, "merged_width": args.merged_width,
+        "probes": args.probes, "batch_size": args.batch_size, "max_batches": args.max_batches,
         "reset_bn": not args.no_reset_bn, "seed": args.seed, "processes": processes, "device": device.type,
         **transform, "strict_data": args.strict_data, **skipped,
     }
@@ -264,6 +311,24 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
         print(f"load it: torch.export.load({str(out / 'model.pt2')!r}).module()(x)  "
               f"-> {report.n_models} outputs, one per model")
     return 0
+
+
+def _describe_options(refit: Any, repair: bool, merged_width: Any, probes: str) -> str:
+    """The progress line's words for the options that are not merge's defaults."""
+    from ..passes.refit import DEFAULT_RIDGE
+
+    words = []
+    if refit is not False:
+        words.append(f"refit (ridge {DEFAULT_RIDGE if refit is True else refit:g})")
+    if repair:
+        words.append("repair")
+    if isinstance(merged_width, dict):
+        words.append("merged width " + ", ".join(f"{name}={w:g}" for name, w in merged_width.items()))
+    elif merged_width != 1.0:
+        words.append(f"merged width {merged_width:g}")
+    if probes != merge_defaults()["probes"]:
+        words.append(f"probes {probes}")
+    return "".join(f", {w}" for w in words)
 
 
 def _calibration_loader(source: Any, batch_size: int, max_batches: int | None) -> tuple[Any, int | None]:

@@ -42,6 +42,20 @@ examples:
 inputs, used as they are). Images get the model's timm evaluation transform
 (resize, center crop, normalise) at --img-size when given.
 
+--refit, --repair, --merged-width, --probes: the options of fxzip.merge (refit=,
+repair=, merged_width=, probes=). --refit alone uses the default ridge; --refit 0.01
+sets it (put --refit after the checkpoints, or it takes the next one for its
+value). Refit and repair read the data again: about one pass per layer (refit, then
+repair, then the norm reset); the report's details say how many. --merged-width W
+keeps W x n features in each space of n features (1.0: the papers' merge; the
+number of checkpoints: the models side by side), the least similar apart; the
+result no longer loads into the original class and is saved as model.pt2.
+--merged-width NAME=W, repeated, widens only the spaces named (their names as in
+the report or fxzip inspect). --probes: all (every tensor of a space that
+something reads), last (only the last one: where a stream leaves its stage),
+before_reduce (the feature map before global pooling, all tokens rather than the
+class token), *_per_point (each place weighs the same, not each sample).
+
 --out: a full zip is model.safetensors, loadable with
 timm.create_model(NAME, num_classes=N, checkpoint_path=DIR/model.safetensors); a
 partial zip is model.pt2 (torch.export.load(path).module()(x) -> one output per
@@ -76,6 +90,26 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_sweep(sub)
     return parser
+
+
+def _ridge(value: str) -> float:
+    """``--refit RIDGE``: a number (the library says which numbers it takes)."""
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a ridge factor; --refit takes an optional number (e.g. --refit 0.01), so put it "
+            "after the checkpoints") from None
+
+
+def _width_entry(value: str) -> tuple[str | None, float]:
+    """``--merged-width W`` or ``NAME=W``: (None or the space's name, W)."""
+    name, _, number = value.rpartition("=")
+    try:
+        return (name or None) if "=" in value else None, float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: --merged-width takes a factor W (e.g. 1.5) or NAME=W for one space") from None
 
 
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +182,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     from fxzip.cli.commands import merge_defaults
+    from fxzip.passes.refit import DEFAULT_RIDGE
+    from fxzip.probes import DEFAULT_PROBES, PROBE_POLICIES
 
     defaults = merge_defaults()
     merge = sub.add_parser(
@@ -185,6 +221,18 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--stop-at", metavar="K|NAME",
                        help="partial zip: zip the first K weight layers (the last cut with k <= K), or stop at the "
                        "cut point NAME (see fxzip inspect)")
+    merge.add_argument("--refit", nargs="?", const=True, default=False, type=_ridge, metavar="RIDGE",
+                       help="refit each merged layer by least squares to the originals' matched outputs on --data "
+                       f"(RIDGE default {DEFAULT_RIDGE:g}); costs about one more pass over the data per layer")
+    merge.add_argument("--repair", action="store_true",
+                       help="REPAIR: give each merged feature its originals' mean and std (nets without batch "
+                       "norm; full zips only); costs about one more pass over the data per layer")
+    merge.add_argument("--merged-width", action="append", type=_width_entry, metavar="W|NAME=W",
+                       help="keep W times one model's features per space (1.0 default, up to the number of "
+                       "checkpoints); multiplies MACs (up to W^2); repeat NAME=W to widen named spaces only")
+    merge.add_argument("--probes", choices=sorted(PROBE_POLICIES), default=DEFAULT_PROBES, metavar="POLICY",
+                       help=f"where calibration observes each space: {', '.join(sorted(PROBE_POLICIES))} "
+                       f"(default {DEFAULT_PROBES}; see below)")
     _add_image_options(merge)
     merge.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     merge.add_argument("--max-batches", type=int,

@@ -429,8 +429,37 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.eval_max is not None and args.eval_max < 1:
         raise UsageError(f"--eval-max must be at least 1, got {args.eval_max}")
     stops = [None if s == "full" else "all" if s == "all" else parse_stop_at(s) for s in args.stop_at_values]
+    args.refit = list(dict.fromkeys(_ridge_of(v) for values in args.refit for v in values))
+    args.repair = {"off": [False], "on": [True], "both": [False, True]}[args.repair]
+    args.merged_widths = list(dict.fromkeys(args.merged_widths))
+    args.probes = list(dict.fromkeys(args.probes))
     with _out_lock(args):
         return _sweep_and_write(args, classes, stops)
+
+
+def _ridge_of(refit: bool | float) -> float | None:
+    """merge's ``refit`` argument as the ridge it means (None: no refit). A
+    ridge the library refuses (<= 0) stays as it is, for its check to name."""
+    from ..passes.refit import DEFAULT_RIDGE
+
+    return None if refit is False else DEFAULT_RIDGE if refit is True else float(refit)
+
+
+def _sweep_points(args: argparse.Namespace, models: list[Any], say: Any) -> list[Any]:
+    """The grid of ``fxzip sweep`` (``fxzip.cli.sweep.grid``), every point
+    checked by the library (``check_merge_options``) before any data is read."""
+    from .sweep import FIXED_WIDTH_METHODS, grid
+
+    points = grid(args.methods, args.alphas, args.betas, args.merged_widths, args.refit, args.repair, args.probes)
+    for method in args.methods:
+        if method in FIXED_WIDTH_METHODS and any(w != 1.0 for w in args.merged_widths):
+            if not any(p.method == method for p in points):  # no width it can run at: the library says why
+                check_merge_options(models, method=method, merged_width=max(args.merged_widths))
+            say(f"{method} runs at --merged-width 1 only (it has no similarity to choose which features to keep "
+                "apart)")
+    for point in points:
+        check_merge_options(models, **point.options())
+    return points
 
 
 def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops: list[Any]) -> int:
@@ -445,6 +474,7 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
     torch.manual_seed(args.seed)
     models, specs = load_models(args.model, args.checkpoints, classes, args.img_size, say,
                                  strip=args.strip_prefix)
+    points = _sweep_points(args, models, say)
     config = data_config(models[0], args.img_size, args.crop_pct, args.crop_mode, args.interpolation)
     from torchvision.datasets import ImageFolder
 
@@ -463,8 +493,7 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
         spread = source.spread(args.max_batches)
         if spread:
             say(spread)
-        rows = sweep(models, source.loader(), loaders, args.methods, args.alphas, args.betas, stops,
-                     reset_bn=False if args.no_reset_bn else None, max_batches=args.max_batches, seed=args.seed,
+        rows = sweep(models, source.loader(), loaders, points, stops, reset_bn=False if args.no_reset_bn else None, max_batches=args.max_batches, seed=args.seed,
                      progress=not args.quiet, say=say)
         skipped = source.skipped_summary()
     print(table(rows))
@@ -474,6 +503,8 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
                     "num_classes": [s.num_classes for s in specs], "data": args.data, "eval": list(args.eval),
                     "img_size": args.img_size, "input_size": list(config["input_size"]), "methods": args.methods,
                     "alphas": args.alphas, "betas": args.betas, "stop_at": args.stop_at_values,
+                    "merged_widths": args.merged_widths, "refit": args.refit, "repair": args.repair,
+                    "probes": args.probes,
                     "batch_size": args.batch_size, "max_batches": args.max_batches, "eval_max": args.eval_max,
                     "reset_bn": not args.no_reset_bn, "seed": args.seed,
                     **{k: config.get(k) for k in ("crop_pct", "crop_mode", "interpolation")},

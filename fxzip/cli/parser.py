@@ -127,16 +127,30 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
                         "and count it in the report)")
 
 
+def _refit_values(value: str) -> tuple[bool | float, ...]:
+    """``fxzip sweep --refit`` values: off, on, both (off and on) or a ridge factor."""
+    words: dict[str, tuple[bool | float, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
+    if value in words:
+        return words[value]
+    try:
+        return (float(value),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: --refit takes off, on, both or ridge factors") from None
+
+
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     from fxzip.cli.commands import merge_defaults
+    from fxzip.passes.refit import DEFAULT_RIDGE
+    from fxzip.probes import DEFAULT_PROBES, PROBE_POLICIES
 
     defaults = merge_defaults()
     sweep = sub.add_parser(
         "sweep", help="one calibration, a grid of methods, alpha/beta and cut points, each scored per task",
-        description="Calibrate once, merge for every combination of --methods, --alphas, --betas and --stop-at, "
-        "and score every result on one labelled image folder per model (--eval, in checkpoint order; labels are "
-        "the class folders in sorted order, compared with the first logits of that model's output). Prints a "
-        "table; --out writes sweep.json, sweep.csv and sweep.png (accuracy versus layers zipped).")
+        description="Calibrate once, merge for every combination of --methods, --alphas, --betas, --merged-width, "
+        "--refit, --repair, --probes and --stop-at, and score every result on one labelled image folder per model "
+        "(--eval, in checkpoint order; labels are the class folders in sorted order, compared with the first logits "
+        "of that model's output). Prints a table; --out writes sweep.json, sweep.csv and sweep.png (accuracy versus "
+        "layers zipped, one curve per setting).")
     sweep.add_argument("checkpoints", nargs="+", metavar="CKPT", help="state_dict files, one per model")
     sweep.add_argument("--model", required=True, metavar="NAME", help="timm model name or module.path:factory")
     sweep.add_argument("--data", required=True, metavar="PATH", help="calibration inputs (as for fxzip merge)")
@@ -155,6 +169,19 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--stop-at", dest="stop_at_values", nargs="+", default=["full"], metavar="K|NAME|full|all",
                        help="cut points: k, a name, 'full' (full zip) or 'all' (every cut point and the full zip); "
                        "default full")
+    sweep.add_argument("--merged-width", dest="merged_widths", nargs="+", type=float, default=[1.0], metavar="W",
+                       help="merged widths: W times one model's features per space (1.0 default, up to the number "
+                       "of checkpoints); multiplies MACs (up to W^2); weight_average runs at 1.0 only")
+    sweep.add_argument("--refit", nargs="+", type=_refit_values, default=[(False,)], metavar="off|on|both|RIDGE",
+                       help="refit each merged layer to the originals' outputs: off (default), on (ridge "
+                       f"{DEFAULT_RIDGE:g}), both (every merge with and without) or ridge factors; each refit costs "
+                       "about one more pass over the data per layer")
+    sweep.add_argument("--repair", choices=("off", "on", "both"), default="off",
+                       help="REPAIR of full zips (nets without batch norm): off (default), on, or both; costs about "
+                       "one more pass over the data per layer")
+    sweep.add_argument("--probes", nargs="+", choices=sorted(PROBE_POLICIES), default=[DEFAULT_PROBES],
+                       metavar="POLICY", help=f"probe policies, one calibration each: "
+                       f"{', '.join(sorted(PROBE_POLICIES))} (default {DEFAULT_PROBES}; see fxzip merge --help)")
     sweep.add_argument("--num-classes", type=int, nargs="+", metavar="N", help="as for fxzip merge")
     sweep.add_argument("--strip-prefix", metavar="PREFIX", help="as for fxzip merge")
     sweep.add_argument("--img-size", type=int, metavar="N", help="as for fxzip merge")

@@ -78,3 +78,34 @@ def test_a_rule_registered_for_a_wrapped_helper_keeps_it_one_node():
     with rule_registered(gate_rule, channel_gate):
         gm = fxzip.trace(Block().eval(), torch.randn(2, 3, 16, 16))
     assert channel_gate in _targets(gm) and stochastic_depth not in _targets(gm)
+
+
+class Tokens(nn.Module):
+    """Constructs of torchvision's MaxViT and Swin at the torch level: axes
+    swapped by ``swapaxes`` / ``swapdims`` / ``transpose`` with keywords, and an
+    attention mask built in the forward with ``x.new_zeros``."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.swapaxes(self.stem(x).flatten(2), 1, 2)  # (B, N, C)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        mask = t.new_zeros((t.shape[1], t.shape[1]))
+        mask[:, -1] = -1.0
+        scores = (q @ torch.transpose(k, dim0=-2, dim1=-1)) * q.shape[-1] ** -0.5 + mask
+        t = t + self.proj(scores.softmax(-1) @ v)
+        return self.head(t.swapdims(-1, -2).mean(-1))
+
+
+def test_swapped_axes_and_masks_built_in_the_forward_merge_exactly():
+    data = batches((8, 3, 16, 16), 3)
+    model = prepared(Tokens(), data)
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)

@@ -32,6 +32,18 @@ def no_tensor(ctx, node: fx.Node) -> None:
     ctx.set(node, NO_CHANNELS, passthrough=True)
 
 
+@register_rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
+@group_aware
+@map_aware
+def fresh_tensor(ctx, node: fx.Node) -> None:
+    """``x.new_zeros(size)`` and its kin take only ``x``'s dtype and device: the
+    result is a new tensor of the given size (a mask built in the forward, as
+    torchvision's shifted windows do), not features of ``x``. No width rule:
+    the size may name a channel count, so a space that reaches one keeps one
+    model's width."""
+    ctx.set(node, NO_CHANNELS, passthrough=True)
+
+
 def _groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
     """Pair runs of source and destination axes with equal products (size-1 axes
     attach to the run before them)."""
@@ -316,9 +328,21 @@ register_width(FREE, torch.flatten, "flatten", nn.Flatten, "squeeze", "unsqueeze
 register_width(SIZES, "view", "reshape", torch.reshape)
 
 
+_SWAPS = ("transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims", torch.swapdims)
+"""Ops that swap two axes (one op under three names, as method and function)."""
+_SWAP_KWARGS = (("dim0", "axis0"), ("dim1", "axis1"))
+
+
+def _swapped_axes(node: fx.Node) -> tuple[int, int]:
+    given = list(node.args[1:3])
+    for names in _SWAP_KWARGS[len(given):]:
+        given.append(next(node.kwargs[k] for k in names if k in node.kwargs))
+    return given[0], given[1]
+
+
 def _perm_of(node: fx.Node, nd: int) -> list[int]:
-    if node.target in ("transpose", torch.transpose) or node.target == "swapaxes":
-        d0, d1 = node.args[1] % nd, node.args[2] % nd
+    if node.target in _SWAPS:
+        d0, d1 = (d % nd for d in _swapped_axes(node))
         perm = list(range(nd))
         perm[d0], perm[d1] = perm[d1], perm[d0]
         return perm
@@ -332,7 +356,7 @@ def _perm_of(node: fx.Node, nd: int) -> list[int]:
     return [d % nd for d in dims]
 
 
-@register_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", "t", width=FREE)
+@register_rule("permute", torch.permute, *_SWAPS, "t", width=FREE)
 @group_aware
 @map_aware
 def permute(ctx, node: fx.Node) -> None:

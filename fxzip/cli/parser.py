@@ -10,14 +10,17 @@ Subcommands:
 * ``fxzip merge CKPT CKPT [CKPT ...] --model NAME --data PATH --out DIR [...]``:
   merge checkpoints of one architecture on calibration images and write the
   result with ``fxzip.save`` (``model.safetensors`` or ``model.pt2``,
-  ``report.json``, ``report.md``). ``torchrun --nproc-per-node K -m fxzip merge
+  ``report.json``, ``report.md``); ``--refit [RIDGE]``, ``--repair``,
+  ``--merged-width W|NAME=W`` and ``--probes POLICY`` are ``fxzip.merge``'s
+  options of those names. ``torchrun --nproc-per-node K -m fxzip merge
   ...`` runs it in K processes, each calibrating on every K-th batch
   (``fxzip.distributed``); rank 0 writes the files.
 * ``fxzip inspect --model NAME [--img-size N] [--json]``: the feature spaces and
   cut points fxzip finds in a model, before any data.
 * ``fxzip sweep CKPT CKPT [...] --model NAME --data PATH --eval DIR DIR [...]``:
-  one calibration, a grid of methods, alpha/beta and cut points, each merged
-  model scored on one labelled folder per model; a table and the papers'
+  one calibration (per probe policy), a grid of methods, alpha/beta, merge
+  options (``--merged-width``, ``--refit``, ``--repair``, ``--probes``) and cut
+  points, each merged model scored on one labelled folder per model; a table and the papers'
   accuracy-versus-layers-zipped plot.
 
 Errors in the arguments or the inputs are printed as one message without a
@@ -145,8 +148,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
     defaults = merge_defaults()
     sweep = sub.add_parser(
-        "sweep", help="one calibration, a grid of methods, alpha/beta and cut points, each scored per task",
-        description="Calibrate once, merge for every combination of --methods, --alphas, --betas, --merged-width, "
+        "sweep", help="one calibration, a grid of methods, alpha/beta, merge options and cut points, each scored "
+        "per task",
+        description="Calibrate once (once per --probes policy), merge for every combination of --methods, --alphas, --betas, --merged-width, "
         "--refit, --repair, --probes and --stop-at, and score every result on one labelled image folder per model "
         "(--eval, in checkpoint order; labels are the class folders in sorted order, compared with the first logits "
         "of that model's output). Prints a table; --out writes sweep.json, sweep.csv and sweep.png (accuracy versus "

@@ -4,10 +4,20 @@
     python benchmarks/coverage.py --resume                # keep models already recorded, run the rest
     python benchmarks/coverage.py --models resnet10t:32   # a subset (NAME or NAME:SIZE), merged into the result
     python benchmarks/coverage.py --merge-from DIR/coverage.json  # fold a run made with --out DIR into the result
+    python benchmarks/coverage.py --library torchvision --jobs 1   # torchvision's panel -> coverage_torchvision.{json,md}
 
-For every model of the panel (built with ``timm.create_model(name, pretrained=False,
-num_classes=10[, img_size=S])``; nothing is downloaded) a fresh subprocess
-(``--one``, with a time limit, ``--timeout``) runs:
+``--library timm`` (the default): the panel below, built with ``timm.create_model(name,
+pretrained=False, num_classes=10[, img_size=S])``. ``--library torchvision``: every model
+``torchvision.models.list_models`` lists in the classification, segmentation, video and
+optical-flow modules (``TV_FAMILIES``), built with ``torchvision.models.get_model(name,
+weights=None, ...)`` (``create_torchvision``: ``num_classes=10`` where the builder takes it,
+``weights_backbone=None``, ``aux_loss=True`` for the segmentation models that have an
+auxiliary head, ``image_size`` / ``input_size`` for ViT / MaxViT) on the inputs each family
+needs (``tv_input_spec``: images, clips (B, 3, T, H, W), or two images for optical flow;
+recorded as ``input_spec``); its results go to ``coverage_torchvision.{json,md}``. Nothing is
+downloaded. Outputs that are dicts (segmentation: 'out', 'aux') or lists (RAFT: one flow per
+refinement) are compared tensor by tensor; the worst one is named in a failure. For every
+model a fresh subprocess (``--one``, with a time limit, ``--timeout``) runs:
 
 0. create: build the model and run it eagerly on a batch at its size;
    trace + analysis: ``fxzip.trace.trace`` and ``fxzip.analysis.analyze``, which
@@ -56,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -96,6 +107,23 @@ PANEL = [
     "mambaout_femto", "starnet_s1", "rdnet_tiny", "repvit_m0_9", "nextvit_small", "mobilenetv4_hybrid_medium",
 ]
 
+# torchvision: the families (module of torchvision.models) and the inputs each needs. Sizes are
+# the smallest each model accepts where it has one (found by running the model), else small
+# enough for a 2-core CPU: classification 64 px (inception_v3 needs 75; vit_* are built for
+# the size, ``image_size``, vit_h_14's patch of 14 divides 56; maxvit_t's four stages (/4 .. /32)
+# must divide into its 7x7 partitions: 224); segmentation 64 px; video clips of 4 frames at
+# 32 px (s3d's final 2x7x7 average pool needs 13 frames and 209 px; mvit_* are built for 16
+# frames at 224 px, fixed by their builders); optical flow two images of 128 px (RAFT's
+# correlation pyramid needs feature maps of 16 at stride 8).
+TV_FAMILIES = {"classification": "", "segmentation": "segmentation", "video": "video",
+               "optical_flow": "optical_flow"}
+TV_DEFAULT_SIZE = {"classification": 64, "segmentation": 64, "video": 32, "optical_flow": 128}
+TV_DEFAULT_FRAMES = 4
+TV_SIZES = {"inception_v3": 75, "vit_h_14": 56, "maxvit_t": 224, "s3d": 209, "mvit_v1_b": 224, "mvit_v2_s": 224}
+TV_FRAMES = {"s3d": 13, "mvit_v1_b": 16, "mvit_v2_s": 16}
+TV_NUM_CLASSES = 10
+LIBRARIES = ("timm", "torchvision")
+
 STAGES = ("create", "trace", "analysis", "prepare", "calibrate", "match", "fold", "verify", "timeout")
 OUTCOMES = ("pass", "fail-identity", "fail-permute", "nothing-permuted", "fail-recovery", "error", "timeout")
 
@@ -119,6 +147,121 @@ def create(name: str, size: int, seed: int = 0):
         kwargs.pop("img_size")
         model = timm.create_model(name, **kwargs)
     return model.eval(), {k: v for k, v in kwargs.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def tv_panel() -> tuple[tuple[str, str], ...]:
+    """(model, family) of every torchvision model in ``TV_FAMILIES``, family by family, as
+    ``list_models`` orders them."""
+    import importlib
+
+    import torchvision.models as tvm
+
+    out = []
+    for family, sub in TV_FAMILIES.items():
+        module = importlib.import_module(f"torchvision.models.{sub}") if sub else tvm
+        out += [(name, family) for name in tvm.list_models(module=module)]
+    return tuple(out)
+
+
+def tv_family(name: str) -> str:
+    return dict(tv_panel()).get(name, "classification")
+
+
+def tv_default_size(name: str) -> int:
+    return TV_SIZES.get(name, TV_DEFAULT_SIZE[tv_family(name)])
+
+
+def tv_input_spec(name: str, size: int) -> dict:
+    """The inputs of one torchvision model at spatial ``size``: per-sample shapes of its
+    positional inputs (the batch axis comes first)."""
+    family = tv_family(name)
+    if family == "video":
+        shapes = [[3, TV_FRAMES.get(name, TV_DEFAULT_FRAMES), size, size]]
+        names = ["x"]
+    elif family == "optical_flow":
+        shapes, names = [[3, size, size], [3, size, size]], ["image1", "image2"]
+    else:
+        shapes, names = [[3, size, size]], ["x"]
+    text = ", ".join(f"{n}: (B, {', '.join(map(str, s))})" for n, s in zip(names, shapes))
+    return {"family": family, "inputs": shapes, "names": names, "text": text}
+
+
+def input_spec(library: str, name: str, size: int) -> dict:
+    if library == "torchvision":
+        return tv_input_spec(name, size)
+    return {"family": "image", "inputs": [[3, size, size]], "names": ["x"], "text": f"x: (B, 3, {size}, {size})"}
+
+
+def create_torchvision(name: str, size: int, seed: int = 0):
+    """``torchvision.models.get_model(name, weights=None, ...)`` in eval mode, for the inputs of
+    ``tv_input_spec``: ``num_classes`` where the builder takes it (classification, video,
+    segmentation), no backbone weights, segmentation's auxiliary head where it has one, and the
+    image size ViT (``image_size``) and MaxViT (``input_size``) are built for."""
+    import inspect
+
+    import torch
+    import torchvision.models as tvm
+
+    torch.manual_seed(seed)
+    family = tv_family(name)
+    params = inspect.signature(tvm.get_model_builder(name)).parameters
+    kwargs: dict[str, Any] = {"weights": None}
+    if family in ("classification", "video", "segmentation"):
+        kwargs["num_classes"] = TV_NUM_CLASSES
+    if "weights_backbone" in params:
+        kwargs["weights_backbone"] = None
+    if "aux_loss" in params:
+        kwargs["aux_loss"] = True
+    if name.startswith("vit_"):
+        kwargs["image_size"] = size
+    if name.startswith("maxvit_"):
+        kwargs["input_size"] = (size, size)
+    model = tvm.get_model(name, **kwargs)
+    return model.eval(), {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+
+
+def build(library: str, name: str, size: int, seed: int = 0):
+    return create_torchvision(name, size, seed) if library == "torchvision" else create(name, size, seed)
+
+
+def library_panel(library: str) -> list[tuple[str, int]]:
+    """(model, size) of a library's panel."""
+    if library == "torchvision":
+        return [(m, tv_default_size(m)) for m, _ in tv_panel()]
+    return [(m, SIZES.get(m, DEFAULT_SIZE)) for m in PANEL]
+
+
+def default_size(library: str, name: str) -> int:
+    return tv_default_size(name) if library == "torchvision" else SIZES.get(name, DEFAULT_SIZE)
+
+
+def input_batches(spec: dict, n_images: int, batch: int, seed: int) -> list:
+    """Standard-normal batches for ``spec``: tensors for one input (exactly ``images_batches``
+    for images), tuples of tensors for several (RAFT's image pair)."""
+    import torch
+
+    shapes = spec["inputs"]
+    if len(shapes) == 1 and len(shapes[0]) == 3 and shapes[0][1] == shapes[0][2]:
+        return images_batches(n_images, batch, shapes[0][1], seed, shapes[0][0])
+    gen = torch.Generator().manual_seed(seed)
+    out, left = [], n_images
+    while left > 0:
+        b = min(batch, left)
+        xs = tuple(torch.randn((b, *s), generator=gen) for s in shapes)
+        out.append(xs if len(xs) > 1 else xs[0])
+        left -= b
+    return out
+
+
+def call(model, x):
+    """Run ``model`` on one batch: a tensor, or a tuple of its positional inputs."""
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def _all_inputs(batch):
+    """fxzip's ``inputs=`` for batches that are tuples of model inputs (not (x, y) pairs)."""
+    return batch
 
 
 def images_batches(n_images: int, batch: int, size: int, seed: int, channels: int = 3):
@@ -160,18 +303,62 @@ def sample_plan(gm, analysis) -> dict:
     return {"images_needed": need, "tightest_space": tightest}
 
 
-def max_rel_diff(want, got) -> float:
+def rel_diffs(want, got, path: str = "") -> list[tuple[float, str]]:
+    """(max relative difference, where) of every tensor of an output structure: a tensor,
+    a tuple / list (RAFT's flow predictions) or a dict (segmentation's 'out' and 'aux'),
+    nested. Structures must agree (same keys, same lengths); other leaves must be equal."""
+    import torch
+
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or list(want) != list(got):
+            raise ValueError(f"outputs differ in structure at output{path}: keys {list(want)} vs "
+                             f"{list(got) if isinstance(got, dict) else type(got).__name__}")
+        return [d for k in want for d in rel_diffs(want[k], got[k], f"{path}[{k!r}]")]
     if isinstance(want, (tuple, list)):
-        return max(max_rel_diff(a, b) for a, b in zip(want, got))
-    scale = float(want.abs().max())
-    return float((want - got).abs().max()) / (scale if scale > 0 else 1.0)
+        if not isinstance(got, (tuple, list)) or len(want) != len(got):
+            raise ValueError(f"outputs differ in structure at output{path}: {len(want)} items vs "
+                             f"{len(got) if isinstance(got, (tuple, list)) else type(got).__name__}")
+        return [d for i, (a, b) in enumerate(zip(want, got)) for d in rel_diffs(a, b, f"{path}[{i}]")]
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            raise ValueError(f"outputs differ in shape at output{path}: {tuple(want.shape)} vs "
+                             f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
+        if want.numel() == 0:
+            return [(0.0, path)]
+        scale = float(want.abs().max())
+        return [(float((want - got).abs().max()) / (scale if scale > 0 else 1.0), path)]
+    return [(0.0 if want == got else float("inf"), path)]
+
+
+def max_rel_diff(want, got) -> float:
+    return max(e for e, _ in rel_diffs(want, got))
 
 
 def function_error(ref, other, data) -> float:
     import torch
 
     with torch.no_grad():
-        return max(max_rel_diff(ref(x), other(x)) for x in data)
+        return max(max_rel_diff(call(ref, x), call(other, x)) for x in data)
+
+
+def worst_output(ref, other, data, dtype: str = "float32") -> str:
+    """Which tensor of a structured output (dict, list) differs most: '' for a plain tensor."""
+    import torch
+
+    try:
+        if dtype == "float64":
+            ref, other = copy.deepcopy(ref).double(), copy.deepcopy(other).double()
+            data = [_double(x) for x in data]
+        with torch.no_grad():
+            diffs = [d for x in data for d in rel_diffs(call(ref, x), call(other, x))]
+    except Exception:  # noqa: BLE001 - only a detail of a failure's message
+        return ""
+    err, path = max(diffs, key=lambda d: d[0])
+    return f" (worst: output{path}, {err:.3g})" if path else ""
+
+
+def _double(x):
+    return tuple(t.double() for t in x) if isinstance(x, tuple) else x.double()
 
 
 def function_error_f64(ref, other, data) -> float | None:
@@ -181,7 +368,7 @@ def function_error_f64(ref, other, data) -> float | None:
     float64 that noise is ~1e-13 and anything left is a wrong permutation."""
     try:
         a, b = copy.deepcopy(ref).double(), copy.deepcopy(other).double()
-        return function_error(a, b, [x.double() for x in data])
+        return function_error(a, b, [_double(x) for x in data])
     except Exception:  # noqa: BLE001 - e.g. a float32 constant created inside forward
         return None
 
@@ -245,7 +432,7 @@ def _op_of(desc: str, kind: str = "") -> str:
     if desc.startswith("call_method") or (kind == "method" and not body.startswith("Tensor.")):
         return f"Tensor.{body}"
     parts = [p for p in body.split(".") if p]
-    if len(parts) >= 2 and parts[0] in ("torch", "timm"):
+    if len(parts) >= 2 and parts[0] in ("torch", "timm", "torchvision"):
         return f"{parts[0]}.{parts[-1]}"
     return ".".join(parts[-2:]) if len(parts) >= 2 else body
 
@@ -337,11 +524,12 @@ def _merge_seconds(merged) -> dict:
 
 def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] | None = None, seed: int = 0,
                 batch: int = 32, min_images: int = 16, max_images: int = 4096, holdout: int = 2,
-                save: Callable[[dict], None] | None = None) -> dict:
+                save: Callable[[dict], None] | None = None, library: str = "timm") -> dict:
     """Run the coverage checks on one model in this process; returns its record.
 
     ``factory``: build the model yourself (a tiny custom module in tests);
-    default ``create(name, size)``. ``save(record)`` is called at every stage."""
+    default ``create(name, size)`` (``create_torchvision`` for ``library="torchvision"``).
+    ``save(record)`` is called at every stage."""
     import torch
 
     import fxzip
@@ -351,6 +539,11 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     rec: dict[str, Any] = {"model": name, "size": size, "outcome": None, "stage": None, "category": None,
                            "error_type": None, "message": "", "seconds": {}, "checks": {}, "warnings": [],
                            "code": code_state()}
+    spec = input_spec(library, name, size)
+    if library != "timm":
+        rec.update(library=library, family=spec["family"], input_spec=spec)
+    several = len(spec["inputs"]) > 1
+    fx_inputs = {"inputs": _all_inputs} if several else {}  # batches are tuples of inputs, not (x, y)
     t_start = time.perf_counter()
     persist = (lambda: save(rec)) if save else (lambda: None)
 
@@ -368,11 +561,11 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
                 torch.manual_seed(seed)
                 model, rec["create_kwargs"] = factory().eval(), {"factory": getattr(factory, "__name__", "?")}
             else:
-                model, rec["create_kwargs"] = create(name, size, seed)
+                model, rec["create_kwargs"] = build(library, name, size, seed)
             rec["params"] = sum(p.numel() for p in model.parameters())
-            holdout_data = images_batches(8 * holdout, 8, size, seed + 1000)
+            holdout_data = input_batches(spec, 8 * holdout, 8, seed + 1000)
             with torch.no_grad():
-                model(holdout_data[0])
+                call(model, holdout_data[0])
     except Exception as exc:  # noqa: BLE001 - every failure is a result here
         msg = str(exc)
         return done(outcome="error", stage="create", error_type=type(exc).__name__, message=first_lines(msg),
@@ -396,7 +589,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     images = min(images, max(max_images, batch))
     rec.update(images=images, batch=batch, tightest_space=plan["tightest_space"])
     del gm
-    data = images_batches(images, batch, size, seed)
+    data = input_batches(spec, images, batch, seed)
 
     # prepare: O(1) parameters, batch-norm statistics on the data ------------------------
     try:
@@ -404,7 +597,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
             from fxzip.zoo import redraw
 
             redraw(model, seed)
-            fxzip.reset_norm_stats(model, data, max_batches=8)
+            fxzip.reset_norm_stats(model, data, max_batches=8, **fx_inputs)
     except Exception as exc:  # noqa: BLE001
         return done(**_error(rec, exc, "prepare"))
 
@@ -415,16 +608,17 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         with _Stage(rec, "identity_merge", "identity merge", persist), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             merged = fxzip.merge(model, copy.deepcopy(model), data=data, method="zipit", reset_bn=False,
-                                 progress=False)
+                                 progress=False, **fx_inputs)
         rec["warnings"] += sorted({first_lines(str(w.message), 1, 200) for w in caught})[:5]
         identity["merge_seconds"] = _merge_seconds(merged)
         with _Stage(rec, "identity_verify", "identity verify", persist):
             err, err32, dtype = verified_error(model, merged, holdout_data)
+        where = worst_output(model, merged, holdout_data, dtype) if err > TOL and library != "timm" else ""
         del merged
         identity.update(max_rel_err=err, max_rel_err_f32=err32, check_dtype=dtype,
                         outcome="pass" if err <= TOL else "fail-identity")
         if err > TOL:
-            identity.update(stage="verify", message=f"self-merge differs: max rel err {err:.3g} > {TOL}",
+            identity.update(stage="verify", message=f"self-merge differs: max rel err {err:.3g} > {TOL}{where}",
                             category="verify: self-merge differs from the model")
     except Exception as exc:  # noqa: BLE001
         identity.update(_error(rec, exc, "verify" if "verify" in rec["running"] else "match"))
@@ -445,9 +639,10 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         perm.update(permuted_rel_err=err, permuted_rel_err_f32=err32, permuted_check_dtype="float32" if err64 is None
                     else "float64", params_compared=len(common), params_changed=len(changed))
         if err > TOL:
+            where = worst_output(model, p, holdout_data, perm["permuted_check_dtype"]) if library != "timm" else ""
             perm.update(outcome="fail-permute", stage="verify",
                         message=f"permuted copy computes another function: max rel err {err:.3g} > {TOL} "
-                                f"({perm['permuted_check_dtype']})",
+                                f"({perm['permuted_check_dtype']}){where}",
                         category="verify: permuted copy differs (analysis)")
         elif not changed:
             perm.update(outcome="nothing-permuted", stage="verify",
@@ -457,7 +652,8 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         else:
             with _Stage(rec, "recovery_merge", "recovery merge", persist), warnings.catch_warnings(record=True):
                 warnings.simplefilter("always")
-                merged = fxzip.merge(model, p, data=data, method="zipit", reset_bn=False, progress=False)
+                merged = fxzip.merge(model, p, data=data, method="zipit", reset_bn=False, progress=False,
+                                     **fx_inputs)
             perm["merge_seconds"] = _merge_seconds(merged)
             with _Stage(rec, "recovery_verify", "recovery verify", persist):
                 err, err32, dtype = verified_error(model, merged, holdout_data)
@@ -465,8 +661,9 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
             if err <= TOL:
                 perm["outcome"] = "pass"
             else:
+                where = worst_output(model, merged, holdout_data, dtype) if library != "timm" else ""
                 perm.update(outcome="fail-recovery", stage="verify",
-                            message=f"merge with its permutation differs: max rel err {err:.3g} > {TOL}",
+                            message=f"merge with its permutation differs: max rel err {err:.3g} > {TOL}{where}",
                             category="verify: merge with the permuted copy differs")
     except Exception as exc:  # noqa: BLE001
         perm.update(_error(rec, exc, "verify" if "verify" in rec["running"] else "fold"))
@@ -535,7 +732,7 @@ def snapshot(dest: Path) -> dict:
     return state
 
 
-def machine() -> dict:
+def machine(library: str = "timm") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(pkg: str) -> str:  # without importing torch/timm into the driver (seconds each)
@@ -554,9 +751,13 @@ def machine() -> dict:
         uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         uname = " ".join(platform.uname())
-    return {"uname": uname, "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": ver("torch"), "timm": ver("timm"),
-            "torch_threads": 1, "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+    out = {"uname": uname, "cpu": cpu, "cores": os.cpu_count(),
+           "python": platform.python_version(), "torch": ver("torch"), "timm": ver("timm"),
+           "torch_threads": 1, "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+    if library != "timm":
+        out = {**{k: v for k, v in out.items() if k not in ("torch_threads", "load_avg_start")},
+               library: ver(library), "torch_threads": 1, "load_avg_start": out["load_avg_start"]}
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -574,7 +775,7 @@ def run_one(name: str, size: int, args) -> dict:
         rec_file = Path(tmp) / "record.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--size", str(size), "--record-file",
                str(rec_file), "--seed", str(args.seed), "--batch", str(args.batch), "--min-images",
-               str(args.min_images), "--max-images", str(args.max_images)]
+               str(args.min_images), "--max-images", str(args.max_images), "--library", args.library]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "PYTHONWARNINGS": "ignore"}
         if args.snapshot_dir:  # the snapshot comes first on sys.path (the editable install's finder is last)
@@ -610,19 +811,40 @@ _CRASH_STAGE = {"identity merge": "merge", "recovery merge": "merge", "permute_c
 """The stage a worker that died without a record was in (within a merge it cannot tell which)."""
 
 
-def parse_models(items: list[str] | None) -> list[tuple[str, int]]:
+def parse_models(items: list[str] | None, library: str = "timm") -> list[tuple[str, int]]:
     if not items:
-        return [(m, SIZES.get(m, DEFAULT_SIZE)) for m in PANEL]
+        return library_panel(library)
     out = []
     for it in items:
         name, _, size = it.partition(":")
-        out.append((name, int(size) if size else SIZES.get(name, DEFAULT_SIZE)))
+        out.append((name, int(size) if size else default_size(library, name)))
     return out
+
+
+def result_name(library: str, stem: str = "coverage") -> str:
+    """``coverage`` for timm (as always), ``coverage_torchvision`` for torchvision."""
+    return stem if library == "timm" else f"{stem}_{library}"
+
+
+def panel_entries(library: str) -> list[dict]:
+    if library == "timm":
+        return [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL]
+    out = []
+    for m, size in library_panel(library):
+        spec = tv_input_spec(m, size)
+        out.append({"model": m, "size": size, "family": spec["family"], "input": spec["text"]})
+    return out
+
+
+def _result(library: str, runs: list, records: dict) -> dict:
+    head = {} if library == "timm" else {"library": library}
+    return {**head, "panel": panel_entries(library), "tolerance": TOL, "runs": runs,
+            "records": [records[k] for k in _order(records, library)]}
 
 
 def drive(args) -> dict:
     out = Path(args.out)
-    path = out / "coverage.json"
+    path = out / f"{result_name(args.library)}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     records: dict[str, dict] = {r["model"]: r for r in result.get("records", [])}
     command = "python benchmarks/coverage.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
@@ -647,12 +869,14 @@ def drive(args) -> dict:
 def _drive(args, out: Path, path: Path, result: dict, records: dict, command: str) -> dict:
     from tqdm.auto import tqdm
 
-    run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+    run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(args.library),
            "code": args.code, "config": {k: getattr(args, k) for k in ("timeout", "seed", "batch", "min_images",
                                                                           "max_images", "jobs")}}
+    if args.library != "timm":
+        run["config"] = {"library": args.library, **run["config"]}
     runs = result.get("runs", []) if records else []
     runs.append(run)
-    todo = [(m, s) for m, s in parse_models(args.models) if not (args.resume and m in records)]
+    todo = [(m, s) for m, s in parse_models(args.models, args.library) if not (args.resume and m in records)]
     run["models"] = [m for m, _ in todo]
     bar = tqdm(total=len(todo), desc="coverage", unit="model", dynamic_ncols=True, disable=args.quiet)
     # Workers are subprocesses with one torch thread each; this process only waits and writes the result,
@@ -668,10 +892,9 @@ def _drive(args, out: Path, path: Path, result: dict, records: dict, command: st
     bar.close()
     run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     run["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-    result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
-              "runs": runs, "records": [records[k] for k in _order(records)]}
+    result = _result(args.library, runs, records)
     _write_json(path, result)
-    (out / "coverage.md").write_text(markdown(result))
+    path.with_suffix(".md").write_text(markdown(result))
     return result
 
 
@@ -680,18 +903,18 @@ def _record(args, out: Path, path: Path, runs: list, records: dict, name: str, s
     from tqdm.auto import tqdm
 
     records[name] = rec
-    result = {"panel": [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL], "tolerance": TOL,
-              "runs": runs, "records": [records[k] for k in _order(records)]}
+    result = _result(args.library, runs, records)
     _write_json(path, result)
-    (out / "coverage.md").write_text(markdown(result))
+    path.with_suffix(".md").write_text(markdown(result))
     if not args.quiet:
         tqdm.write(f"{name:32s} {size:4d}px  {rec['outcome']:16s} {rec.get('stage') or '':9s} "
                    f"{rec.get('wall_s', 0):6.1f}s  {rec.get('category') or ''}")
 
 
-def _order(records: dict) -> list[str]:
-    pos = {m: i for i, m in enumerate(PANEL)}
-    return sorted(records, key=lambda m: (pos.get(m, len(PANEL)), m))
+def _order(records: dict, library: str = "timm") -> list[str]:
+    names = PANEL if library == "timm" else [m for m, _ in tv_panel()]
+    pos = {m: i for i, m in enumerate(names)}
+    return sorted(records, key=lambda m: (pos.get(m, len(names)), m))
 
 
 # ----------------------------------------------------------------------------- report
@@ -708,16 +931,26 @@ def markdown(result: dict) -> str:
     in_panel = [r for r in recs if r["model"] in panel]
     last = result["runs"][-1]
     m = last["machine"]
-    lines = ["# fxzip coverage benchmark", "",
-             "Self-merge identity and permutation recovery on timm architectures (random O(1) weights, "
-             "`pretrained=False`, `num_classes=10`); see the docstring of `benchmarks/coverage.py`.", ""]
+    library = result.get("library", "timm")
+    if library == "timm":
+        lines = ["# fxzip coverage benchmark", "",
+                 "Self-merge identity and permutation recovery on timm architectures (random O(1) weights, "
+                 "`pretrained=False`, `num_classes=10`); see the docstring of `benchmarks/coverage.py`.", ""]
+    else:
+        lines = [f"# fxzip coverage benchmark: {library}", "",
+                 f"Self-merge identity and permutation recovery on {library} architectures (random O(1) weights, "
+                 "`torchvision.models.get_model(name, weights=None, ...)`, `num_classes=10` where the builder "
+                 "takes it, the inputs of each model in the table), every model of the classification, "
+                 "segmentation, video and optical-flow modules; see the docstring of `benchmarks/coverage.py`. "
+                 "Outputs that are dicts or lists are compared tensor by tensor.", ""]
     for run in result["runs"]:
         c = run["code"]
         lines.append(f"- Command: `{run['command']}` ({run['started']}; {len(run.get('models', []))} models; "
                      f"commit `{c['commit'][:10]}`{' + uncommitted fxzip changes' if c['fxzip_dirty'] else ''}, "
                      f"fxzip source digest `{c['fxzip_digest']}`{', snapshot taken at start' if c.get('snapshot') else ''})")
     lines += [f"- Machine: `{m['uname']}`; {m['cpu']}, {m['cores']} cores (shared), 1 torch thread per model; "
-              f"Python {m['python']}, torch {m['torch']}, timm {m['timm']}",
+              f"Python {m['python']}, torch {m['torch']}, "
+              + (f"timm {m['timm']}" if library == "timm" else f"{library} {m.get(library, '?')}"),
               f"- Config: {json.dumps(last['config'])}; tolerance max|out_merged - out_model| <= "
               f"{result['tolerance']:g} * max|out_model| on held-out batches; each model in a fresh subprocess.",
               ""]
@@ -738,6 +971,8 @@ def markdown(result: dict) -> str:
     for r in in_panel:
         if r["outcome"] != "pass":
             stage_counts[r.get("stage") or "?"] = stage_counts.get(r.get("stage") or "?", 0) + 1
+    if library != "timm":
+        lines += family_table(result["panel"], in_panel)
     if stage_counts:
         lines += ["Failures by stage: " + ", ".join(f"{s} {n}" for s, n in
                                                     sorted(stage_counts.items(), key=lambda kv: -kv[1])) + ".", ""]
@@ -752,9 +987,13 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += ["## Per model", "",
               "Spaces: mergeable / all. Images: calibration images per merge (`*`: fewer than needed for 2x "
-              "samples per feature). Errors: identity / permuted copy / recovery (max relative difference).", "",
-              "| model | size | params (M) | outcome | stage | category | message | spaces | images | errors | "
-              "time (s) |", "|---|---:|---:|---|---|---|---|---:|---:|---|---:|"]
+              "samples per feature). Errors: identity / permuted copy / recovery (max relative difference).", ""]
+    if library == "timm":
+        lines += ["| model | size | params (M) | outcome | stage | category | message | spaces | images | errors | "
+                  "time (s) |", "|---|---:|---:|---|---|---|---|---:|---:|---|---:|"]
+    else:
+        lines += ["| model | family | input | params (M) | outcome | stage | category | message | spaces | images | "
+                  "errors | time (s) |", "|---|---|---|---:|---|---|---|---|---:|---:|---|---:|"]
     for r in recs:
         idn, per = r.get("checks", {}).get("identity", {}), r.get("checks", {}).get("permute", {})
         errs = [idn.get("max_rel_err"), per.get("permuted_rel_err"), per.get("recovery_rel_err")]
@@ -764,21 +1003,48 @@ def markdown(result: dict) -> str:
         images = f"{r['images']}{'*' if r.get('samples_short') else ''}" if "images" in r else ""
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") is not None else ""
         name = r["model"] if r["model"] in panel else f"{r['model']} (not in panel)"
-        lines.append(f"| {name} | {r['size']} | {params} | {r['outcome']} | {r.get('stage') or ''} | "
+        size = r["size"] if library == "timm" else \
+            f"{r.get('family', '')} | {r.get('input_spec', {}).get('text', r['size'])}"
+        lines.append(f"| {name} | {size} | {params} | {r['outcome']} | {r.get('stage') or ''} | "
                      f"{_cell(r.get('category'), 80)} | {_cell(r.get('message'), 110)} | {spaces} | {images} | "
                      f"{err_s} | {r.get('wall_s', r.get('seconds', {}).get('total', 0)):.1f} |")
     lines.append("")
     return "\n".join(lines)
 
 
+def _le_tol(err: float | None) -> bool:
+    return err is not None and err <= TOL
+
+
+def family_table(panel: list[dict], recs: list[dict]) -> list[str]:
+    """Per family: models, recorded, and how many pass each check (identity, permuted copy
+    computes the model's function, recovery = all checks)."""
+    fam = {p["model"]: p.get("family", "?") for p in panel}
+    order = list(dict.fromkeys(fam.values()))
+    lines = ["| family | models | recorded | identity | permuted copy exact | recovery (all checks) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for f in order + ["all"]:
+        rs = [r for r in recs if f == "all" or fam.get(r["model"]) == f]
+        n = sum(1 for v in fam.values() if f == "all" or v == f)
+        ident = sum(r.get("checks", {}).get("identity", {}).get("outcome") == "pass" for r in rs)
+        perm = sum(_le_tol(r.get("checks", {}).get("permute", {}).get("permuted_rel_err")) for r in rs)
+        lines.append(f"| {f} | {n} | {len(rs)} | {ident} | {perm} | {sum(r['outcome'] == 'pass' for r in rs)} |")
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--library", choices=LIBRARIES, default="timm",
+                    help="whose panel: timm's 61 models (default; results/coverage.{json,md}) or torchvision's "
+                         "classification, segmentation, video and optical-flow models "
+                         "(results/coverage_torchvision.{json,md})")
     ap.add_argument("--models", nargs="+", metavar="NAME[:SIZE]", help="a subset (default: the whole panel)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
     ap.add_argument("--resume", action="store_true", help="skip models already recorded in the output json")
-    ap.add_argument("--out", default=str(RESULTS), help="output folder (coverage.json, coverage.md)")
+    ap.add_argument("--out", default=str(RESULTS),
+                    help="output folder (coverage.json, coverage.md; coverage_torchvision.* for torchvision)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32, help="calibration batch size")
     ap.add_argument("--min-images", type=int, default=16)
@@ -802,32 +1068,32 @@ def main(argv: list[str] | None = None) -> None:
         rec_file = Path(args.record_file) if args.record_file else None
         save = (lambda rec: _write_json(rec_file, rec)) if rec_file else None
         rec = check_model(args.one, args.size, seed=args.seed, batch=args.batch, min_images=args.min_images,
-                          max_images=args.max_images, save=save)
+                          max_images=args.max_images, save=save, library=args.library)
         if rec_file is None:
             print(json.dumps(rec, indent=1))
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.merge_from:
-        merge_results(Path(args.out), [Path(f) for f in args.merge_from])
+        merge_results(Path(args.out), [Path(f) for f in args.merge_from], args.library)
         return
     drive(args)
 
 
-def merge_results(out: Path, others: list[Path]) -> dict:
+def merge_results(out: Path, others: list[Path], library: str = "timm") -> dict:
     """Fold the records and runs of other coverage.json files (runs made with another
     ``--out``, e.g. side by side) into ``out``: a later file's record of a model
     replaces the earlier one; every run stays listed, so the report names each
     record's command and code state."""
-    path = out / "coverage.json"
+    path = out / f"{result_name(library)}.json"
     result = json.loads(path.read_text())
     records = {r["model"]: r for r in result["records"]}
     for other in others:
         extra = json.loads(other.read_text())
         result["runs"] += extra["runs"]
         records.update({r["model"]: r for r in extra["records"]})
-    result["records"] = [records[k] for k in _order(records)]
+    result["records"] = [records[k] for k in _order(records, library)]
     _write_json(path, result)
-    (out / "coverage.md").write_text(markdown(result))
+    path.with_suffix(".md").write_text(markdown(result))
     return result
 
 

@@ -73,3 +73,41 @@ def test_merge_from_folds_later_records_and_keeps_every_run(tmp_path):
     assert [r["outcome"] for r in result["records"]] == ["pass"]
     assert [r["command"] for r in result["runs"]] == ["python benchmarks/coverage.py", "later"]
     assert "Command: `later`" in (tmp_path / "coverage.md").read_text()
+
+
+def test_torchvision_panel_one_small_model(tmp_path):
+    """--library torchvision: one small torchvision model (mobilenet_v3_small at 32 px) passes every check and is
+    recorded with its family and input spec in coverage_torchvision.{json,md} (the timm files are not written);
+    the analysis-only script records it in coverage_analysis_torchvision.{json,md}."""
+    _coverage("--library", "torchvision", "--models", "mobilenet_v3_small:32", "--max-images", "64", "--quiet",
+              "--out", str(tmp_path))
+    assert not (tmp_path / "coverage.json").exists() and not (tmp_path / "coverage.md").exists()
+    result = json.loads((tmp_path / "coverage_torchvision.json").read_text())
+    assert result["library"] == "torchvision" and result["tolerance"] == TOL
+    families = {p["family"] for p in result["panel"]}
+    assert families == {"classification", "segmentation", "video", "optical_flow"}
+    panel = {p["model"]: p for p in result["panel"]}
+    assert panel["raft_small"]["input"].startswith("image1: (B, 3, 128, 128), image2:")
+    assert panel["r3d_18"]["family"] == "video" and panel["fcn_resnet50"]["family"] == "segmentation"
+    (rec,) = result["records"]
+    assert rec["model"] == "mobilenet_v3_small" and rec["size"] == 32 and rec["outcome"] == "pass", rec
+    assert rec["family"] == "classification" and rec["input_spec"]["inputs"] == [[3, 32, 32]]
+    assert rec["create_kwargs"] == {"weights": None, "num_classes": 10}
+    assert rec["checks"]["identity"]["max_rel_err"] <= TOL and rec["checks"]["permute"]["recovery_rel_err"] <= TOL
+    run = result["runs"][-1]
+    assert run["config"]["library"] == "torchvision" and run["machine"]["torchvision"] and run["code"]["commit"]
+    md = (tmp_path / "coverage_torchvision.md").read_text()
+    assert md.startswith("# fxzip coverage benchmark: torchvision")
+    assert f"Self-merge identity: 1 of {len(panel)}" in md and "| classification | 80 | 1 | 1 | 1 | 1 |" in md
+    assert "| mobilenet_v3_small | classification | x: (B, 3, 32, 32) |" in md
+
+    proc = subprocess.run([sys.executable, "benchmarks/coverage_analysis.py", "--library", "torchvision", "--models",
+                           "squeezenet1_1:32", "--out", str(tmp_path)], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    analysis = json.loads((tmp_path / "coverage_analysis_torchvision.json").read_text())
+    (arec,) = analysis["records"]
+    assert arec["model"] == "squeezenet1_1" and arec["outcome"] == "accepted" and arec["family"] == "classification"
+    assert arec["input"] == "x: (B, 3, 32, 32)" and arec["mergeable"] > 0
+    assert "torchvision" in analysis["machine"] and analysis["commit"]
+

@@ -1,0 +1,168 @@
+"""The sequential executor (``passes/sequential.py``): the refit and the repair
+walked node by node over cached activations give the wave schedule's weights,
+in one read of the data, within a memory budget (values past it spilled to
+disk and read back bit for bit)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_same_function, batches, prepared
+from torch import nn
+
+import fxzip
+from fxzip import zoo
+from fxzip.passes.refit import refit
+from fxzip.passes.sequential import ActivationCache
+from fxzip.passes.side_by_side import side_by_side
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REL = 1e-6
+
+MODELS = {
+    "resnet20": (lambda: zoo.resnet20(), (16, 3, 16, 16)),
+    "vit": (lambda: zoo.cifar_vit(depth=2), (8, 3, 32, 32)),
+}
+
+
+def _folded(make, shape, method="zipit", n_batches=3):
+    """Two different models, their calibration and the folded merge (no refit)."""
+    data = batches(shape, n_batches)
+    a, b = prepared(make(), data, seed=0), prepared(make(), data, seed=1)
+    cal = fxzip.calibrate(a, b, data=data, progress=False)
+    folded = fxzip.merge(a, b, data=cal, method=method, reset_bn=False, progress=False)
+    assign = {s.index: torch.tensor(s.assignment) for s in folded.meta["fxzip"].spaces}
+    return cal, folded, assign
+
+
+def _refit(cal, folded, assign, **kwargs):
+    joint, node_maps = side_by_side(cal.models, cal.common)
+    m = copy.deepcopy(folded)
+    return m, refit(m, cal.analysis, joint, node_maps, assign, cal.batches, **kwargs)
+
+
+def _max_rel(a: nn.Module, b: nn.Module) -> float:
+    worst = 0.0
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        if p.is_floating_point() and p.numel():
+            worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sequential_refit_equals_the_waves(name):
+    """Same weights as the wave refit to 1e-6 relative (only the order of float
+    sums may differ); one read of the data, one pass per model plus the merged
+    one, against (1 + models) per wave."""
+    cal, folded, assign = _folded(*MODELS[name])
+    waves, w = _refit(cal, folded, assign, schedule="waves")
+    seq, s = _refit(cal, folded, assign)  # the default
+    assert s.schedule == "sequential" and w.schedule == "waves"
+    assert [l.name for l in s.layers] == [l.name for l in w.layers] and len(s.layers) > 5
+    assert _max_rel(waves, seq) <= REL
+    assert _max_rel(folded, seq) > 1e-3  # the refit did change the weights
+    for lw, ls in zip(w.layers, s.layers):
+        assert ls.samples == lw.samples and ls.loss_refit == pytest.approx(lw.loss_refit, rel=1e-6, abs=1e-12)
+    assert s.passes == 1 + 2 and s.data_reads == 1
+    waves_run = len({l.level for l in w.layers})
+    assert w.data_reads == waves_run > 1 and w.passes == waves_run * (1 + 2)
+    summary = s.summary()
+    assert summary["passes"] == 3 and summary["schedule"] == "sequential"
+    assert summary["memory"]["peak_bytes"] > 0 and summary["memory"]["spilled_bytes"] == 0
+
+
+def test_spilled_refit_is_bit_identical_within_the_budget():
+    """A budget below what the walk holds spills the values needed last to disk;
+    read back bit for bit, the weights are exactly those of the unbounded walk,
+    and the memory held stays within the budget."""
+    cal, folded, assign = _folded(*MODELS["vit"])
+    free, f = _refit(cal, folded, assign)
+    peak = f.memory["peak_bytes"]
+    for budget in (peak // 3, 0):
+        tight, t = _refit(cal, folded, assign, max_memory=budget)
+        assert all(torch.equal(p, q) for p, q in zip(free.state_dict().values(), tight.state_dict().values()))
+        assert t.memory["peak_bytes"] <= budget and t.memory["spilled_bytes"] > 0
+        assert t.memory["max_memory"] == budget
+    assert t.passes == f.passes == 3
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sequential_refit_keeps_self_merge_and_permutation_recovery(name):
+    """The invariants through the executor with everything spilled: a self-merge
+    and a permuted copy come back exactly."""
+    make, shape = MODELS[name]
+    data = batches(shape, 2)
+    model = prepared(make(), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    for other in (copy.deepcopy(model), permuted):
+        cal = fxzip.calibrate(model, other, data=data, progress=False)
+        folded = fxzip.merge(model, other, data=cal, method="permute", reset_bn=False, progress=False)
+        assign = {s.index: torch.tensor(s.assignment) for s in folded.meta["fxzip"].spaces}
+        fitted, res = _refit(cal, folded, assign, max_memory=0)
+        assert res.layers and res.memory["spilled_bytes"] > 0
+        assert_same_function(model, fitted, data)
+
+
+def test_merge_refits_sequentially_by_default():
+    """``fxzip.merge(refit=True)`` runs the executor: the report counts one pass
+    per model plus the merged model, and the memory it held; a partial zip adds
+    the heads' one pass (the split model and each model's head)."""
+    make, shape = MODELS["resnet20"]
+    data = batches(shape, 2)
+    a, b = prepared(make(), data, seed=0), prepared(make(), data, seed=1)
+    full = fxzip.merge(a, b, data=data, refit=True, reset_bn=False, progress=False).meta["fxzip"].details["refit"]
+    assert full["schedule"] == "sequential" and full["passes"] == 3 and full["data_reads"] == 1
+    assert full["memory"]["peak_bytes"] > 0
+    part = fxzip.merge(a, b, data=data, stop_at=9, refit=True, reset_bn=False, progress=False)
+    fitted = part.meta["fxzip"].details["refit"]
+    assert fitted["heads"]["layers"] == 2 and fitted["heads"]["passes"] == 3
+    assert fitted["passes"] == 6 and fitted["data_reads"] == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 6, 5, 5),
+    lambda: torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last),
+    lambda: torch.randn(3, 4, 10)[:, 1:3, ::3],  # a strided view with gaps
+    lambda: torch.randn(8, 5).T,
+    lambda: torch.randn(1, 6).expand(4, 6),  # stride 0
+    lambda: torch.randn(5, 7).to(torch.bfloat16),
+    lambda: torch.randn(5, 7).half(),
+    lambda: torch.arange(12).reshape(3, 4),
+    lambda: torch.tensor(3.5),
+    lambda: torch.zeros(0, 3),
+    lambda: (torch.randn(2, 3), torch.randn(4)[::2]),
+])
+def test_spill_round_trip_is_exact(make, tmp_path):
+    """What goes to disk comes back with the same dtype, shape, strides and bits."""
+    value = make()
+    cache = ActivationCache(max_memory=0, spill_dir=tmp_path)
+    cache.uses[("x",)] = [1]
+    cache.put(("x",), 0, value)
+    assert cache.held == 0 and cache.spills == (1 if any(t.numel() for t in _leaves(value)) else 0)
+    back = cache.get(("x",), 0)
+    for want, got in zip(_leaves(value), _leaves(back)):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        assert torch.equal(got, want)
+        assert torch.equal(got.flatten().contiguous().view(torch.uint8), want.flatten().contiguous().view(torch.uint8))
+    assert type(back) is type(value)
+    cache.close()
+    assert not any(tmp_path.iterdir())
+
+
+def _leaves(value):
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def test_cache_counts_shared_storage_once():
+    """Views of one tensor (q, k, v of a fused projection) hold its storage once."""
+    cache = ActivationCache()
+    base = torch.randn(3, 10, 4)
+    for i in range(3):
+        cache.uses[("v", i)] = [1]
+        cache.put(("v", i), 0, base[i])
+    assert cache.held == base.untyped_storage().nbytes() == cache.peak
+    for i in range(3):
+        cache.drop(("v", i))
+    assert cache.held == 0

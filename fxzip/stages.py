@@ -255,7 +255,8 @@ class RefitHeads(Stage):
         heads = refit_heads(graph_module, cal.models, cal.batches, state.options.ridge)  # head k copies model k
         fitted = dict(state.details["refit"])
         fitted["heads"] = heads.summary()
-        fitted["passes"] += heads.passes
+        fitted["passes"] += heads.passes  # model passes over the data: the trunk's walk, then the heads' one read
+        fitted["data_reads"] += heads.data_reads
         return StageResult(graph_module, {"refit": fitted})
 
 

@@ -27,13 +27,27 @@ folded weights solve the system exactly (``t = W_fold x~`` for every
 sample), so the refit returns them for any lambda.
 
 Order: every layer is fitted on inputs that already reflect the refit of
-all layers before it. Layers none of which feeds another share one pass (a
-*wave*: parallel branches, q/k/v); a chain network needs one pass per layer,
-each through a graph truncated after the wave's inputs, the originals run
-side by side in the same pass. The target is taken at the layer's raw
-output (before any norm or nonlinearity). With BatchNorm the merged norms
-keep their folded statistics during the refit and are reset afterwards
-(``merge`` runs fold -> refit -> repair -> norm reset).
+all layers before it. The default schedule (``schedule="sequential"``,
+``passes/sequential.py``) reads the data once and walks the merged graph node
+by node over the cached activations of the whole calibration set, the
+originals side by side (the ``joint`` graph) advancing in the same walk: a
+layer is fitted as soon as its input is final (topological order puts every
+layer feeding it before it), then its output is computed for every batch
+with its new weights and the walk goes on. ``max_memory`` bounds the cached
+activations (the rest spilled to disk, bit for bit); the peak held is in the
+summary. The earlier schedule (``schedule="waves"``) is kept for comparison:
+layers none of which feeds another share one pass over the data (a *wave*:
+parallel branches, q/k/v), a chain network one pass per layer, each through
+graphs truncated after the wave's inputs. Both fit the same weights (the same
+float operations per batch, in the same order). The target is taken at the
+layer's raw output (before any norm or nonlinearity). With BatchNorm the
+merged norms keep their folded statistics during the refit and are reset
+afterwards (``merge`` runs fold -> refit -> repair -> norm reset).
+
+Passes (``RefitResult.passes``): model passes over the calibration data, one
+for each model's graph run over the whole set (however much of it runs):
+sequential, 1 (the merged model) + N (the originals); waves, (1 + N) per
+wave. ``data_reads``: how many times the batches were read (1; one per wave).
 """
 from __future__ import annotations
 
@@ -49,6 +63,7 @@ from fxzip.analysis import GraphAnalysis
 from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
+from fxzip.passes.sequential import Executor, Step
 from fxzip.passes.waves import depth_levels, truncated
 
 __all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit", "refit_heads"]
@@ -73,12 +88,21 @@ class RefitLayer:
 
 @dataclass
 class RefitResult:
+    """``passes``: model passes over the calibration data (one per model graph
+    run over the whole set; the module docstring); ``data_reads``: reads of the
+    batches; ``memory``: the sequential executor's cache (``peak_bytes`` held,
+    ``max_memory``, ``spilled_bytes``, ...), empty for the other schedules."""
+
     layers: list[RefitLayer]
     passes: int
     skipped: list[str] = field(default_factory=list)
+    schedule: str = "sequential"
+    data_reads: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"layers": len(self.layers), "passes": self.passes, "skipped": self.skipped,
+        return {"layers": len(self.layers), "passes": self.passes, "data_reads": self.data_reads,
+                "schedule": self.schedule, "memory": self.memory, "skipped": self.skipped,
                 "per_layer": {l.name: {"ridge": l.ridge, "loss_folded": l.loss_folded, "loss_refit": l.loss_refit,
                                        "samples": l.samples} for l in self.layers}}
 
@@ -227,28 +251,88 @@ def _target(outs: Sequence[torch.Tensor], mod: nn.Module, layer: RefitLayer, ass
     return total / axis_counts(layer.segments, counts).to(total)
 
 
+SCHEDULES = ("sequential", "waves")
+
+
 def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule,
           node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor], batches: Iterable[tuple],
           ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x,
-          one_pass: bool = False, only: set[str] | None = None) -> RefitResult:
+          one_pass: bool = False, only: set[str] | None = None, schedule: str = "sequential",
+          max_memory: int | None = None) -> RefitResult:
     """Refit every fittable weight layer of ``merged`` in place (module docstring).
-    ``one_pass``: fit every layer on the *folded* model's inputs in a single
-    pass (the cheap approximation ``benchmarks/refit_passes.py`` measures
-    against the exact network-order refit). ``only``: the node names that may
-    be refit (a partial zip's trunk; its heads are ``refit_heads``'s)."""
+    ``schedule``: ``"sequential"`` (one read of the data, ``max_memory`` bytes
+    of cached activations at most, the rest spilled to disk) or ``"waves"``
+    (one read per layer depth). ``one_pass``: fit every layer on the *folded*
+    model's inputs in a single wave (the cheap approximation
+    ``benchmarks/refit_passes.py`` measures against the exact network-order
+    refit; a wave schedule). ``only``: the node names that may be refit (a
+    partial zip's trunk; its heads are ``refit_heads``'s)."""
     if ridge <= 0:
         raise ValueError(f"refit ridge must be > 0 (it keeps the solve well posed), got {ridge}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"refit schedule must be one of {SCHEDULES}, got {schedule!r}")
     layers, skipped = find_layers(merged, analysis)
     if only is not None:
         layers = [l for l in layers if l.node in only]
     if not layers:
-        return RefitResult([], 0, skipped)
+        return RefitResult([], 0, skipped, "one pass" if one_pass else schedule)
+    counts = {s: cluster_sizes(a) for s, a in assign.items()}
+    if one_pass or schedule == "waves":
+        return _refit_waves(merged, layers, skipped, joint, node_maps, assign, counts, batches, ridge, progress,
+                            one_pass)
+    return _refit_sequential(merged, layers, skipped, joint, node_maps, assign, counts, batches, ridge, progress,
+                             max_memory)
+
+
+def _fit(layer: RefitLayer, mod: nn.Module, normal: _Normal, ridge: float) -> None:
+    w, layer.ridge, layer.loss_folded, layer.loss_refit = _solve(normal, _folded(mod), ridge)
+    layer.samples = normal.n
+    _write(mod, w)
+
+
+def _refit_sequential(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list[str], joint: fx.GraphModule,
+                      node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
+                      counts: Mapping[int, torch.Tensor], batches: Iterable[tuple], ridge: float,
+                      progress: Callable[[Iterable], Iterable], max_memory: int | None) -> RefitResult:
+    """One walk of the merged graph and of the originals over the cached data:
+    each layer fitted where its input is final, its output then computed with
+    the new weights (``passes/sequential.py``)."""
+    n_models = len(node_maps)
+    theirs_of = {l.node: [node_maps[k][l.node].name for k in range(n_models)] for l in layers}
+    run = Executor(batches, max_memory)
+    mine = run.walk(merged, "merged", [l.input for l in layers])
+    theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
+    steps: list[Step] = []
+    for l in layers:  # graph order: a layer's fit comes before any node that reads its output
+        steps += mine.until([l.input])
+        steps += theirs.until(theirs_of[l.node])
+        x_key, t_keys = mine.key(l.input), theirs.reads(theirs_of[l.node])
+
+        def fit(l: RefitLayer = l, x_key=x_key, t_keys=t_keys) -> None:
+            mod = merged.get_submodule(l.name)
+            normal = _Normal(mod)
+            for b in range(run.n_batches):
+                t = _target([run.get(k, b) for k in t_keys], mod, l, assign, counts)
+                normal.add(_rows(mod, run.get(x_key, b)), t)
+            sum_fields_across_ranks([normal], "gram", "cross", "tt", "n")  # several processes: every rank's sums
+            _fit(l, mod, normal, ridge)
+
+        steps.append(Step((x_key, *t_keys), run=fit, label=f"fit {l.name}"))
+    run.run(steps, progress)
+    return RefitResult(layers, 1 + n_models, skipped, "sequential", 1, run.cache.summary())
+
+
+def _refit_waves(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list[str], joint: fx.GraphModule,
+                 node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
+                 counts: Mapping[int, torch.Tensor], batches: Iterable[tuple], ridge: float,
+                 progress: Callable[[Iterable], Iterable], one_pass: bool) -> RefitResult:
+    """One read of the data per wave (layers of one input depth), through the
+    merged graph and the originals truncated after the wave's nodes."""
     if one_pass:
         for layer in layers:
             layer.level = 0
-    counts = {s: cluster_sizes(a) for s, a in assign.items()}
     n_models = len(node_maps)
-    passes = 0
+    waves = 0
     for level in progress(sorted({l.level for l in layers})):
         wave = [l for l in layers if l.level == level]
         inputs = list(dict.fromkeys(l.input for l in wave))
@@ -264,12 +348,10 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
                 t = _target(ys[i * n_models:(i + 1) * n_models], mod, l, assign, counts)
                 normal.add(_rows(mod, xs[l.input]), t)
         sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")  # several processes: every rank's sums, once
-        passes += 1
+        waves += 1
         for l, mod, normal in zip(wave, mods, normals):
-            w, l.ridge, l.loss_folded, l.loss_refit = _solve(normal, _folded(mod), ridge)
-            l.samples = normal.n
-            _write(mod, w)
-    return RefitResult(layers, passes, skipped)
+            _fit(l, mod, normal, ridge)
+    return RefitResult(layers, waves * (1 + n_models), skipped, "one pass" if one_pass else "waves", waves)
 
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -305,9 +387,10 @@ def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches
     trunk's features, should reproduce model k's own output of that layer
     (``t = y_k``: a head is not merged), with the ridge toward ``W_k U_k``;
     a layer reads the trunk also through one-input ops without fitted weights
-    (``_reads_trunk``: the LayerNorm before a pre-norm block's qkv). One pass:
-    every such layer reads the trunk's output, which the head refits do not
-    change. Layers deeper in a head keep model k's weights (their
+    (``_reads_trunk``: the LayerNorm before a pre-norm block's qkv). One read
+    of the data (already the sequential schedule: every such layer reads the
+    trunk's output, which the head refits do not change), ``passes`` = 1 (the
+    split model) + the models with such a layer, each truncated after it. Layers deeper in a head keep model k's weights (their
     inputs are model k's own features once the first layers match them)."""
     heads = {name for name, _ in split.named_children() if name.startswith("head")}
     layers: list[tuple[RefitLayer, int, str]] = []
@@ -329,7 +412,7 @@ def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches
         k = int(head[len("head"):])
         layers.append((RefitLayer(node.target, node.name, src.name, ()), k, node.name[len(head) + 1:]))
     if not layers:
-        return RefitResult([], 0, skipped)
+        return RefitResult([], 0, skipped, "one pass")
     inputs = list(dict.fromkeys(l.input for l, _, _ in layers))
     mine = truncated(split, inputs)
     theirs = {k: truncated(models[k], [orig for l, kk, orig in layers if kk == k]) for _, k, _ in layers}
@@ -343,7 +426,6 @@ def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches
             normal.add(_rows(mod, xs[l.input]), _out_rows(mod, next(ys[k])).double())
     sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")
     for (l, _, _), mod, normal in zip(layers, mods, normals):
-        w, l.ridge, l.loss_folded, l.loss_refit = _solve(normal, _folded(mod), ridge)
-        l.samples = normal.n
-        _write(mod, w)
-    return RefitResult([l for l, _, _ in layers], 1, skipped)
+        _fit(l, mod, normal, ridge)
+    # one read of the data: the split model and each original with a head layer (truncated after its layers)
+    return RefitResult([l for l, _, _ in layers], 1 + len(theirs), skipped, "one pass", 1)

@@ -9,11 +9,13 @@ import copy
 import pytest
 import torch
 from helpers import assert_same_function, batches, prepared
+from test_repair import NormFreeNet
 from torch import nn
 
 import fxzip
 from fxzip import zoo
 from fxzip.passes.refit import refit
+from fxzip.passes.repair import repair
 from fxzip.passes.sequential import ActivationCache
 from fxzip.passes.side_by_side import side_by_side
 
@@ -119,6 +121,32 @@ def test_merge_refits_sequentially_by_default():
     fitted = part.meta["fxzip"].details["refit"]
     assert fitted["heads"]["layers"] == 2 and fitted["heads"]["passes"] == 3
     assert fitted["passes"] == 6 and fitted["data_reads"] == 2
+
+
+@pytest.mark.parametrize("make,shape", [
+    (NormFreeNet, (16, 3, 16, 16)),
+    (lambda: zoo.resnet20(norm="group"), (16, 3, 16, 16)),
+    (lambda: zoo.cifar_vit(depth=2), (8, 3, 32, 32)),
+], ids=["normfree", "resnet20gn", "vit"])
+def test_sequential_repair_equals_the_waves(make, shape):
+    data = batches(shape, 3)
+    a, b = prepared(make(), data, seed=0), prepared(make(), data, seed=1)
+    cal = fxzip.calibrate(a, b, data=data, progress=False)
+    folded = fxzip.merge(a, b, data=cal, method="zipit", reset_bn=False, progress=False)
+    assign = {s.index: torch.tensor(s.assignment) for s in folded.meta["fxzip"].spaces}
+    mergeable = {sp.index for sp in cal.analysis.spaces if sp.mergeable}
+    joint, node_maps = side_by_side(cal.models, cal.common)
+    got = {}
+    for schedule, budget in [("waves", None), ("sequential", None), ("sequential", 0)]:
+        m = copy.deepcopy(folded)
+        got[schedule, budget] = m, repair(m, cal.analysis, mergeable, joint, node_maps, assign, cal.batches,
+                                          schedule=schedule, max_memory=budget)
+    (w, rw), (s, rs), (z, rz) = got.values()
+    assert rs.sites and [x.point for x in rs.sites] == [x.point for x in rw.sites]
+    assert _max_rel(w, s) <= REL and _max_rel(folded, s) > 1e-3
+    assert all(torch.equal(p, q) for p, q in zip(s.state_dict().values(), z.state_dict().values()))
+    assert rs.passes == 3 and rs.data_reads == 1 and rz.memory["spilled_bytes"] > 0
+    assert rw.passes == 2 + rw.data_reads - 1 and rw.data_reads == 1 + len({x.level for x in rw.sites})
 
 
 @pytest.mark.parametrize("make", [

@@ -34,11 +34,20 @@ point ``Z`` something else reads:
 Sites whose point a BatchNorm reads are left to the norm reset.
 
 Order and cost. Each site's statistics are measured on the merged model with
-every earlier site already repaired (exact, in network order). Sites none of
-which feeds another form one *wave* and share a pass; a chain network needs
-about one pass per layer, each only up to that wave's deepest node. The
-targets need one more pass (all models side by side). Statistics are float64
-sums of float32 activations.
+every earlier site already repaired (exact, in network order). The default
+schedule (``schedule="waves"``): sites none of which feeds another form one
+*wave* and share a read of the data; a chain network needs about one per
+layer, each only up to that wave's deepest node; the targets need one more
+(all models side by side). ``schedule="sequential"`` (``passes/sequential.py``)
+reads the data once: the merged graph and the originals side by side are
+walked node by node over the cached activations, each site measured where
+its ``direct`` and ``rest`` values are final, corrected, and its layer's
+output recomputed with the new weights for every batch (``max_memory``
+bounds the cache, the rest spilled to disk bit for bit). Both give the same
+weights (the same float operations, in the same order). ``passes``: model
+passes over the data (one per model graph run over the whole set): waves,
+N (the targets) + one per wave; sequential, 1 + N. ``data_reads``: reads of
+the batches. Statistics are float64 sums of float32 activations.
 """
 from __future__ import annotations
 
@@ -55,6 +64,7 @@ from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_leng
 from fxzip.distributed import sum_across_ranks
 from fxzip.layout import Layout
 from fxzip.passes.reset_norm import batch_norm_nodes
+from fxzip.passes.sequential import Executor, Step
 from fxzip.passes.waves import depth_levels, run_batches, truncated
 
 __all__ = ["RepairSite", "RepairResult", "find_sites", "repair"]
@@ -85,13 +95,20 @@ class RepairSite:
 
 @dataclass
 class RepairResult:
+    """``passes``: model passes over the data, ``data_reads``: reads of the
+    batches (module docstring); ``memory``: the sequential executor's cache."""
+
     sites: list[RepairSite]
     passes: int
     skipped: list[str]
+    schedule: str = "waves"
+    data_reads: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         bounded = sum(1 for s in self.sites if s.reached.get("bounded", 0) > 0)
-        return {"sites": len(self.sites), "passes": self.passes, "bounded_features": bounded,
+        return {"sites": len(self.sites), "passes": self.passes, "data_reads": self.data_reads,
+                "schedule": self.schedule, "memory": self.memory, "bounded_features": bounded,
                 "skipped": self.skipped}
 
 
@@ -198,26 +215,64 @@ def _targets(joint: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]], sit
     count = [0] * len(names)
     for outs in run_batches(module, batches):
         for i, x in enumerate(outs):
-            s = sites[i // n_models]
-            c = _channels(x, s.dim)
-            first[i] = first[i] + c.sum(1) if count[i] else c.sum(1)
-            second[i] = second[i] + (c * c).sum(1) if count[i] else (c * c).sum(1)
-            count[i] += c.shape[1]
+            _add_point_sums(first, second, count, i, x, sites[i // n_models].dim)
     first, second, count = sum_across_ranks((first, second, count))
     counts = {sp: cluster_sizes(a) for sp, a in assign.items()}
     for j, s in enumerate(sites):
-        size = merged_length(s.segments, assign)  # more than one model's under merged_width
-        mean_t = torch.zeros(size, dtype=torch.float64)
-        std_t = torch.zeros(size, dtype=torch.float64)
-        for k in range(n_models):
-            i = j * n_models + k
-            mu = first[i] / count[i]
-            var = (second[i] / count[i] - mu * mu).clamp_min(0)
-            idx = axis_index(s.segments, assign, k)
-            mean_t.index_add_(0, idx, mu)
-            std_t.index_add_(0, idx, var.sqrt())
-        per = axis_counts(s.segments, counts).double()
-        s.target_mean, s.target_std = mean_t / per, std_t / per
+        part = slice(j * n_models, (j + 1) * n_models)
+        _set_target(s, first[part], second[part], count[part], assign, counts)
+
+
+def _set_target(s: RepairSite, first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], count: Sequence[int],
+                assign: Mapping[int, torch.Tensor], counts: Mapping[int, torch.Tensor]) -> None:
+    """The site's target mean and std from each model's sums at its point."""
+    size = merged_length(s.segments, assign)  # more than one model's under merged_width
+    mean_t = torch.zeros(size, dtype=torch.float64)
+    std_t = torch.zeros(size, dtype=torch.float64)
+    for k in range(len(first)):
+        mu = first[k] / count[k]
+        var = (second[k] / count[k] - mu * mu).clamp_min(0)
+        idx = axis_index(s.segments, assign, k)
+        mean_t.index_add_(0, idx, mu)
+        std_t.index_add_(0, idx, var.sqrt())
+    per = axis_counts(s.segments, counts).double()
+    s.target_mean, s.target_std = mean_t / per, std_t / per
+
+
+def _add_point_sums(first: list, second: list, count: list, k: int, x: torch.Tensor, dim: int) -> None:
+    """Model k's sums at a site's point, one batch more."""
+    c = _channels(x, dim)
+    first[k] = first[k] + c.sum(1) if count[k] else c.sum(1)
+    second[k] = second[k] + (c * c).sum(1) if count[k] else (c * c).sum(1)
+    count[k] += c.shape[1]
+
+
+def _add_measured(sums: dict, n: dict, s: RepairSite, direct: torch.Tensor, rest: torch.Tensor | None) -> None:
+    """The merged model's sums at a site, one batch more."""
+    d = _channels(direct, s.dim)
+    parts = {"d": d.sum(1), "dd": (d * d).sum(1)}
+    if s.rest:
+        r = _channels(rest, s.dim)
+        parts.update(r=r.sum(1), rr=(r * r).sum(1), rd=(r * d).sum(1))
+    for key, v in parts.items():
+        sums[f"{s.point}|{key}"] = sums.get(f"{s.point}|{key}", 0) + v
+    n[s.point] += d.shape[1]
+
+
+def _correct(gm: fx.GraphModule, s: RepairSite, sums: Mapping[str, torch.Tensor], n: Mapping[str, int]) -> None:
+    """Fold the affine correction that gives the site its targets into its layer."""
+    m = lambda key: sums[f"{s.point}|{key}"] / n[s.point]  # noqa: E731
+    mu_d, var_d = m("d"), (m("dd") - m("d") ** 2).clamp_min(0)
+    if s.rest:
+        mu_r, var_r = m("r"), (m("rr") - m("r") ** 2).clamp_min(0)
+        cov = m("rd") - mu_r * mu_d
+    else:
+        mu_r, var_r, cov = torch.zeros_like(mu_d), torch.zeros_like(mu_d), torch.zeros_like(mu_d)
+    a, bounded = _scale(var_d, cov, var_r, s.target_std ** 2, s.rest is not None)
+    # D' = a (D - mu_D) + mu_D + b with mean(Z') = target: b = target - mu_R - mu_D
+    shift = (1 - a) * mu_d + (s.target_mean - mu_r - mu_d)
+    _apply(gm, s, a, shift)
+    s.reached = {"bounded": int(bounded.sum()), "scale_min": float(a.min()), "scale_max": float(a.max())}
 
 
 def _scale(var_d: torch.Tensor, cov: torch.Tensor, var_r: torch.Tensor, target_var: torch.Tensor,
@@ -256,16 +311,27 @@ def _apply(gm: fx.GraphModule, site: RepairSite, a: torch.Tensor, shift: torch.T
         mod.bias.mul_(a.to(w.dtype)).add_(shift.to(w.dtype))
 
 
+SCHEDULES = ("waves", "sequential")
+
+
 def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int], joint: fx.GraphModule,
            node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
-           batches: Iterable[tuple], progress: Callable[[Iterable], Iterable] = lambda x: x) -> RepairResult:
+           batches: Iterable[tuple], progress: Callable[[Iterable], Iterable] = lambda x: x,
+           schedule: str = "waves", max_memory: int | None = None) -> RepairResult:
     """Repair ``merged`` in place (see the module docstring); ``joint`` runs the
-    originals side by side with ``node_maps`` from model-0 node names."""
+    originals side by side with ``node_maps`` from model-0 node names.
+    ``schedule``: ``"waves"`` (one read of the data per wave) or
+    ``"sequential"`` (one read, at most ``max_memory`` bytes of cached
+    activations, the rest spilled to disk)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"repair schedule must be one of {SCHEDULES}, got {schedule!r}")
     sites, skipped = find_sites(merged, analysis, mergeable)
     if not sites:
-        return RepairResult([], 0, skipped)
+        return RepairResult([], 0, skipped, schedule)
+    if schedule == "sequential":
+        return _repair_sequential(merged, sites, skipped, joint, node_maps, assign, batches, progress, max_memory)
+    n_models = len(node_maps)
     _targets(joint, node_maps, sites, assign, batches)
-    passes = 1
     levels = sorted({s.level for s in sites})
     for level in progress(levels):
         wave = [s for s in sites if s.level == level]
@@ -279,27 +345,64 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
         n = {s.point: 0 for s in wave}
         for outs in run_batches(module, batches):
             for s in wave:
-                d = _channels(outs[pos[s.direct]], s.dim)
-                parts = {"d": d.sum(1), "dd": (d * d).sum(1)}
-                if s.rest:
-                    r = _channels(outs[pos[s.rest]], s.dim)
-                    parts.update(r=r.sum(1), rr=(r * r).sum(1), rd=(r * d).sum(1))
-                for key, v in parts.items():
-                    sums[f"{s.point}|{key}"] = sums.get(f"{s.point}|{key}", 0) + v
-                n[s.point] += d.shape[1]
+                _add_measured(sums, n, s, outs[pos[s.direct]], outs[pos[s.rest]] if s.rest else None)
         sums, n = sum_across_ranks((sums, n))  # several processes: every rank's sums, once
-        passes += 1
         for s in wave:
-            m = lambda key: sums[f"{s.point}|{key}"] / n[s.point]  # noqa: E731
-            mu_d, var_d = m("d"), (m("dd") - m("d") ** 2).clamp_min(0)
-            if s.rest:
-                mu_r, var_r = m("r"), (m("rr") - m("r") ** 2).clamp_min(0)
-                cov = m("rd") - mu_r * mu_d
-            else:
-                mu_r, var_r, cov = torch.zeros_like(mu_d), torch.zeros_like(mu_d), torch.zeros_like(mu_d)
-            a, bounded = _scale(var_d, cov, var_r, s.target_std ** 2, s.rest is not None)
-            # D' = a (D - mu_D) + mu_D + b with mean(Z') = target: b = target - mu_R - mu_D
-            shift = (1 - a) * mu_d + (s.target_mean - mu_r - mu_d)
-            _apply(merged, s, a, shift)
-            s.reached = {"bounded": int(bounded.sum()), "scale_min": float(a.min()), "scale_max": float(a.max())}
-    return RepairResult(sites, passes, skipped)
+            _correct(merged, s, sums, n)
+    return RepairResult(sites, n_models + len(levels), skipped, "waves", 1 + len(levels))
+
+
+def _repair_sequential(merged: fx.GraphModule, sites: list[RepairSite], skipped: list[str], joint: fx.GraphModule,
+                       node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
+                       batches: Iterable[tuple], progress: Callable[[Iterable], Iterable],
+                       max_memory: int | None) -> RepairResult:
+    """One walk of the merged graph and of the originals over the cached data:
+    a site is measured once its ``direct`` and ``rest`` values are computed
+    (every site upstream is corrected by then), corrected, and its layer's
+    output (through the identity-like chain to ``direct``) recomputed from the
+    layer's cached inputs with the new weights."""
+    n_models = len(node_maps)
+    counts = {sp: cluster_sizes(a) for sp, a in assign.items()}
+    layer_node = {n.target: n for n in merged.graph.nodes if n.op == "call_module"}
+    chains: dict[str, list[fx.Node]] = {}
+    for s in sites:
+        chain = [layer_node[s.layer]]
+        while chain[-1].name != s.direct:
+            chain.append(next(iter(chain[-1].users)))
+        chains[s.point] = chain
+    feeds = {s.point: [a.name for c in chains[s.point] for a in c.all_input_nodes if a not in chains[s.point]]
+             for s in sites}
+    measured = {s.point: [s.direct] + ([s.rest] if s.rest else []) for s in sites}
+    theirs_of = {s.point: [node_maps[k][s.point].name for k in range(n_models)] for s in sites}
+    run = Executor(batches, max_memory)
+    mine = run.walk(merged, "merged", [n for s in sites for n in measured[s.point] + feeds[s.point]])
+    theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
+    steps: list[Step] = []
+    for s in sorted(sites, key=lambda s: max(mine.position[n] for n in measured[s.point])):
+        steps += mine.until(measured[s.point])
+        steps += theirs.until(theirs_of[s.point])
+        direct, rest = mine.key(s.direct), mine.key(s.rest) if s.rest else None
+        t_keys = theirs.reads(theirs_of[s.point])
+
+        def fix(s: RepairSite = s, direct=direct, rest=rest, t_keys=t_keys) -> None:
+            sums: dict[str, torch.Tensor] = {}
+            n = {s.point: 0}
+            first = [torch.zeros(0)] * n_models
+            second = [torch.zeros(0)] * n_models
+            count = [0] * n_models
+            for b in range(run.n_batches):
+                _add_measured(sums, n, s, run.get(direct, b), run.get(rest, b) if rest else None)
+            for b in range(run.n_batches):
+                for k, key in enumerate(t_keys):
+                    _add_point_sums(first, second, count, k, run.get(key, b), s.dim)
+            sums, n, first, second, count = sum_across_ranks((sums, n, first, second, count))  # every rank's sums
+            _set_target(s, first, second, count, assign, counts)
+            _correct(merged, s, sums, n)
+            chain = chains[s.point]
+            for b in range(run.n_batches):  # the layer's output with its new weights
+                run.put(direct, b, mine.evaluate(chain, lambda a: run.get(mine.key(a), b)))
+
+        reads = mine.reads(measured[s.point] + feeds[s.point]) + t_keys
+        steps.append(Step(reads, run=fix, label=f"repair {s.point}"))
+    run.run(steps, progress)
+    return RepairResult(sites, 1 + n_models, skipped, "sequential", 1, run.cache.summary())

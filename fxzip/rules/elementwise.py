@@ -5,6 +5,7 @@ count, so all take wider channels as they are (``width=FREE``)."""
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -289,6 +290,7 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
         if len(grouped) == 1 or all(l.group_dim is None for _, l in grouped):
             _binary_stack(ctx, node, ops, grouped, out_nd)
             return
+    grouped = _positions_rejoined(ctx, node, grouped)
     x0, l0 = grouped[0]
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim, l.cross_dim)  # noqa: E731
     for x, l in grouped[1:]:
@@ -321,6 +323,30 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
                                "not per head channel.")
             ctx.fix(l0.segments + l0.cross, f"untracked tensor: {x.name} varies per head at {node.name}")
     ctx.set(node, l0, passthrough=True)
+
+
+def _positions_rejoined(ctx, node: fx.Node, grouped: list) -> list:
+    """``q * cos + rotate_half(q) * sin`` (Llama's rotary embedding): one operand
+    keeps the heads and their channels, the other was rebuilt from parts of every
+    head read by position (``x[..., :d/2]``, ``x[..., d/2:]``: tracked by its head
+    axis only). Element ``[h, d]`` of both is head ``h``'s position ``d``, so the
+    sum is the heads with their channels, positions inside a head fixed (the
+    rebuilt operand already fixed them; fixed again here, where it matters) and
+    whole heads still free to move."""
+    full = [(x, l) for x, l in grouped if l.dim is not None and l.group_dim is not None]
+    if not full:
+        return grouped
+    x0, l0 = full[0]
+    out = []
+    for x, l in grouped:
+        rebuilt = (l.dim is None and l.group_dim == l0.group_dim and l.stack_dim == l0.stack_dim
+                   and l.cross_dim is None and l0.cross_dim is None and ctx.shape(x) == ctx.shape(x0))
+        if rebuilt:
+            ctx.mark_rigid(l0.segments, f"{x.name} is rebuilt from {x0.name}'s head channels by position at "
+                                        f"{node.name}")
+            l = replace(l0, segments=l.segments)  # noqa: E741 - the same element-to-unit map as l0
+        out.append((x, l))
+    return out
 
 
 def _binary_stack(ctx, node: fx.Node, ops: list, stacks: list, out_nd: int) -> None:

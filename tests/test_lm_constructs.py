@@ -1,0 +1,85 @@
+"""The constructs of Llama-style language models, written as transformers
+writes them, each merged exactly: a self-merge is the identity, a permuted copy
+computes the same function and merges back.
+
+RMSNorm (a per-channel weight on the residual stream), a SwiGLU feed-forward
+(``down(silu(gate(x)) * up(x))``), rotary embeddings in the ``rotate_half``
+form (``q * cos + rotate_half(q) * sin``: channel ``i`` of a head rotates with
+channel ``i + d/2``, so positions inside a head are fixed while whole heads
+move) and a causal mask.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_same_function, prepared
+from torch import nn
+
+import fxzip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4, seq: int = 8, hidden: int = 48) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.embed = nn.Linear(6, dim)
+        self.norm1, self.norm2, self.final_norm = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        freqs = torch.outer(torch.arange(seq).float(), inv)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.lm_head = nn.Linear(dim, 11, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        cos, sin = self.cos[None, None], self.sin[None, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, n, -1))
+        h = self.norm2(x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.lm_head(self.final_norm(x))
+
+
+def test_llama_block_merges_exactly():
+    data = [torch.randn(8, 8, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = prepared(LlamaBlock().eval(), data)
+    analysis = fxzip.analyze(fxzip.trace(model, data[0]))
+    qk = next(sp for sp in analysis.spaces if "q" in sp.producers)
+    values = next(sp for sp in analysis.spaces if "v" in sp.producers)
+    assert qk.groups == 4 and qk.rigid, "rotary q/k: whole heads move, positions inside a head stay"
+    assert values.groups == 4 and not values.rigid, "the values' channels move freely inside their heads"
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, progress=False), data)

@@ -357,6 +357,65 @@ def worst_output(ref, other, data, dtype: str = "float32") -> str:
     return f" (worst: output{path}, {err:.3g})" if path else ""
 
 
+def _node_op(gm, name: str) -> str:
+    """'node NAME (op)' of a traced node, the op as the analysis' messages name it."""
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None:
+        return f"node '{name}'"
+    if node.op == "call_module":
+        op = f"module {node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    elif node.op == "call_method":
+        op = f"method Tensor.{node.target}"
+    elif node.op == "call_function":
+        op = f"function {getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}"
+    else:
+        op = node.op
+    return f"node '{name}' ({op})"
+
+
+def wrong_matches(model, merged, x, permuted_seed: int | None = None) -> dict | None:
+    """Where a merge that should be exact matched units wrongly: the merge's report
+    (``merged.meta['fxzip']``, every space's assignment) against the right answer, the
+    identity for a self-merge, else the permutation ``permute_channels(seed=permuted_seed)``
+    applied (recomputed from the model's own trace and analysis). Returns the spaces with
+    units merged with a non-partner, in graph order (None where it cannot tell)."""
+    try:
+        from fxzip.analysis import analyze
+        from fxzip.permute import random_assignment
+        from fxzip.trace import trace
+
+        rep = getattr(merged, "meta", {}).get("fxzip")
+        if rep is None:
+            return None
+        gm = trace(model, x)
+        analysis = analyze(gm)
+        truth = random_assignment(analysis, permuted_seed) if permuted_seed is not None else {}
+        by_name = {sp.name: sp for sp in analysis.spaces}
+        spaces = []
+        for row in rep.spaces:
+            sp = by_name.get(row.name)
+            if sp is None or len(row.assignment) < 2:
+                continue
+            a, b = row.assignment[0], row.assignment[1]
+            perm = truth[sp.index][0].tolist() if sp.index in truth else list(range(len(a)))
+            bad = sum(1 for u in range(len(a)) if a[u] != b[perm[u]])
+            if bad:
+                spaces.append({"space": row.name, "label": row.label, "size": row.size, "wrong": bad,
+                               "constant": row.constant, "node": _node_op(gm, row.name)})
+        return {"spaces_checked": len(rep.spaces), "wrong_spaces": len(spaces), "spaces": spaces[:10]}
+    except Exception as exc:  # noqa: BLE001 - a diagnosis only
+        return {"error": f"{type(exc).__name__}: {first_lines(str(exc), 1, 200)}"}
+
+
+def _wrong_text(diag: dict | None) -> str:
+    if not diag or not diag.get("spaces"):
+        return "" if not diag or "error" not in diag else f"; (no diagnosis: {diag['error']})"
+    first = diag["spaces"][0]
+    return (f"; {diag['wrong_spaces']} of {diag['spaces_checked']} spaces matched units to a non-partner, the first "
+            f"at {first['node']}: {first['wrong']} of {first['size']} units ({first['constant']} constant on the "
+            f"calibration data)")
+
+
 def _double(x):
     return tuple(t.double() for t in x) if isinstance(x, tuple) else x.double()
 
@@ -613,7 +672,10 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         identity["merge_seconds"] = _merge_seconds(merged)
         with _Stage(rec, "identity_verify", "identity verify", persist):
             err, err32, dtype = verified_error(model, merged, holdout_data)
-        where = worst_output(model, merged, holdout_data, dtype) if err > TOL and library != "timm" else ""
+        where = ""
+        if err > TOL and library != "timm":
+            identity["wrong_matches"] = wrong_matches(model, merged, x)
+            where = worst_output(model, merged, holdout_data, dtype) + _wrong_text(identity["wrong_matches"])
         del merged
         identity.update(max_rel_err=err, max_rel_err_f32=err32, check_dtype=dtype,
                         outcome="pass" if err <= TOL else "fail-identity")
@@ -661,7 +723,10 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
             if err <= TOL:
                 perm["outcome"] = "pass"
             else:
-                where = worst_output(model, merged, holdout_data, dtype) if library != "timm" else ""
+                where = ""
+                if library != "timm":
+                    perm["wrong_matches"] = wrong_matches(model, merged, x, permuted_seed=1)
+                    where = worst_output(model, merged, holdout_data, dtype) + _wrong_text(perm["wrong_matches"])
                 perm.update(outcome="fail-recovery", stage="verify",
                             message=f"merge with its permutation differs: max rel err {err:.3g} > {TOL}{where}",
                             category="verify: merge with the permuted copy differs")
@@ -1006,7 +1071,8 @@ def markdown(result: dict) -> str:
         size = r["size"] if library == "timm" else \
             f"{r.get('family', '')} | {r.get('input_spec', {}).get('text', r['size'])}"
         lines.append(f"| {name} | {size} | {params} | {r['outcome']} | {r.get('stage') or ''} | "
-                     f"{_cell(r.get('category'), 80)} | {_cell(r.get('message'), 110)} | {spaces} | {images} | "
+                     f"{_cell(r.get('category'), 80)} | {_cell(r.get('message'), 110 if library == 'timm' else 320)} | "
+                     f"{spaces} | {images} | "
                      f"{err_s} | {r.get('wall_s', r.get('seconds', {}).get('total', 0)):.1f} |")
     lines.append("")
     return "\n".join(lines)

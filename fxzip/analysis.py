@@ -497,9 +497,15 @@ class Analyzer:
         return facts
 
     def _space_groups(self, sp: FeatureSpace, seen_list: list[tuple[int, str]]) -> int:
-        """One group count per space: every op that groups it must agree."""
+        """One group count per space: every op that groups it must agree, except
+        that a rigid space (no unit moves inside its group) may be grouped at
+        nested counts (4 query heads in 2 key/value groups): only whole groups
+        of the coarsest count move, which keeps every finer group whole too."""
         seen = set(seen_list)
         counts = {g for g, _ in seen}
+        ordered = sorted(counts)
+        if len(counts) > 1 and sp.rigid and all(b % a == 0 for a, b in zip(ordered, ordered[1:])):
+            return ordered[0]
         if len(counts) > 1:
             detail = ", ".join(f"{g} groups at {where}" for g, where in sorted(seen))
             raise AnalysisError(

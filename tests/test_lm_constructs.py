@@ -6,7 +6,9 @@ RMSNorm (a per-channel weight on the residual stream), a SwiGLU feed-forward
 (``down(silu(gate(x)) * up(x))``), rotary embeddings in the ``rotate_half``
 form (``q * cos + rotate_half(q) * sin``: channel ``i`` of a head rotates with
 channel ``i + d/2``, so positions inside a head are fixed while whole heads
-move) and a causal mask.
+move), grouped-query attention (``repeat_kv``: key/value head g serves query
+heads g*r .. g*r + r - 1, so a key/value head and the query heads it serves move
+as one) and a causal mask.
 """
 from __future__ import annotations
 
@@ -38,13 +40,22 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(variance + self.eps))
 
 
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, N, D) -> (B, kv_heads * n_rep, N, D), as transformers writes it."""
+    if n_rep == 1:
+        return x
+    b, kv_heads, n, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv_heads, n_rep, n, d).reshape(b, kv_heads * n_rep, n, d)
+
+
 class LlamaBlock(nn.Module):
-    def __init__(self, dim: int = 32, heads: int = 4, seq: int = 8, hidden: int = 48) -> None:
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 4, seq: int = 8, hidden: int = 48) -> None:
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.embed = nn.Linear(6, dim)
         self.norm1, self.norm2, self.final_norm = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
-        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k, self.v = (nn.Linear(dim, kv_heads * self.head_dim, bias=False) for _ in range(2))
         self.o = nn.Linear(dim, dim, bias=False)
         self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
@@ -59,10 +70,12 @@ class LlamaBlock(nn.Module):
         x = self.embed(x)
         b, n, _ = x.shape
         h = self.norm1(x)
-        q, k, v = (proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q = self.q(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2) for proj in (self.k, self.v))
         cos, sin = self.cos[None, None], self.sin[None, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        k, v = repeat_kv(k, self.heads // self.kv_heads), repeat_kv(v, self.heads // self.kv_heads)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, n, -1))
         h = self.norm2(x)
@@ -70,14 +83,16 @@ class LlamaBlock(nn.Module):
         return self.lm_head(self.final_norm(x))
 
 
-def test_llama_block_merges_exactly():
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi-head", "grouped-query"])
+def test_llama_block_merges_exactly(kv_heads):
     data = [torch.randn(8, 8, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    model = prepared(LlamaBlock().eval(), data)
+    model = prepared(LlamaBlock(kv_heads=kv_heads).eval(), data)
     analysis = fxzip.analyze(fxzip.trace(model, data[0]))
     qk = next(sp for sp in analysis.spaces if "q" in sp.producers)
     values = next(sp for sp in analysis.spaces if "v" in sp.producers)
-    assert qk.groups == 4 and qk.rigid, "rotary q/k: whole heads move, positions inside a head stay"
-    assert values.groups == 4 and not values.rigid, "the values' channels move freely inside their heads"
+    assert qk.groups == kv_heads and qk.rigid, "rotary q/k: whole (key/value) heads move, positions inside stay"
+    # values repeated for grouped-query attention keep their positions too (every copy in one order)
+    assert values.groups == kv_heads and values.rigid == (kv_heads < 4)
     assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
     permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
     assert_same_function(model, permuted, data)

@@ -228,7 +228,7 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
     tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim, "cross_dim": lay.cross_dim}
     new: dict[str, int | None] = {k: None for k in tracked}
     merged_back = False
-    folded = None
+    folded = repeated = None
     for gi, gj in _groups(src, dst):
         inside = {k: v for k, v in tracked.items() if v is not None and v in gi}
         if not inside:
@@ -238,6 +238,10 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
         if len(inside) == 1 and len(big_in) <= 1 and len(big_out) <= 1:
             (key, _), = inside.items()
             new[key] = big_out[0] if big_out else gj[0]
+            continue
+        if set(inside) == {"group_dim"} and _repeats_heads(ctx, node, lay, gi, src) and len(big_out) == 1:
+            new["group_dim"] = big_out[0]
+            repeated = _repeated_heads(ctx, node, lay, src[lay.group_dim], src[lay.group_dim + 1])
             continue
         if set(inside) == {"group_dim"} and lay.stack_dim is None and lay.dim is not None and len(big_out) == 1:
             # the head axis merged with channel-free axes (heads folded into the batch, MViT):
@@ -274,10 +278,47 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
         ctx.fail(node, f"reshapes a channel x channel map ({describe(lay)}) across its group axes.")
     if folded is not None:
         return Layout(new["dim"], folded)
+    if repeated is not None:
+        return Layout(new["dim"], repeated, group_dim=new["group_dim"])
     if merged_back:
         return Layout(new["dim"], lay.segments)
     return Layout(new["dim"], lay.segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"],
                   cross_dim=new["cross_dim"], cross=lay.cross)
+
+
+def _repeats_heads(ctx, node: fx.Node, lay: Layout, axes: Sequence[int], src: Sequence[int]) -> bool:
+    """Whether the reshape merges the head axis with the axis right after it,
+    along which its input is broadcast (stride 0: ``k[:, :, None].expand(B, H,
+    r, N, D)``), i.e. every head repeated ``r`` times: grouped-query attention's
+    ``repeat_kv``."""
+    big = [a for a in axes if src[a] != 1]
+    if lay.dim is None or lay.stack_dim is not None or lay.cross_dim is not None \
+            or big != [lay.group_dim, lay.group_dim + 1]:
+        return False
+    meta = node.args[0].meta.get("tensor_meta")
+    stride = getattr(meta, "stride", None)
+    return stride is not None and stride[lay.group_dim + 1] == 0
+
+
+def _repeated_heads(ctx, node: fx.Node, lay: Layout, heads: int, repeats: int) -> tuple[Segment, ...]:
+    """Heads repeated ``repeats`` times each (grouped-query attention: key/value
+    head g serves query heads g*r .. g*r + r - 1). The repeated tensor is a new
+    space of ``heads`` groups of ``repeats`` heads, its groups tied to the
+    heads it repeats, so a key/value head and the query heads it serves move
+    as one; positions inside a head are fixed on both sides, since each copy
+    must keep the same within-head order as its original."""
+    size = sum(seg.size for seg in lay.segments)
+    if any(seg.inner != 1 for seg in lay.segments):
+        ctx.fail(node, "repeats attention heads whose channels are spread over several elements each; fxzip "
+                       "follows repeated heads (grouped-query attention) of plain head layouts only.")
+    ctx.set_groups(node, lay.segments, heads)
+    repeated = ctx.new_space(node, size * repeats)
+    ctx.set_groups(node, repeated, heads)
+    ctx.tie_groups(node, lay.segments, repeated, heads)
+    why = f"{node.name} repeats every head {repeats} times (grouped-query attention)"
+    ctx.mark_rigid(lay.segments, why)
+    ctx.mark_rigid(repeated, why)
+    return repeated
 
 
 def _reshape_param(src, dst, view: ParamView) -> Layout:
@@ -373,12 +414,20 @@ def permute(ctx, node: fx.Node) -> None:
 
 
 @register_rule("expand", "expand_as", "repeat")
+@group_aware
 def expand(ctx, node: fx.Node) -> None:
-    """Broadcasting a tensor to more axes/size-1 axes; a channel axis must keep its size."""
+    """Broadcasting a tensor to more axes/size-1 axes; a channel axis (and a
+    head or stacked axis) must keep its size."""
     x = node.args[0]
     lay = ctx.layout(x)
     src, dst = ctx.shape(x), ctx.shape(node)
     shift = len(dst) - len(src)
+    if lay.grouped:
+        if lay.cross_dim is not None or any(dst[d + shift] != src[d] for d in lay.tracked_axes):
+            ctx.fail(node, f"repeats an axis of a tensor whose channels are split into groups ({describe(lay)}); "
+                           "fxzip follows broadcasts along the other axes only.")
+        ctx.set(node, lay.shifted(shift), passthrough=True)
+        return
     if lay.has_channels:
         if dst[lay.dim + shift] != src[lay.dim]:
             ctx.fail(node, "repeats the channel axis.")

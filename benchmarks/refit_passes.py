@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         import cifar_data
 
         data, vecs, get = cifar_data.load_cifar10(args.data), ec.class_vectors(), pp.load_pair
-    load_start = os.getloadavg()
+    load_start, commit = os.getloadavg(), _commit()  # the code this process imports: HEAD when it starts
     rows = []
     for arch in args.archs:
         for p in args.pairs:
@@ -147,20 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{arch} pair {p}: folded {row['folded']['joint']:.1f}, " + ", ".join(
                 f"{mode} {row[mode]['joint']:.1f} ({row[mode]['passes']} passes, {row[mode]['seconds']:.1f}s)"
                 for mode in modes) + f"; floor {floor:.2f}s", flush=True)
-    lines = _markdown(rows, modes, args, command, load_start)
+    lines = _markdown(rows, modes, args, command, commit, load_start)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(out) + ".md").write_text("\n".join(lines) + "\n")
-    Path(str(out) + ".json").write_text(json.dumps({"command": command, "commit": _commit(), "modes": modes,
+    Path(str(out) + ".json").write_text(json.dumps({"command": command, "commit": commit, "modes": modes,
                                                     "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
     return {"rows": rows}
 
 
-def _markdown(rows: list[dict], modes: list[str], args, command: str, load_start) -> list[str]:
+def _markdown(rows: list[dict], modes: list[str], args, command: str, commit: str, load_start) -> list[str]:
     f1 = lambda x: f"{x:.1f}"  # noqa: E731
     lines = ["# Refit: the sequential executor against the wave schedule", "",
-             f"Command: `nice -n 10 {command}`", "", f"Commit: {_commit()}", "",
+             f"Command: `nice -n 10 {command}`", "", f"Commit: {commit} (HEAD when the run started)", "",
              f"Machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, load average {load_start[0]:.1f} at the start, "
              f"{os.getloadavg()[0]:.1f} at the end (other jobs share the cores). ZipIt at each architecture's "

@@ -33,6 +33,11 @@ with its shape, strides and offset, so it comes back bit for bit with the
 same strides (kernels then see exactly the tensor they would have); a
 tuple or list of tensors is spilled element by element, anything else stays
 in memory (counted). Files live in a temporary folder removed at the end.
+An in-place op (``relu_``, ``+=``) on a spilled value changes the copy read
+back, not the file: exact where the mutated value has no other reader (a
+norm's output into its ReLU, a residual branch into ``+=``), which is how
+traced models use them; a later reader of a spilled, mutated value would see
+it unmutated. Without ``max_memory`` the walk has the program's semantics.
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ fxzip cannot follow, such as the raw input).
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -326,7 +328,7 @@ class Analyzer:
         if rule is None:
             if any(_carries(self.layout(a)) for a in _flat_nodes(node)):
                 raise AnalysisError(
-                    f"fxzip has no channel rule for {_describe(node)} at node '{node.name}' "
+                    f"fxzip has no channel rule for {_describe(node)} at node '{node.name}'{_source_of(node)} "
                     f"(input shapes {[tuple(s) for s in map(_shape, _flat_nodes(node)) if s is not None]}): "
                     "fxzip must know how an op moves the channels of its inputs before it merges across it, "
                     f"and never guesses. Register a rule with @fxzip.register_rule({_key_hint(node)}) (README, "
@@ -662,6 +664,20 @@ def _flat_nodes(node: fx.Node) -> list[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n))
     return out
+
+
+def _source_of(node: fx.Node) -> str:
+    """`` (in channel_flip, models.py:42)``: the innermost frame of the user's (or
+    a library's) code that called the op, when the tracer recorded it; ops of
+    a helper the tracer saw through are found by the helper's name."""
+    trace = node.stack_trace or ""
+    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+    found = [f for f in re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
+             if not os.path.abspath(f[0]).startswith(skip)]
+    if not found:
+        return ""
+    path, line, function = found[-1]
+    return f" (in {function}, {os.path.basename(path)}:{line})"
 
 
 def _describe(node: fx.Node) -> str:

@@ -140,6 +140,7 @@ class _Tracer(fx.Tracer):
         notrace_modules, _ = _timm_notrace()
         super().__init__(autowrap_functions=_wrapped_functions(opaque))
         self.notrace_modules = notrace_modules
+        self.record_stack_traces = True  # an op the analysis refuses is named with the code that called it
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _kept_whole(m) or type(m) in self.notrace_modules or _is_torch_leaf(m)
@@ -161,6 +162,7 @@ class _ConcreteTracer(ConcreteTracer):
 
     def __init__(self, example: Sequence[Any], opaque: OpaqueFunction):
         super().__init__(example, autowrap_functions=_wrapped_functions(opaque))
+        self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _kept_whole(m) or _is_torch_leaf(m)

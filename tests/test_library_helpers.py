@@ -109,3 +109,33 @@ def test_swapped_axes_and_masks_built_in_the_forward_merge_exactly():
     permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
     assert_same_function(model, permuted, data)
     assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)
+
+
+class InputSkip(nn.Module):
+    """Features concatenated with a channel-free tensor on their channel axis:
+    the model input fed again (U-Net, DenseNet-style skips) and coordinates
+    computed in the forward (CoordConv, RAFT's flow next to its motion features)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.mix = nn.Conv2d(width + 3 + 2, width, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).to(x)
+        y = torch.cat([self.stem(x).relu(), x, coords[None].expand(b, 2, h, w)], dim=1)
+        return self.head(self.mix(y).relu().mean((2, 3)))
+
+
+def test_features_concatenated_with_untracked_channels_merge_exactly():
+    data = batches((8, 3, 8, 8), 3)
+    model = prepared(InputSkip(), data)
+    analysis = fxzip.analyze(fxzip.trace(model, data[0]))
+    kept = [sp for sp in analysis.spaces if not sp.mergeable and sp.size in (3, 2)]
+    assert len(kept) == 2, "the input's and the coordinates' channels stay in place"
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)

@@ -484,10 +484,7 @@ def cat(ctx, node: fx.Node) -> None:
     if dim == cdim:
         segs: list[Segment] = []
         for p, l in zip(parts, lays):
-            if not l.has_channels:
-                ctx.fail(node, f"concatenates channels with the channel-free tensor {p.name}; fxzip cannot "
-                               "align its part of the axis.")
-            segs.extend(l.segments)
+            segs.extend(l.segments if l.has_channels else _untracked_part(ctx, node, p, cdim))
         ctx.set(node, Layout(cdim, tuple(segs)))
         return
     for p, l in zip(parts, lays):
@@ -498,6 +495,17 @@ def cat(ctx, node: fx.Node) -> None:
         else:
             ctx.fix(chan[0].segments, f"untracked tensor: {p.name} joins it at {node.name}")
     ctx.set(node, chan[0], passthrough=True)
+
+
+def _untracked_part(ctx, node: fx.Node, part: fx.Node, dim: int) -> tuple[Segment, ...]:
+    """A channel-free tensor concatenated with features along their channel axis
+    (the model input fed again, a flow field or coordinates computed in the
+    forward): its channels are a space of their own that stays in place, as the
+    model input's channels do, so the layers reading the concatenation keep
+    those input columns as they are."""
+    segs = ctx.new_space(node, ctx.shape(part)[dim])
+    ctx.fix(segs, f"untracked tensor: {part.name} is concatenated with features at {node.name}")
+    return segs
 
 
 def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
@@ -564,6 +572,14 @@ def roll(ctx, node: fx.Node) -> None:
 @register_rule(torch.stack, width=FREE)
 def stack(ctx, node: fx.Node) -> None:
     """A new axis over tensors of one basis (outputs of parallel branches)."""
+    if isinstance(node.args[0], fx.Node):  # a sequence made by one op (torch.meshgrid, unbind)
+        lay = ctx.layout(node.args[0])
+        if any(isinstance(l, Layout) and (l.has_channels or l.grouped)
+               for l in (lay if isinstance(lay, tuple) else (lay,))):
+            ctx.fail(node, f"stacks the tensors of {node.args[0].name}, a sequence made by one op, that carry "
+                           "channels; fxzip follows stacks of separately computed tensors.")
+        ctx.set(node, NO_CHANNELS)
+        return
     parts = list(node.args[0])
     nd = ctx.ndim(node)
     dim = ctx.arg(node, 1, "dim", 0) % nd

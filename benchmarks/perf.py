@@ -154,12 +154,12 @@ def _batches(images: int, batch: int, px: int, seed: int = 123):
 
 
 def _cpu_timed(cpu: dict[str, float]):
-    """merge()'s own phase timer (wall seconds into its report), also recording
-    this process's CPU seconds per phase. With one torch thread, CPU time does
-    not count the time other processes hold the core, so the CPU-time ratio is
-    a cross-check of the wall-time ratio on a loaded machine."""
-    mod = sys.modules["fxzip.merge"]
-    wall_timed = mod._timed
+    """merge()'s own phase timer (``fxzip.pipeline.timed``: wall seconds into its
+    report), also recording this process's CPU seconds per phase. With one torch
+    thread, CPU time does not count the time other processes hold the core, so
+    the CPU-time ratio is a cross-check of the wall-time ratio on a loaded machine."""
+    mod = sys.modules["fxzip.pipeline"]
+    wall_timed = mod.timed
 
     @contextmanager
     def timed(seconds: dict[str, float], key: str):
@@ -168,7 +168,7 @@ def _cpu_timed(cpu: dict[str, float]):
             yield
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - c0
 
-    mod._timed = timed
+    mod.timed = timed
 
 
 def gram_macs(models: list, example, n_models: int) -> tuple[float, float]:

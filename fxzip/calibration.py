@@ -6,9 +6,7 @@ cut points) share one pass over the data.
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -16,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
+from . import pipeline
 from .align import CommonPart
 from .analysis import GraphAnalysis
 from .data import Batches
@@ -71,9 +70,9 @@ def capture(models: Sequence[nn.Module], data: Iterable[Any], max_batches: int |
     seconds: dict[str, float] = {}
     with _dist.ranks_agree("reading its data, tracing and analysing the models"):
         batches = Batches(data, max_batches, inputs)
-        with _timed(seconds, "trace"):
+        with pipeline.timed(seconds, "trace"):
             gms = [trace(m, batches.example) for m in models]
-        with _timed(seconds, "analysis"):
+        with pipeline.timed(seconds, "analysis"):
             common, analysis = analyze_models(gms)  # aligns the models unless their graphs are identical
     return Calibration(models, gms, analysis, batches, seconds, common, probes)
 
@@ -110,8 +109,3 @@ def device_dtype(m: nn.Module) -> tuple[str, str]:
     return "cpu", "none"
 
 
-@contextmanager
-def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start

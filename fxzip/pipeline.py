@@ -18,12 +18,25 @@ was chosen. The cut lives in the state; the stages read it.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch.fx as fx
 
-__all__ = ["Stage", "StageResult", "StageOrderError", "check_order", "run_stages"]
+__all__ = ["Stage", "StageResult", "StageOrderError", "check_order", "run_stages", "timed"]
+
+
+@contextmanager
+def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall seconds of the block to ``seconds[key]``: the one clock of a
+    merge's phases (``report.seconds``). Looked up on this module at every use,
+    so a profiler may wrap it (``benchmarks/perf.py`` adds CPU seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
 
 
 class StageOrderError(RuntimeError):
@@ -73,10 +86,8 @@ class Stage:
 
     def __call__(self, state: Any) -> None:
         self.requires(state)
-        start = time.perf_counter()
-        result = self.call(state.graph_module, state)
-        if self.timer:
-            state.seconds[self.timer] = state.seconds.get(self.timer, 0.0) + time.perf_counter() - start
+        with timed(state.seconds, self.timer) if self.timer else nullcontext():
+            result = self.call(state.graph_module, state)
         state.graph_module = result.graph_module
         state.details.update(result.measured)
         self.ensures(state)

@@ -34,12 +34,12 @@ point ``Z`` something else reads:
 Sites whose point a BatchNorm reads are left to the norm reset.
 
 Order and cost. Each site's statistics are measured on the merged model with
-every earlier site already repaired (exact, in network order). The default
+every earlier site already repaired (exact, in network order). The wave
 schedule (``schedule="waves"``): sites none of which feeds another form one
 *wave* and share a read of the data; a chain network needs about one per
 layer, each only up to that wave's deepest node; the targets need one more
-(all models side by side). ``schedule="sequential"`` (``passes/sequential.py``)
-reads the data once: the merged graph and the originals side by side are
+(all models side by side). The default, ``schedule="sequential"``
+(``passes/sequential.py``), reads the data once: the merged graph and the originals side by side are
 walked node by node over the cached activations, each site measured where
 its ``direct`` and ``rest`` values are final, corrected, and its layer's
 output recomputed with the new weights for every batch (``max_memory``
@@ -317,12 +317,12 @@ SCHEDULES = ("waves", "sequential")
 def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int], joint: fx.GraphModule,
            node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
            batches: Iterable[tuple], progress: Callable[[Iterable], Iterable] = lambda x: x,
-           schedule: str = "waves", max_memory: int | None = None) -> RepairResult:
+           schedule: str = "sequential", max_memory: int | None = None) -> RepairResult:
     """Repair ``merged`` in place (see the module docstring); ``joint`` runs the
     originals side by side with ``node_maps`` from model-0 node names.
-    ``schedule``: ``"waves"`` (one read of the data per wave) or
-    ``"sequential"`` (one read, at most ``max_memory`` bytes of cached
-    activations, the rest spilled to disk)."""
+    ``schedule``: ``"sequential"`` (the default: one read, at most ``max_memory`` bytes of cached
+    activations, the rest spilled to disk) or ``"waves"`` (one read of the
+    data per wave)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"repair schedule must be one of {SCHEDULES}, got {schedule!r}")
     sites, skipped = find_sites(merged, analysis, mergeable)

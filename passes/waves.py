@@ -1,8 +1,8 @@
 """The wave schedule of the passes that fit a merged model layer by layer
-(``refit(schedule="waves")``, ``repair``'s default): a module computing only
-some nodes, a no-grad loop over batches, and the depth levels that group
-layers into waves (one read of the data each). The refit's default schedule
-reads the data once instead (``sequential.py``).
+(``refit(schedule="waves")``, ``repair(schedule="waves")``): a module
+computing only some nodes, a no-grad loop over batches, and the depth levels
+that group layers into waves (one read of the data each). The default
+schedule of both reads the data once instead (``sequential.py``).
 
 Why truncate: a wave of sites only needs the activations up to its deepest
 node, and the passes run one wave per layer depth, so computing the rest of

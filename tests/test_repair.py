@@ -78,7 +78,8 @@ def test_weight_average_repair_meets_the_targets_in_network_order():
             bounded = ~met
             assert (std[bounded] > target_std[bounded]).all(), name
     report = merged.meta["fxzip"].details["repair"]
-    assert report["sites"] == 5 and report["passes"] >= 4
+    # one read of the data: the merged model and the two originals walked together
+    assert report["sites"] == 5 and report["passes"] == 3 and report["data_reads"] == 1
 
 
 def test_stream_scale_rule():

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+import common
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,23 +395,7 @@ def git_state() -> dict:
 
 
 def machine() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "not installed"
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"uname": " ".join(platform.uname()[:3]), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": ver("torch"), "torchvision": ver("torchvision"),
-            "timm": ver("timm"), "transformers": ver("transformers"), "torch_threads": 1,
-            "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+    return common.machine(("torch", "torchvision", "timm", "transformers"))
 
 
 def run_part(key: str, part: str, timeout: float) -> dict:

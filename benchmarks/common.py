@@ -3,6 +3,7 @@
 
 * ``HERE`` / ``ROOT`` / ``RESULTS`` / ``CHECKPOINTS``: the benchmark folder, the repository root, and where
   results and trained checkpoints live;
+* ``machine``: the facts every result file records about the machine it ran on;
 * ``redraw`` (``fxzip.zoo.redraw``, the tests' too): re-draw a model's weights at O(1) scale
   (random-init models whose merges are not degenerate), for the scripts that time merges without
   trained checkpoints.
@@ -12,11 +13,49 @@ and ``eval_cifar.py``, which the other CIFAR scripts import the same way.
 """
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 from pathlib import Path
-
-from fxzip.zoo import redraw  # noqa: F401  (re-exported for the scripts)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 CHECKPOINTS = HERE / "checkpoints"
+
+
+def machine(packages: tuple[str, ...] = ("torch", "timm")) -> dict:
+    """uname, CPU model, cores, Python and the versions of ``packages`` (read
+    from their metadata, without importing them: seconds each), one torch
+    thread, and the load average when the run started."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        uname = " ".join(platform.uname())
+    return {"uname": uname, "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            **{pkg: ver(pkg) for pkg in packages}, "torch_threads": 1,
+            "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def __getattr__(name: str):
+    """``from common import redraw`` (``fxzip.zoo.redraw``), imported on first use
+    so that a driver reading only ``machine`` or the paths does not import torch."""
+    if name == "redraw":
+        from fxzip.zoo import redraw
+
+        return redraw
+    raise AttributeError(name)

@@ -70,7 +70,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -82,6 +81,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -798,31 +799,7 @@ def snapshot(dest: Path) -> dict:
 
 
 def machine(library: str = "timm") -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str:  # without importing torch/timm into the driver (seconds each)
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "not installed"
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        uname = " ".join(platform.uname())
-    out = {"uname": uname, "cpu": cpu, "cores": os.cpu_count(),
-           "python": platform.python_version(), "torch": ver("torch"), "timm": ver("timm"),
-           "torch_threads": 1, "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
-    if library != "timm":
-        out = {**{k: v for k, v in out.items() if k not in ("torch_threads", "load_avg_start")},
-               library: ver(library), "torch_threads": 1, "load_avg_start": out["load_avg_start"]}
-    return out
+    return common.machine(("torch", "timm") if library == "timm" else ("torch", "timm", library))
 
 
 # ----------------------------------------------------------------------------- driver

@@ -24,6 +24,17 @@ RESULTS = HERE / "results"
 CHECKPOINTS = HERE / "checkpoints"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
+
+
 def machine(packages: tuple[str, ...] = ("torch", "timm")) -> dict:
     """uname, CPU model, cores, Python and the versions of ``packages`` (read
     from their metadata, without importing them: seconds each), one torch
@@ -36,17 +47,11 @@ def machine(packages: tuple[str, ...] = ("torch", "timm")) -> dict:
         except PackageNotFoundError:
             return "not installed"
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     try:
         uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         uname = " ".join(platform.uname())
-    return {"uname": uname, "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"uname": uname, "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             **{pkg: ver(pkg) for pkg in packages}, "torch_threads": 1,
             "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
 

@@ -32,6 +32,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -371,12 +373,7 @@ def run_one(cfg: dict) -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = common.cpu_model()
     try:
         with open("/proc/meminfo") as f:
             mem_gb = int(f.readline().split()[1]) / 2 ** 20

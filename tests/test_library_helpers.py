@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from helpers import assert_same_function, batches, prepared
 from torch import nn
 from torchvision.ops import StochasticDepth, stochastic_depth
@@ -135,6 +136,37 @@ def test_features_concatenated_with_untracked_channels_merge_exactly():
     analysis = fxzip.analyze(fxzip.trace(model, data[0]))
     kept = [sp for sp in analysis.spaces if not sp.mergeable and sp.size in (3, 2)]
     assert len(kept) == 2, "the input's and the coordinates' channels stay in place"
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)
+
+
+class Resample(nn.Module):
+    """Features resampled with ``F.grid_sample`` at coordinates a layer computed
+    (a spatial transformer; RAFT looks up its correlations at positions moved
+    by its predicted flow): the features' channels pass through, the
+    coordinates' space stays in place."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.offsets = nn.Conv2d(width, 2, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).relu()
+        grid = self.offsets(y).tanh().permute(0, 2, 3, 1)
+        sampled = F.grid_sample(y, grid, align_corners=False)
+        return self.head(sampled.mean((2, 3)))
+
+
+def test_grid_sample_at_computed_coordinates_merges_exactly():
+    data = batches((8, 3, 8, 8), 3)
+    model = prepared(Resample(), data)
+    analysis = fxzip.analyze(fxzip.trace(model, data[0]))
+    coords = next(sp for sp in analysis.spaces if "offsets" in sp.producers)
+    assert not coords.mergeable, "the coordinates are read by position"
     assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
     permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
     assert_same_function(model, permuted, data)

@@ -131,6 +131,25 @@ def pool(ctx, node: fx.Node) -> None:
     ctx.set(node, lay, passthrough=True)
 
 
+@register_rule(F.grid_sample, torch.grid_sampler, width=FREE)
+def grid_sample(ctx, node: fx.Node) -> None:
+    """``F.grid_sample(x, grid)``: every channel of ``x`` (B, C, H, W) resampled
+    at the same positions (RAFT's correlation lookup, spatial transformers), so
+    the channels pass through on axis 1. The grid's last axis holds the (x, y)
+    coordinates: when a layer computed them (RAFT's flow head), that space is
+    read by position here, so it stays in place."""
+    x, grid = node.args[0], ctx.arg(node, 1, "grid")
+    lay = ctx.layout(x)
+    grid_lay = ctx.layout(grid) if isinstance(grid, fx.Node) else None
+    if isinstance(grid_lay, Layout) and (grid_lay.has_channels or grid_lay.grouped):
+        if grid_lay.grouped or grid_lay.dim != ctx.ndim(grid) - 1:
+            ctx.fail(node, f"samples at a grid ({grid.name}) whose channels are not on its last (coordinate) axis.")
+        ctx.fix(grid_lay.segments, f"sampling coordinates: {grid.name} is the grid of {node.name}")
+    if lay.has_channels and lay.dim != 1:
+        ctx.fail(node, f"resamples the spatial axes of {x.name}, whose channels are on axis {lay.dim}, not 1.")
+    ctx.set(node, lay, passthrough=True)
+
+
 def _pad(ctx, node: fx.Node, lay: Layout, pad: list, nd: int) -> None:
     """Padding (last axis first, two values per axis) must leave the channel axis alone."""
     pairs = [pad[i:i + 2] for i in range(0, len(pad), 2)]

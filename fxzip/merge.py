@@ -26,7 +26,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
           inputs: Callable[[Any], Any] | None = None, progress: bool = True, weight_similarity: float = 0.5,
           example_inputs: Any = None, seed: int = 0, probes: str | ProbePolicy = DEFAULT_PROBES,
           repair: bool = False, refit: bool | float = False,
-          merged_width: float | Mapping[str, float] = 1.0) -> fx.GraphModule:
+          merged_width: float | Mapping[str, float] = 1.0, max_memory: int | None = None) -> fx.GraphModule:
     """Merge models of one architecture, trained on different tasks, into one.
 
     Args:
@@ -69,7 +69,12 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             matched average of the originals' outputs, on the merged model's own
             inputs (``fxzip.passes.refit``); ``True`` or a ridge factor. A
             partial zip's trunk is refit before the split, each head after it.
-            Runs before ``repair`` and the norm reset.
+            Runs before ``repair`` and the norm reset. Both read the data once
+            (``fxzip.passes.sequential``) and cache activations.
+        max_memory: bytes of cached activations the refit and the repair may
+            hold; the rest is spilled to disk and read back bit for bit (the
+            result does not change; ``report.details["refit"]["memory"]``
+            gives the peak held). ``None``: no bound.
         merged_width: merged features per space as a multiple of one model's
             width (``fxzip.widths``): 1.0 as the papers merge, N the ensemble
             side by side; in between the least similar features stay apart. A
@@ -89,7 +94,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     options = MergeOptions.checked(
         models, data, method=method, alpha=alpha, beta=beta, stop_at=stop_at, reset_bn=reset_bn,
         weight_similarity=weight_similarity, example_inputs=example_inputs, seed=seed, probes=probes, repair=repair,
-        refit=refit, merged_width=merged_width, progress=progress and _dist.is_main())
+        refit=refit, merged_width=merged_width, progress=progress and _dist.is_main(), max_memory=max_memory)
     state = MergeState(models, options, data, max_batches, inputs, example_inputs)
     if isinstance(data, Calibration):  # its models are traced and analysed, its statistics maybe observed
         state.calibration = data.reused_for(models, options.probes)
@@ -97,7 +102,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     return run_stages(MERGE_STAGES, state).graph_module
 
 
-_PER_RANK = ("models", "data", "max_batches", "inputs", "progress", "example_inputs")
+_PER_RANK = ("models", "data", "max_batches", "inputs", "progress", "example_inputs", "max_memory")
 """merge's arguments that may differ between ranks (the rest must agree)."""
 
 

@@ -46,6 +46,8 @@ class MergeOptions:
     merged_width: float | Mapping[str, float] = 1.0
     progress: bool = True
     data_free: bool = False
+    max_memory: int | None = None
+    """Bytes of cached activations the refit and the repair may hold; ``None``: no bound."""
 
     @property
     def dual_space(self) -> bool:
@@ -61,7 +63,7 @@ class MergeOptions:
     def checked(cls, models: Sequence[nn.Module], data: Any, *, method: str, alpha: float, beta: float,
                 stop_at: Any, reset_bn: bool | None, weight_similarity: float, example_inputs: Any, seed: int,
                 probes: Any, repair: bool, refit: bool | float, merged_width: float | Mapping[str, float],
-                progress: bool) -> "MergeOptions":
+                progress: bool, max_memory: int | None = None) -> "MergeOptions":
         """Validate ``merge``'s arguments, in the order a user would fix them;
         raise ``ValueError`` naming the argument and the fix."""
         matcher = check_models(models, method, alpha, beta)
@@ -76,9 +78,12 @@ class MergeOptions:
         ridge = DEFAULT_RIDGE if refit is True else float(refit) if refit is not False else None
         if ridge is not None and not ridge > 0:
             raise ValueError(f"refit must be True or a positive ridge factor, got {refit!r}")
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                       or max_memory < 0):
+            raise ValueError(f"max_memory must be a number of bytes >= 0 (or None for no bound), got {max_memory!r}")
         reset = _check_data_free(models, data, method, weight_similarity, reset_bn, example_inputs)
         return cls(method, matcher, alpha, beta, stop_at, reset, weight_similarity, seed, policy, repair, ridge,
-                   merged_width, progress, data is None)
+                   merged_width, progress, data is None, max_memory)
 
 
 def check_models(models: Sequence[nn.Module], method: str = "weight_average", alpha: float = 0.0,

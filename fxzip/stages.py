@@ -208,7 +208,8 @@ class Refit(Stage):
         joint, node_maps = state.joint
         trunk = None if state.cut is None else trunk_node_names(graph_module, state.cut)
         fitted = refit(graph_module, cal.analysis, joint, node_maps, state.assign, cal.batches, state.options.ridge,
-                       progress=lambda it: state.bar("fxzip refit")(list(it)), only=trunk)
+                       progress=lambda it: state.bar("fxzip refit")(list(it)), only=trunk,
+                       max_memory=state.options.max_memory)
         return StageResult(graph_module, {"refit": fitted.summary()})
 
 
@@ -275,7 +276,8 @@ class Repair(Stage):
             reset_batch_norm(graph_module, cal.batches, _run_batch)
         mergeable = {sp.index for sp in cal.analysis.spaces if sp.mergeable}
         joint, node_maps = state.joint
-        fixed = repair(graph_module, cal.analysis, mergeable, joint, node_maps, state.assign, cal.batches)
+        fixed = repair(graph_module, cal.analysis, mergeable, joint, node_maps, state.assign, cal.batches,
+                       max_memory=state.options.max_memory)
         return StageResult(graph_module, {"repair": {**fixed.summary(), "norm_reset_passes": 2 if reset else 0}})
 
 

@@ -93,3 +93,16 @@ def test_a_warning_from_inside_the_pipeline_points_at_the_callers_line():
         fxzip.merge(a, b, data=data, stop_at=7, repair=True, progress=False)
     repair = [w for w in caught if "repair applies to full zips only" in str(w.message)]
     assert repair and repair[0].filename == __file__
+
+
+def test_max_memory_bounds_the_refit_and_repair_cache_without_changing_the_result():
+    (a, b), data = _pair()
+    free = fxzip.merge(a, b, data=data, refit=True, repair=True, progress=False)
+    bounded = fxzip.merge(a, b, data=data, refit=True, repair=True, max_memory=0, progress=False)
+    for (name, x), (_, y) in zip(free.state_dict().items(), bounded.state_dict().items()):
+        assert torch.equal(x, y), name
+    memory = bounded.meta["fxzip"].details["refit"]["memory"]
+    assert memory["max_memory"] == 0 and memory["spilled_bytes"] > 0
+    assert free.meta["fxzip"].details["refit"]["memory"]["spilled_bytes"] == 0
+    with pytest.raises(ValueError, match="max_memory must be a number of bytes"):
+        fxzip.merge(a, b, data=data, refit=True, max_memory=-1, progress=False)

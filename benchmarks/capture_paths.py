@@ -311,6 +311,14 @@ def part_fx(key: str) -> dict:
     return rec
 
 
+def _summary(program, paths: set, model_keys: list) -> dict:
+    """Nodes, calls, ops, module-stack coverage and state_dict names of an exported program."""
+    graph = program.graph
+    return {"nodes": len(graph.nodes), "calls": n_calls(graph), "ops": graph_ops(graph),
+            "module_stack": module_stack_stats(graph, paths),
+            "state_dict": state_dict_map(program.state_dict.keys(), model_keys)}
+
+
 def part_export(key: str) -> dict:
     import torch
     rec: dict = {}
@@ -324,20 +332,16 @@ def part_export(key: str) -> dict:
         t0 = time.perf_counter()
         ep = torch.export.export(model, x, strict=False)
         rec["export_s"] = round(time.perf_counter() - t0, 3)
-        ops = graph_ops(ep.graph)
-        rec["export"] = {"nodes": len(ep.graph.nodes), "calls": n_calls(ep.graph), "ops": ops,
-                         "module_stack": module_stack_stats(ep.graph, paths),
-                         "state_dict": state_dict_map(ep.state_dict.keys(), msd),
-                         "constants": sorted(ep.constants)[:5], "n_constants": len(ep.constants)}
+        rec["export"] = {**_summary(ep, paths, msd), "constants": sorted(ep.constants)[:5],
+                         "n_constants": len(ep.constants)}
+        ops = rec["export"]["ops"]
         rec["ok"] = True
         stage = "run_decompositions"
         t0 = time.perf_counter()
         core = ep.run_decompositions()
         rec["decomp_s"] = round(time.perf_counter() - t0, 3)
-        cops = graph_ops(core.graph)
-        rec["core"] = {"nodes": len(core.graph.nodes), "calls": n_calls(core.graph), "ops": cops,
-                       "module_stack": module_stack_stats(core.graph, paths),
-                       "state_dict": state_dict_map(core.state_dict.keys(), msd)}
+        rec["core"] = _summary(core, paths, msd)
+        cops = rec["core"]["ops"]
         pre, post = {packet(o) for o in ops}, {packet(o) for o in cops}
         rec["disappear"] = sorted(pre - post)
         rec["appear"] = sorted(post - pre)

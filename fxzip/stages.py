@@ -70,10 +70,11 @@ class MergeState:
     def models(self) -> list[fx.GraphModule]:
         return self.calibration.models
 
-    @property
+    @cached_property
     def weights(self) -> list[Any]:
         """Every model's weights: the traced models, or (models aligned by
-        ``fxzip.align``) their state dicts under model 0's names."""
+        ``fxzip.align``) their state dicts under model 0's names; built once,
+        on first use (the match and the fold both read them)."""
         common = self.calibration.common
         if common is None:
             return self.models

@@ -143,14 +143,19 @@ def register_rule(*keys: type | Callable | str, width: Any = None) -> Callable[[
     return deco
 
 
-def _table(key: type | Callable | str) -> dict:
+def _kind(key: type | Callable | str, what: str) -> str:
+    """Which table a key belongs in: a method name, a module class or a function."""
     if isinstance(key, str):
-        return _METHOD_RULES
+        return "method"
     if isinstance(key, type):
-        return _MODULE_RULES
+        return "module"
     if callable(key):
-        return _FUNCTION_RULES
-    raise TypeError(f"cannot register a rule for {key!r}")
+        return "function"
+    raise TypeError(f"cannot register a {what} for {key!r}")
+
+
+def _table(key: type | Callable | str) -> dict:
+    return {"method": _METHOD_RULES, "module": _MODULE_RULES, "function": _FUNCTION_RULES}[_kind(key, "rule")]
 
 
 def unregister_rule(*keys: type | Callable | str) -> None:
@@ -202,13 +207,7 @@ def lookup_function_rule(fn: Callable) -> Rule | None:
 
 
 def _width_table(key: type | Callable | str) -> dict:
-    if isinstance(key, str):
-        return _METHOD_WIDTHS
-    if isinstance(key, type):
-        return _MODULE_WIDTHS
-    if callable(key):
-        return _FUNCTION_WIDTHS
-    raise TypeError(f"cannot register a width rule for {key!r}")
+    return {"method": _METHOD_WIDTHS, "module": _MODULE_WIDTHS, "function": _FUNCTION_WIDTHS}[_kind(key, "width rule")]
 
 
 def register_width(width: Any, *keys: type | Callable | str) -> None:

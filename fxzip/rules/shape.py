@@ -239,7 +239,7 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
             (key, _), = inside.items()
             new[key] = big_out[0] if big_out else gj[0]
             continue
-        if set(inside) == {"group_dim"} and _repeats_heads(ctx, node, lay, gi, src) and len(big_out) == 1:
+        if set(inside) == {"group_dim"} and _repeats_heads(node, lay, gi, src) and len(big_out) == 1:
             new["group_dim"] = big_out[0]
             repeated = _repeated_heads(ctx, node, lay, src[lay.group_dim], src[lay.group_dim + 1])
             continue
@@ -286,7 +286,7 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
                   cross_dim=new["cross_dim"], cross=lay.cross)
 
 
-def _repeats_heads(ctx, node: fx.Node, lay: Layout, axes: Sequence[int], src: Sequence[int]) -> bool:
+def _repeats_heads(node: fx.Node, lay: Layout, axes: Sequence[int], src: Sequence[int]) -> bool:
     """Whether the reshape merges the head axis with the axis right after it,
     along which its input is broadcast (stride 0: ``k[:, :, None].expand(B, H,
     r, N, D)``), i.e. every head repeated ``r`` times: grouped-query attention's

@@ -258,3 +258,64 @@ def test_sweep_refuses_a_bad_point_before_calibrating(root, monkeypatch, capsys,
     assert main(_sweep(*extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_max_memory_bounds_the_cache_and_keeps_the_result(root, monkeypatch):
+    """``--max-memory 0`` spills every activation the refit caches to disk and
+    reads it back bit for bit: the same weights as without a bound, the bound
+    and the spill in the report. (The repair's cache is bounded the same way;
+    this BatchNorm net has no repair site: tests/test_pipeline.py.)"""
+    folder, _, _ = root
+    monkeypatch.chdir(folder)
+    for out, extra in (("free", []), ("bounded", ["--max-memory", "0"])):
+        assert main(["merge", *COMMON, "--data", "x.pt", "--out", out, "--refit", *extra]) == 0
+    free, bounded = (json.loads((folder / d / "report.json").read_text()) for d in ("free", "bounded"))
+    assert free["settings"]["max_memory"] is None and bounded["settings"]["max_memory"] == 0
+    memory = bounded["details"]["refit"]["memory"]
+    assert memory["max_memory"] == 0 and memory["spilled_bytes"] > 0
+    assert free["details"]["refit"]["memory"]["spilled_bytes"] == 0
+    from safetensors.torch import load_file
+
+    want, got = (load_file(folder / d / "model.safetensors") for d in ("free", "bounded"))
+    assert want.keys() == got.keys()
+    for name, x in want.items():
+        assert torch.equal(x, got[name]), name
+
+
+def test_max_memory_reads_byte_suffixes():
+    from fxzip.cli.parser import _build_parser
+
+    def parse(*extra):
+        return _build_parser().parse_args(["merge", "a.pt", "b.pt", "--model", "m", "--data", "d", "--out", "o",
+                                           *extra]).max_memory
+
+    assert parse() is None
+    assert [parse("--max-memory", v) for v in ("0", "1000", "512M", "4G", "4gib", "1.5G", "64K", "2TB")] == [
+        0, 1000, 512 * 2 ** 20, 4 * 2 ** 30, 4 * 2 ** 30, 3 * 2 ** 29, 64 * 2 ** 10, 2 * 2 ** 40]
+    sweep = _build_parser().parse_args(["sweep", "a.pt", "b.pt", "--model", "m", "--data", "d", "--eval", "e", "f",
+                                        "--max-memory", "256M"])
+    assert sweep.max_memory == 256 * 2 ** 20
+
+
+@pytest.mark.parametrize("command", ["merge", "sweep"])
+@pytest.mark.parametrize("value", ["-1", "4X", "lots", "G", "1e9", ""])
+def test_max_memory_refuses_a_bad_value_before_any_work(root, monkeypatch, capsys, no_calibration, command, value):
+    folder, _, _ = root
+    monkeypatch.chdir(folder)
+    argv = (["merge", *COMMON, "--data", "x.pt", "--out", "never"] if command == "merge"
+            else _sweep("--out", "never"))
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--max-memory", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --max-memory: {value!r} is not a number of bytes" in err, err
+    assert "suffix K, M, G or T" in err and not (folder / "never").exists()
+
+
+def test_sweep_passes_max_memory_to_every_merge(root, monkeypatch, merges):
+    folder, _, _ = root
+    monkeypatch.chdir(folder)
+    assert main(_sweep("--refit", "on", "--max-memory", "0", "--out", "mm")) == 0
+    assert json.loads((folder / "mm" / "sweep.json").read_text())["settings"]["max_memory"] == 0
+    assert len(merges["merge"]) == 1
+    kwargs, report = merges["merge"][0]
+    assert kwargs["max_memory"] == 0 and report.details["refit"]["memory"]["spilled_bytes"] > 0

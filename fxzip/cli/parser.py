@@ -12,7 +12,8 @@ Subcommands:
   result with ``fxzip.save`` (``model.safetensors`` or ``model.pt2``,
   ``report.json``, ``report.md``); ``--refit [RIDGE]``, ``--repair``,
   ``--merged-width W|NAME=W`` and ``--probes POLICY`` are ``fxzip.merge``'s
-  options of those names. ``torchrun --nproc-per-node K -m fxzip merge
+  options of those names, ``--max-memory BYTES`` (``512M``, ``4G``) its
+  ``max_memory``. ``torchrun --nproc-per-node K -m fxzip merge
   ...`` runs it in K processes, each calibrating on every K-th batch
   (``fxzip.distributed``); rank 0 writes the files.
 * ``fxzip inspect --model NAME [--img-size N] [--json]``: the feature spaces and
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -103,6 +105,25 @@ def _ridge(value: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a ridge factor; --refit takes an optional number (e.g. --refit 0.01), so put it "
             "after the checkpoints") from None
+
+
+_BYTE_UNITS = {None: 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_BYTES = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(?:I?B)?|B)?", re.IGNORECASE)
+
+
+def byte_count(value: str) -> int:
+    """``--max-memory BYTES``: a number of bytes, or one with a binary suffix
+    (``512M``, ``4G``, ``1.5G``, ``64K``, ``2T``; ``B`` or ``iB`` may follow:
+    ``4GB``, ``4GiB``), as ``fxzip.merge``'s ``max_memory``. Refused when
+    parsing, before any model is built: a typo should not cost a calibration
+    pass."""
+    match = _BYTES.fullmatch(value.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of bytes; --max-memory takes bytes >= 0 with an optional suffix K, M, G "
+            "or T (powers of 1024), e.g. --max-memory 512M or --max-memory 4G")
+    unit = match.group(2).upper() if match.group(2) else None
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
 def _width_entry(value: str) -> tuple[str | None, float]:
@@ -183,6 +204,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--repair", choices=("off", "on", "both"), default="off",
                        help="REPAIR of full zips (nets without batch norm): off (default), on, or both; costs about "
                        "one more pass over the data per layer")
+    sweep.add_argument("--max-memory", type=byte_count, metavar="BYTES",
+                       help="as for fxzip merge: bound the activations each refit and repair caches (512M, 4G)")
     sweep.add_argument("--probes", nargs="+", choices=sorted(PROBE_POLICIES), default=[DEFAULT_PROBES],
                        metavar="POLICY", help=f"probe policies, one calibration each: "
                        f"{', '.join(sorted(PROBE_POLICIES))} (default {DEFAULT_PROBES}; see fxzip merge --help)")
@@ -258,6 +281,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--repair", action="store_true",
                        help="REPAIR: give each merged feature its originals' mean and std (nets without batch "
                        "norm; full zips only); costs about one more pass over the data per layer")
+    merge.add_argument("--max-memory", type=byte_count, metavar="BYTES",
+                       help="bound the activations --refit and --repair cache (bytes, or with a suffix: 512M, "
+                       "4G); the rest is spilled to a temporary folder and read back bit for bit (same result, "
+                       "slower). Default: no bound")
     merge.add_argument("--merged-width", action="append", type=_width_entry, metavar="W|NAME=W",
                        help="keep W times one model's features per space (1.0 default, up to the number of "
                        "checkpoints); multiplies MACs (up to W^2); repeat NAME=W to widen named spaces only")

@@ -45,7 +45,7 @@ import eval_methods as em  # noqa: E402
 
 import fxzip  # noqa: E402
 from fxzip.evaluate import Ensemble  # noqa: E402
-from fxzip.probes import PROBE_POLICIES  # noqa: E402
+from fxzip.probes import PROBE_ALIASES, PROBE_POLICIES  # noqa: E402
 from fxzip.zoo import resnet20  # noqa: E402
 
 CKPT = {"resnet20x1": HERE / "checkpoints" / "cifar10_resnet20x1", **em.CKPT}
@@ -194,7 +194,8 @@ def parse_args(argv):
     ap.add_argument("--archs", nargs="+", default=["resnet20x1", "resnet20gn", "vit"],
                     choices=sorted(CKPT))
     ap.add_argument("--pairs", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--policies", nargs="+", default=list(PROBE_POLICIES), choices=sorted(PROBE_POLICIES))
+    ap.add_argument("--policies", nargs="+", default=[p for p in PROBE_POLICIES if p not in PROBE_ALIASES],
+                    choices=sorted(PROBE_POLICIES))
     ap.add_argument("--repair", nargs="*", default=[], choices=sorted(PROBE_POLICIES),
                     help="policies to also run with repair=True")
     ap.add_argument("--refit", nargs="*", default=[], choices=sorted(PROBE_POLICIES),

@@ -24,6 +24,14 @@ select made it, ``analysis.Probe.unreduced``). A policy picks among them:
 
 Policies are plain data; the presets in ``PROBE_POLICIES`` are what
 ``fxzip.merge(..., probes=...)`` and ``fxzip.calibrate`` accept by name.
+
+``"reference"`` is where the reference codes read a space (ZipIt!'s graphs,
+gstoica27/ZipIt, and MuDSC's ``get_resnet_perm``, zju-vipa/training_free_model_merging):
+a stream once, where it leaves its stage, and the last stream as the map before
+global pooling, i.e. ``points="last"`` with ``before_reduce``. With it fxzip's zip
+reproduces the official ZipIt! on the reference pair (issue 25). Its old name
+``"last_before_reduce"`` is kept as an alias (``PROBE_ALIASES``): the same
+``ProbePolicy`` object, so either name gives bit-identical merges.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from typing import Union
 
 from .analysis import FeatureSpace, Probe
 
-__all__ = ["ProbePolicy", "PROBE_POLICIES", "DEFAULT_PROBES", "probe_policy", "select_probes"]
+__all__ = ["ProbePolicy", "PROBE_POLICIES", "PROBE_ALIASES", "DEFAULT_PROBES", "probe_policy", "select_probes"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class ProbePolicy:
 
     @property
     def name(self) -> str:
+        """The preset's name (its current name, never an alias), else the policy's repr."""
         for key, policy in PROBE_POLICIES.items():
             if policy == self:
                 return key
@@ -59,8 +68,13 @@ PROBE_POLICIES: dict[str, ProbePolicy] = {
     "last": ProbePolicy("last"),
     "before_reduce": ProbePolicy("all", before_reduce=True),
     "before_reduce_per_point": ProbePolicy("all", before_reduce=True, per_point=True),
-    "last_before_reduce": ProbePolicy("last", before_reduce=True),
+    "reference": ProbePolicy("last", before_reduce=True),
 }
+
+PROBE_ALIASES: dict[str, str] = {"last_before_reduce": "reference"}
+"""Old preset names and the name each now has; ``PROBE_POLICIES`` holds them too
+(the same object), so code and command lines written with the old name keep working."""
+PROBE_POLICIES.update({old: PROBE_POLICIES[new] for old, new in PROBE_ALIASES.items()})
 
 DEFAULT_PROBES = "all"
 """The default policy (chosen by ``benchmarks/probe_policy.py``; see its results)."""

@@ -11,7 +11,10 @@ from helpers import assert_same_function, batches, capture, prepared
 
 import fxzip
 from fxzip import zoo
-from fxzip.probes import PROBE_POLICIES, ProbePolicy, select_probes
+from fxzip.probes import PROBE_ALIASES, PROBE_POLICIES, ProbePolicy, probe_policy, select_probes
+
+POLICIES = sorted(set(PROBE_POLICIES) - set(PROBE_ALIASES))
+"""Every distinct preset once (an alias is the same policy as its new name)."""
 
 
 def _analysis(model, x):
@@ -41,7 +44,7 @@ def test_before_reduce_probes_the_map_a_global_pool_reads():
     for sp in streams:
         last = select_probes(sp, PROBE_POLICIES["last"])
         assert [p for p, _ in last] == [sp.probes[-1]]
-    assert [p.node for p, _ in select_probes(last_stage, PROBE_POLICIES["last_before_reduce"])] == \
+    assert [p.node for p, _ in select_probes(last_stage, PROBE_POLICIES["reference"])] == \
         [pooled.unreduced.node]
     # a hidden space (inside a block) has one probe point: every policy observes it
     hidden = next(sp for sp in an.spaces if sp.mergeable and len(sp.probes) == 1)
@@ -69,7 +72,7 @@ def test_per_point_weights_each_point_equally():
     assert len(totals) == 1 and max(w for _, w in chosen) == 1.0
 
 
-@pytest.mark.parametrize("policy", sorted(PROBE_POLICIES))
+@pytest.mark.parametrize("policy", POLICIES)
 def test_statistics_equal_a_float64_reference(policy):
     """Every space's mean and covariance equal those computed in float64 from
     the probed tensors of both models, weighted as the policy says."""
@@ -95,7 +98,7 @@ def test_statistics_equal_a_float64_reference(policy):
         assert torch.allclose(stats.covariance(), cov, rtol=1e-4, atol=1e-5 * float(cov.abs().max()))
 
 
-POLICY_MODELS = [(p, "resnet20") for p in sorted(PROBE_POLICIES)] + [(p, "vit") for p in ("last", "before_reduce")]
+POLICY_MODELS = [(p, "resnet20") for p in POLICIES] + [(p, "vit") for p in ("last", "before_reduce")]
 
 
 @pytest.mark.parametrize("policy,arch", POLICY_MODELS)  # the ViT with the policies that change what it sees
@@ -110,6 +113,28 @@ def test_invariants_hold_for_every_policy(policy, arch):
         merged = fxzip.merge(model, permuted, data=data, method=method, reset_bn=False, progress=False,
                              probes=policy, **kwargs)
         assert_same_function(model, merged, data)
+
+
+def test_reference_is_the_old_last_before_reduce():
+    """``"reference"`` is the documented name of the reference codes' probe placement; the old
+    name is an alias of the same policy, and a zip with either name is bit for bit the same."""
+    assert PROBE_ALIASES == {"last_before_reduce": "reference"}
+    assert PROBE_POLICIES["last_before_reduce"] is PROBE_POLICIES["reference"]
+    assert PROBE_POLICIES["reference"] == ProbePolicy("last", before_reduce=True)
+    assert probe_policy("last_before_reduce").name == "reference"
+    data = batches((8, 3, 16, 16), 2)
+    a, b = prepared(zoo.resnet20(), data, seed=0), prepared(zoo.resnet20(), data, seed=1)
+    merged = {name: fxzip.merge(a, b, data=data, alpha=0.5, beta=1.0, progress=False, probes=name)
+              for name in ("reference", "last_before_reduce")}
+    new, old = (m.state_dict() for m in merged.values())
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    # the name matters: "all" observes other tensors here, so equality is not vacuous
+    other = fxzip.merge(a, b, data=data, alpha=0.5, beta=1.0, progress=False, probes="all").state_dict()
+    assert any(not torch.equal(new[k], other[k]) for k in new)
+    # a calibration made under the old name serves merges asking for the new one
+    cal = fxzip.calibrate(a, b, data=data, progress=False, probes="last_before_reduce")
+    again = fxzip.merge(a, b, data=cal, alpha=0.5, beta=1.0, progress=False, probes="reference").state_dict()
+    assert all(torch.equal(new[k], again[k]) for k in new)
 
 
 def test_bad_policy_and_mismatched_calibration_are_refused():

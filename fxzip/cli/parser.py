@@ -59,7 +59,9 @@ result no longer loads into the original class and is saved as model.pt2.
 the report or fxzip inspect). --probes: all (every tensor of a space that
 something reads), last (only the last one: where a stream leaves its stage),
 before_reduce (the feature map before global pooling, all tokens rather than the
-class token), *_per_point (each place weighs the same, not each sample).
+class token), *_per_point (each place weighs the same, not each sample),
+reference (last + before_reduce: where the reference ZipIt!/MuDSC codes read each
+space; last_before_reduce is its old name).
 
 --out: a full zip is model.safetensors, loadable with
 timm.create_model(NAME, num_classes=N, checkpoint_path=DIR/model.safetensors); a

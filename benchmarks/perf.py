@@ -70,7 +70,21 @@ def full_configs() -> list[dict]:
                  "cuts": [3, 7, 13, 19], "repeats_b1": 20, "repeats_b64": 5, "timeout": 600})
     cfgs += [merge(8, 2, 1000, 250, timeout=3600), merge("resnet50", 4, 256, 32, px=224, timeout=3600),
              merge(8, 4, 1000, 250, timeout=5400)]
-    return cfgs
+    return cfgs + refit_configs()
+
+
+def refit_configs(smoke: bool = False) -> list[dict]:
+    """Refit and repair against their floor (issue 24): ResNet-20 x1 N=2 over
+    1,000 images at 32 px (batch 250, as the merge rows) and the CIFAR ViT
+    of ``benchmarks/refit_passes.py`` (``fxzip.zoo.cifar_vit``, width 1, depth
+    4, 1,000 images at 32 px in batches of 500)."""
+    if smoke:
+        return [{"kind": "refit", "model": "resnet20x1", "n_models": 2, "images": 16, "batch": 8, "px": 16,
+                 "timeout": 300}]
+    return [{"kind": "refit", "model": "resnet20x1", "n_models": 2, "images": 1000, "batch": 250, "px": 32,
+             "timeout": 2400},
+            {"kind": "refit", "model": "cifar_vit", "n_models": 2, "images": 1000, "batch": 500, "px": 32,
+             "timeout": 2400}]
 
 
 def smoke_configs() -> list[dict]:
@@ -80,7 +94,7 @@ def smoke_configs() -> list[dict]:
                  "timeout": 180})
     cfgs.append({"kind": "inference", "model": "resnet20x1", "px": 32, "calib_images": 16, "batch": 16,
                  "cuts": [7], "repeats_b1": 1, "repeats_b64": 1, "big_batch": 4, "timeout": 180})
-    return cfgs
+    return cfgs + refit_configs(smoke=True)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -135,6 +149,10 @@ def make_model(name: str, seed: int):
         from fxzip.zoo import resnet20
 
         model = resnet20(int(name[len("resnet20x"):]))
+    elif name == "cifar_vit":  # benchmarks/refit_passes.py's ViT (eval_methods.build("vit"))
+        from fxzip.zoo import cifar_vit
+
+        model = cifar_vit(1, out_dim=384)
     else:
         import timm
 
@@ -351,6 +369,179 @@ def run_inference(cfg: dict) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- refit and repair
+
+GRAM_F32_ROWS = 1024
+"""Rows per chunk of the float32 Gram variant timed beside fxzip's float64 one."""
+
+
+def _gram_f32(x, t, rows: int = GRAM_F32_ROWS):
+    """The variant issue 24 asked about (not what fxzip runs): each chunk's
+    ``X^T X`` and ``T^T X`` formed in float32, the chunk sums accumulated in
+    float64 (ungrouped layers only: the benchmarked models have no other)."""
+    import torch
+
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    cross = torch.zeros(t.shape[1], x.shape[1], dtype=torch.float64)
+    t32 = t.float()
+    for i in range(0, x.shape[0], rows):
+        xc = x[i:i + rows]
+        gram += (xc.T @ xc).double()
+        cross += (t32[i:i + rows].T @ xc).double()
+    return gram, cross, x.sum(0, dtype=torch.float64)
+
+
+def gram_seconds(model, layer_names: list[str], batches: list) -> dict[str, float]:
+    """What forming the refit's normal equations alone costs, on the merged
+    model's own activations: for every fitted layer and batch, the im2col rows
+    and ``_Normal.add`` (float64 ``X~^T X~`` and ``T^T X~``, bias column
+    included), exactly as the refit forms them per batch; the layer's own
+    output stands in for the target (same shape). Timed in forward hooks
+    during one pass over the batches; the forward itself is not counted. The
+    float32-chunk variant (``_gram_f32``) is timed on the same rows."""
+    import torch
+
+    from fxzip.passes.refit import _Normal, _out_rows, _rows
+
+    spent = {"float64": 0.0, "float64_cpu": 0.0, "float32_chunks": 0.0, "float32_chunks_cpu": 0.0}
+    normals: dict = {}
+
+    def hook(mod, args, out) -> None:
+        t = _out_rows(mod, out).double()
+        w0, c0 = time.perf_counter(), time.process_time()
+        normals.setdefault(mod, _Normal(mod)).add(_rows(mod, args[0]), t)
+        w1, c1 = time.perf_counter(), time.process_time()
+        _gram_f32(_rows(mod, args[0]), t)
+        spent["float64"] += w1 - w0
+        spent["float64_cpu"] += c1 - c0
+        spent["float32_chunks"] += time.perf_counter() - w1
+        spent["float32_chunks_cpu"] += time.process_time() - c1
+
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name in layer_names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+    finally:
+        for h in handles:
+            h.remove()
+    return spent
+
+
+def _max_rel(a, b) -> float:
+    """Largest |a - b| / max |a| over the floating tensors of two state dicts."""
+    worst = 0.0
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        if p.is_floating_point() and p.numel():
+            worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def run_refit(cfg: dict) -> dict:
+    """Refit and repair against their floor and bound, side by side in one
+    process (issue 24): the floor (N model forwards + one merged forward,
+    before and after, averaged), the Gram products alone (``gram_seconds``),
+    ``fxzip.merge`` without refit, with ``refit=True`` and with
+    ``repair=True`` (wall and CPU seconds per phase, extra resident memory,
+    the executor's cache peak), then the refit and repair passes themselves on
+    one folded model with the sequential executor and with the old wave
+    schedule (``schedule="waves"``), and how far their weights differ."""
+    import copy
+
+    import torch
+
+    import fxzip
+    from fxzip.passes.refit import find_layers, refit
+    from fxzip.passes.repair import repair
+    from fxzip.passes.side_by_side import side_by_side
+
+    n_models = cfg["n_models"]
+    models = [make_model(cfg["model"], seed) for seed in range(n_models)]
+    batches = _batches(cfg["images"], cfg["batch"], cfg["px"])
+    with torch.no_grad():  # warm-up, outside every measurement
+        for m in models:
+            m(batches[0][:4])
+
+    def forwards(merged) -> tuple[float, float]:
+        start, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            for b in batches:
+                for m in models:
+                    m(b)
+                merged(b)
+        return time.perf_counter() - start, time.process_time() - c0
+
+    def measured(fn):
+        mem = Memory()
+        mem.start()
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        return out, time.perf_counter() - w0, time.process_time() - c0, mem.extra_mb()
+
+    load = {"floor_before": os.getloadavg()[0]}
+    before = forwards(models[0])
+    cpu: dict[str, float] = {}
+    _cpu_timed(cpu)
+    merges = {}
+    for label, options in (("plain", {}), ("refit", {"refit": True}), ("repair", {"repair": True})):
+        cpu.clear()
+        load[f"merge_{label}"] = os.getloadavg()[0]
+        merged, wall, cpu_s, extra = measured(lambda: fxzip.merge(*models, data=batches, progress=False, **options))
+        report = merged.meta["fxzip"]
+        merges[label] = {"seconds": dict(report.seconds), "cpu_seconds": dict(cpu), "wall_s": wall, "cpu_s": cpu_s,
+                         "extra_rss_mb": extra}
+        for key in ("refit", "repair"):
+            if key in report.details:
+                merges[label][key] = {k: v for k, v in report.details[key].items()
+                                      if k in ("layers", "sites", "passes", "data_reads", "schedule", "memory")}
+        del merged
+    cal = fxzip.calibrate(*models, data=batches, progress=False)
+    folded = fxzip.merge(*models, data=cal, reset_bn=False, progress=False)
+    assign = {s.index: torch.tensor(s.assignment) for s in folded.meta["fxzip"].spaces}
+    joint, node_maps = side_by_side(cal.models, cal.common)
+    mergeable = {sp.index for sp in cal.analysis.spaces if sp.mergeable}
+    passes, fitted = {}, {}
+    for name in ("refit", "repair"):
+        for schedule in ("sequential", "waves"):
+            m = copy.deepcopy(folded)
+            load[f"{name}_{schedule}"] = os.getloadavg()[0]
+            if name == "refit":
+                call = lambda: refit(m, cal.analysis, joint, node_maps, assign, cal.batches,  # noqa: E731
+                                     schedule=schedule)
+            else:
+                call = lambda: repair(m, cal.analysis, mergeable, joint, node_maps, assign,  # noqa: E731
+                                      cal.batches, schedule=schedule)
+            res, wall, cpu_s, extra = measured(call)
+            fitted[name, schedule] = m
+            passes[f"{name}_{schedule}"] = {"wall_s": wall, "cpu_s": cpu_s, "extra_rss_mb": extra,
+                                            "passes": res.passes, "data_reads": res.data_reads,
+                                            "units": len(getattr(res, "layers", None) or res.sites),
+                                            "cache_peak_bytes": res.memory.get("peak_bytes")}
+    layer_names = [layer.name for layer in find_layers(folded, cal.analysis)[0]]
+    load["gram"] = os.getloadavg()[0]
+    gram = gram_seconds(fitted["refit", "sequential"], layer_names, batches)
+    load["floor_after"] = os.getloadavg()[0]
+    after = forwards(fitted["refit", "sequential"].eval())
+    load["end"] = os.getloadavg()[0]
+    floor, floor_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    refit_s, refit_cpu = merges["refit"]["seconds"]["refit"], merges["refit"]["cpu_seconds"]["refit"]
+    bound, bound_cpu = floor + gram["float64"], floor_cpu + gram["float64_cpu"]
+    return {"model": cfg["model"], "n_models": n_models, "calib_images": cfg["images"], "batch_size": cfg["batch"],
+            "image_px": cfg["px"], "floor_seconds": floor, "floor_seconds_before_after": [before[0], after[0]],
+            "floor_cpu_seconds": floor_cpu, "gram_seconds": gram, "bound_seconds": bound,
+            "bound_cpu_seconds": bound_cpu, "merges": merges, "passes": passes,
+            "refit_over_bound": refit_s / bound, "refit_over_bound_cpu": refit_cpu / bound_cpu,
+            "repair_over_floor": merges["repair"]["seconds"]["repair"] / floor,
+            "repair_over_floor_cpu": merges["repair"]["cpu_seconds"]["repair"] / floor_cpu,
+            "waves_over_sequential": {n: passes[f"{n}_waves"]["wall_s"] / passes[f"{n}_sequential"]["wall_s"]
+                                      for n in ("refit", "repair")},
+            "waves_over_sequential_cpu": {n: passes[f"{n}_waves"]["cpu_s"] / passes[f"{n}_sequential"]["cpu_s"]
+                                          for n in ("refit", "repair")},
+            "max_rel_weight_diff_waves_vs_sequential": {n: _max_rel(fitted[n, "sequential"], fitted[n, "waves"])
+                                                        for n in ("refit", "repair")},
+            "load_avg_1m_at": {k: round(v, 2) for k, v in load.items()}}
+
+
 def run_one(cfg: dict) -> dict:
     import torch
 
@@ -358,7 +549,7 @@ def run_one(cfg: dict) -> dict:
     load = os.getloadavg()
     start = time.perf_counter()
     kind = cfg["kind"]
-    out = {"merge": run_merge, "matching": run_matching, "inference": run_inference}[kind](cfg)
+    out = {"merge": run_merge, "matching": run_matching, "inference": run_inference, "refit": run_refit}[kind](cfg)
     rows = out if isinstance(out, list) else [out]
     end = os.getloadavg()
     for row in rows:
@@ -393,6 +584,8 @@ def machine() -> dict:
 
 
 def describe(cfg: dict) -> str:
+    if cfg["kind"] == "refit":
+        return f"refit {cfg['model']} N={cfg['n_models']} ({cfg['images']} images @ {cfg['px']} px)"
     if cfg["kind"] == "merge":
         return f"merge {cfg['model']} N={cfg['n_models']} ({cfg['images']} images @ {cfg['px']} px)"
     if cfg["kind"] == "matching":
@@ -403,7 +596,7 @@ def describe(cfg: dict) -> str:
 
 def row_config(kind: str, row: dict) -> str:
     """describe() of the configuration that produced a result row."""
-    if kind == "merge":
+    if kind in ("merge", "refit"):
         return describe({"kind": kind, "model": row["model"], "n_models": row["n_models"],
                          "images": row["calib_images"], "px": row["image_px"]})
     if kind == "matching":
@@ -415,7 +608,7 @@ def row_config(kind: str, row: dict) -> str:
 def drive(cfgs: list[dict], out_dir: Path, budget_s: float, command: str, quiet: bool = False,
           threads: int = 1, only: str | None = None, select: str | None = None,
           shared_with: str | None = None) -> dict:
-    result = {"merge": [], "matching": [], "inference": [], "dropped": [], "machine": machine(),
+    result = {"merge": [], "matching": [], "inference": [], "refit": [], "dropped": [], "machine": machine(),
               "command": command}
     if shared_with:
         result["machine"]["shared_with"] = shared_with
@@ -426,11 +619,12 @@ def drive(cfgs: list[dict], out_dir: Path, budget_s: float, command: str, quiet:
         old = json.loads((out_dir / "perf.json").read_text())
         cfgs = [c for c in cfgs if c["kind"] == only and (select is None or select in describe(c))]
         chosen = {describe(c) for c in cfgs}
-        result = {**old, only: [r for r in old[only] if row_config(only, r) not in chosen],
+        result = {**old, only: [r for r in old.get(only, []) if row_config(only, r) not in chosen],
                   "command": f"{old['command']}; then {command}",
                   "dropped": [d for d in old.get("dropped", []) if d["config"] not in chosen]}
         key = f"{only}_rerun" if select is None else f"{only} {select!r}_rerun"
-        result["machine"][key] = {"load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+        result["machine"][key] = {"load_avg_start": [round(v, 2) for v in os.getloadavg()],
+                                  "code": machine()["code"], "command": command}
     t0 = time.perf_counter()
     for cfg in cfgs:
         left = budget_s - (time.perf_counter() - t0)
@@ -521,6 +715,9 @@ def summary(one: dict) -> str:
         return f"total {r['seconds']['total']:.1f} s, ratio {r['ratio_to_floor']:.2f}, +{r['extra_rss_mb']:.0f} MB"
     if one["kind"] == "matching":
         return f"{r['seconds']:.2f} s, +{r['extra_rss_mb']:.0f} MB"
+    if one["kind"] == "refit":
+        return (f"refit / bound {r['refit_over_bound']:.2f}, waves / sequential "
+                f"{r['waves_over_sequential']['refit']:.1f}x")
     return f"{len(one['rows'])} rows"
 
 
@@ -728,8 +925,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker (default 1: on a shared, loaded 2-core machine every "
                              "parallel region of 2 threads stalls on the busy core; see perf.md)")
-    parser.add_argument("--only", choices=["merge", "matching", "inference"],
+    parser.add_argument("--only", choices=["merge", "matching", "inference", "refit"],
                         help="re-run one section into the existing perf.json/perf.md in --out")
+    parser.add_argument("--refit-only", action="store_true",
+                        help="the refit and repair rows alone (--only refit): minutes, not the whole panel's hours")
     parser.add_argument("--select", help="with --only: re-run only the configurations whose description "
                                          "contains this text, e.g. 'resnet20x8 N=4'")
     parser.add_argument("--shared-with", help="what else ran on the machine during the measurement, for the "
@@ -738,6 +937,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true",
                         help="rewrite perf.md and perf.png from the perf.json in --out (no measurement)")
     args = parser.parse_args(argv)
+    if args.refit_only:
+        if args.only not in (None, "refit"):
+            parser.error("--refit-only is --only refit")
+        args.only = "refit"
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
@@ -755,7 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/perf.py" + (" --smoke" if args.smoke else "") + \
               ("" if args.budget == 14400.0 else f" --budget {args.budget:g}") + \
               ("" if args.threads == 1 else f" --threads {args.threads}") + \
-              (f" --only {args.only}" if args.only else "") + (f" --select '{args.select}'" if args.select else "")
+              (" --refit-only" if args.refit_only else f" --only {args.only}" if args.only else "") + \
+              (f" --select '{args.select}'" if args.select else "")
     drive(cfgs, Path(args.out), args.budget, command, args.quiet, args.threads, args.only, args.select,
           args.shared_with)
     return 0

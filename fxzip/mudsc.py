@@ -16,17 +16,14 @@ to ``s``, the slice of ``W_k`` at unit ``i`` (all ``inner`` elements), after
 the parameter's *other* channel axes are mapped into merged coordinates:
 
 - a "U" axis (a producer row's input side, space ``t``) is multiplied by
-  ``U_k^t``: summed into the merged bins (``index_add``, exactly as
-  ``passes.fold`` does), i.e. ``W_k P_{l-1}`` of Eq. 6;
-- an "M" axis (a consumer column's output side, space ``t'``) is multiplied by
-  ``N * M_k^t'``: summed into the merged bins, divided by the cluster size
-  counted over all models (as fold does), times the number of models ``N``.
-  The factor ``N`` makes a permutation map to a permutation, so for
-  alignment-based matching the vector is exactly Eq. 6 (``P_{l+1} W_{l+1}^T``);
-  without it every consumer block would be scaled by ``1/N`` relative to the
-  producer blocks, and with Pearson over the concatenation weigh ``1/N^2`` as
-  much in the covariances. Under zip matching a cross-model pair (cluster of
-  ``N``) still maps with weight 1, a larger cluster with ``N / size``.
+  ``U_k^t``: model ``k``'s members of every merged unit summed into its bin
+  (``index_add``, exactly as ``passes.fold`` does), i.e. ``W_k P_{l-1}`` of
+  Eq. 6: the weight the unit applies to each merged input feature;
+- an "M" axis (a consumer column's output side, space ``t'``) is mapped by
+  model ``k``'s *own mean*: summed into the merged bins and divided by how many
+  of model ``k``'s units the bin holds (a bin without one stays 0), i.e.
+  ``P_{l+1} W_{l+1}^T`` of Eq. 6: the weight the unit sends into each merged
+  output feature. A permutation maps to a permutation (weight 1).
 - axes without a role (kernel taps) stay; 1-D parameters (norm affine,
   biases) contribute their entry. Batch-norm running statistics are left out
   (they are buffers describing data, not weights; the reference implementation
@@ -39,6 +36,63 @@ All of one unit's pieces are concatenated; ``S_weights`` is the Pearson
 correlation of those vectors over the ``N * n`` stacked units (each vector is
 centred over its own entries; a zero or constant vector correlates 0, never
 NaN).
+
+Why these two maps (the invariant ``tests/test_mudsc.py`` checks): a unit and
+its true partner in a functionally identical model must get *identical*
+vectors, so their weight similarity is exactly 1, also when a neighbouring
+space holds within-model merges. Take a model B equal to A up to a
+permutation, except that two duplicate units of A (same producer rows, same
+feature) are one unit in B, its outgoing weights their sum (the freed unit
+pruned). The merged unit of the duplicates holds two units of A and one of B.
+
+- A reader of that feature (a producer row's input side) weighs it ``a + b``
+  in A (two columns) and ``a + b`` in B (one column): the *sum* per model
+  agrees. A mean (``(a + b) / 2`` against ``a + b``) would not.
+- A writer into it (a consumer column's output side) sends ``w`` to each of
+  A's two copies (their producer rows are equal) and ``w`` to B's one: the
+  *mean* per model agrees. A sum (``2 w`` against ``w``), or any map that
+  scales both models' entries by one common factor per merged unit, would not.
+
+The fold's ``N * M_k`` (sum divided by the cluster size over *all* models,
+times N) on the output side was used here before; it is the sum times a common
+factor per merged unit, so it fails the second case. The MuDSC reference code
+(zju-vipa/training_free_model_merging, ``homogeneous_tasks/mudsc.py``,
+``WeightFusion.get_weight_vectors``) maps a producer's input side by its merge
+matrix times N (the sum times ``N / cluster size``) and a consumer's output side
+by its unmerge (the sum). Its input side keeps true matches exact (the factor is
+common to all models) but re-weights the entries: an input feature nobody
+merged counts N times, one merged from four units half. Its output side is
+the sum, which fails the second case. All of these agree for one-to-one
+pairs across models (permutations, ``mudsc_permute``), where Eq. 6 is stated.
+
+Objective and stopping rule (``dual_space_match``), and how the reference code's
+differ (``WeightFusion.iter_transform`` there); fxzip keeps its own:
+
+- fxzip: a space's value is the mean combined similarity
+  (``ws * S_weights + (1 - ws) * S_activations``) over every pair of units in one
+  merged unit (``mean_matched_correlation``), ``S_weights`` under the *final*
+  assignments of its neighbours (a space matched early in a sweep is re-evaluated,
+  from its matched pairs, when a neighbour moved after it); the objective is the
+  mean over spaces. A sweep becomes the best when it changed an assignment and
+  raised the objective by more than ``_IMPROVE_TOL`` (1e-7).
+- reference: a space's value is the ``merge_value`` its matcher returns: for the
+  zip, the mean of the similarities at which the greedy merged (a cluster that
+  re-entered the pool merges at ``alpha`` times its parents' minimum, so the value
+  falls with alpha whatever the features), for the alignment the mean matched
+  correlation; it is recorded when the space is matched and not recomputed when a
+  neighbour moves later in the sweep. A sweep becomes the best when the mean over
+  spaces is strictly above the best's (no tolerance, a sweep that changed nothing
+  included). Its order comes from ``torch.randperm`` with a ``torch.Generator``
+  seeded 0 (fxzip: ``numpy.random.default_rng(seed).permutation``).
+- the same in both: the first sweep is always taken, a non-improving sweep reverts
+  to the best matches, ``patience`` (reference ``tol``) 5 and at most 100 sweeps.
+
+Why fxzip's: its value is a function of the returned state alone, so the reported
+``best_objective`` is that of the matches returned (``tests/test_mudsc.py`` rebuilds
+it from scratch), and two states are compared on one quantity; the reference's
+mixes values computed under neighbours that later changed. Not aligned: no
+measurement over several pairs shows the reference's rule is not worse (one pair
+decides nothing: calibration draws alone move a merge by 0.4 to 3.5 points).
 """
 from __future__ import annotations
 
@@ -52,7 +106,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis import GraphAnalysis
-from .assignment import axis_index, merged_features, merged_length
+from .assignment import axis_index, merged_length
 from .layout import Segment
 from .matching import Match, Similarity, mean_matched_correlation, weight_average
 
@@ -148,37 +202,37 @@ class _Representation:
 
     def rows_per_model(self, block: Block, assign: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
         """For every model, (size, width) float32: the block's vector of every unit."""
-        counts: dict[int, torch.Tensor] = {}
         parts = []
         for k in range(self.n_models):
             t = self.tensors[block.param][k].narrow(block.axis, block.offset, block.size * block.inner)
             for other in block.others:
-                t = self._fold_axis(t, other, assign, k, counts)
+                t = _fold_axis(t, other, assign, k)
             parts.append(t.movedim(block.axis, 0).reshape(block.size, -1))
         return parts
 
-    def _fold_axis(self, t: torch.Tensor, other: _Axis, assign: Mapping[int, torch.Tensor], k: int,
-                   counts: dict[int, torch.Tensor]) -> torch.Tensor:
-        idx = axis_index(other.segments, assign, k)
-        length = merged_length(other.segments, assign)  # more than one model's under merged_width
-        identity = torch.equal(idx, torch.arange(idx.numel())) and length == idx.numel()
-        scale = None
-        if other.role == "M":
-            for seg in other.segments:
-                if seg.space not in counts:
-                    counts[seg.space] = torch.bincount(assign[seg.space].reshape(-1).long(),
-                                                       minlength=merged_features(assign[seg.space]))
-            c = torch.cat([counts[s.space].repeat_interleave(s.inner) for s in other.segments])
-            if not bool((c == self.n_models).all()):
-                scale = self.n_models / c.to(torch.float32)
-        if identity and scale is None:
-            return t
-        moved = t.movedim(other.axis, 0).contiguous()
-        if not identity:
-            moved = moved.new_zeros((length,) + moved.shape[1:]).index_add_(0, idx, moved)
-        if scale is not None:
-            moved = moved * scale.reshape(-1, *([1] * (moved.dim() - 1)))
-        return moved.movedim(0, other.axis)
+
+def _fold_axis(t: torch.Tensor, other: _Axis, assign: Mapping[int, torch.Tensor], k: int) -> torch.Tensor:
+    """Model ``k``'s weight ``t`` with its axis ``other.axis`` in merged coordinates:
+    every merged unit gets the sum of model ``k``'s members on a "U" axis (a
+    producer's input side) and their mean on an "M" axis (a consumer's output
+    side); a merged unit without a member of model ``k`` gets 0. Why these two
+    and not the fold's ``N * M``: see the module docstring."""
+    idx = axis_index(other.segments, assign, k)
+    length = merged_length(other.segments, assign)  # more than one model's under merged_width
+    identity = torch.equal(idx, torch.arange(idx.numel())) and length == idx.numel()
+    members = None
+    if other.role == "M":
+        members = torch.zeros(length).index_add_(0, idx, torch.ones(idx.numel()))
+        if bool((members <= 1).all()):
+            members = None  # a permutation (or a partial one): every mean is its single member
+    if identity and members is None:
+        return t
+    moved = t.movedim(other.axis, 0).contiguous()
+    if not identity:
+        moved = moved.new_zeros((length,) + moved.shape[1:]).index_add_(0, idx, moved)
+    if members is not None:
+        moved = moved / members.clamp_min(1).reshape(-1, *([1] * (moved.dim() - 1)))
+    return moved.movedim(0, other.axis)
 
 
 def _dense(t: torch.Tensor, roles: Sequence[Any], name: str) -> torch.Tensor:

@@ -74,11 +74,11 @@ def u_map(w: np.ndarray, assign_k: np.ndarray, axis: int) -> np.ndarray:
 
 
 def m_map(w: np.ndarray, assign: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """``N M_k W`` along ``axis``: sum into merged units, divide by the cluster size
-    over all models, times N (a permutation stays a permutation)."""
-    counts = np.bincount(assign.reshape(-1), minlength=assign.shape[1])
+    """Model ``k``'s mean along ``axis``: sum into merged units, divided by how many of
+    model k's own units each merged unit holds (a permutation stays a permutation)."""
+    own = np.bincount(assign[k], minlength=assign.shape[1])
     out = np.moveaxis(u_map(w, assign[k], axis), axis, 0)
-    out = out * (assign.shape[0] / counts).reshape(-1, *([1] * (out.ndim - 1)))
+    out = out / np.maximum(own, 1).reshape(-1, *([1] * (out.ndim - 1)))
     return np.moveaxis(out, 0, axis)
 
 
@@ -125,7 +125,8 @@ def mlp_pair():
 
 def hand_corr(W, space: str, other: np.ndarray) -> np.ndarray:
     """S_weights of the MLP's hidden spaces, by hand: h1 = [fc1 row, fc1 bias, fc2 column
-    mapped by N M^{h2}]; h2 = [fc2 row mapped by U^{h1}, fc2 bias, fc3 column]."""
+    mapped by model k's own mean over h2's clusters]; h2 = [fc2 row mapped by U^{h1}, fc2 bias,
+    fc3 column]."""
     z = []
     for k, w in enumerate(W):
         if space == "h1":
@@ -171,7 +172,7 @@ def test_other_space_fixed_matches_brute_force(which: str, ws: float, align: boo
 def test_last_matched_space_is_brute_force_optimal_given_its_neighbour(seed: int) -> None:
     """Both hidden spaces matched, one sweep: the space matched last saw its neighbour's final
     match, so its permutation must be the best of all 6! for the combined objective built by
-    hand with that neighbour (U for h2's rows, N*M for h1's columns), and the reported
+    hand with that neighbour (U for h2's rows, own mean for h1's columns), and the reported
     objective must equal the hand-computed objective of the returned state."""
     analysis, states, W, act, s1, s2 = mlp_pair()
     ws = 0.5
@@ -265,6 +266,118 @@ def test_data_free_recovers_permutation(resnet20, matcher: str) -> None:
     assert_same_function(gm, merged, batches((4, 3, 16, 16), 2, seed=3))
 
 
+# ------------------ (3b) the neighbour alignment: true matches are exact maxima
+
+ZIP = {"alpha": 0.5, "beta": 1.0}  # the reference code's default: within-model and repeated merges
+
+
+def zip_on_activations(a: nn.Module, b: nn.Module, data) -> tuple[object, list[dict], dict[int, torch.Tensor]]:
+    """Calibrate two models and match every space with the zip on its activations:
+    the neighbours' matches the weight vectors are aligned with."""
+    cal = fxzip.calibrate(a, b, data=data, progress=False)
+    assign = {sp.index: torch.arange(sp.size).repeat(2, 1) for sp in cal.analysis.spaces}
+    for s in cal.spaces:
+        assign[s] = zipit(Similarity.of(cal.stats[s]), 2, cal.analysis.spaces[s].size, **ZIP).assign
+    return cal.analysis, [g.state_dict() for g in cal.models], assign
+
+
+def inexact_true_matches(analysis, states, assign, partners: dict[int, dict[int, int]]) -> list[tuple]:
+    """Every (space, unit of model 0) whose weight similarity to its true partner in model 1
+    is not exactly 1 and strictly above every other unit of its row (and the same from the
+    partner's row). An exact 1 cannot happen by accident: the two vectors must be equal."""
+    bad = []
+    for s, pairs in partners.items():
+        n = analysis.spaces[s].size
+        c = weight_correlation(analysis, states, s, assign)
+        for u, v in pairs.items():
+            for row, col in ((u, n + v), (n + v, u)):
+                rest = torch.ones(2 * n, dtype=torch.bool)
+                rest[[row, col]] = False
+                others = c[row][rest]
+                if abs(float(c[row, col]) - 1.0) > 1e-6 or float(others.max()) >= 1.0 - 1e-4:
+                    bad.append((s, row, float(c[row, col]), float(others.max())))
+    return bad
+
+
+def calibration_data() -> list[torch.Tensor]:
+    return batches((8, 3, 16, 16), 3, seed=4)
+
+
+def test_true_matches_exact_for_a_permuted_copy(resnet20) -> None:
+    """A ResNet-20 and its permuted copy, every space matched by the zip: at every space, every
+    unit's weight similarity to its true partner is exactly 1 and the maximum of its row."""
+    data = calibration_data()
+    model = fxzip.reset_norm_stats(copy.deepcopy(resnet20[0]), data)
+    gm, analysis = traced(model, data[0])
+    other, perms = permuted_copy(gm, analysis, seed=7)
+    analysis, states, assign = zip_on_activations(gm, other, data)
+    partners = {s: {u: int(perms[s][0][u]) for u in range(analysis.spaces[s].size)} for s in mergeable(analysis)}
+    for s in partners:  # the zip found the permutation
+        assert torch.equal(assign[s][1][perms[s][0]], assign[s][0]), s
+    assert inexact_true_matches(analysis, states, assign, partners) == []
+
+
+DUPLICATES = ((0, 1), (2, 3), (5, 9))  # (kept, copy) units of layer1.0's hidden space
+
+
+def with_duplicates(model: nn.Module) -> nn.Module:
+    """``model`` with units ``copy`` of layer1.0's hidden space made duplicates of ``kept``
+    (the same conv1 row and bn1 affine: the same feature); their conv2 columns stay apart."""
+    block = model.layer1[0]
+    with torch.no_grad():
+        for kept, dup in DUPLICATES:
+            block.conv1.weight[dup] = block.conv1.weight[kept]
+            block.bn1.weight[dup], block.bn1.bias[dup] = block.bn1.weight[kept], block.bn1.bias[kept]
+    return model
+
+
+def duplicates_merged(model: nn.Module) -> nn.Module:
+    """A copy computing the same function with every duplicate pair as one unit: the kept
+    unit's conv2 column is the pair's sum and the copy is pruned (zero conv1 row, zero
+    conv2 column): the within-model merge a zip of the model with itself would make."""
+    out = copy.deepcopy(model)
+    block = out.layer1[0]
+    with torch.no_grad():
+        for kept, dup in DUPLICATES:
+            block.conv2.weight[:, kept] += block.conv2.weight[:, dup]
+            block.conv2.weight[:, dup] = 0
+            block.conv1.weight[dup] = 0
+    return out
+
+
+def test_true_matches_exact_with_within_model_merges(resnet20) -> None:
+    """Model A with duplicate hidden units in layer1.0, model B a permuted copy of A with each
+    duplicate pair merged into one unit: the zip merges each pair with B's unit (two units of
+    A and one of B in one merged unit, B's pruned units alone). Every unit with one true
+    partner must still have weight similarity exactly 1 to it, the maximum of its row; the
+    stage-1 stream reads and writes the merged hidden space, so it checks both sides of the
+    alignment: the sum on a producer's input side and each model's own mean on a consumer's
+    output side (a sum, or the sum scaled by one factor per merged unit, gives below 1)."""
+    data = calibration_data()
+    a = fxzip.reset_norm_stats(with_duplicates(copy.deepcopy(resnet20[0])), data)
+    b = fxzip.reset_norm_stats(duplicates_merged(a), data)
+    gm_a, analysis = traced(a, data[0])
+    gm_b, _ = traced(b, data[0])
+    other, perms = permuted_copy(gm_b, analysis, seed=7)
+    assert_same_function(gm_a, other, data, tol=1e-5)
+    analysis, states, assign = zip_on_activations(gm_a, other, data)
+    hidden = analysis.space_index(analysis.param_roles["layer1.0.conv1.weight"][0].segments[0].space)
+    p = perms[hidden][0]
+    for kept, dup in DUPLICATES:  # the zip made the within-model merges: {A kept, A copy, B kept}, {B copy}
+        merged = assign[hidden][0][kept]
+        assert assign[hidden][0][dup] == merged and assign[hidden][1][p[kept]] == merged
+        assert int((assign[hidden] == assign[hidden][1][p[dup]]).sum()) == 1
+    # a duplicate's own conv2 column is not fixed by the function (only the pair's sum is):
+    # the hidden units of the pairs have no partner with an equal vector
+    in_pairs = {u for pair in DUPLICATES for u in pair}
+    partners = {s: {u: int(perms[s][0][u]) for u in range(analysis.spaces[s].size)
+                    if s != hidden or u not in in_pairs}
+                for s in mergeable(analysis)}
+    for s, pairs in partners.items():  # every other unit the zip matched to its partner
+        assert all(assign[s][0][u] == assign[s][1][v] for u, v in pairs.items()), s
+    assert inexact_true_matches(analysis, states, assign, partners) == []
+
+
 def test_alignment_mode_agrees_with_full_matrix(resnet20) -> None:
     """Three models aligned to model 0: computing only the (0, k) blocks of S_weights gives the
     same matches and objective as the full matrix (pairs of models 1 and 2 come from the pairs path)."""
@@ -332,7 +445,7 @@ def test_weight_representation_by_hand() -> None:
     a1, a2 = assign[s1].numpy(), assign[s2].numpy()
     assert any(len(set(row.tolist())) < len(row) for row in a1)  # within-model merges are exercised
     # by hand: unit i's piece of a parameter is its slice moved to the front, flattened;
-    # U axes summed into merged units, M axes summed, divided by cluster size, times N
+    # U axes summed into merged units, M axes averaged over each merged unit's members of model k
     hand = {s1: {}, s2: {}}
     for name in ("conv1.bias", "bn1.weight", "bn1.bias"):
         hand[s1][name, 0] = [w[name][:, None] for w in W]

@@ -391,6 +391,40 @@ def _gram_f32(x, t, rows: int = GRAM_F32_ROWS):
     return gram, cross, x.sum(0, dtype=torch.float64)
 
 
+def _refit_f32(refit_fn, model, *args):
+    """``refit_fn(model, *args)`` with the normal equations formed by
+    ``_gram_f32`` instead of in float64 (issue 24's question: is the float32
+    variant within 1e-6 of the float64 refit?). The benchmark swaps the class
+    for the one call; fxzip itself always forms them in float64."""
+    import torch
+
+    import fxzip.passes.refit as refit_module
+
+    class Float32Chunks(refit_module._Normal):
+        def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+            if self.groups != 1:
+                return super().add(x, t)
+            gram, cross, sums = _gram_f32(x, t)
+            if self.bias:  # the constant column: its sums in float64, as the float64 path has them
+                n = torch.tensor([[float(x.shape[0])]], dtype=torch.float64)
+                gram = torch.cat([torch.cat([gram, sums[:, None]], 1), torch.cat([sums[None], n], 1)], 0)
+                cross = torch.cat([cross, t.sum(0)[:, None]], 1)
+            if self.gram is None:
+                self.gram, self.cross, self.tt = gram[None], cross[None], (t * t).sum()
+            else:
+                self.gram += gram[None]
+                self.cross += cross[None]
+                self.tt += (t * t).sum()
+            self.n += x.shape[0]
+
+    real = refit_module._Normal
+    refit_module._Normal = Float32Chunks
+    try:
+        return refit_fn(model, *args)
+    finally:
+        refit_module._Normal = real
+
+
 def gram_seconds(model, layer_names: list[str], batches: list) -> dict[str, float]:
     """What forming the refit's normal equations alone costs, on the merged
     model's own activations: for every fitted layer and batch, the im2col rows
@@ -517,7 +551,15 @@ def run_refit(cfg: dict) -> dict:
                                             "passes": res.passes, "data_reads": res.data_reads,
                                             "units": len(getattr(res, "layers", None) or res.sites),
                                             "cache_peak_bytes": res.memory.get("peak_bytes")}
+    f32 = copy.deepcopy(folded)
+    load["refit_float32_chunks"] = os.getloadavg()[0]
+    _, wall, cpu_s, _ = measured(lambda: _refit_f32(refit, f32, cal.analysis, joint, node_maps, assign, cal.batches))
+    reference = fitted["refit", "sequential"]
     layer_names = [layer.name for layer in find_layers(folded, cal.analysis)[0]]
+    float32_chunks = {
+        "rows_per_chunk": GRAM_F32_ROWS, "wall_s": wall, "cpu_s": cpu_s, "max_rel_weight_diff": _max_rel(reference, f32),
+        "per_layer_max_rel": {n: float((reference.get_submodule(n).weight - f32.get_submodule(n).weight).abs().max()
+                                       / reference.get_submodule(n).weight.abs().max()) for n in layer_names}}
     load["gram"] = os.getloadavg()[0]
     gram = gram_seconds(fitted["refit", "sequential"], layer_names, batches)
     load["floor_after"] = os.getloadavg()[0]
@@ -539,6 +581,7 @@ def run_refit(cfg: dict) -> dict:
                                           for n in ("refit", "repair")},
             "max_rel_weight_diff_waves_vs_sequential": {n: _max_rel(fitted[n, "sequential"], fitted[n, "waves"])
                                                         for n in ("refit", "repair")},
+            "refit_float32_chunks": float32_chunks,
             "load_avg_1m_at": {k: round(v, 2) for k, v in load.items()}}
 
 

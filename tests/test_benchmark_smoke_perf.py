@@ -46,3 +46,13 @@ def test_perf_smoke_writes_schema(tmp_path):
     macs = {r["zipped"]: r["macs_g"] for r in result["inference"]}
     partial = next(v for k, v in macs.items() if k.startswith("partial"))
     assert macs["full zip"] < partial < macs["ensemble"]
+
+    assert len(result["refit"]) == 1  # issue 24: refit and repair against the floor and the bound
+    row = result["refit"][0]
+    assert row["bound_seconds"] > row["floor_seconds"] > 0 and row["refit_over_bound"] > 0
+    assert {"plain", "refit", "repair"} == set(row["merges"]) and "refit" in row["merges"]["refit"]["seconds"]
+    assert row["merges"]["refit"]["refit"]["memory"]["peak_bytes"] > 0
+    refit_seq, refit_waves = row["passes"]["refit_sequential"], row["passes"]["refit_waves"]
+    assert refit_seq["data_reads"] == 1 < refit_waves["data_reads"] and refit_seq["units"] > 0
+    assert row["max_rel_weight_diff_waves_vs_sequential"]["refit"] <= 1e-6  # the schedules fit the same weights
+    assert row["refit_float32_chunks"]["per_layer_max_rel"] and "## Refit and repair" in (tmp_path / "perf.md").read_text()

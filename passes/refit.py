@@ -14,7 +14,13 @@ refit), ``y_k`` model k's output of the same layer on the same image, ``M_k``
 the output space's merge (a unit's target is the mean of its cluster's
 members). Solution: ``W = (C_tx + lambda W_fold)(C_xx + lambda I)^-1`` with
 ``C_xx = E[x~ x~^T]``, ``C_tx = E[t x~^T]`` (per-sample means, so lambda does
-not scale with n), accumulated in float64. Convolutions are fitted on their
+not scale with n), accumulated in float64. The products themselves are
+formed in float64 too, although they are most of the refit's time: formed
+in float32 per 1024-row chunk (the chunk sums in float64) the Gram is within
+1e-6 of ``sqrt(G_ii G_jj)``, but each layer's solve amplifies the rounding
+of its inputs, and on ResNet-20 and the CIFAR ViT the last layers' weights
+end 3e-3 (relative) from the float64 refit's, for 4-13% less time
+(``benchmarks/results/perf.md``, "Refit and repair"). Convolutions are fitted on their
 im2col patches (the Gram is ``(C_in/g * kh * kw + 1)^2`` per group; grouped and
 depthwise convs are solved group by group). The bias column is part of ``W``
 and is penalised like every other entry (toward the folded bias), so a

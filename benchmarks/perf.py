@@ -3,6 +3,7 @@ scaling, memory, and the latency of partial zips.
 
     python benchmarks/perf.py                  # full run -> benchmarks/results/perf.{json,md}
     python benchmarks/perf.py --smoke --out /tmp/x   # seconds; exercises every code path
+    OMP_NUM_THREADS=1 python benchmarks/perf.py --refit-only   # the refit / repair rows alone, into perf.{json,md}
 
 Every configuration runs in a fresh subprocess (``--one <config-json>``), so
 peak memory and allocator state never leak from one configuration into the

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
+from ..trace import check_batch_size
 from .heads import link_heads, shared_head_basis
 from .registry import FREE, SIZES, PerNode, group_aware, map_aware, register_rule, register_width
 from .segments import channel_range
@@ -25,10 +26,11 @@ _HEADS = ("fxzip follows a reshape of the channel axis when it keeps channels wh
           "shuffles do; for another reshape, register a rule (fxzip.register_rule, README 'Extending').")
 
 
-@register_rule(builtins.getattr, "size", "dim", "numel", width=FREE)
+@register_rule(builtins.getattr, "size", "dim", "numel", check_batch_size, width=FREE)
 @group_aware
 def no_tensor(ctx, node: fx.Node) -> None:
-    """Shape queries return Python values, not features."""
+    """Shape queries return Python values, not features (and the batch-size
+    guard of a graph captured for one batch size returns nothing)."""
     ctx.set(node, NO_CHANNELS, passthrough=True)
 
 

@@ -43,15 +43,27 @@ def _kept_call(node: fx.Node, model: nn.Module, kept: Callable[[nn.Module], bool
     return None
 
 
-def _own_attrs(members: list[fx.Node], path: str) -> list[fx.Node]:
+def _own_attrs(members: list[fx.Node], path: str, module: nn.Module, model: nn.Module) -> list[fx.Node]:
     """The module's own parameters and buffers: get_attr nodes under its path
-    (read by this call, and maybe by other calls of the same module)."""
+    (read by this call, and maybe by other calls of the same module), or of a
+    tensor it shares with another module (tied embeddings: export reads the
+    tensor under one of its names only)."""
+    own = {id(t) for t in list(module.parameters()) + list(module.buffers())}
     attrs = []
     for node in members:
         for arg in node.all_input_nodes:
-            if arg.op == "get_attr" and str(arg.target).startswith(path + ".") and arg not in attrs:
+            if arg.op != "get_attr" or arg in attrs:
+                continue
+            if str(arg.target).startswith(path + ".") or id(_attr(model, str(arg.target))) in own:
                 attrs.append(arg)
     return attrs
+
+
+def _attr(model: nn.Module, target: str) -> object:
+    value: object = model
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _result_paths(module: nn.Module, given: fx.Node, produced: fx.Node) -> list[tuple] | None:
@@ -174,7 +186,7 @@ def regroup(gm: fx.GraphModule, model: nn.Module, kept: Callable[[nn.Module], bo
         members = [n for n in members if n.op != "call_module"]  # export's own guard calls
         if not members:
             continue
-        members = _own_attrs(members, path) + members
         module = model.get_submodule(path)
+        members = _own_attrs(members, path, module, model) + members
         replaced += _replace(graph, module, path, members, strict=must_stay_whole(module))
     return replaced

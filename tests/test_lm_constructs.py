@@ -184,3 +184,39 @@ def test_tied_embeddings_stay_tied_where_the_tie_holds_and_are_untied_where_it_d
     assert tied.lm_head.weight is not tied.embed.weight
     assert tied.meta["fxzip"].details["untied"] == [["embed.weight", "lm_head.weight"]]
     assert any("untied" in w for w in tied.meta["fxzip"].warnings)
+
+
+class T5Attention(nn.Module):
+    """T5's relative-position bias: an embedding of position buckets with one
+    column per head, put under the mask with ``torch.where``."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, seq: int = 8, buckets: int = 6) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.relative_attention_bias = nn.Embedding(buckets, heads)
+        rel = torch.arange(seq)[None, :] - torch.arange(seq)[:, None]
+        self.register_buffer("buckets", rel.clamp(-(buckets // 2), buckets // 2 - 1) + buckets // 2, persistent=False)
+        self.register_buffer("causal", torch.ones(seq, seq, dtype=torch.bool).tril(), persistent=False)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        bias = self.relative_attention_bias(self.buckets).permute(2, 0, 1)[None]  # (1, heads, n, n)
+        bias = torch.where(self.causal, bias, torch.finfo(bias.dtype).min)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.head(x + self.o(attn.transpose(1, 2).reshape(b, n, -1)))
+
+
+def test_t5_position_bias_under_a_mask_follows_the_heads():
+    data = [torch.randn(4, 8, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = prepared(T5Attention().eval(), data)
+    permuted = fxzip.permute_channels(model, seed=2, example_inputs=data[0])
+    table = "relative_attention_bias.weight"
+    assert not torch.equal(permuted.state_dict()[table], model.state_dict()[table])  # the heads' columns moved
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)

@@ -1061,8 +1061,14 @@ def snapshot(dest: Path) -> dict:
     import shutil
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+    def ignore_passes(folder: str, names: list[str]) -> set[str]:
+        """``fxzip/passes`` (a link to ``passes`` in a checkout that has one) is copied from ``passes``."""
+        skip = set(ignore(folder, names))
+        return skip | ({"passes"} & set(names) if Path(folder) == ROOT / "fxzip" else set())
+
     state = git_state()
-    shutil.copytree(ROOT / "fxzip", dest / "fxzip", ignore=ignore)
+    shutil.copytree(ROOT / "fxzip", dest / "fxzip", ignore=ignore_passes)
     shutil.copytree(ROOT / "passes", dest / "fxzip" / "passes", ignore=ignore)
     state["fxzip_digest"] = source_digest(dest / "fxzip", dest / "fxzip" / "passes")
     state["snapshot"] = True

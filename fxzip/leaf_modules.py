@@ -183,7 +183,9 @@ def regroup(gm: fx.GraphModule, model: nn.Module, kept: Callable[[nn.Module], bo
             calls.setdefault(key, (path, []))[1].append(node)
     replaced = 0
     for path, members in calls.values():
-        members = [n for n in members if n.op != "call_module"]  # export's own guard calls
+        # export's own guard calls, and size arithmetic (shared with the rest of the graph: export
+        # computes ``B * W`` once, inside whichever module needs it first)
+        members = [n for n in members if n.op != "call_module" and not _is_size(n)]
         if not members:
             continue
         module = model.get_submodule(path)

@@ -220,3 +220,42 @@ def test_t5_position_bias_under_a_mask_follows_the_heads():
     assert_same_function(model, permuted, data)
     assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
     assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)
+
+
+class PartialRotary(LlamaBlock):
+    """GPT-NeoX / Phi: the rotary embedding on the first positions of every head
+    only, the rest passed through and concatenated back."""
+
+    def __init__(self, rotary: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rotary = rotary
+        self.cos, self.sin = self.cos[:, :rotary].clone(), self.sin[:, :rotary].clone()
+
+    def rope(self, t: torch.Tensor) -> torch.Tensor:
+        rot, rest = t[..., :self.rotary], t[..., self.rotary:]
+        cos, sin = self.cos[None, None], self.sin[None, None]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q = self.rope(self.q(h).view(b, n, self.heads, self.head_dim).transpose(1, 2))
+        k = self.rope(self.k(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2))
+        v = self.v(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, n, -1))
+        return self.lm_head(self.final_norm(x))
+
+
+def test_partial_rotary_rejoins_the_heads_with_positions_fixed():
+    data = [torch.randn(8, 8, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = prepared(PartialRotary().eval(), data)
+    analysis = fxzip.analyze(fxzip.trace(model, data[0]))
+    qk = next(sp for sp in analysis.spaces if "q" in sp.producers)
+    assert qk.groups == 4 and qk.rigid and qk.mergeable
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert not torch.equal(permuted.state_dict()["q.weight"], model.state_dict()["q.weight"])
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)

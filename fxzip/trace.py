@@ -32,6 +32,7 @@ import linecache
 import logging
 import os
 import traceback
+import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -46,7 +47,7 @@ from .aten_ops import CONSTANT, HasRule, normalise
 from .leaf_modules import LeafCallError, regroup
 from .opaque_calls import functions_kept_whole, restore_calls
 
-__all__ = ["TraceError", "trace", "check_batch_size", "register_leaf_module", "set_opaque_functions", "set_whole_module", "set_op_rule",
+__all__ = ["TraceError", "trace", "trace_models", "check_batch_size", "register_leaf_module", "set_opaque_functions", "set_whole_module", "set_op_rule",
            "example_from_data", "default_example"]
 
 
@@ -318,6 +319,86 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         if problem is None:
             raise
         raise ValueError(problem) from exc
+
+
+def trace_models(models: Sequence[nn.Module], example_inputs: Any) -> list[fx.GraphModule]:
+    """``trace`` of every model, capturing each architecture once: a model built
+    like an earlier one (same classes, module settings, parameter names, shapes
+    and dtypes, same ties, no hooks) gets a copy of that model's graph over its
+    own weights. Sound because a non-strict export never reads parameter
+    values (a branch on one is refused), so the graph depends on the
+    architecture only; it halves the capture time of a merge of two models."""
+    captured: dict[Any, fx.GraphModule] = {}
+    out = []
+    for model in models:
+        key = _architecture(model)
+        if key is None or key not in captured or isinstance(model, fx.GraphModule):
+            gm = trace(model, example_inputs)
+            if key is not None:
+                captured[key] = gm
+        else:
+            gm = _same_graph(captured[key], model)
+        out.append(gm)
+    return out
+
+
+_SETTINGS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType,
+             types.BuiltinFunctionType)
+
+
+class _Unknown(Exception):
+    """A module setting fxzip cannot compare."""
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, _SETTINGS):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((_frozen(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return ("set", frozenset(_frozen(v) for v in value))
+    raise _Unknown
+
+
+def _architecture(model: nn.Module) -> Any:
+    """What a capture depends on besides parameter values, or None when the
+    model holds something that may change it unseen (hooks, settings fxzip
+    cannot compare)."""
+    if not isinstance(model, nn.Module):
+        return None
+    modules = []
+    try:
+        for name, m in model.named_modules(remove_duplicate=False):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+            settings = tuple((key, _frozen(value)) for key, value in sorted(vars(m).items())
+                             if key not in ("_parameters", "_buffers", "_modules") and not
+                             (key.startswith("_") and key.endswith("hooks")))
+            modules.append((name, type(m), settings))
+    except _Unknown:
+        return None
+    state = model.state_dict(keep_vars=True)
+    shared: dict[int, list[str]] = {}
+    for k, v in state.items():
+        shared.setdefault(id(v), []).append(k)
+    return (tuple(modules), tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()),
+            tuple(tuple(names) for names in shared.values() if len(names) > 1))
+
+
+def _same_graph(captured: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """``captured``'s graph over a copy of ``model`` (built like the captured one)."""
+    copied = copy.deepcopy(model).eval()
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(captured.graph, {}))
+    graph._codegen = captured.graph._codegen
+    root = _root(graph, copied, captured)
+    gm = fx.GraphModule(root, graph, type(model).__name__)
+    _keep_unused_state(gm, copied)
+    _in_model_order(gm, copied)
+    gm.eval()
+    return gm
 
 
 def _two_samples(example: tuple) -> tuple:

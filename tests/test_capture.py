@@ -7,6 +7,7 @@ fails with a TraceError that names the line."""
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 
@@ -18,6 +19,8 @@ from helpers import assert_same_function, batches, prepared, redraw
 from torch import nn
 
 import fxzip
+
+trace_module = importlib.import_module("fxzip.trace")  # fxzip.trace is the function
 
 
 def tensor_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -282,3 +285,25 @@ def test_timm_notrace_modules_keep_the_batch_size_symbolic() -> None:
     model = redraw(timm.create_model("mobilevitv2_050", pretrained=False, num_classes=10).eval())
     gm = fxzip.trace(model, torch.randn(2, 3, 64, 64))
     assert_same_function(model, gm, [torch.randn(3, 3, 64, 64)])
+
+
+class Switch(nn.Module):
+    """One architecture, two behaviours chosen by a plain attribute."""
+
+    def __init__(self, gelu: bool) -> None:
+        super().__init__()
+        self.gelu = gelu
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(F.gelu(h) if self.gelu else torch.relu(h))
+
+
+def test_a_merge_captures_each_architecture_once_and_never_mixes_behaviours() -> None:
+    x = torch.randn(4, 4)
+    a, b, c = (redraw(Switch(gelu).eval(), seed) for gelu, seed in ((True, 0), (True, 1), (False, 2)))
+    gms = trace_module.trace_models([a, b, c], x)
+    assert gms[1].code == gms[0].code and gms[2].code != gms[0].code  # c's setting differs: its own capture
+    for model, gm in zip((a, b, c), gms):
+        assert_same_function(model, gm, [x, torch.randn(7, 4)])  # each over its own weights

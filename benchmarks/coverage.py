@@ -5,6 +5,7 @@
     python benchmarks/coverage.py --models resnet10t:32   # a subset (NAME or NAME:SIZE), merged into the result
     python benchmarks/coverage.py --merge-from DIR/coverage.json  # fold a run made with --out DIR into the result
     python benchmarks/coverage.py --library torchvision --jobs 1   # torchvision's panel -> coverage_torchvision.{json,md}
+    python benchmarks/coverage.py --library transformers --jobs 1 --timeout 300   # -> coverage_transformers.{json,md}
 
 ``--library timm`` (the default): the panel below, built with ``timm.create_model(name,
 pretrained=False, num_classes=10[, img_size=S])``. ``--library torchvision``: every model
@@ -16,12 +17,23 @@ auxiliary head, ``image_size`` / ``input_size`` for ViT / MaxViT) on the inputs 
 needs (``tv_input_spec``: images, clips (B, 3, T, H, W), or two images for optical flow;
 recorded as ``input_spec``); its results go to ``coverage_torchvision.{json,md}``. Nothing is
 downloaded. Outputs that are dicts (segmentation: 'out', 'aux') or lists (RAFT: one flow per
-refinement) are compared tensor by tensor; the worst one is named in a failure. For every
+refinement) are compared tensor by tensor; the worst one is named in a failure.
+``--library transformers``: the Hugging Face models of ``HF_MODELS`` (GPT-2, Llama with
+multi-head and grouped-query attention, Qwen2, GPT-NeoX, OPT, BERT, T5, BART, ViT, DINOv2),
+each built from its config class with small random sizes (``create_transformers``: hidden 64,
+2 layers, 4 heads, vocabulary 100, ``use_cache=False``; nothing downloaded; the version is
+pinned in ``benchmarks/requirements-hf.txt``), on token ids (B, 16) with a right-padding
+attention mask (decoder token ids too for T5 / BART) or 32 px images, passed positionally in
+the order of each forward (``hf_input_spec``; GPT-2's ``past_key_values`` before its mask is
+passed as None); held-out batches of 4; results in ``coverage_transformers.{json,md}``. For every
 model a fresh subprocess (``--one``, with a time limit, ``--timeout``) runs:
 
 0. create: build the model and run it eagerly on a batch at its size;
    trace + analysis: ``fxzip.trace.trace`` and ``fxzip.analysis.analyze``, which
-   also give the spaces and the probe points used to size the calibration set;
+   also give the spaces and the probe points used to size the calibration set; whether
+   the capture kept the batch dimension symbolic (``trace_batch``: the log record of
+   ``fxzip.trace`` that says it cannot, and a run of the captured graph at another
+   batch size) is recorded as ``batch_dim``;
    prepare: every parameter and floating buffer re-drawn at O(1) scale
    (``fxzip.zoo.redraw``, the tests' recipe), then batch-norm statistics recomputed with
    ``fxzip.reset_norm_stats``.
@@ -123,7 +135,68 @@ TV_DEFAULT_FRAMES = 4
 TV_SIZES = {"inception_v3": 75, "vit_h_14": 56, "maxvit_t": 224, "s3d": 209, "mvit_v1_b": 224, "mvit_v2_s": 224}
 TV_FRAMES = {"s3d": 13, "mvit_v1_b": 16, "mvit_v2_s": 16}
 TV_NUM_CLASSES = 10
-LIBRARIES = ("timm", "torchvision")
+
+# transformers: small random configs built from their config classes (nothing is downloaded), caches off,
+# eval mode. Text models take token ids (B, S) over a vocabulary of HF_VOCAB and, where their forward takes
+# one, a padding mask (1 for the first L_i tokens of each sequence, L_i drawn in [S/2, S]); inputs are
+# positional, in the order of the model's forward, so a parameter before the mask that the panel does not
+# use is passed as None (GPT-2's past_key_values). Encoder-decoder models also take decoder_input_ids
+# (B, S). Vision models take images (B, 3, S, S). Sizes: hidden 64, 2 layers, 4 heads (head dim 16),
+# MLP 128; sequences of 16 tokens, images of 32 px in 8 px patches. "size" is the sequence length (text)
+# or the image size (vision).
+HF_VOCAB = 100
+HF_BATCH = 4  # the example and held-out batches (calibration batches are --batch)
+HF_SEQ = 16
+HF_IMAGE = 32
+_HF_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=HF_VOCAB, max_position_embeddings=64)
+HF_MODELS: dict[str, dict[str, Any]] = {
+    # name: family, model class, config class, config kwargs, positional inputs (the forward's names, in its
+    # order; a name with "=None" is passed as None)
+    "GPT2LMHeadModel": dict(family="causal LM", cls="GPT2LMHeadModel", config="GPT2Config",
+                            kwargs=dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=HF_VOCAB,
+                                        n_positions=64, bos_token_id=0, eos_token_id=0),
+                            inputs=["input_ids", "past_key_values=None", "attention_mask"]),
+    "LlamaForCausalLM": dict(family="causal LM", cls="LlamaForCausalLM", config="LlamaConfig",
+                             kwargs=dict(_HF_TEXT, num_key_value_heads=4), inputs=["input_ids", "attention_mask"]),
+    "LlamaForCausalLM-GQA": dict(family="causal LM", cls="LlamaForCausalLM", config="LlamaConfig",
+                                 kwargs=dict(_HF_TEXT, num_key_value_heads=2),
+                                 inputs=["input_ids", "attention_mask"]),
+    "Qwen2ForCausalLM": dict(family="causal LM", cls="Qwen2ForCausalLM", config="Qwen2Config",
+                             kwargs=dict(_HF_TEXT, num_key_value_heads=2), inputs=["input_ids", "attention_mask"]),
+    "GPTNeoXForCausalLM": dict(family="causal LM", cls="GPTNeoXForCausalLM", config="GPTNeoXConfig",
+                               kwargs=dict(_HF_TEXT), inputs=["input_ids", "attention_mask"]),
+    "OPTForCausalLM": dict(family="causal LM", cls="OPTForCausalLM", config="OPTConfig",
+                           kwargs=dict(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
+                                       num_attention_heads=4, vocab_size=HF_VOCAB, max_position_embeddings=64),
+                           inputs=["input_ids", "attention_mask"]),
+    "BertForMaskedLM": dict(family="masked LM", cls="BertForMaskedLM", config="BertConfig",
+                            kwargs=dict(_HF_TEXT), inputs=["input_ids", "attention_mask"]),
+    "T5ForConditionalGeneration": dict(family="encoder-decoder", cls="T5ForConditionalGeneration",
+                                       config="T5Config",
+                                       kwargs=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                   num_decoder_layers=2, num_heads=4, vocab_size=HF_VOCAB,
+                                                   relative_attention_num_buckets=8,
+                                                   relative_attention_max_distance=16, decoder_start_token_id=0),
+                                       inputs=["input_ids", "attention_mask", "decoder_input_ids"]),
+    "BartForConditionalGeneration": dict(family="encoder-decoder", cls="BartForConditionalGeneration",
+                                         config="BartConfig",
+                                         kwargs=dict(d_model=64, encoder_layers=2, decoder_layers=2,
+                                                     encoder_attention_heads=4, decoder_attention_heads=4,
+                                                     encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                                     vocab_size=HF_VOCAB, max_position_embeddings=64),
+                                         inputs=["input_ids", "attention_mask", "decoder_input_ids"]),
+    "ViTForImageClassification": dict(family="vision", cls="ViTForImageClassification", config="ViTConfig",
+                                      kwargs=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, image_size=HF_IMAGE, patch_size=8,
+                                                  num_labels=10),
+                                      inputs=["pixel_values"]),
+    "Dinov2Model": dict(family="vision", cls="Dinov2Model", config="Dinov2Config",
+                        kwargs=dict(hidden_size=64, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=HF_IMAGE, patch_size=8),
+                        inputs=["pixel_values"]),
+}
+LIBRARIES = ("timm", "torchvision", "transformers")
 
 STAGES = ("create", "trace", "analysis", "prepare", "calibrate", "match", "fold", "verify", "timeout")
 OUTCOMES = ("pass", "fail-identity", "fail-permute", "nothing-permuted", "fail-recovery", "error", "timeout")
@@ -188,9 +261,64 @@ def tv_input_spec(name: str, size: int) -> dict:
     return {"family": family, "inputs": shapes, "names": names, "text": text}
 
 
+def hf_default_size(name: str) -> int:
+    return HF_IMAGE if HF_MODELS.get(name, {}).get("family") == "vision" else HF_SEQ
+
+
+def hf_input_spec(name: str, size: int) -> dict:
+    """The positional inputs of one transformers model (``HF_MODELS``) at sequence length (text) or image
+    size (vision) ``size``: per-sample shapes (None for an input passed as None) and their kinds ("ids":
+    token ids, "mask": a padding mask, "none", "image")."""
+    entry = HF_MODELS.get(name, {"family": "?", "inputs": ["input_ids"]})
+    shapes, names, kinds = [], [], []
+    for arg in entry["inputs"]:
+        arg_name, _, none = arg.partition("=")
+        names.append(arg_name)
+        if none:
+            shapes.append(None)
+            kinds.append("none")
+        elif arg_name == "pixel_values":
+            shapes.append([3, size, size])
+            kinds.append("image")
+        else:
+            shapes.append([size])
+            kinds.append("mask" if arg_name.endswith("attention_mask") else "ids")
+    text = ", ".join(f"{n}: None" if k == "none" else
+                     f"{n}: (B, {', '.join(map(str, s))}){' int64 < ' + str(HF_VOCAB) if k == 'ids' else ''}"
+                     f"{' padding mask' if k == 'mask' else ''}" for n, s, k in zip(names, shapes, kinds))
+    return {"family": entry["family"], "inputs": shapes, "names": names, "kinds": kinds, "text": text,
+            "batch": HF_BATCH}
+
+
+def create_transformers(name: str, size: int, seed: int = 0):
+    """``HF_MODELS[name]``: its model class on its config class with the panel's small sizes, caches off
+    (``use_cache=False``), in eval mode; nothing is downloaded. Vision models are built for ``size`` px."""
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    entry = HF_MODELS[name]
+    kwargs = dict(entry["kwargs"], use_cache=False)
+    if entry["family"] == "vision":
+        kwargs["image_size"] = size
+    else:
+        for key in ("max_position_embeddings", "n_positions"):
+            if key in kwargs:
+                kwargs[key] = max(kwargs[key], size)
+    torch.manual_seed(seed)
+    config = getattr(transformers, entry["config"])(**kwargs)
+    model = getattr(transformers, entry["cls"])(config).eval()
+    model.config.use_cache = False
+    return model, {"class": entry["cls"], "config": entry["config"], **kwargs,
+                   "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+
 def input_spec(library: str, name: str, size: int) -> dict:
     if library == "torchvision":
         return tv_input_spec(name, size)
+    if library == "transformers":
+        return hf_input_spec(name, size)
     return {"family": "image", "inputs": [[3, size, size]], "names": ["x"], "text": f"x: (B, 3, {size}, {size})"}
 
 
@@ -223,18 +351,34 @@ def create_torchvision(name: str, size: int, seed: int = 0):
 
 
 def build(library: str, name: str, size: int, seed: int = 0):
-    return create_torchvision(name, size, seed) if library == "torchvision" else create(name, size, seed)
+    if library == "torchvision":
+        return create_torchvision(name, size, seed)
+    if library == "transformers":
+        return create_transformers(name, size, seed)
+    return create(name, size, seed)
 
 
 def library_panel(library: str) -> list[tuple[str, int]]:
     """(model, size) of a library's panel."""
     if library == "torchvision":
         return [(m, tv_default_size(m)) for m, _ in tv_panel()]
+    if library == "transformers":
+        return [(m, hf_default_size(m)) for m in HF_MODELS]
     return [(m, SIZES.get(m, DEFAULT_SIZE)) for m in PANEL]
 
 
+def panel_names(library: str) -> list[str]:
+    if library == "torchvision":
+        return [m for m, _ in tv_panel()]
+    return list(HF_MODELS) if library == "transformers" else list(PANEL)
+
+
 def default_size(library: str, name: str) -> int:
-    return tv_default_size(name) if library == "torchvision" else SIZES.get(name, DEFAULT_SIZE)
+    if library == "torchvision":
+        return tv_default_size(name)
+    if library == "transformers":
+        return hf_default_size(name)
+    return SIZES.get(name, DEFAULT_SIZE)
 
 
 def input_batches(spec: dict, n_images: int, batch: int, seed: int) -> list:
@@ -243,16 +387,33 @@ def input_batches(spec: dict, n_images: int, batch: int, seed: int) -> list:
     import torch
 
     shapes = spec["inputs"]
-    if len(shapes) == 1 and len(shapes[0]) == 3 and shapes[0][1] == shapes[0][2]:
+    kinds = spec.get("kinds") or ["image"] * len(shapes)
+    if len(shapes) == 1 and kinds[0] == "image" and len(shapes[0]) == 3 and shapes[0][1] == shapes[0][2]:
         return images_batches(n_images, batch, shapes[0][1], seed, shapes[0][0])
     gen = torch.Generator().manual_seed(seed)
     out, left = [], n_images
     while left > 0:
         b = min(batch, left)
-        xs = tuple(torch.randn((b, *s), generator=gen) for s in shapes)
+        xs = tuple(_draw(kind, b, s, gen) for s, kind in zip(shapes, kinds))
         out.append(xs if len(xs) > 1 else xs[0])
         left -= b
     return out
+
+
+def _draw(kind: str, b: int, shape: list | None, gen):
+    """One input of a batch of ``b``: standard-normal (images, clips), token ids below ``HF_VOCAB``, a
+    right-padding mask (the first L_i of S positions 1, L_i uniform in [S/2, S]), or None."""
+    import torch
+
+    if kind == "none":
+        return None
+    if kind == "ids":
+        return torch.randint(0, HF_VOCAB, (b, *shape), generator=gen)
+    if kind == "mask":
+        seq = shape[-1]
+        lengths = torch.randint(seq // 2, seq + 1, (b,), generator=gen)
+        return (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    return torch.randn((b, *shape), generator=gen)
 
 
 def call(model, x):
@@ -302,6 +463,81 @@ def sample_plan(gm, analysis) -> dict:
         if images > need:
             need, tightest = images, {"space": sp.name, "size": sp.size, "samples_per_image": per_image}
     return {"images_needed": need, "tightest_space": tightest}
+
+
+class _LogRecords:
+    """The records one logger emits at INFO and above while the context is open (the logger's level is
+    lowered for that time and restored)."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.logger, self.records = logging.getLogger(name), []
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self.records.append
+
+    def __enter__(self) -> list:
+        import logging
+
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+        return self.records
+
+    def __exit__(self, *exc) -> bool:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        return False
+
+
+def trace_batch(model, x, spec: dict, seed: int = 2000):
+    """``fxzip.trace.trace(model, x)`` and whether the batch dimension stayed symbolic: (gm, info).
+
+    ``info["batch"]``: "symbolic", or "fixed (B=N)" where the capture logged (logger ``fxzip.trace``) that
+    "the batch size cannot stay symbolic" (``info["reason"]``: its reason, export's error). Checked, not
+    only read: the captured graph runs on a batch of another size (one more than ``x``'s) and must compute
+    the model's output there (``info["other_batch"]``: size, whether it ran, its relative difference or
+    error). A graph that says symbolic and fails there is labelled "symbolic (fails at B=N)"."""
+    import torch
+
+    from fxzip.trace import trace
+
+    with _LogRecords("fxzip.trace") as records:
+        gm = trace(model, x)
+    fixed = [r for r in records if "cannot stay symbolic" in r.getMessage()]
+    first = x[0] if isinstance(x, tuple) else x
+    n = int(first.shape[0]) + 1
+    info: dict[str, Any] = {"batch": f"fixed (B={n - 1})" if fixed else "symbolic"}
+    if fixed:
+        rec = fixed[0]
+        info["reason"] = str(rec.args[1]) if isinstance(rec.args, tuple) and len(rec.args) > 1 else \
+            first_lines(rec.getMessage(), 1, 300)
+    other = input_batches(spec, n, n, seed)[0]
+    try:
+        with torch.no_grad():
+            err = max_rel_diff(call(model, other), call(gm, other))
+        info["other_batch"] = {"size": n, "runs": True, "rel_err": err}
+        if not fixed and err > TOL:
+            info["batch"] = f"symbolic (differs at B={n})"
+    except Exception as exc:  # noqa: BLE001 - the answer: it does not run at that batch size
+        info["other_batch"] = {"size": n, "runs": False, "error": f"{type(exc).__name__}: "
+                                                                   f"{first_lines(str(exc), 1, 200)}"}
+        if not fixed:
+            info["batch"] = f"symbolic (fails at B={n})"
+    return gm, info
+
+
+def batch_cell(info: dict | None) -> str:
+    """The batch dimension as a table shows it: 'symbolic', or 'fixed (B=N): reason'."""
+    if not info:
+        return ""
+    text = info["batch"]
+    if info.get("reason"):
+        text += f": {info['reason']}"
+    other = info.get("other_batch") or {}
+    if info["batch"].startswith("fixed") and other.get("runs"):
+        text += f" (runs at B={other['size']})"
+    return text
 
 
 def rel_diffs(want, got, path: str = "") -> list[tuple[float, str]]:
@@ -418,7 +654,10 @@ def _wrong_text(diag: dict | None) -> str:
 
 
 def _double(x):
-    return tuple(t.double() for t in x) if isinstance(x, tuple) else x.double()
+    """float64 copies of the floating inputs of a batch (token ids, masks and None stay as they are)."""
+    def one(t):
+        return t.double() if t is not None and t.is_floating_point() else t
+    return tuple(one(t) for t in x) if isinstance(x, tuple) else one(x)
 
 
 def function_error_f64(ref, other, data) -> float | None:
@@ -433,18 +672,37 @@ def function_error_f64(ref, other, data) -> float | None:
         return None
 
 
-def verified_error(ref, other, data) -> tuple[float, float, str]:
+def float64_reference(model, gm, data) -> tuple[Any, dict]:
+    """The reference of the float64 comparisons: the model, or its captured graph where that graph run in
+    float64 does not compute the model's float64 function (export bakes into the graph dtypes the model's
+    code reads at run time: T5's ``torch.zeros(..., dtype=float32)`` position bias makes a float64 copy of
+    the graph call SDPA with a float32 mask). A permuted copy or a merge of that graph inherits the baked
+    dtypes, so in float64 it must equal the captured graph, not the model; the float32 comparisons stay
+    against the model. Returns (the captured graph, or None for the model; a record)."""
+    err = function_error_f64(model, gm, data)
+    info = {"graph_f64_rel_err": err}
+    if err is None or err <= TOL:
+        return None, {**info, "reference": "model"}
+    return gm, {**info, "reference": "captured graph (it differs from the model in float64)"}
+
+
+def verified_error(ref, other, data, ref64: Callable[[], Any] | None = None) -> tuple[float, float, str]:
     """(error, float32 error, dtype of the error that counts) of a merged model
     that should compute ``ref``'s function. The float32 comparison counts when it
     passes; when it does not, float64 copies decide (where both models run in
     float64): the merged GraphModule folds and sums in another order, and some
     O(1)-weight models amplify float32 rounding chaotically (tiny_vit_5m_224: a
     permuted copy exact to 4e-14 in float64 differs by 0.53 in float32), so only
-    the float64 error tells a wrong merge from rounding."""
+    the float64 error tells a wrong merge from rounding. ``ref64()``: where the
+    float64 comparison fails, the float64 reference to use instead (the model's
+    own captured graph where that is not faithful in float64, ``float64_reference``)
+    or None (the model)."""
     err32 = function_error(ref, other, data)
     if err32 <= TOL:
         return err32, err32, "float32"
     err64 = function_error_f64(ref, other, data)
+    if err64 is not None and err64 > TOL and ref64 is not None and ref64() is not None:
+        err64 = function_error_f64(ref64(), other, data)
     return (err32, err32, "float32") if err64 is None else (err64, err32, "float64")
 
 
@@ -507,6 +765,7 @@ KEYWORDS: list[tuple[str, Callable[[re.Match], str] | str]] = [
     (r"splits a feature space|splits channels made of", "splits a feature space"),
     (r"normalises each attention head", "qk_norm (LayerNorm per head)"),
     (r"adds the parameter .* per head", "per-head parameter added to attention logits"),
+    (r"one entry per attention head", "attention: q/k/v heads not channels-last"),
     (r"rotary", "rotary embeddings"),
     (r"grouped-query", "grouped-query attention"),
     (r"head ax[ie]s|head layout|stacked q/k/v|channel groups|split into groups|group axis", "head axes"),
@@ -623,7 +882,8 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
             else:
                 model, rec["create_kwargs"] = build(library, name, size, seed)
             rec["params"] = sum(p.numel() for p in model.parameters())
-            holdout_data = input_batches(spec, 8 * holdout, 8, seed + 1000)
+            hb = spec.get("batch", 8)  # held-out batch size (8; transformers: HF_BATCH)
+            holdout_data = input_batches(spec, hb * holdout, hb, seed + 1000)
             with torch.no_grad():
                 call(model, holdout_data[0])
     except Exception as exc:  # noqa: BLE001 - every failure is a result here
@@ -633,7 +893,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     x = holdout_data[0]
     try:
         with _Stage(rec, "trace", "trace", persist):
-            gm = trace(model, x)
+            gm, rec["batch_dim"] = trace_batch(model, x, spec)
         with _Stage(rec, "analysis", "analysis", persist):
             analysis = analyze(gm)
     except Exception as exc:  # noqa: BLE001
@@ -661,6 +921,15 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     except Exception as exc:  # noqa: BLE001
         return done(**_error(rec, exc, "prepare"))
 
+    reference: dict[str, Any] = {}
+
+    def ref64():
+        """The float64 reference where the model's is not usable (``float64_reference``; asked only when a
+        float64 comparison fails; the prepared model traced once)."""
+        if "ref" not in reference:
+            reference["ref"], rec["float64_reference"] = float64_reference(model, trace(model, x), holdout_data)
+        return reference["ref"]
+
     # 1. self-merge identity -------------------------------------------------------------
     identity: dict[str, Any] = {}
     rec["checks"]["identity"] = identity
@@ -672,7 +941,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         rec["warnings"] += sorted({first_lines(str(w.message), 1, 200) for w in caught})[:5]
         identity["merge_seconds"] = _merge_seconds(merged)
         with _Stage(rec, "identity_verify", "identity verify", persist):
-            err, err32, dtype = verified_error(model, merged, holdout_data)
+            err, err32, dtype = verified_error(model, merged, holdout_data, ref64)
         where = ""
         if err > TOL and library != "timm":
             identity["wrong_matches"] = wrong_matches(model, merged, x)
@@ -695,6 +964,8 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         with _Stage(rec, "permute_verify", "permute verify", persist):
             err32 = function_error(model, p, holdout_data)
             err64 = function_error_f64(model, p, holdout_data)
+            if err64 is not None and err64 > TOL and ref64() is not None:
+                err64 = function_error_f64(ref64(), p, holdout_data)
             err = err32 if err64 is None else err64
             own, theirs = model.state_dict(), p.state_dict()
             common = [k for k in own if k in theirs and theirs[k].shape == own[k].shape]
@@ -719,7 +990,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
                                      **fx_inputs)
             perm["merge_seconds"] = _merge_seconds(merged)
             with _Stage(rec, "recovery_verify", "recovery verify", persist):
-                err, err32, dtype = verified_error(model, merged, holdout_data)
+                err, err32, dtype = verified_error(model, merged, holdout_data, ref64)
             perm.update(recovery_rel_err=err, recovery_rel_err_f32=err32, recovery_check_dtype=dtype)
             if err <= TOL:
                 perm["outcome"] = "pass"
@@ -790,8 +1061,14 @@ def snapshot(dest: Path) -> dict:
     import shutil
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+    def ignore_passes(folder: str, names: list[str]) -> set[str]:
+        """``fxzip/passes`` (a link to ``passes`` in a checkout that has one) is copied from ``passes``."""
+        skip = set(ignore(folder, names))
+        return skip | ({"passes"} & set(names) if Path(folder) == ROOT / "fxzip" else set())
+
     state = git_state()
-    shutil.copytree(ROOT / "fxzip", dest / "fxzip", ignore=ignore)
+    shutil.copytree(ROOT / "fxzip", dest / "fxzip", ignore=ignore_passes)
     shutil.copytree(ROOT / "passes", dest / "fxzip" / "passes", ignore=ignore)
     state["fxzip_digest"] = source_digest(dest / "fxzip", dest / "fxzip" / "passes")
     state["snapshot"] = True
@@ -864,7 +1141,7 @@ def parse_models(items: list[str] | None, library: str = "timm") -> list[tuple[s
 
 
 def result_name(library: str, stem: str = "coverage") -> str:
-    """``coverage`` for timm (as always), ``coverage_torchvision`` for torchvision."""
+    """``coverage`` for timm (as always), ``coverage_torchvision`` / ``coverage_transformers`` for the others."""
     return stem if library == "timm" else f"{stem}_{library}"
 
 
@@ -873,7 +1150,7 @@ def panel_entries(library: str) -> list[dict]:
         return [{"model": m, "size": SIZES.get(m, DEFAULT_SIZE)} for m in PANEL]
     out = []
     for m, size in library_panel(library):
-        spec = tv_input_spec(m, size)
+        spec = input_spec(library, m, size)
         out.append({"model": m, "size": size, "family": spec["family"], "input": spec["text"]})
     return out
 
@@ -929,7 +1206,7 @@ def _drive(args, out: Path, path: Path, result: dict, records: dict, command: st
             name, size = futures[fut]
             rec = fut.result()
             bar.update(1)
-            bar.set_postfix_str(f"{name} @ {size}px")
+            bar.set_postfix_str(f"{name} @ {size}")
             _record(args, out, path, runs, records, name, size, rec)
     bar.close()
     run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -949,12 +1226,13 @@ def _record(args, out: Path, path: Path, runs: list, records: dict, name: str, s
     _write_json(path, result)
     path.with_suffix(".md").write_text(markdown(result))
     if not args.quiet:
-        tqdm.write(f"{name:32s} {size:4d}px  {rec['outcome']:16s} {rec.get('stage') or '':9s} "
+        unit = "" if rec.get("family") in ("causal LM", "masked LM", "encoder-decoder") else "px"  # tokens
+        tqdm.write(f"{name:32s} {size:4d}{unit:2s}  {rec['outcome']:16s} {rec.get('stage') or '':9s} "
                    f"{rec.get('wall_s', 0):6.1f}s  {rec.get('category') or ''}")
 
 
 def _order(records: dict, library: str = "timm") -> list[str]:
-    names = PANEL if library == "timm" else [m for m, _ in tv_panel()]
+    names = panel_names(library)
     pos = {m: i for i, m in enumerate(names)}
     return sorted(records, key=lambda m: (pos.get(m, len(names)), m))
 
@@ -978,6 +1256,24 @@ def markdown(result: dict) -> str:
         lines = ["# fxzip coverage benchmark", "",
                  "Self-merge identity and permutation recovery on timm architectures (random O(1) weights, "
                  "`pretrained=False`, `num_classes=10`); see the docstring of `benchmarks/coverage.py`.", ""]
+    elif library == "transformers":
+        lines = [f"# fxzip coverage benchmark: {library}", "",
+                 "Self-merge identity and permutation recovery on Hugging Face transformers architectures: small "
+                 "random configs built from their config classes (nothing downloaded; hidden 64, 2 layers, 4 heads, "
+                 f"vocabulary {HF_VOCAB}, `use_cache=False`, eval mode, weights re-drawn at O(1) scale), token ids "
+                 f"(B, {HF_SEQ}) with a right-padding attention mask (and decoder token ids for the encoder-decoder "
+                 f"models) or images (B, 3, {HF_IMAGE}, {HF_IMAGE}), passed positionally in the order of each "
+                 "model's forward (the input column; config in `create_kwargs` of the json); see the docstring of "
+                 "`benchmarks/coverage.py`. Outputs (`ModelOutput`s) are compared tensor by tensor; held-out "
+                 f"batches of {HF_BATCH}; calibration \"images\" are sequences for the text models. The captured "
+                 "graph keeps as float32 the dtypes the model's code reads at run time (`x.dtype`, "
+                 "`weight.dtype`): a float64 copy of the permuted or merged graph still rounds to float32 there "
+                 "(Llama, Qwen2: rotary cos/sin and RMSNorm outputs; float64 errors up to ~1e-6, float32 "
+                 "rounding) or does not run (DINOv2: `pixel_values.to(float32)` before a float64 conv; compared "
+                 "in float32 then); a graph whose float64 copy differs from the model's is the float64 "
+                 "reference itself (`float64_reference` in the json). Requirements: "
+                 "`benchmarks/requirements-hf.txt` (`pip install -e \".[hf]\"`).",
+                 ""]
     else:
         lines = [f"# fxzip coverage benchmark: {library}", "",
                  f"Self-merge identity and permutation recovery on {library} architectures (random O(1) weights, "
@@ -1028,14 +1324,17 @@ def markdown(result: dict) -> str:
             lines.append(f"| {_cell(cat, 200)} | {len(models)} | {', '.join(models)} |")
         lines.append("")
     lines += ["## Per model", "",
-              "Spaces: mergeable / all. Images: calibration images per merge (`*`: fewer than needed for 2x "
-              "samples per feature). Errors: identity / permuted copy / recovery (max relative difference).", ""]
+              "Spaces: mergeable / all. Batch: whether the captured graph keeps the batch dimension symbolic "
+              "(it computes the model's output at another batch size) or was captured for one batch size, with "
+              "the capture's reason (`trace_batch`). Images: calibration images per merge (`*`: fewer than "
+              "needed for 2x samples per feature). Errors: identity / permuted copy / recovery (max relative "
+              "difference).", ""]
     if library == "timm":
-        lines += ["| model | size | params (M) | outcome | stage | category | message | spaces | images | errors | "
-                  "time (s) |", "|---|---:|---:|---|---|---|---|---:|---:|---|---:|"]
+        lines += ["| model | size | params (M) | outcome | stage | category | message | spaces | batch | images | "
+                  "errors | time (s) |", "|---|---:|---:|---|---|---|---|---:|---|---:|---|---:|"]
     else:
-        lines += ["| model | family | input | params (M) | outcome | stage | category | message | spaces | images | "
-                  "errors | time (s) |", "|---|---|---|---:|---|---|---|---|---:|---:|---|---:|"]
+        lines += ["| model | family | input | params (M) | outcome | stage | category | message | spaces | batch | "
+                  "images | errors | time (s) |", "|---|---|---|---:|---|---|---|---|---:|---|---:|---|---:|"]
     for r in recs:
         idn, per = r.get("checks", {}).get("identity", {}), r.get("checks", {}).get("permute", {})
         errs = [idn.get("max_rel_err"), per.get("permuted_rel_err"), per.get("recovery_rel_err")]
@@ -1049,7 +1348,7 @@ def markdown(result: dict) -> str:
             f"{r.get('family', '')} | {r.get('input_spec', {}).get('text', r['size'])}"
         lines.append(f"| {name} | {size} | {params} | {r['outcome']} | {r.get('stage') or ''} | "
                      f"{_cell(r.get('category'), 80)} | {_cell(r.get('message'), 110 if library == 'timm' else 320)} | "
-                     f"{spaces} | {images} | "
+                     f"{spaces} | {_cell(batch_cell(r.get('batch_dim')), 80)} | {images} | "
                      f"{err_s} | {r.get('wall_s', r.get('seconds', {}).get('total', 0)):.1f} |")
     lines.append("")
     return "\n".join(lines)
@@ -1080,14 +1379,16 @@ def family_table(panel: list[dict], recs: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--library", choices=LIBRARIES, default="timm",
-                    help="whose panel: timm's 61 models (default; results/coverage.{json,md}) or torchvision's "
+                    help="whose panel: timm's 61 models (default; results/coverage.{json,md}), torchvision's "
                          "classification, segmentation, video and optical-flow models "
-                         "(results/coverage_torchvision.{json,md})")
+                         "(results/coverage_torchvision.{json,md}) or 11 small random transformers models "
+                         "(results/coverage_transformers.{json,md})")
     ap.add_argument("--models", nargs="+", metavar="NAME[:SIZE]", help="a subset (default: the whole panel)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
     ap.add_argument("--resume", action="store_true", help="skip models already recorded in the output json")
     ap.add_argument("--out", default=str(RESULTS),
-                    help="output folder (coverage.json, coverage.md; coverage_torchvision.* for torchvision)")
+                    help="output folder (coverage.json, coverage.md; coverage_{torchvision,transformers}.* for "
+                         "the other libraries)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32, help="calibration batch size")
     ap.add_argument("--min-images", type=int, default=16)

@@ -3,16 +3,20 @@
     python benchmarks/coverage_analysis.py   # -> benchmarks/results/coverage_analysis.{json,md}
     python benchmarks/coverage_analysis.py --library torchvision   # -> coverage_analysis_torchvision.{json,md}
     python benchmarks/coverage_analysis.py --library torchvision --models raft_small  # re-run some, kept with the rest
+    python benchmarks/coverage_analysis.py --library transformers   # -> coverage_analysis_transformers.{json,md}
 
 Why beside ``coverage.py``: the full benchmark calibrates three merges per model
 on more samples than features (minutes per model on 2 cores), so a session
 cannot always re-run all 61 models. Tracing and analysing take seconds; this
-table says for every model whether fxzip accepts its structure (and which trace
-path it took) or refuses it with which error, on one code state. Acceptance here
+table says for every model whether fxzip accepts its structure (and whether the
+capture kept the batch dimension symbolic: ``coverage.trace_batch``, the log
+record of ``fxzip.trace`` that says it cannot, checked by running the captured
+graph at another batch size) or refuses it with which error, on one code state. Acceptance here
 is necessary, not sufficient: only ``coverage.py`` checks the merged function.
 Models are built exactly as ``coverage.py`` builds them (its ``create``, panel
 and sizes; for ``--library torchvision`` its ``create_torchvision``, panel and
-input specs), in this process, one after another. With ``--models`` only those
+input specs; for ``--library transformers`` its ``create_transformers`` and
+``hf_input_spec``), in this process, one after another. With ``--models`` only those
 are analysed; their records replace the ones already in the output file (the
 update, its command and commit are listed; each such record names its commit).
 """
@@ -33,7 +37,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def analyse(name: str, size: int, library: str = "timm") -> dict:
     from fxzip.analysis import analyze
-    from fxzip.trace import trace
 
     rec: dict = {"model": name, "size": size}
     spec = coverage.input_spec(library, name, size)
@@ -43,15 +46,14 @@ def analyse(name: str, size: int, library: str = "timm") -> dict:
     stage = "create"
     try:
         model, kwargs = coverage.build(library, name, size, 0)
-        x = coverage.input_batches(spec, 2, 2, 1000)[0]
+        b = spec.get("batch", 2)  # 2 samples (transformers: its batch of 4)
+        x = coverage.input_batches(spec, b, b, 1000)[0]
         if library != "timm":
             rec.update(create_kwargs=kwargs, params=sum(p.numel() for p in model.parameters()))
             with torch.no_grad():
                 coverage.call(model, x)  # the model runs on these inputs (else: a create failure, not a trace one)
         stage = "trace"
-        gm = trace(model, x)
-        concrete = any("fxzip_concrete_kind" in n.meta for n in gm.graph.nodes)
-        rec["trace_path"] = "concrete shapes" if concrete else "symbolic"
+        gm, rec["batch_dim"] = coverage.trace_batch(model, x, spec)
         stage = "analysis"
         analysis = analyze(gm)
         rec.update(outcome="accepted", spaces=len(analysis.spaces),
@@ -73,19 +75,27 @@ def markdown(result: dict) -> str:
     library = result.get("library", "timm")
     cov = coverage.result_name(library)
     lines = ["# fxzip coverage: trace + analysis only" + ("" if library == "timm" else f" ({library})"), "",
-             f"- Command: `{result['command']}` ({result['started']}; commit `{result['commit']}`)"]
-    lines += [f"- Command: `{u['command']}` ({u['started']}; commit `{u['commit']}`; re-ran "
+             f"- Command: `{result['command']}` ({result['started']}; commit `{result['commit']}`{_code(result)})"]
+    lines += [f"- Command: `{u['command']}` ({u['started']}; commit `{u['commit']}`{_code(u)}; re-ran "
               f"{', '.join(u['models'])})" for u in result.get("updates", [])]
     lines += [f"- Machine: {result['machine']}"]
-    if library != "timm":
+    if library == "torchvision":
         lines += [f"- Config: {json.dumps(result['config'])}; models built with "
                   "`torchvision.models.get_model(name, weights=None, ...)` (`create_kwargs` in the json), the "
                   "inputs in the table (B = 2 standard-normal samples)"]
+    elif library == "transformers":
+        lines += [f"- Config: {json.dumps(result['config'])}; models built from their config classes with small "
+                  "random sizes, `use_cache=False`, eval mode (`create_kwargs` in the json; nothing downloaded), "
+                  f"the positional inputs in the table (B = {coverage.HF_BATCH}: token ids, a right-padding mask, "
+                  "images)"]
+    lines += ["- Batch: `symbolic` where the captured graph keeps the batch dimension symbolic (it computes the "
+              "model's output at another batch size), `fixed (B=N): reason` where the capture logged that the "
+              "batch size cannot stay symbolic (logger `fxzip.trace`) and captured that batch size only."]
     lines += [f"- Acceptance means fxzip traced the model and found its merge structure; whether the merge is exact "
               f"is checked by `coverage.py` ([{cov}.md]({cov}.md)).", "",
               f"**{len(ok)} of {len(recs)} accepted.**", ""]
     if library == "timm":
-        lines += ["| model | size | outcome | trace path | spaces (mergeable) | stage | category | message | s |",
+        lines += ["| model | size | outcome | batch | spaces (mergeable) | stage | category | message | s |",
                   "|---|---:|---|---|---:|---|---|---|---:|"]
     else:
         lines += family_table(recs)
@@ -101,21 +111,28 @@ def markdown(result: dict) -> str:
         lines += ["Other: refused at create (the model does not build or run on its inputs). Images needed: "
                   "calibration images for more than twice as many samples as features in every mergeable space "
                   "(`coverage.py` draws at least 16, rounded up to its batch of 32, at most 4096).", "",
-                  "| model | family | input | params (M) | outcome | trace path | spaces (mergeable) | images needed | "
+                  "| model | family | input | params (M) | outcome | batch | spaces (mergeable) | images needed | "
                   "stage | category | message | s |",
                   "|---|---|---|---:|---|---|---:|---:|---|---|---|---:|"]
     for r in recs:
         spaces = f"{r['spaces']} ({r['mergeable']})" if r["outcome"] == "accepted" else ""
+        batch = coverage._cell(coverage.batch_cell(r.get("batch_dim")), 80)
         if library == "timm":
-            head = f"| {r['model']} | {r['size']} | {r['outcome']} | {r.get('trace_path', '')} | {spaces} | "
+            head = f"| {r['model']} | {r['size']} | {r['outcome']} | {batch} | {spaces} | "
         else:
             params = f"{r['params'] / 1e6:.1f}" if r.get("params") is not None else ""
             head = (f"| {r['model']} | {r.get('family', '')} | {r.get('input', r['size'])} | {params} | "
-                    f"{r['outcome']} | {r.get('trace_path', '')} | {spaces} | {r.get('images_needed', '')} | ")
+                    f"{r['outcome']} | {batch} | {spaces} | {r.get('images_needed', '')} | ")
         lines.append(head + f"{r.get('stage', '')} | "
                      f"{coverage._cell(r.get('category'), 60)} | {coverage._cell(r.get('message'), 140)} | "
                      f"{r['seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+def _code(run: dict) -> str:
+    """' + uncommitted fxzip changes, fxzip source digest D' where the run recorded them."""
+    text = " + uncommitted fxzip changes" if run.get("fxzip_dirty") else ""
+    return text + (f", fxzip source digest `{run['fxzip_digest']}`" if run.get("fxzip_digest") else "")
 
 
 def family_table(recs: list[dict]) -> list[str]:
@@ -135,28 +152,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--library", choices=coverage.LIBRARIES, default="timm",
-                    help="whose panel (as coverage.py): timm (default; results/coverage_analysis.{json,md}) or "
-                         "torchvision (results/coverage_analysis_torchvision.{json,md})")
+                    help="whose panel (as coverage.py): timm (default; results/coverage_analysis.{json,md}), "
+                         "torchvision (results/coverage_analysis_torchvision.{json,md}) or transformers "
+                         "(results/coverage_analysis_transformers.{json,md})")
     ap.add_argument("--models", nargs="+", metavar="NAME[:SIZE]",
                     help="only these; their records replace those in the output file (default: the whole panel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     command = "python benchmarks/coverage_analysis.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
-    commit = coverage.git_state().get("commit", "?")[:10]
+    state = coverage.git_state()
+    commit = state.get("commit", "?")[:10]
+    code = {"fxzip_dirty": state.get("fxzip_dirty", False),
+            "fxzip_digest": coverage.source_digest(coverage.ROOT / "fxzip", coverage.ROOT / "passes")}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     out = Path(args.out)
     path = out / f"{coverage.result_name(args.library, 'coverage_analysis')}.json"
-    result = {"command": command, "started": started, "commit": commit,
+    result = {"command": command, "started": started, "commit": commit, **code,
               "machine": ", ".join(f"{k}: {v}" for k, v in coverage.machine(args.library).items()),
               "records": []}
     if args.library != "timm":
+        batch = coverage.HF_BATCH if args.library == "transformers" else 2
         result = {"library": args.library, **result,
-                  "config": {"library": args.library, "seed": 0, "batch": 2, "torch_threads": 1}}
+                  "config": {"library": args.library, "seed": 0, "batch": batch, "torch_threads": 1}}
     todo = coverage.parse_models(args.models, args.library)
     kept: dict[str, dict] = {}
     if args.models and path.exists():  # an update: the other records (and the first run's header) stay
         result = json.loads(path.read_text())
-        result.setdefault("updates", []).append({"command": command, "started": started, "commit": commit,
+        result.setdefault("updates", []).append({"command": command, "started": started, "commit": commit, **code,
                                                  "models": [m for m, _ in todo]})
         kept = {r["model"]: r for r in result["records"]}
     from tqdm.auto import tqdm

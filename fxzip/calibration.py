@@ -21,7 +21,7 @@ from .data import Batches
 from .passes.observe import OBSERVERS, insert_observers
 from .passes.side_by_side import side_by_side
 from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy
-from .trace import trace
+from .trace import trace_models
 from .trunk import analyze_models
 
 __all__ = ["Calibration", "capture", "device_dtype"]
@@ -71,7 +71,7 @@ def capture(models: Sequence[nn.Module], data: Iterable[Any], max_batches: int |
     with _dist.ranks_agree("reading its data, tracing and analysing the models"):
         batches = Batches(data, max_batches, inputs)
         with pipeline.timed(seconds, "trace"):
-            gms = [trace(m, batches.example) for m in models]
+            gms = trace_models(models, batches.example)
         with pipeline.timed(seconds, "analysis"):
             common, analysis = analyze_models(gms)  # aligns the models unless their graphs are identical
     return Calibration(models, gms, analysis, batches, seconds, common, probes)

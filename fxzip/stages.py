@@ -33,6 +33,7 @@ from .passes.repair import repair
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
 from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_node_names
+from .passes.ties import UNTIED
 from .pipeline import Stage, StageResult, check_order
 from .report import MergeReport, SpaceReport, output_warnings
 from .trace import default_example
@@ -309,6 +310,12 @@ class Report(Stage):
         cal = state.calibration
         state.seconds["total"] = sum(state.seconds.values())
         macs = merged_macs(graph_module, cal.models, cal.batches.example, cal.common is None or cal.common.full)
+        for names in graph_module.meta.get(UNTIED, []):
+            state.details.setdefault("untied", []).append(names)
+            state.warnings.append(
+                f"parameters tied in the models ({', '.join(names)}) were untied: their merged values differ "
+                "(a zip within a model, MuDSC weighting, a merged width or a refit gives each role its own "
+                "tensor); load the result with the tie off (transformers: tie_word_embeddings=False)")
         state.report = MergeReport(state.options.method, len(cal.models), state.rows, state.seconds, cal.n_batches,
                                    cal.n_samples, state.warnings, state.cut, macs, state.details, state.cut_reason)
         graph_module.meta["fxzip"] = state.report.mark_head_only(graph_module)

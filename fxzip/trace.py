@@ -1,26 +1,38 @@
-"""Tracing: any ``nn.Module`` (timm models included) to a ``GraphModule`` with shapes.
+"""Capture: any ``nn.Module`` (timm, torchvision, Hugging Face, a user's own)
+to a ``GraphModule`` of torch-level ops with shapes.
 
-Two tracers, one contract (a graph of torch-level ops with ``nn.Module`` leaves
-and ``tensor_meta`` on every node):
+One path, ``torch.export`` (non-strict): it runs the model's own Python on
+fake tensors and records every torch op it reaches, so a library's helpers
+(functions it wrapped for torch.fx, modules it marks as not traceable, its
+attention and masking utilities) are never an opaque name: they are the ops
+they run. Control flow on shapes is specialised to the example, with the batch
+dimension kept symbolic where the model allows (a model that branches on the
+batch size is captured for that batch size, and says so); a branch on data
+values is refused with the line that takes it.
 
-- **symbolic** (plain torch.fx) first: its graphs are not specialised to any
-  input size, so a merged model keeps working at other resolutions.
-- **concrete shapes** (``fxzip.concrete_trace``) when symbolic tracing cannot
-  follow the model: its forward branches or loops on shapes (window padding,
-  ``int(N ** 0.5)``, ``for i in range(x.size(1))``), or it contains timm's
-  "no-trace" modules (``vgg``'s ``ConvMlp``, ``BatchNormAct2d``, MobileViT
-  blocks), which must be traced *through* so their weight layers stay visible.
-  Every op runs on the example as it is recorded, so shapes are Python ints and
-  the control flow is specialised to the example's spatial size; the batch
-  size stays symbolic (merging calibrates on a fixed input size anyway).
+Three steps turn the export into the graph the analysis reads:
+
+- ``fxzip.leaf_modules.regroup``: each call of a module with a channel rule
+  (``nn.Conv2d``, ``nn.BatchNorm2d``, a registered leaf) is one
+  ``call_module`` node again, named after its path, so rules see weights by
+  role and passes fold, reset and refit modules;
+- ``fxzip.aten_ops.normalise``: ATen ops renamed to torch-level ops (one
+  table), in-place ops made out of place;
+- ``ShapeProp`` on the example: ``tensor_meta`` on every node.
+
+The graph's parameters keep their ``state_dict`` names, so a merged model
+loads into the user's class with ``load_state_dict``.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
+import linecache
 import logging
-import operator
+import os
+import traceback
+import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,80 +40,89 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
-from .concrete_trace import ConcreteTracer, UntraceableControlFlow, drop_dead_sizes, drop_proxies
+from .aten_ops import CONSTANT, HasRule, normalise
+from .leaf_modules import LeafCallError, regroup
+from .opaque_calls import functions_kept_whole, restore_calls
 
-__all__ = ["TraceError", "trace", "register_leaf_module", "set_opaque_function", "example_from_data",
-           "default_example"]
+__all__ = ["TraceError", "trace", "trace_models", "check_batch_size", "register_leaf_module", "set_opaque_functions", "set_whole_module", "set_op_rule",
+           "example_from_data", "default_example"]
 
 
 logger = logging.getLogger(__name__)
 
 
 class TraceError(ValueError):
-    """The model cannot be turned into a torch.fx graph."""
+    """The model cannot be captured as a graph."""
 
 
 _USER_LEAVES: set[type] = set()
 
 
 def register_leaf_module(cls: type) -> type:
-    """Keep ``cls`` opaque during tracing (use with ``fxzip.register_rule``).
+    """Keep ``cls`` whole (one call node) when capturing (use with ``fxzip.register_rule``).
 
-    A leaf hides its internals from the analysis, so it needs a rule that says
-    how it treats channels; without one the analysis fails loudly.
-    """
+    A module class with a registered rule is kept whole anyway; registering it
+    as a leaf also keeps it whole before its rule exists, so the analysis then
+    names it instead of following its ops."""
     _USER_LEAVES.add(cls)
     return cls
 
 
-def _timm_notrace() -> tuple[set[type], list[Callable]]:
-    try:
-        from timm.layers import _fx as timm_fx
-    except Exception:  # timm is optional for plain torch models
-        return set(), []
-    return set(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+OpaqueFunctions = Callable[[], "set[Callable]"]
+"""``opaque()``: the functions that stay one call node when captured."""
+
+WholeModule = Callable[[nn.Module], bool]
+"""``whole(module)``: whether a module stays one call node (it has a channel rule)."""
 
 
-OpaqueFunction = Callable[[Callable], bool]
-"""``opaque(fn)``: whether a function the tracer may wrap stays one opaque call node."""
+def _no_functions() -> set[Callable]:
+    return set()
 
 
-def _nothing_opaque(fn: Callable) -> bool:
+def _no_module_rule(module: nn.Module) -> bool:
     return False
 
 
-_opaque_function: OpaqueFunction = _nothing_opaque
+_opaque_functions: OpaqueFunctions = _no_functions
+_whole_module: WholeModule = _no_module_rule
 
 
-def set_opaque_function(predicate: OpaqueFunction) -> None:
-    """Say which of timm's no-trace functions stay opaque (one call node) when
-    tracing; the others are traced through.
+def set_opaque_functions(functions: OpaqueFunctions) -> None:
+    """Say which functions stay one call node when capturing (the user's
+    functions with a channel rule); the others are captured as the ops they run.
 
-    Why a predicate set from outside: the answer is "those with a channel rule"
+    Why set from outside: the answer is "those with a channel rule"
     (``fxzip.rules`` sets it when it loads), and the rules are a layer above
-    tracing: the tracer asks, it does not import them. The predicate is asked
-    whenever a tracer is built, so rules registered later count."""
-    global _opaque_function
-    _opaque_function = predicate
+    capture: capture asks, it does not import them. It is asked at every
+    capture, so rules registered later count."""
+    global _opaque_functions
+    _opaque_functions = functions
 
 
-def _wrapped_functions(opaque: OpaqueFunction) -> tuple[Callable, ...]:
-    """timm's no-trace functions that stay opaque: only those ``opaque`` accepts
-    (those with a channel rule). The others (``window_partition``,
-    ``window_reverse``, ...) are reshapes and permutes that the analysis follows
-    op by op, so they are traced through (on the concrete path when they branch
-    on shapes)."""
-    _, functions = _timm_notrace()
-    return tuple(f for f in functions if opaque(f))
+_op_has_rule: HasRule = lambda op, target: False  # noqa: E731
+
+
+def set_op_rule(predicate: HasRule) -> None:
+    """Say which torch-level ops have a channel rule, so an ATen op with both a
+    function and a method of its name becomes the one the rules know."""
+    global _op_has_rule
+    _op_has_rule = predicate
+
+
+def set_whole_module(predicate: WholeModule) -> None:
+    """Say which modules stay one call node (those with a channel rule); set by
+    ``fxzip.rules`` as ``set_opaque_functions`` is."""
+    global _whole_module
+    _whole_module = predicate
 
 
 def _known_leaves() -> tuple[type, ...]:
     """Modules kept whole because their forward computes the weight it uses
-    (timm's weight-standardised convs): traced through, the conv would read a
-    computed tensor fxzip cannot fold into. As leaves they are convs whose
+    (timm's weight-standardised convs): captured op by op, the conv would read
+    a computed tensor fxzip cannot fold into. Whole, they are convs whose
     standardisation commutes with permuting input and output channels."""
     try:
         from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
@@ -113,65 +134,12 @@ def _known_leaves() -> tuple[type, ...]:
 _KNOWN_LEAVES = _known_leaves()
 
 
-def _kept_whole(m: nn.Module) -> bool:
+def _must_stay_whole(m: nn.Module) -> bool:
     return type(m) in _USER_LEAVES or isinstance(m, _KNOWN_LEAVES)
 
 
-def _is_torch_leaf(m: nn.Module) -> bool:
-    mod = type(m).__module__
-    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
-        m, nn.Sequential
-    )
-
-
-class _Proxy(fx.Proxy):
-    """torch.fx's proxy plus slice assignment, recorded as ``operator.setitem``
-    (side-effectful, so kept in graph order and never removed as dead code)."""
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
-
-
-class _Tracer(fx.Tracer):
-    """Plain torch.fx: standard torch modules and timm's no-trace modules are leaves
-    (a graph that still has no-trace leaves is re-traced with concrete shapes)."""
-
-    def __init__(self, opaque: OpaqueFunction) -> None:
-        notrace_modules, _ = _timm_notrace()
-        super().__init__(autowrap_functions=_wrapped_functions(opaque))
-        self.notrace_modules = notrace_modules
-        self.record_stack_traces = True  # an op the analysis refuses is named with the code that called it
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _kept_whole(m) or type(m) in self.notrace_modules or _is_torch_leaf(m)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
-
-    def call_module(self, m, forward, args, kwargs):
-        if isinstance(m, nn.MultiheadAttention) and type(m) not in _USER_LEAVES:
-            # traced as its functional decomposition so the analysis sees q, k, v and heads
-            self.decomposed = True
-            return _multihead_attention(m, self.path_of_module(m), *args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-
-class _ConcreteTracer(ConcreteTracer):
-    """The fallback tracer: the same leaves as ``_Tracer``, except that timm's
-    no-trace modules are traced through (every proxy already has a shape)."""
-
-    def __init__(self, example: Sequence[Any], opaque: OpaqueFunction):
-        super().__init__(example, autowrap_functions=_wrapped_functions(opaque))
-        self.record_stack_traces = True
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _kept_whole(m) or _is_torch_leaf(m)
-
-    def call_module(self, m, forward, args, kwargs):
-        if not self.executing and isinstance(m, nn.MultiheadAttention) and type(m) not in _USER_LEAVES:
-            self.decomposed = True
-            return _multihead_attention(m, self.path_of_module(m), *args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+def _kept_whole(m: nn.Module) -> bool:
+    return _must_stay_whole(m) or _whole_module(m)
 
 
 def _multihead_attention(m: nn.MultiheadAttention, name: str, query, key, value, key_padding_mask=None,
@@ -179,6 +147,7 @@ def _multihead_attention(m: nn.MultiheadAttention, name: str, query, key, value,
                          is_causal: bool = False):
     """``nn.MultiheadAttention`` (eval mode, self-attention) as the ops it runs:
     packed in-projection, heads, scaled dot-product attention, out-projection.
+    (Its own forward takes a fused fast path in eval mode, one opaque op.)
     Its parameters are read in place, so the state_dict keeps its keys."""
     unsupported = []
     if not (query is key and key is value):
@@ -213,69 +182,95 @@ def _multihead_attention(m: nn.MultiheadAttention, name: str, query, key, value,
 
 
 @contextmanager
-def _fx_wraps_seen_through(opaque: OpaqueFunction) -> Iterator[None]:
-    """Functions a library registered with ``torch.fx.wrap`` (torchvision's
-    ``stochastic_depth``, ``shifted_window_attention``, ...) are traced into
-    the torch ops they run, unless ``opaque`` keeps them (a rule registered for
-    the function wins). A library wraps a helper so that *its own* fx users get
-    one call node; to the channel analysis that node would be an unknown op,
-    while its body is ops the analysis knows. torch.fx patches every entry of
-    its module-level table while any tracer runs, so the entries are hidden for
-    the duration of fxzip's trace and put back afterwards."""
-    table = _symbolic_trace._wrapped_fns_to_patch
-    hidden = {key: frame for key, frame in table.items()
-              if key[1] in frame and callable(frame[key[1]]) and not opaque(frame[key[1]])}
-    for key in hidden:
-        del table[key]
+def _attention_as_ops(model: nn.Module) -> Iterator[None]:
+    """Every ``nn.MultiheadAttention`` of the model (not a registered leaf) runs
+    as ``_multihead_attention`` while it is captured, so the analysis sees q, k,
+    v and heads; the class is patched on the instances only, and put back."""
+    patched = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and type(m) not in _USER_LEAVES and not _kept_whole(m):
+            m.forward = (lambda self, n: lambda *a, **k: _multihead_attention(self, n, *a, **k))(m, name)
+            patched.append(m)
     try:
         yield
     finally:
-        table.update(hidden)
+        for m in patched:
+            del m.forward
 
 
-def _run_trace(tracer: fx.Tracer, model: nn.Module) -> fx.GraphModule:
-    try:
-        with torch.no_grad(), _fx_wraps_seen_through(_opaque_function):
-            graph = tracer.trace(model)
-    finally:
-        drop_proxies(model)  # forward code may have cached a proxy on a module
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    if isinstance(tracer, ConcreteTracer):
-        drop_dead_sizes(gm.graph)
-    if getattr(tracer, "decomposed", False):
-        gm.graph.eliminate_dead_code()  # attention weights nobody reads (need_weights=True by default)
-    gm.recompile()
-    return gm
+def _batch_dims(example: tuple) -> tuple:
+    """One symbolic batch size shared by every tensor input's first axis."""
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example)
 
 
-def _symbolic(model: nn.Module) -> fx.GraphModule | None:
-    """Plain torch.fx tracing; ``None`` when timm no-trace modules ended up as
-    leaves (they hide weight layers, so the model needs the concrete tracer)."""
-    tracer = _Tracer(_opaque_function)
-    gm = _run_trace(tracer, model)
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            if type(m) in tracer.notrace_modules and not _kept_whole(m):
-                return None
-    return gm
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "UserError")
 
 
-_ADVICE = ("Fixes: remove Python control flow that depends on tensor values, wrap the offending function "
-           "with torch.fx.wrap, or mark the offending submodule with fxzip.register_leaf_module and give it "
-           "a rule with fxzip.register_rule.")
+def _export(model: nn.Module, small: tuple, example: tuple) -> tuple[torch.export.ExportedProgram, bool]:
+    """Non-strict export of two samples with a symbolic batch size, else of the
+    whole example with its batch size fixed; (program, whether the batch size
+    stayed symbolic)."""
+    with torch.no_grad(), _attention_as_ops(model), functions_kept_whole(_opaque_functions()), \
+            warnings_hidden():
+        try:
+            return torch.export.export(model, small, dynamic_shapes=_batch_dims(small), strict=False), True
+        except Exception as exc:  # noqa: BLE001 - retried with a fixed batch size, reported if that fails
+            if _data_dependent(exc):
+                raise
+            logger.info("%s: the batch size cannot stay symbolic (%s); capturing it for batches of %d, "
+                        "the merged graph takes only that batch size", type(model).__name__, _gist(exc),
+                        _batch_size(example))
+        return torch.export.export(model, example, strict=False), False
 
 
-def _control_flow_error(model: nn.Module, exc: UntraceableControlFlow) -> TraceError:
-    where = "the top-level forward"
-    if exc.module:
-        where = f"module '{exc.module}' ({type(model.get_submodule(exc.module)).__name__})"
-    return TraceError(
-        f"torch.fx cannot trace {type(model).__name__}: Python control flow in {where} depends on "
-        f"{exc.reason}: {exc.conversion} of `{exc.op}` at {exc.where}\n"
-        "fxzip traces with the example's concrete shapes, so branches and loops on shapes are fine, but "
-        f"a branch on {exc.reason} would be fixed to what this one example did. {_ADVICE}"
-    )
+@contextmanager
+def warnings_hidden() -> Iterator[None]:
+    """export warns about its own internals (deprecations, guards it adds);
+    none of it is the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _batch_size(example: tuple) -> int:
+    return next((t.shape[0] for t in example if isinstance(t, torch.Tensor) and t.dim() > 0), 0)
+
+
+def _gist(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    text = str(exc)
+    return "data-dependent" in text or "data dependent" in text or type(exc).__name__ in _DATA_DEPENDENT[:2]
+
+
+def _user_line(exc: BaseException) -> str:
+    """The model's own line that branched on a value: the innermost frame of
+    the exception's traceback outside torch and fxzip (non-strict export runs
+    the model's Python, so its frame is on the stack)."""
+    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep,
+            os.path.dirname(contextlib.__file__) + os.sep)
+    frames = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        frames = [f for f in traceback.extract_tb(seen.__traceback__)
+                  if not os.path.abspath(f.filename).startswith(skip)] or frames
+        seen = seen.__cause__ or seen.__context__
+    if not frames:
+        return _gist(exc)
+    frame = frames[-1]
+    code = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).split("  #")[0].strip()
+    return f"{frame.filename}:{frame.lineno} in {frame.name}" + (f": `{code}`" if code else "")
+
+
+_ADVICE = ("Fixes: remove Python control flow that depends on tensor values (or move it out of forward), "
+           "or mark the offending submodule with fxzip.register_leaf_module and give it a rule with "
+           "fxzip.register_rule.")
 
 
 def _run_error(model: nn.Module, data_shapes: list, exc: BaseException) -> TraceError:
@@ -300,29 +295,25 @@ def _propagate(gm: fx.GraphModule, model: nn.Module, example: tuple, quiet: bool
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Trace a *copy* of ``model`` (in eval mode) and propagate shapes.
+    """Capture a *copy* of ``model`` (in eval mode) and propagate shapes.
 
-    The copy matters: tracing shares submodules with the traced root, and fxzip
-    must never change the user's model (not even its train/eval flag).
-    Every node gets ``node.meta['tensor_meta']`` from ``ShapeProp``.
-    Symbolic tracing is tried first; if it or running its graph fails, the model
-    is traced with concrete shapes (specialised to the example's spatial size).
+    The copy matters: fxzip must never change the user's model (not even its
+    train/eval flag). Every node gets ``node.meta['tensor_meta']`` from
+    ``ShapeProp``; a ``GraphModule`` is taken as the graph it already is.
     """
     check_model(model)
     example = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     check_inputs(model, example)
     data_shapes = [tuple(t.shape) for t in example if isinstance(t, torch.Tensor)]
-    # Shapes are all tracing needs: two samples are as good as the whole batch.
-    example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model).eval()
         try:
-            _propagate(gm, gm, example)
+            _propagate(gm, gm, _two_samples(example))
         except Exception as exc:
             raise _run_error(model, data_shapes, exc) from exc
         return gm
     try:
-        return _trace_copy(model, example, data_shapes)
+        return _capture(model, example, data_shapes)
     except Exception as exc:  # a clearer reason when the images do not fit a fixed-size patch embedding
         problem = _image_size_problem(model, example)
         if problem is None:
@@ -330,24 +321,243 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         raise ValueError(problem) from exc
 
 
-def _trace_copy(model: nn.Module, example: tuple, data_shapes: list) -> fx.GraphModule:
-    """Symbolic tracing of a copy, else concrete-shape tracing (see ``trace``)."""
-    copied = copy.deepcopy(model).eval()
-    symbolic_error: Exception | None = None
+def trace_models(models: Sequence[nn.Module], example_inputs: Any) -> list[fx.GraphModule]:
+    """``trace`` of every model, capturing each architecture once: a model built
+    like an earlier one (same classes, module settings, parameter names, shapes
+    and dtypes, same ties, no hooks) gets a copy of that model's graph over its
+    own weights. Sound because a non-strict export never reads parameter
+    values (a branch on one is refused), so the graph depends on the
+    architecture only; it halves the capture time of a merge of two models."""
+    captured: dict[Any, fx.GraphModule] = {}
+    out = []
+    for model in models:
+        key = _architecture(model)
+        if key is None or key not in captured or isinstance(model, fx.GraphModule):
+            gm = trace(model, example_inputs)
+            if key is not None:
+                captured[key] = gm
+        else:
+            gm = _same_graph(captured[key], model)
+        out.append(gm)
+    return out
+
+
+_SETTINGS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType,
+             types.BuiltinFunctionType)
+
+
+class _Unknown(Exception):
+    """A module setting fxzip cannot compare."""
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, _SETTINGS):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((_frozen(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return ("set", frozenset(_frozen(v) for v in value))
+    raise _Unknown
+
+
+def _architecture(model: nn.Module) -> Any:
+    """What a capture depends on besides parameter values, or None when the
+    model holds something that may change it unseen (hooks, settings fxzip
+    cannot compare)."""
+    if not isinstance(model, nn.Module):
+        return None
+    modules = []
     try:
-        gm = _symbolic(copied)
-        if gm is not None:
-            _propagate(gm, copied, example, quiet=True)
-            return gm
+        for name, m in model.named_modules(remove_duplicate=False):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+            settings = tuple((key, _frozen(value)) for key, value in sorted(vars(m).items())
+                             if key not in ("_parameters", "_buffers", "_modules") and not
+                             (key.startswith("_") and key.endswith("hooks")))
+            modules.append((name, type(m), settings))
+    except _Unknown:
+        return None
+    state = model.state_dict(keep_vars=True)
+    shared: dict[int, list[str]] = {}
+    for k, v in state.items():
+        shared.setdefault(id(v), []).append(k)
+    return (tuple(modules), tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()),
+            tuple(tuple(names) for names in shared.values() if len(names) > 1))
+
+
+def _same_graph(captured: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """``captured``'s graph over a copy of ``model`` (built like the captured one)."""
+    copied = copy.deepcopy(model).eval()
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(captured.graph, {}))
+    graph._codegen = captured.graph._codegen
+    root = _root(graph, copied, captured)
+    gm = fx.GraphModule(root, graph, type(model).__name__)
+    _keep_unused_state(gm, copied)
+    _in_model_order(gm, copied)
+    gm.eval()
+    return gm
+
+
+def _two_samples(example: tuple) -> tuple:
+    """Shapes are all capture needs: two samples are as good as the whole batch
+    (two, not one: a batch of one would be captured as a fixed size)."""
+    def cut(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        return t[:2] if t.shape[0] >= 2 else torch.cat([t, t])
+    return tuple(cut(t) for t in example)
+
+
+def _capture(model: nn.Module, example: tuple, data_shapes: list) -> fx.GraphModule:
+    """Export a copy, regroup whole modules, normalise the ops, propagate shapes."""
+    copied = copy.deepcopy(model).eval()
+    small = _two_samples(example)
+    try:
+        program, symbolic_batch = _export(copied, small, example)
     except TraceError:
         raise
-    except Exception as exc:  # torch.fx raises many types here
-        symbolic_error = exc
-    gist = f"{type(symbolic_error).__name__}: {(str(symbolic_error).splitlines() or [''])[0][:200]}" if symbolic_error else \
-        "timm no-trace modules would hide weight layers"
-    logger.info("%s: torch.fx symbolic tracing failed (%s); tracing with concrete shapes, so the graph is "
-                "specialised to the example's size %s", type(model).__name__, gist, data_shapes)
-    return _concrete(copy.deepcopy(model).eval(), example, data_shapes, symbolic_error)
+    except Exception as exc:
+        failed = _eager_failure(copied, small)
+        if failed is not None:  # the model's own code fails on this data: the data is at fault
+            raise _run_error(model, data_shapes, failed) from failed
+        raise _capture_error(model, data_shapes, exc) from exc
+    unlifted = program.module()
+    graph = unlifted.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # state the forward never reads (``num_batches_tracked``) returns unread
+    try:
+        regroup(unlifted, copied, _kept_whole, _must_stay_whole)
+    except LeafCallError as exc:
+        raise TraceError(str(exc)) from None
+    restore_calls(graph)
+    for node in graph.nodes:
+        if node.op == "get_attr" and _lookup(copied, str(node.target)) is None:
+            node.meta[CONSTANT] = True
+    unmapped = normalise(unlifted, _op_has_rule)
+    if unmapped:
+        logger.debug("%s: ATen ops kept as they are: %s", type(model).__name__, ", ".join(unmapped))
+    _outputs_as_returned(graph, program.call_spec.out_spec)
+    if not symbolic_batch:
+        _check_batch_size(graph, _batch_size(example))
+    graph._codegen = fx.graph.CodeGen()  # positional inputs, the outputs as they are (no pytree specs)
+    gm = fx.GraphModule(_root(graph, copied, unlifted), graph, type(model).__name__)
+    gm.graph.lint()
+    gm.recompile()
+    try:
+        _propagate(gm, copied, example if not symbolic_batch else small)
+    except Exception as exc:
+        raise _run_error(model, data_shapes, exc) from exc
+    _in_model_order(gm, copied)
+    return gm
+
+
+def _in_model_order(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Submodules, parameters and buffers in the order the user's model has
+    them (export lists what functional ops read before the modules it calls),
+    so ``state_dict()`` lists its keys as the model's does."""
+    for path, ours in gm.named_modules():
+        if ours is gm and path:
+            continue
+        theirs = _lookup(model, path) if path else model
+        if not isinstance(theirs, nn.Module) or ours is theirs:
+            continue
+        for table in ("_modules", "_parameters", "_buffers"):
+            mine, order = getattr(ours, table), list(getattr(theirs, table))
+            rank = {name: i for i, name in enumerate(order)}
+            items = sorted(mine.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            mine.clear()
+            mine.update(items)
+
+
+def check_batch_size(x: torch.Tensor, size: int) -> None:
+    """The guard of a graph captured for one batch size (the model branches on
+    it): another batch size would run the branches taken for ``size``."""
+    if x.shape[0] != size:
+        raise ValueError(f"this graph was captured for batches of {size} (the model's forward branches or loops "
+                         f"on the batch size) and got a batch of {x.shape[0]}: use batches of {size}, e.g. "
+                         "DataLoader(..., drop_last=True)")
+
+
+torch.fx.node._side_effectful_functions.add(check_batch_size)
+
+
+def _check_batch_size(graph: fx.Graph, size: int) -> None:
+    first = next((n for n in graph.nodes if n.op == "placeholder"
+                  and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0), None)
+    if first is None:
+        return
+    with graph.inserting_after(first):
+        graph.call_function(check_batch_size, (first, size))
+
+
+def _outputs_as_returned(graph: fx.Graph, out_spec: pytree.TreeSpec) -> None:
+    """The graph returns what the model returns: export flattens the result
+    into a tuple of tensors; it is put back into the model's structure (a
+    tensor, a tuple, torchvision's dict). A structure of another class
+    (Hugging Face's ``ModelOutput``) comes back as a plain dict or tuple of
+    the same entries, which is what a GraphModule can return."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = output.args[0]
+    value = pytree.tree_unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat], out_spec)
+    output.args = (_plain(value),)
+
+
+def _plain(value: Any) -> Any:
+    from collections.abc import Mapping
+
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not isinstance(value, fx.Node):
+        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else tuple(map(_plain, value))
+    return value
+
+
+def _root(graph: fx.Graph, model: nn.Module, unlifted: nn.Module) -> dict[str, Any]:
+    """What the graph reads, by name: the user's modules and parameters (so the
+    state_dict keeps its names), and export's own constants."""
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        root[target] = _lookup(model, target)
+        if root[target] is None:
+            root[target] = _lookup(unlifted, target)
+    return root
+
+
+def _lookup(owner: nn.Module, target: str) -> Any:
+    value: Any = owner
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _eager_failure(model: nn.Module, example: tuple) -> BaseException | None:
+    """Asked only after export failed: does the model fail on the example in
+    plain eager mode too?"""
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as exc:  # noqa: BLE001 - returned to be reported
+        return exc
+    return None
+
+
+def _capture_error(model: nn.Module, data_shapes: list, exc: BaseException) -> TraceError:
+    if _data_dependent(exc):
+        return TraceError(
+            f"fxzip cannot capture {type(model).__name__}: Python control flow depends on tensor values at "
+            f"{_user_line(exc)}\nfxzip captures with the example's shapes, so branches and loops on shapes are "
+            f"fine, but a branch on values would be fixed to what this one example did. {_ADVICE}")
+    return TraceError(f"fxzip cannot capture {type(model).__name__} with torch.export: {_gist(exc)}\n{_ADVICE}")
 
 
 def check_model(model: Any, which: str = "the model") -> None:
@@ -402,33 +612,6 @@ def _image_size_problem(model: nn.Module, example: tuple) -> str | None:
                     f"{h}x{w}: build the model for the data's size, e.g. timm.create_model(NAME, "
                     f"img_size={h if h == w else (h, w)}), or resize the data to {size[0]}x{size[1]}")
     return None
-
-
-def _concrete(model: nn.Module, example: tuple, data_shapes: list,
-              symbolic_error: Exception | None) -> fx.GraphModule:
-    """The fallback; its errors say whether the model's control flow, the data or
-    the tracer is at fault."""
-    tracer = _ConcreteTracer(example, _opaque_function)
-    try:
-        gm = _run_trace(tracer, model)
-    except TraceError:
-        raise
-    except UntraceableControlFlow as exc:
-        raise _control_flow_error(model, exc) from exc
-    except Exception as exc:
-        if exc is tracer.op_error:  # the model's own code failed on the example
-            raise _run_error(model, data_shapes, exc) from exc
-        symbolic = "" if symbolic_error is None else f"{type(symbolic_error).__name__}: {symbolic_error}\n"
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {symbolic}"
-            f"Tracing with concrete shapes failed: {type(exc).__name__}: {exc}\n"
-            f"fxzip needs a traceable forward. {_ADVICE}"
-        ) from exc
-    try:
-        _propagate(gm, model, example)
-    except Exception as exc:
-        raise _run_error(model, data_shapes, exc) from exc
-    return gm
 
 
 def _keep_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from fxzip.analysis import AxisRole, GraphAnalysis
 from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_features, merged_length
+from fxzip.passes.ties import keep_or_untie
 
 __all__ = ["axis_index", "all_tensors", "fold_state", "fold", "merged_features", "merged_length", "cluster_sizes"]
 
@@ -120,6 +121,7 @@ def fold(gm: fx.GraphModule, models: Sequence[fx.GraphModule | Mapping[str, torc
         from .widen import widen
 
         widen(out, analysis, state, widened)
+    keep_or_untie(out, state)
     with torch.no_grad():
         for name, tensor in all_tensors(out, keep_vars=True).items():
             if name in state:

@@ -70,6 +70,7 @@ from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_leng
 from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
 from fxzip.passes.sequential import Executor, Step
+from fxzip.passes.ties import tied_names, untie
 from fxzip.passes.waves import depth_levels, truncated
 
 __all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit", "refit_heads"]
@@ -282,12 +283,22 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
         layers = [l for l in layers if l.node in only]
     if not layers:
         return RefitResult([], 0, skipped, "one pass" if one_pass else schedule)
+    _untie_refit(merged, layers)
     counts = {s: cluster_sizes(a) for s, a in assign.items()}
     if one_pass or schedule == "waves":
         return _refit_waves(merged, layers, skipped, joint, node_maps, assign, counts, batches, ridge, progress,
                             one_pass)
     return _refit_sequential(merged, layers, skipped, joint, node_maps, assign, counts, batches, ridge, progress,
                              max_memory)
+
+
+def _untie_refit(merged: fx.GraphModule, layers: list[RefitLayer]) -> None:
+    """A refit layer's weight shared with another module (tied embeddings) gets
+    its own copy first: the fit is for this layer's inputs only."""
+    refit = {f"{layer.name}.{leaf}" for layer in layers for leaf in ("weight", "bias")}
+    for names in tied_names(merged):
+        if refit & set(names):
+            untie(merged, sorted(names, key=lambda n: n not in refit))
 
 
 def _fit(layer: RefitLayer, mod: nn.Module, normal: _Normal, ridge: float) -> None:

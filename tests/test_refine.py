@@ -317,7 +317,7 @@ class PaddedPartialResidual(nn.Module):
         return self.head(F.relu(z).mean((2, 3)))
 
 
-def test_partial_residual_on_the_concrete_trace_path():
+def test_partial_residual_added_into_a_slice_in_place():
     data = batches((16, 3, 7, 7), 3)
     model = prepared(PaddedPartialResidual(), data)
     assert any(n.target is operator.setitem for n in trace(model, data[0]).graph.nodes)

@@ -23,7 +23,14 @@ rule, in the same registry: ``@register_rule(MyBlock, width=my_resizer)``
 """
 from __future__ import annotations
 
-from .registry import (
+import types
+
+import torch.nn.functional as F
+
+from .registry import (  # noqa: I001
+    _FUNCTION_RULES,
+    _METHOD_RULES,
+    _MODULE_RULES,
     FREE,
     SIZES,
     PerNode,
@@ -49,19 +56,47 @@ def _load_builtin_rules() -> None:
     from . import attention, einsum, elementwise, layers, shape  # noqa: F401  (registration side effects)
 
 
-def _has_function_rule(fn) -> bool:
-    """A function with a channel rule can stay one opaque call node when traced
-    (timm's no-trace helpers such as ``maybe_add_mask``); the rest are traced
-    through so the analysis sees their ops."""
-    return lookup_function_rule(fn) is not None
+_SPLIT_BY_EXPORT = (F.normalize,)
+"""torch functions with a rule that export records as several ATen ops
+(``F.normalize``: a norm over the channel axis, a clamp, a division), which
+would lose what the rule knows (channel i in, channel i out); the other torch
+functions are one ATen op each, renamed back by ``fxzip.aten_ops``."""
+
+
+def _functions_kept_whole() -> set:
+    """Functions with a channel rule that capture keeps as one call: the user's
+    Python functions, and torch's that export would split."""
+    return {fn for fn in _FUNCTION_RULES
+            if isinstance(fn, types.FunctionType) and (not (fn.__module__ or "").startswith("torch")
+                                                        or fn in _SPLIT_BY_EXPORT)}
+
+
+def _has_module_rule(module) -> bool:
+    """A module stays one call node when captured if a rule covers it: a rule
+    registered for its own class, or for a torch class it is (``nn.Conv2d``'s
+    rule covers ``nn.LazyConv2d``). A library's subclass of a torch layer with
+    its own forward (timm's ``BatchNormAct2d``: a norm, then an activation) is
+    not covered by its base's rule, so it is captured as the ops it runs."""
+    cls = type(module)
+    if cls in _MODULE_RULES:
+        return True
+    torch_defined = cls.__module__.startswith(("torch.nn", "torch.ao.nn"))
+    return torch_defined and any(base in _MODULE_RULES for base in cls.__mro__)
+
+
+def _op_has_rule(op: str, target) -> bool:
+    table = {"call_function": _FUNCTION_RULES, "call_method": _METHOD_RULES}.get(op, {})
+    return target in table
 
 
 def _tell_the_tracer() -> None:
-    """Tracing is the layer below the rules: it asks this predicate instead of
-    importing the registry (``fxzip.trace.set_opaque_function``)."""
-    from ..trace import set_opaque_function
+    """Capture is the layer below the rules: it asks these predicates instead
+    of importing the registry (``fxzip.trace.set_opaque_functions``)."""
+    from ..trace import set_op_rule, set_opaque_functions, set_whole_module
 
-    set_opaque_function(_has_function_rule)
+    set_opaque_functions(_functions_kept_whole)
+    set_whole_module(_has_module_rule)
+    set_op_rule(_op_has_rule)
 
 
 _load_builtin_rules()

@@ -20,7 +20,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..layout import NO_CHANNELS, Layout, describe
-from .elementwise import binary
 from .heads import per_head, shared_head_basis
 from .registry import FREE, group_aware, map_aware, register_rule
 from .shape import channel_range
@@ -257,31 +256,3 @@ def _multi_query(ctx, node: fx.Node, q, k, v, out_nd: int) -> Layout:
         ctx.unify(node, channel_range(ctx, node, lq.segments, h * width, (h + 1) * width), lk.segments)
     ctx.mark_bilinear(lq.segments)
     return Layout(out_nd - 1, lv.segments * heads, stack_dim=g)
-
-
-def _register_timm_helpers() -> None:
-    """timm wraps the mask resolution of its explicit attention path as an fx
-    leaf; it builds a mask from the (channel-free) ``attn_mask`` argument and
-    only reads ``attn`` for its dtype/device, so its result has no channels."""
-    try:
-        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-    except ImportError:  # older/newer timm without them: nothing to register
-        return
-
-    @register_rule(resolve_self_attn_mask)
-    @group_aware
-    def attention_mask(ctx, node: fx.Node) -> None:
-        ctx.set(node, NO_CHANNELS)
-
-    @register_rule(maybe_add_mask)
-    @group_aware
-    def add_mask(ctx, node: fx.Node) -> None:
-        """``scores + mask`` when a mask is given, else ``scores``."""
-        scores, mask = node.args[0], ctx.arg(node, 1, "attn_mask")
-        if isinstance(mask, fx.Node) and ctx.shape(mask) is not None:
-            binary(ctx, node)
-        else:
-            ctx.set(node, ctx.layout(scores), passthrough=True)
-
-
-_register_timm_helpers()

@@ -252,6 +252,20 @@ def addcmul(ctx, node: fx.Node) -> None:
     broadcast(ctx, node, operands)
 
 
+@register_rule(torch.where, "where", width=FREE)
+@group_aware
+def where(ctx, node: fx.Node) -> None:
+    """``torch.where(condition, x, y)``: each element comes from ``x`` or ``y``,
+    so ``x`` and ``y`` broadcast as in arithmetic (T5's position bias, one
+    channel per head, selected against a mask); a condition with channels would
+    pick per unit, which no permutation of one side follows."""
+    condition = ctx.arg(node, 0, "condition")
+    if isinstance(condition, fx.Node) and ctx.layout(condition).has_channels:
+        ctx.fail(node, f"selects with a condition that has channels ({describe(ctx.layout(condition))}); fxzip "
+                       "follows torch.where with a channel-free condition (a mask).")
+    broadcast(ctx, node, [ctx.arg(node, 1, "input"), ctx.arg(node, 2, "other")])
+
+
 def broadcast(ctx, node: fx.Node, operands: list) -> None:
     """The shared logic of elementwise ops over any number of broadcast operands."""
     out_nd = ctx.ndim(node)

@@ -190,6 +190,18 @@ def linear_function(ctx, node: fx.Node) -> None:
         ctx.unify(node, out.segments, ctx.layout(b).segments)  # its parts follow the output channels
 
 
+@register_rule(torch.addmm, width=FREE)
+def addmm(ctx, node: fx.Node) -> None:
+    """``torch.addmm(bias, x, w)`` = ``x @ w + bias``: a linear layer whose weight
+    is stored (in, out), as GPT-2's ``Conv1D`` keeps it."""
+    bias, x, w = node.args[:3]
+    if ctx.arg(node, 3, "beta", 1) != 1 or ctx.arg(node, 4, "alpha", 1) != 1:
+        ctx.fail(node, "scales the product or the bias (beta/alpha other than 1); fxzip folds addmm as a linear "
+                       "layer only.")
+    name, axes = _view_param(ctx, node, w)
+    _linear(ctx, node, x, (name, (axes[1], axes[0])), _view_param(ctx, node, bias), ctx.shape(w)[1])
+
+
 def _linear(ctx, node, x, weight, bias, out_features: int) -> None:
     lay = ctx.layout(x)
     nd = ctx.ndim(x)

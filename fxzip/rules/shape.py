@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import NO_CHANNELS, Layout, ParamView, Segment, describe
+from ..trace import check_batch_size
 from .heads import link_heads, shared_head_basis
 from .registry import FREE, SIZES, PerNode, group_aware, map_aware, register_rule, register_width
 from .segments import channel_range
@@ -25,10 +26,11 @@ _HEADS = ("fxzip follows a reshape of the channel axis when it keeps channels wh
           "shuffles do; for another reshape, register a rule (fxzip.register_rule, README 'Extending').")
 
 
-@register_rule(builtins.getattr, "size", "dim", "numel", width=FREE)
+@register_rule(builtins.getattr, "size", "dim", "numel", check_batch_size, width=FREE)
 @group_aware
 def no_tensor(ctx, node: fx.Node) -> None:
-    """Shape queries return Python values, not features."""
+    """Shape queries return Python values, not features (and the batch-size
+    guard of a graph captured for one batch size returns nothing)."""
     ctx.set(node, NO_CHANNELS, passthrough=True)
 
 
@@ -513,6 +515,8 @@ def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
     rotary embedding, then put back): one basis, one head assignment."""
     axes = lambda l: (l.dim, l.group_dim, l.stack_dim)  # noqa: E731
     l0 = lays[0]
+    if _head_positions_rejoined(ctx, node, lays, dim):
+        return
     if any(not l.grouped or axes(l) != axes(l0) for l in lays) or dim in axes(l0):
         ctx.fail(node, f"concatenates tensors whose channels are split into groups "
                        f"({'; '.join(describe(l) for l in lays)}) along axis {dim}; fxzip follows such a "
@@ -524,6 +528,25 @@ def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
         ctx.unify(node, l0.segments, l.segments)
         ctx.tie_groups(node, l0.segments, l.segments)
     ctx.set(node, l0, passthrough=True)
+
+
+def _head_positions_rejoined(ctx, node: fx.Node, lays: list, dim: int) -> bool:
+    """Parts of every head read by position, put back together along the
+    head's channel axis (a partial rotary embedding: the rotated first
+    positions of each head, then the rest, as GPT-NeoX and Phi write it): the
+    heads with their channels again, positions inside a head fixed (reading
+    them by position fixed them) and whole heads free to move."""
+    l0 = lays[0]
+    nd, shape = ctx.ndim(node), ctx.shape(node)
+    if dim != nd - 1 or shape is None or l0.group_dim is None:
+        return False
+    if any(l.dim is not None or l.group_dim != l0.group_dim or l.stack_dim is not None or l.cross_dim is not None
+           or l.segments != l0.segments for l in lays):
+        return False
+    if shape[l0.group_dim] * shape[dim] != sum(s.size for s in l0.segments):
+        return False  # not every position of every head
+    ctx.set(node, Layout(dim, l0.segments, group_dim=l0.group_dim), passthrough=True)
+    return True
 
 
 def _cat_params(ctx, node: fx.Node, parts: list, lays: list) -> None:
@@ -780,6 +803,10 @@ def getitem(ctx, node: fx.Node) -> None:
     idx = node.args[1]
     if isinstance(lay, tuple):
         ctx.set(node, lay[idx] if isinstance(idx, int) else NO_CHANNELS, passthrough=True)
+        return
+    if isinstance(lay, Layout) and lay.grouped and lay.dim is None and ctx.shape(node) is not None:
+        # heads read by position already (a partial rotary's rotated part, sliced again into halves)
+        ctx.set(node, _index_grouped(ctx, node, lay, idx), passthrough=True)
         return
     if not isinstance(lay, Layout) or (not lay.has_channels and lay.param is None):
         ctx.set(node, NO_CHANNELS)

@@ -1,11 +1,14 @@
-"""Models whose forward has Python control flow on shapes (which torch.fx's
-symbolic tracing cannot follow) are traced with concrete shapes, keep the batch
-size symbolic, and merge exactly; control flow on tensor values or on the batch
-size fails with a TraceError that names the module and the line."""
+"""Capture (``torch.export``, non-strict): models whose forward has Python
+control flow on shapes (which torch.fx's symbolic tracing cannot follow) are
+captured specialised to the example's spatial size, keep the batch size
+symbolic, and merge exactly; a model that branches on the batch size is
+captured for that batch size, and says so; control flow on tensor values
+fails with a TraceError that names the line."""
 from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import math
 
 import pytest
@@ -20,9 +23,9 @@ import fxzip
 trace_module = importlib.import_module("fxzip.trace")  # fxzip.trace is the function
 
 
-def concrete(gm: torch.fx.GraphModule) -> bool:
-    """The graph came from the concrete-shape tracer."""
-    return any("fxzip_concrete_kind" in n.meta for n in gm.graph.nodes)
+def tensor_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Nodes whose value, when captured, was a tensor (not a size read off one)."""
+    return [n for n in gm.graph.nodes if n.op != "output" and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
 # ------------------------------------------------ models with shape control flow
@@ -127,9 +130,7 @@ def test_shape_control_flow_traces_and_self_merges(name: str) -> None:
     with pytest.raises(Exception):
         torch.fx.symbolic_trace(copy.deepcopy(model))  # plain torch.fx cannot follow it
     gm = fxzip.trace(model, data[0])
-    assert concrete(gm)
-    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output",)
-               and n.meta.get("fxzip_concrete_kind") != "size")
+    assert all("tensor_meta" in n.meta for n in tensor_nodes(gm))
     assert set(gm.state_dict()) == set(model.state_dict())
     assert all(isinstance(gm.get_submodule(n.target), nn.Module) for n in gm.graph.nodes if n.op == "call_module")
     assert_same_function(model, gm, [torch.randn(b, 3, 10, 10) for b in (1, 3, 8)])  # any batch size
@@ -152,8 +153,8 @@ def test_shape_control_flow_permutation_recovery(name: str) -> None:
 def test_spatial_size_is_specialised_batch_size_is_not() -> None:
     model, data = _model_and_data("window_pad")
     gm = fxzip.trace(model, data[0])
-    code = gm.code
-    assert "reshape(getitem" in code or "reshape(size" in code  # B is read from the input, not baked
+    assert "x.size(0)" in gm.code  # B is read from the input, not baked
+    assert_same_function(model, gm, [torch.randn(b, 3, 10, 10) for b in (1, 5)])
     with pytest.raises(Exception):
         gm(torch.randn(2, 3, 12, 12))  # padding was specialised to 10x10
 
@@ -166,7 +167,7 @@ def test_user_model_is_not_mutated() -> None:
     assert not model.training
 
 
-def test_multihead_attention_is_decomposed_on_the_concrete_path() -> None:
+def test_multihead_attention_is_decomposed_into_its_projections_and_heads() -> None:
     class Mha(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -182,7 +183,6 @@ def test_multihead_attention_is_decomposed_on_the_concrete_path() -> None:
 
     model = Mha().eval()
     gm = fxzip.trace(model, torch.randn(4, 6, 4))
-    assert concrete(gm)
     assert not any(n.op == "call_module" and n.target == "mha" for n in gm.graph.nodes)
     assert "mha.in_proj_weight" in gm.state_dict()
     assert_same_function(model, gm, [torch.randn(b, 6, 4) for b in (1, 5)])
@@ -212,14 +212,13 @@ class ValueBranch(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def test_branch_on_tensor_values_names_module_and_line() -> None:
+def test_branch_on_tensor_values_names_the_line() -> None:
     with pytest.raises(fxzip.TraceError) as info:
         fxzip.trace(ValueBranch(), torch.randn(2, 3, 8, 8))
     msg = str(info.value)
-    assert "cannot trace ValueBranch" in msg and "control flow" in msg
-    assert "module 'blocks.1' (Gate)" in msg and "tensor values" in msg
-    assert "test_trace_concrete.py" in msg and "if x.mean() > 0" in msg
-    assert "register_leaf_module" in msg and "torch.fx.wrap" in msg
+    assert "cannot capture ValueBranch" in msg and "control flow" in msg and "tensor values" in msg
+    assert "test_capture.py" in msg and "in forward: `if x.mean() > 0:`" in msg
+    assert "register_leaf_module" in msg
 
 
 def test_item_in_a_branch_is_refused_but_in_arithmetic_is_recorded() -> None:
@@ -232,40 +231,47 @@ def test_item_in_a_branch_is_refused_but_in_arithmetic_is_recorded() -> None:
             scale = x.abs().max().item()
             if self.branch and scale > 1.0:
                 return self.fc(x)
-            if x.shape[1] == 4:  # forces the concrete path
+            if x.shape[1] == 4:  # a branch on a shape
                 x = x * scale
             return self.fc(x)
 
-    with pytest.raises(fxzip.TraceError, match=r"depends on tensor values: bool\(\)"):
+    with pytest.raises(fxzip.TraceError, match=r"depends on tensor values at .*`if self.branch and scale > 1.0:`"):
         fxzip.trace(Item(True), torch.randn(2, 4))
     model = Item(False).eval()
     gm = fxzip.trace(model, torch.randn(2, 4))
     assert_same_function(model, gm, [torch.randn(3, 4) * 5, torch.randn(5, 4) * 0.1])
 
 
-def test_control_flow_on_the_batch_size_is_refused() -> None:
-    class PerSample(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
+class PerSample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([self.fc(x[b]) for b in range(x.shape[0])])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fc(x[b]) for b in range(x.shape[0])])
 
-    with pytest.raises(fxzip.TraceError, match=r"depends on the batch size: (index|int)\(\)(.|\n)*range"):
-        fxzip.trace(PerSample(), torch.randn(3, 4))
+
+def test_control_flow_on_the_batch_size_fixes_the_batch_size_and_says_so(caplog) -> None:
+    model, x = PerSample().eval(), torch.randn(3, 4)
+    with caplog.at_level(logging.INFO, logger="fxzip"):
+        gm = fxzip.trace(model, x)
+    (record,) = [r for r in caplog.records if r.name == "fxzip.trace"]
+    assert "PerSample: the batch size cannot stay symbolic" in record.getMessage()
+    assert "capturing it for batches of 3" in record.getMessage()
+    assert_same_function(model, gm, [x, torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="captured for batches of 3 .* a batch of 5"):
+        gm(torch.randn(5, 4))  # never three of the five samples silently
 
 
 # ------------------------------------------------------------------- timm
 
 def test_timm_model_that_symbolic_tracing_cannot_follow() -> None:
     """Hiera's forward has ``mask=None``: plain fx makes it a placeholder, takes the
-    ``if mask is not None`` branch and the graph cannot run; the concrete path
-    keeps the default and traces its shape arithmetic."""
+    ``if mask is not None`` branch and the graph cannot run; capture
+    keeps the default and captures its shape arithmetic."""
     timm = pytest.importorskip("timm")
     model = redraw(timm.create_model("hiera_tiny_224", pretrained=False, num_classes=10, img_size=64).eval())
     gm = fxzip.trace(model, torch.randn(2, 3, 64, 64))
-    assert concrete(gm)
     assert sum(isinstance(gm.get_submodule(n.target), nn.Linear) for n in gm.graph.nodes
                if n.op == "call_module") >= 20
     assert set(gm.state_dict()) == set(model.state_dict())
@@ -273,9 +279,31 @@ def test_timm_model_that_symbolic_tracing_cannot_follow() -> None:
 
 
 def test_timm_notrace_modules_keep_the_batch_size_symbolic() -> None:
-    """MobileViT blocks are timm no-trace modules that reshape with ``B``; traced
-    through with concrete shapes, the graph still runs at another batch size."""
+    """MobileViT blocks are timm no-trace modules that reshape with ``B``;
+    captured through, the graph still runs at another batch size."""
     timm = pytest.importorskip("timm")
     model = redraw(timm.create_model("mobilevitv2_050", pretrained=False, num_classes=10).eval())
     gm = fxzip.trace(model, torch.randn(2, 3, 64, 64))
     assert_same_function(model, gm, [torch.randn(3, 3, 64, 64)])
+
+
+class Switch(nn.Module):
+    """One architecture, two behaviours chosen by a plain attribute."""
+
+    def __init__(self, gelu: bool) -> None:
+        super().__init__()
+        self.gelu = gelu
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(F.gelu(h) if self.gelu else torch.relu(h))
+
+
+def test_a_merge_captures_each_architecture_once_and_never_mixes_behaviours() -> None:
+    x = torch.randn(4, 4)
+    a, b, c = (redraw(Switch(gelu).eval(), seed) for gelu, seed in ((True, 0), (True, 1), (False, 2)))
+    gms = trace_module.trace_models([a, b, c], x)
+    assert gms[1].code == gms[0].code and gms[2].code != gms[0].code  # c's setting differs: its own capture
+    for model, gm in zip((a, b, c), gms):
+        assert_same_function(model, gm, [x, torch.randn(7, 4)])  # each over its own weights

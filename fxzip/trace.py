@@ -391,7 +391,8 @@ def _same_graph(captured: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """``captured``'s graph over a copy of ``model`` (built like the captured one)."""
     copied = copy.deepcopy(model).eval()
     graph = fx.Graph()
-    graph.output(graph.graph_copy(captured.graph, {}))
+    output = graph.output(graph.graph_copy(captured.graph, {}))
+    output.meta = dict(next(n for n in captured.graph.nodes if n.op == "output").meta)
     graph._codegen = captured.graph._codegen
     root = _root(graph, copied, captured)
     gm = fx.GraphModule(root, graph, type(model).__name__)

@@ -305,5 +305,6 @@ def test_a_merge_captures_each_architecture_once_and_never_mixes_behaviours() ->
     a, b, c = (redraw(Switch(gelu).eval(), seed) for gelu, seed in ((True, 0), (True, 1), (False, 2)))
     gms = trace_module.trace_models([a, b, c], x)
     assert gms[1].code == gms[0].code and gms[2].code != gms[0].code  # c's setting differs: its own capture
+    assert [n.meta.get("tensor_meta") for n in gms[1].graph.nodes] == [n.meta.get("tensor_meta") for n in gms[0].graph.nodes]
     for model, gm in zip((a, b, c), gms):
         assert_same_function(model, gm, [x, torch.randn(7, 4)])  # each over its own weights

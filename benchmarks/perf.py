@@ -220,6 +220,20 @@ def gram_macs(models: list, example, n_models: int) -> tuple[float, float]:
     return blocked, full
 
 
+def floor_seconds(models: list, merged, batches: list) -> tuple[float, float]:
+    """Wall and CPU seconds of the floor: every model's forward pass and the
+    merged model's over the batches (eval mode, no autograd)."""
+    import torch
+
+    start, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for b in batches:
+            for m in models:
+                m(b)
+            merged(b)
+    return time.perf_counter() - start, time.process_time() - c0
+
+
 def run_merge(cfg: dict) -> dict:
     import torch
 
@@ -232,13 +246,7 @@ def run_merge(cfg: dict) -> dict:
         for m in models:
             m(batches[0][:4])
     def forwards(merged) -> tuple[float, float]:
-        start, c0 = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            for b in batches:
-                for m in models:
-                    m(b)
-                merged(b)
-        return time.perf_counter() - start, time.process_time() - c0
+        return floor_seconds(models, merged, batches)
 
     # The floor is measured before and after the merge and the two are
     # averaged, so a drift of the machine's load during the merge hits floor
@@ -498,13 +506,7 @@ def run_refit(cfg: dict) -> dict:
             m(batches[0][:4])
 
     def forwards(merged) -> tuple[float, float]:
-        start, c0 = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            for b in batches:
-                for m in models:
-                    m(b)
-                merged(b)
-        return time.perf_counter() - start, time.process_time() - c0
+        return floor_seconds(models, merged, batches)
 
     def measured(fn):
         mem = Memory()

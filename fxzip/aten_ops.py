@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .leaf_modules import attr_at
+
 __all__ = ["normalise", "is_aten", "CONSTANT"]
 
 aten = torch.ops.aten
@@ -98,9 +100,7 @@ def _as_written(index: Any, owner: Any) -> Any:
     if not (isinstance(index, fx.Node) and index.op == "get_attr" and owner is not None
             and index.meta.get(CONSTANT)):
         return index
-    value: Any = owner
-    for part in str(index.target).split("."):
-        value = getattr(value, part, None)
+    value = attr_at(owner, str(index.target))
     if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() <= _CONSTANT_INDEX_LIMIT \
             and not value.is_floating_point() and not isinstance(value, torch.nn.Parameter):
         return value.tolist()
@@ -168,10 +168,6 @@ def _upsample(mode: str) -> Rewrite:
     return rewrite
 
 
-def _split_with_sizes(n: fx.Node) -> tuple:
-    return "call_function", torch.split, tuple(n.args), dict(n.kwargs)
-
-
 def _to(n: fx.Node) -> tuple:
     """``aten._to_copy(x, dtype=...)`` / ``aten.to.dtype(x, dtype)``: ``x.to(...)``."""
     return "call_method", "to", tuple(n.args), {k: v for k, v in n.kwargs.items() if k in ("dtype", "device")}
@@ -200,7 +196,7 @@ _TABLE: dict[Any, Rewrite] = {
     aten.rsub: _rsub,
     # indexing and views, as Python's x[...] and tensor methods are traced
     aten.slice: _slice, aten.select: _select, aten.index: _index_tensor,
-    aten.split_with_sizes: _split_with_sizes,
+    aten.split_with_sizes: _function(torch.split),
     aten.view: _method("view"), aten.expand: _method("expand"), aten.contiguous: _method("contiguous"),
     aten.repeat: _method("repeat"), aten.new_zeros: _method("new_zeros"), aten.new_ones: _method("new_ones"),
     aten.new_full: _method("new_full"), aten.new_empty: _method("new_empty"), aten.sym_size: _method("size"),

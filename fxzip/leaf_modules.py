@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
-__all__ = ["regroup", "LeafCallError"]
+__all__ = ["regroup", "LeafCallError", "attr_at"]
 
 
 class LeafCallError(ValueError):
@@ -54,15 +54,18 @@ def _own_attrs(members: list[fx.Node], path: str, module: nn.Module, model: nn.M
         for arg in node.all_input_nodes:
             if arg.op != "get_attr" or arg in attrs:
                 continue
-            if str(arg.target).startswith(path + ".") or id(_attr(model, str(arg.target))) in own:
+            if str(arg.target).startswith(path + ".") or id(attr_at(model, str(arg.target))) in own:
                 attrs.append(arg)
     return attrs
 
 
-def _attr(model: nn.Module, target: str) -> object:
-    value: object = model
+def attr_at(owner: object, target: str) -> object:
+    """``owner.a.b.c`` for ``target`` "a.b.c", or None where a part is missing."""
+    value: object = owner
     for part in target.split("."):
         value = getattr(value, part, None)
+        if value is None:
+            return None
     return value
 
 

@@ -110,7 +110,7 @@ def restore_calls(graph: fx.Graph) -> None:
                 torch.ops.fxzip.opaque_call:
             continue
         tensors, call = node.args
-        fn, spec, leaves = _CALLS[call]
+        fn, spec, leaves = _CALLS.pop(call)  # needed no more: the node calls the function itself
         it = iter(tensors)
         args, kwargs = pytree.tree_unflatten([next(it) if leaf is None else leaf for leaf in leaves], spec)
         node.target, node.args, node.kwargs = fn, tuple(args), dict(kwargs)

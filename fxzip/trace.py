@@ -44,7 +44,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .aten_ops import CONSTANT, HasRule, normalise
-from .leaf_modules import LeafCallError, regroup
+from .leaf_modules import LeafCallError, attr_at, regroup
 from .opaque_calls import functions_kept_whole, restore_calls
 
 __all__ = ["TraceError", "trace", "trace_models", "check_batch_size", "register_leaf_module", "set_opaque_functions", "set_whole_module", "set_op_rule",
@@ -204,7 +204,7 @@ def _batch_dims(example: tuple) -> tuple:
     return tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example)
 
 
-_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "UserError")
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException")
 
 
 def _export(model: nn.Module, small: tuple, example: tuple) -> tuple[torch.export.ExportedProgram, bool]:
@@ -212,7 +212,7 @@ def _export(model: nn.Module, small: tuple, example: tuple) -> tuple[torch.expor
     whole example with its batch size fixed; (program, whether the batch size
     stayed symbolic)."""
     with torch.no_grad(), _attention_as_ops(model), functions_kept_whole(_opaque_functions()), \
-            warnings_hidden():
+            _warnings_hidden():
         try:
             return torch.export.export(model, small, dynamic_shapes=_batch_dims(small), strict=False), True
         except Exception as exc:  # noqa: BLE001 - retried with a fixed batch size, reported if that fails
@@ -225,7 +225,7 @@ def _export(model: nn.Module, small: tuple, example: tuple) -> tuple[torch.expor
 
 
 @contextmanager
-def warnings_hidden() -> Iterator[None]:
+def _warnings_hidden() -> Iterator[None]:
     """export warns about its own internals (deprecations, guards it adds);
     none of it is the user's to act on."""
     import warnings
@@ -246,7 +246,7 @@ def _gist(exc: BaseException) -> str:
 
 def _data_dependent(exc: BaseException) -> bool:
     text = str(exc)
-    return "data-dependent" in text or "data dependent" in text or type(exc).__name__ in _DATA_DEPENDENT[:2]
+    return "data-dependent" in text or "data dependent" in text or type(exc).__name__ in _DATA_DEPENDENT
 
 
 def _user_line(exc: BaseException) -> str:
@@ -437,7 +437,7 @@ def _capture(model: nn.Module, example: tuple, data_shapes: list) -> fx.GraphMod
         raise TraceError(str(exc)) from None
     restore_calls(graph)
     for node in graph.nodes:
-        if node.op == "get_attr" and _lookup(copied, str(node.target)) is None:
+        if node.op == "get_attr" and attr_at(copied, str(node.target)) is None:
             node.meta[CONSTANT] = True
     unmapped = normalise(unlifted, _op_has_rule)
     if unmapped:
@@ -464,7 +464,7 @@ def _in_model_order(gm: fx.GraphModule, model: nn.Module) -> None:
     for path, ours in gm.named_modules():
         if ours is gm and path:
             continue
-        theirs = _lookup(model, path) if path else model
+        theirs = attr_at(model, path) if path else model
         if not isinstance(theirs, nn.Module) or ours is theirs:
             continue
         for table in ("_modules", "_parameters", "_buffers"):
@@ -526,19 +526,10 @@ def _root(graph: fx.Graph, model: nn.Module, unlifted: nn.Module) -> dict[str, A
         if node.op not in ("get_attr", "call_module"):
             continue
         target = str(node.target)
-        root[target] = _lookup(model, target)
+        root[target] = attr_at(model, target)
         if root[target] is None:
-            root[target] = _lookup(unlifted, target)
+            root[target] = attr_at(unlifted, target)
     return root
-
-
-def _lookup(owner: nn.Module, target: str) -> Any:
-    value: Any = owner
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _eager_failure(model: nn.Module, example: tuple) -> BaseException | None:

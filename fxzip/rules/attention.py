@@ -57,6 +57,14 @@ def matmul(ctx, node: fx.Node) -> None:
                        "channels (map @ v) or its row axis with channels on the last axis (q @ map).")
     # q @ k^T: the contraction runs over the channels of both
     if la.dim == na - 1 and lb.dim == nb - 2:
+        if (ga is None) != (gb is None):
+            # the heads of one side were folded into the batch and back (MViT's pooled keys): that side has
+            # one within-head basis on a plain axis, so every head of the other side reads it alike
+            basis = shared_head_basis(ctx, node, a, la)
+            ctx.unify(node, basis, shared_head_basis(ctx, node, b, lb))
+            ctx.mark_bilinear(basis)
+            ctx.set(node, NO_CHANNELS)
+            return
         if ga != gb:
             ctx.fail(node, f"contracts channels of {a.name} and {b.name} whose head axes differ ({ga} vs {gb}).")
         ctx.unify(node, la.segments, lb.segments)

@@ -517,6 +517,8 @@ def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
     l0 = lays[0]
     if _head_positions_rejoined(ctx, node, lays, dim):
         return
+    if _heads_joined_with_shared_basis(ctx, node, parts, lays, dim):
+        return
     if any(not l.grouped or axes(l) != axes(l0) for l in lays) or dim in axes(l0):
         ctx.fail(node, f"concatenates tensors whose channels are split into groups "
                        f"({'; '.join(describe(l) for l in lays)}) along axis {dim}; fxzip follows such a "
@@ -528,6 +530,38 @@ def _cat_grouped(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> None:
         ctx.unify(node, l0.segments, l.segments)
         ctx.tie_groups(node, l0.segments, l.segments)
     ctx.set(node, l0, passthrough=True)
+
+
+def _heads_joined_with_shared_basis(ctx, node: fx.Node, parts: list, lays: list, dim: int) -> bool:
+    """Head layouts joined along a channel-free axis with tensors whose heads
+    were folded into the batch and unfolded again (MViT's pooling: the class
+    token of every head is kept aside, the other tokens of all heads pooled as
+    one batch, then the class token put back in front of them). The folded
+    part has one within-head basis shared by every head (its heads sit on a
+    plain axis), so the joined tensor has it too: every grouped part's heads
+    are linked unit by unit to head 0 (whole heads stay in place, units move
+    alike in every head) and joined to the shared basis. True when the parts
+    are of that form; False leaves the caller to refuse them."""
+    shape = ctx.shape(node)
+    grouped = [l for l in lays if isinstance(l, Layout) and l.grouped]
+    plain = [l for l in lays if isinstance(l, Layout) and l.has_channels and not l.grouped]
+    if shape is None or not plain or len(grouped) + len(plain) != len(lays):
+        return False
+    g0 = grouped[0]
+    if any(l.dim is None or l.stack_dim is not None or l.cross_dim is not None or l.group_dim is None
+           or (l.dim, l.group_dim) != (g0.dim, g0.group_dim) for l in grouped):
+        return False
+    if any(l.dim != g0.dim for l in plain) or dim in (g0.dim, g0.group_dim):
+        return False
+    basis = None
+    for p, l in zip(parts, lays):
+        segs = shared_head_basis(ctx, node, p, l) if l.grouped else l.segments
+        if basis is None:
+            basis = segs
+        else:
+            ctx.unify(node, basis, segs)
+    ctx.set(node, Layout(g0.dim, basis), passthrough=True)
+    return True
 
 
 def _head_positions_rejoined(ctx, node: fx.Node, lays: list, dim: int) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
 import networkx as nx
@@ -143,7 +144,7 @@ class Analyzer:
         self._fixed: list[tuple[Segment, str]] = []
         self._outputs: list[Segment] = []
         self._groups: list[tuple[Segment, int, str]] = []
-        self._ties: list[tuple[tuple[Segment, ...], tuple[Segment, ...], str]] = []
+        self._ties: list[tuple[tuple[Segment, ...], tuple[Segment, ...], str, int | None]] = []
         self._bilinear: list[Segment] = []
         self._rigid: list[tuple[Segment, str]] = []
         self._head_spaces: dict[tuple[Segment, ...], tuple[Segment, ...]] = {}
@@ -237,6 +238,20 @@ class Analyzer:
     def fix(self, segments: Iterable[Segment], why: str) -> None:
         self._fixed.extend((s, why) for s in segments)
 
+    def pinned(self, segments: Sequence[Segment]) -> bool:
+        """Whether every channel of ``segments`` is already fixed by some rule
+        (read by position: it keeps the identity alignment in every model), so
+        an op may treat them as positions rather than features."""
+        for seg in segments:
+            covered = sorted((f.start, f.start + f.size) for f, _ in self._fixed if f.space == seg.space)
+            at = seg.start
+            for lo, hi in covered:
+                if lo <= at < hi:
+                    at = hi
+            if at < seg.start + seg.size:
+                return False
+        return bool(segments)
+
     # -- group structure ---------------------------------------------------------
     def split_space(self, node: fx.Node, segment: Segment, parts: int) -> tuple[Segment, ...]:
         """``parts`` equal slices of one segment (a fused qkv projection is three
@@ -266,7 +281,7 @@ class Analyzer:
         of q/k and of v in one attention; a grouped conv's input and output).
         With ``groups`` given, a slice that cuts one side between groups cuts
         the other side between the same groups (split attention's radix)."""
-        self._ties.append((tuple(a), tuple(b), node.name))
+        self._ties.append((tuple(a), tuple(b), node.name, groups))
         if groups:
             for g in range(1, groups):
                 (ra, pa), (rb, pb) = _group_start(a, g, groups), _group_start(b, g, groups)
@@ -433,7 +448,7 @@ class Analyzer:
         yield from (s for s, _ in self._fixed)
         yield from self._outputs
         yield from (s for s, _, _ in self._groups)
-        for a, b, _ in self._ties:
+        for a, b, _, _ in self._ties:
             yield from a
             yield from b
         yield from self._bilinear
@@ -522,19 +537,18 @@ class Analyzer:
         of the tie graph); each grouped space is at least its own block."""
         graph = nx.Graph()
         graph.add_nodes_from(sp.index for sp in spaces if sp.groups > 1)
-        for a_segs, b_segs, where in self._ties:
-            for sa_atom in self.expand(a_segs):
-                for sb_atom in self.expand(b_segs):
-                    sa, sb = spaces[space_of[sa_atom.space]], spaces[space_of[sb_atom.space]]
-                    if sa.groups == sb.groups == 1:
-                        continue  # parts of a stack: nothing left to tie
-                    if sa.groups != sb.groups:
-                        raise AnalysisError(
-                            f"node '{where}' ties the groups of {sa.producers[:2]} ({sa.groups} groups) to "
-                            f"those of {sb.producers[:2]} ({sb.groups} groups); tied spaces need equal group "
-                            "counts."
-                        )
-                    graph.add_edge(sa.index, sb.index)
+        for a_segs, b_segs, where, groups in self._ties:
+            for sa_atom, sb_atom in self._tied_atoms(a_segs, b_segs, groups):
+                sa, sb = spaces[space_of[sa_atom.space]], spaces[space_of[sb_atom.space]]
+                if sa.groups == sb.groups == 1:
+                    continue  # parts of a stack: nothing left to tie
+                if sa.groups != sb.groups:
+                    raise AnalysisError(
+                        f"node '{where}' ties the groups of {sa.producers[:2]} ({sa.groups} groups) to "
+                        f"those of {sb.producers[:2]} ({sb.groups} groups); tied spaces need equal group "
+                        "counts."
+                    )
+                graph.add_edge(sa.index, sb.index)
         blocks = sorted(tuple(sorted(c)) for c in nx.connected_components(graph))
         for block in blocks:
             for i in block:
@@ -544,6 +558,29 @@ class Analyzer:
             if sp.groups == sp.size and len(sp.tie) <= 1:
                 sp.groups, sp.tie = 1, ()
         return [b for b in blocks if spaces[b[0]].groups > 1]
+
+    def _tied_atoms(self, a_segs: Sequence[Segment], b_segs: Sequence[Segment],
+                    groups: int | None) -> Iterable[tuple[Segment, Segment]]:
+        """Pairs of atoms a tie joins. With the group count known, group ``g`` of
+        ``a`` meets group ``g`` of ``b`` only: an atom of ``a`` is tied to the
+        atoms of ``b`` that hold the same groups (cuts at group boundaries
+        carried across by ``pair_cuts`` make them line up), so parts of a tied
+        space cut apart keep group assignments of their own. Without it every
+        atom of one side is tied to every atom of the other."""
+        a_atoms, b_atoms = self.expand(a_segs), self.expand(b_segs)
+        if not groups:
+            return [(x, y) for x in a_atoms for y in b_atoms]
+
+        def spans(atoms):  # (first, end) of each atom in groups, as fractions of a group
+            total, at, out = sum(s.size for s in atoms), 0, []
+            for atom in atoms:
+                out.append((Fraction(at * groups, total), Fraction((at + atom.size) * groups, total)))
+                at += atom.size
+            return out
+
+        a_spans, b_spans = spans(a_atoms), spans(b_atoms)
+        return [(x, y) for x, (xa, xb) in zip(a_atoms, a_spans) for y, (ya, yb) in zip(b_atoms, b_spans)
+                if xa < yb and ya < xb]
 
     def _collect_probes(self, spaces: list[FeatureSpace], space_of: dict[int, int]) -> None:
         """A probe point is a tensor of the space that something other than a

@@ -88,7 +88,7 @@ def softmax(ctx, node: fx.Node) -> None:
         return
     if isinstance(lay, Layout) and dim is not None and nd is not None and lay.dim is not None \
             and dim % nd in (lay.group_dim, lay.stack_dim):
-        lay = join_stack(ctx, node, as_stack(ctx, node, lay))
+        lay = join_stack(ctx, node, as_stack(ctx, node, lay, dim % nd))
     ctx.set(node, lay, passthrough=True)
 
 
@@ -208,9 +208,10 @@ def _reduce_grouped(ctx, node: fx.Node, lay: Layout) -> None:
     stacked = lay.stack_dim if lay.stack_dim is not None else lay.group_dim
     if lay.dim is not None and lay.dim not in dims and stacked in dims and len(dims) == 1:
         # a sum over a radix / path axis: the parts are added, so they are one basis
-        parts = join_stack(ctx, node, as_stack(ctx, node, lay))
-        ctx.set(node, Layout(lay.dim if keepdim else lay.dim - (stacked < lay.dim), parts.segments[:1]),
-                passthrough=True)
+        parts = join_stack(ctx, node, as_stack(ctx, node, lay, stacked))
+        move = (lambda d: d) if keepdim else (lambda d: None if d is None else d - (stacked < d))  # noqa: E731
+        group = parts.group_dim if parts.stack_dim is not None else None  # the parts' groups stay groups
+        ctx.set(node, Layout(move(lay.dim), parts.segments[:1], group_dim=move(group)), passthrough=True)
         return
     if lay.group_dim in dims or lay.dim in dims:
         if lay.dim is not None and lay.dim not in dims:
@@ -342,9 +343,11 @@ def _binary_grouped(ctx, node: fx.Node, ops: list, out_nd: int) -> None:
             continue  # a per-head tensor or parameter: follows the heads (fxzip.rules.heads)
         if not l.has_channels and position_in_head(ctx, node, l0, x, out_nd):
             continue  # the same for every head, per position inside it (rotary sin/cos)
-        if l.has_channels:
+        if l.has_channels and not ctx.pinned(l.segments):
             ctx.fail(node, f"combines {x0.name}, whose channels are split into groups ({describe(l0)}), with "
                            f"{x.name}, whose channels sit on one axis that is not the group axis.")
+        # channels another op already pinned (the same in every model) are positions here, like an
+        # untracked tensor's (RAFT's flow field against the convex-upsampling weights)
         shape = ctx.shape(x)
         lead = out_nd - len(shape)
         for d in (v for v in axes(l0) if v is not None):

@@ -106,6 +106,8 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
         copies = _copies_apart(lay.segments, [dst[k] for k in big_out]) if post == 1 else None
         if copies is not None:
             return Layout(big_out[1], copies)
+        if post == 1 and len(big_out) == 2 and any(s.inner != 1 for s in lay.segments):
+            return _split_elements(ctx, node, lay, [dst[k] for k in big_out], big_out)
         if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
             if len(big_out) == 2 and len(gj) == 3 and dst[gj[1]] == 1:
                 big_out = list(gj)  # (parts, 1 head, head_dim): a fused k/v of a one-head attention
@@ -167,6 +169,93 @@ def _copies_apart(segments: tuple[Segment, ...], out: list[int]) -> tuple[Segmen
     return segments[:period] * (reps // out[0])
 
 
+def _split_elements(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[int]) -> Layout:
+    """``C -> (G, C / G)`` of a channel axis whose units span several elements
+    each (a channel shuffle of an earlier shuffle's output, or of a
+    concatenation with one): groups of elements. Each group is cut out as its
+    own range (``channel_range``), so no unit moves from one group to
+    another; the groups themselves stay in place. The usual next step, the
+    shuffle's merge back (``interleave``), ties what its groups hold."""
+    groups, width = sizes
+    segs: list[Segment] = []
+    for g in range(groups):
+        segs.extend(channel_range(ctx, node, lay.segments, g * width, (g + 1) * width))
+    return Layout(axes[1], tuple(segs), group_dim=axes[0])
+
+
+def interleave(ctx, node: fx.Node, segments: tuple[Segment, ...], groups: int) -> tuple[Segment, ...]:
+    """A channel shuffle's merge back: element ``d * G + g`` of the result is
+    element ``d`` of group ``g`` (``segments`` holds the G groups one after
+    the other). Whatever moves element ``d`` of one group must move element
+    ``d`` of every group the same way, so the groups are read in cells of
+    elements: each cell holds whole units of every group, and a unit of the
+    result is one cell of every group.
+
+    Where every group has units of one size (a shuffle of one space, or of
+    equal spaces side by side) the cell is a unit and the groups are linked
+    unit by unit: one basis, each unit spread over ``G`` elements. Where they
+    differ (a shuffle of ``[x1; b]``, x1 a half of an earlier shuffle's output
+    whose units span 2 elements, b a new branch with 1 element per unit) a
+    cell holds one unit of x1 and two of b: the result's units are a new
+    space whose groups (one unit each) are tied to the cells of every part
+    (b's pairs are rigid: unit 2k and 2k + 1 of b move together, in their
+    order, with unit k of x1). The cells are found per run of elements where
+    every group keeps one segment; a unit cut by another group's segment
+    boundary stays in place (``channel_range``)."""
+    total = sum(seg.length for seg in segments)
+    if total % groups:
+        ctx.fail(node, f"merges {groups} groups of channels back into {total} elements.")
+    width = total // groups
+    parts = [channel_range(ctx, node, segments, g * width, (g + 1) * width) for g in range(groups)]
+    bounds = {0, width}
+    while True:  # cut every group where any group's segments end, up to a fixed point
+        parts = [_cut_at(ctx, node, p, bounds) for p in parts]
+        edges = {e for p in parts for e in _edges(p)}
+        if edges <= bounds:
+            break
+        bounds |= edges
+    if len({len(p) for p in parts}) != 1:
+        raise AssertionError("groups cut at the same offsets hold different numbers of segments")
+    out: list[Segment] = []
+    for pieces in zip(*parts):
+        cell = math.lcm(*(seg.inner for seg in pieces))
+        if all(seg.inner == cell for seg in pieces):  # units of one size: one basis, unit by unit
+            for seg in pieces[1:]:
+                ctx.unify(node, (pieces[0],), (seg,))
+            out.append(replace(pieces[0], inner=cell * groups))
+            continue
+        length = pieces[0].length
+        cells = length // cell
+        (units,) = ctx.new_space(node, cells)
+        ctx.set_groups(node, (units,), cells)
+        for seg in pieces:
+            ctx.set_groups(node, (seg,), cells)
+            if cell // seg.inner > 1:
+                ctx.mark_rigid((seg,), f"{node.name} interleaves {cell // seg.inner} units of it with one unit of "
+                                       "another part (a channel shuffle of a concatenation)")
+            ctx.tie_groups(node, (seg,), (units,), cells)
+        out.append(replace(units, inner=cell * groups))
+    return tuple(out)
+
+
+def _edges(segments: Sequence[Segment]) -> set[int]:
+    """Element offsets where the segments begin and end."""
+    out, at = {0}, 0
+    for seg in segments:
+        at += seg.length
+        out.add(at)
+    return out
+
+
+def _cut_at(ctx, node: fx.Node, segments: tuple[Segment, ...], bounds: set[int]) -> tuple[Segment, ...]:
+    """``segments`` cut at every element offset in ``bounds``."""
+    cuts = sorted(bounds)
+    out: list[Segment] = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        out.extend(channel_range(ctx, node, segments, lo, hi))
+    return tuple(out)
+
+
 def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[int]) -> Layout:
     """``C -> (H, D)``: heads of one space. ``3C -> (3, H, D)``: a fused projection
     becomes three spaces (q, k, v), each with H heads; a freshly produced space
@@ -194,12 +283,15 @@ def _split_heads(ctx, node: fx.Node, lay: Layout, sizes: list[int], axes: list[i
     return Layout(axes[2], tuple(pieces), group_dim=axes[1], stack_dim=axes[0])
 
 
-def as_stack(ctx, node: fx.Node, lay: Layout) -> Layout:
+def as_stack(ctx, node: fx.Node, lay: Layout, axis: int | None = None) -> Layout:
     """A head layout whose head axis turns out to be a *stack* of parts that
     share one basis (a radix or path axis of split attention: softmax or sum
     over it, or a product with a plain tensor of the branches). Each group
-    becomes its own range; ``join_stack`` then links them."""
-    if lay.stack_dim is not None and lay.group_dim is None:
+    becomes its own range; ``join_stack`` then links them. A layout that
+    already has a stacked axis is returned as it is when ``axis`` (the axis
+    the op runs over) is that stacked axis, whatever its groups (a channel
+    axis split as (parts, groups, channels): a softmax over the parts)."""
+    if lay.stack_dim is not None and (lay.group_dim is None or axis == lay.stack_dim):
         return lay
     if lay.stack_dim is not None or lay.group_dim is None or lay.dim is None:
         ctx.fail(node, f"treats the group axis of a tensor ({describe(lay)}) as a stack of parts; fxzip "
@@ -261,12 +353,11 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
             merged_back = True
             continue
         if set(inside) == {"dim", "group_dim"} and big_in == [lay.dim, lay.group_dim] and len(big_out) == 1 \
-                and lay.stack_dim is None and all(seg.inner == 1 for seg in lay.segments):
-            # merged back head_dim-major (NesT): element d * H + h is unit d of head h; with one
-            # within-head basis shared by the heads that is unit d repeated H times (inner = H)
-            heads = src[lay.group_dim]
-            basis = shared_head_basis(ctx, node, node.args[0], lay)
-            folded = tuple(replace(seg, inner=heads) for seg in basis)
+                and lay.stack_dim is None and lay.cross_dim is None:
+            # merged back head_dim-major (a channel shuffle; NesT's heads): element d * H + h is element d
+            # of head h; heads with units of one size share one within-head basis (unit d repeated H times,
+            # inner = H), heads of different units are read in cells (``interleave``)
+            folded = interleave(ctx, node, lay.segments, src[lay.group_dim])
             new["dim"] = big_out[0]
             continue
         if lay.cross_dim is not None:
@@ -355,7 +446,15 @@ def reshape(ctx, node: fx.Node) -> None:
         ctx.set(node, NO_CHANNELS)
         return
     before = ctx.layout(node.args[0])
-    after = reshape_layout(tuple(src), tuple(dst), before, node, ctx)
+    try:
+        after = reshape_layout(tuple(src), tuple(dst), before, node, ctx)
+    except ValueError:
+        if not (isinstance(before, Layout) and ctx.pinned(before.segments + before.cross)):
+            raise
+        # channels another op already reads by position (fixed: the same in every model) spread over
+        # other axes (a depth-to-space, RAFT's convex upsampling of the flow): they are positions now
+        ctx.set(node, NO_CHANNELS)
+        return
     # Only a reshape that keeps whole channels on their own axis is channel-wise;
     # one that interleaves them with pixels (flatten of C x H x W) makes its input
     # the place to probe the space.
@@ -655,10 +754,11 @@ def stack(ctx, node: fx.Node) -> None:
     ctx.set(node, chan[0].moved(chan[0].dim + (dim <= chan[0].dim)), passthrough=True)
 
 
-@register_rule(nn.Unfold, F.unfold)
+@register_rule(nn.Unfold, F.unfold, torch._C._nn.im2col)
 def unfold(ctx, node: fx.Node) -> None:
     """im2col: (B, C, H, W) -> (B, C * kh * kw, L); every channel becomes a block
-    of kh * kw elements, like a flattened map."""
+    of kh * kw elements, like a flattened map. (``torch._C._nn.im2col``: the op
+    ``F.unfold`` runs, as a capture records it.)"""
     x = node.args[0]
     lay = ctx.layout(x)
     if not lay.has_channels:

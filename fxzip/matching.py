@@ -41,13 +41,20 @@ class Similarity:
     one group; both need a matcher input that is not a streamed statistic.
     ``constant``/``mean`` describe features that are constant on the data
     (only activations know that); without them nothing is constant.
+    ``signature`` (optional, (N*n, L)): a description of each feature's weights
+    that a permutation of the neighbouring spaces leaves unchanged; it pairs
+    features the data cannot tell apart (``constant_groups``).
     """
 
     def __init__(self, matrix: torch.Tensor, constant: torch.Tensor | None = None,
-                 mean: torch.Tensor | None = None):
+                 mean: torch.Tensor | None = None, signature: torch.Tensor | None = None):
         self.matrix = matrix
         self._constant = constant if constant is not None else torch.zeros(matrix.shape[0], dtype=torch.bool)
         self.mean = mean if mean is not None else torch.zeros(matrix.shape[0], dtype=matrix.dtype)
+        self.signature = signature
+        # set by whoever built ``matrix`` for one match and reads it no more:
+        # zipit then clusters in it instead of a copy (a ViT-B MLP space's is 302 MB)
+        self.disposable = False
 
     @classmethod
     def of(cls, stats: "SpaceStats | Similarity") -> "Similarity":
@@ -63,7 +70,8 @@ class Similarity:
 
     def subset(self, index: torch.Tensor) -> "Similarity":
         """The features ``index`` (stacked indices), in that order."""
-        return Similarity(self.matrix[index][:, index], self._constant[index], self.mean[index])
+        return Similarity(self.matrix[index][:, index], self._constant[index], self.mean[index],
+                          None if self.signature is None else self.signature[index])
 
 
 Matcher = Callable[..., Match]
@@ -220,15 +228,20 @@ def _unmerge_weakest(assign: torch.Tensor, corr: np.ndarray, constants: list[lis
 
 
 def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[int]]:
-    """Clusters of equal constant features, one per model, in channel order.
+    """Clusters of equal constant features, one per model.
 
     Constants are keyed by their value to 6 significant digits, so grouping is
     linear in the number of constants (a layer can have thousands of dead units).
+    Inside one value the data cannot tell the features apart; with a weight
+    ``signature`` (``Similarity``) model k's are paired to model 0's by the
+    nearest signatures (a linear sum assignment), so a permuted copy's dead
+    units find their own partners; without one, in channel order.
     """
     const = stats.constant().numpy()
     if not const.any():
         return []
     mean = stats.mean.numpy()
+    signature = getattr(stats, "signature", None)
     queues: list[dict[str, list[int]]] = []
     for k in range(n_models):
         by_value: dict[str, list[int]] = {}
@@ -237,9 +250,24 @@ def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[in
         queues.append(by_value)
     groups = []
     for value, firsts in queues[0].items():
-        depth = min(len(q.get(value, [])) for q in queues)
-        for j in range(depth):
-            groups.append([q[value][j] for q in queues])
+        members = [q.get(value, []) for q in queues]
+        depth = min(len(m) for m in members)
+        if depth == 0:
+            continue
+        if signature is None or len(firsts) == 1:
+            groups += [[m[j] for m in members] for j in range(depth)]
+            continue
+        partner = {i: [i] for i in firsts}
+        for k in range(1, n_models):
+            cost = torch.cdist(signature[firsts].double(), signature[members[k]].double()).numpy()
+            rows, cols = linear_sum_assignment(cost)
+            paired = dict(zip(rows.tolist(), cols.tolist()))
+            for r, i in enumerate(firsts):
+                if i in partner and r in paired:
+                    partner[i].append(members[k][paired[r]])
+                else:
+                    partner.pop(i, None)
+        groups += [g for g in partner.values() if len(g) == n_models]
     return sorted(groups)
 
 
@@ -303,6 +331,9 @@ def _check_zipit_args(n_models: int, alpha: float, beta: float, owner: str) -> N
     if alpha == 0 and n_models > 2:
         raise ValueError("alpha=0 lets a merged cluster never re-enter the pool, so only pairs form; "
                          f"merging {n_models} models needs alpha > 0.")
+    if n_models > 64:
+        raise ValueError(f"zipit merges at most 64 models at once, got {n_models}; merge them in groups "
+                         "(a merged model can be merged again)")
     if owner not in ("models", "first"):
         raise ValueError(f"owner must be 'models' or 'first', got {owner!r}")
 
@@ -314,16 +345,24 @@ class _ZipPool:
     stall when the other cores are busy.
 
     ``comp[c, m]``: cluster ``c`` holds a feature of model ``m`` (with
-    ``owner="first"`` only its lowest member's model); ``within[m]`` counts
-    model m's within-model merges against ``budget[m]``."""
+    ``owner="first"`` only its lowest member's model), also kept as one bit
+    mask per cluster (``bits``), so "do clusters r and c share a model" is one
+    AND over a row; ``within[m]`` counts model m's within-model merges against
+    ``budget[m]``. A cluster that leaves the pool is only marked inactive:
+    every read of ``S`` masks inactive columns, so its row and column are
+    never cleared (a strided column write per merge cost a tenth of the loop)."""
 
     def __init__(self, stats: SpaceStats, n_models: int, size: int, beta: float, own_all: bool):
         total = n_models * size
         self.total, self.own_all, self.relaxed = total, own_all, False
-        self.S = stats.correlation().numpy().astype(np.float64, copy=True)
+        disposable = getattr(stats, "disposable", False) and stats.matrix.dtype == torch.float64
+        self.S = stats.correlation().numpy() if disposable else stats.correlation().numpy().astype(np.float64)
+        if disposable:
+            stats.matrix = None  # about to be overwritten: nobody may read it as a similarity
         np.fill_diagonal(self.S, -np.inf)
         self.comp = np.zeros((total, n_models), dtype=bool)
         self.comp[np.arange(total), np.arange(total) // size] = True
+        self.bits = np.left_shift(np.uint64(1), (np.arange(total) // size).astype(np.uint64))
         self.budget = np.full(n_models, math.floor(beta * (n_models - 1) * size / n_models), dtype=np.int64)
         self.within = np.zeros(n_models, dtype=np.int64)
         self.active = np.ones(total, dtype=bool)
@@ -346,17 +385,19 @@ class _ZipPool:
 
     def _retire(self, rows) -> None:
         self.active[rows] = False
-        self.S[rows, :] = -np.inf
-        self.S[:, rows] = -np.inf
 
-    def invalid(self, rows: np.ndarray) -> np.ndarray:
-        """(rows, total): pairs that would exceed an exhausted model's budget."""
-        exhausted = self.within >= self.budget
-        bad = np.zeros((len(rows), self.total), dtype=bool)
-        if exhausted.any():
-            bad |= (self.comp[rows][:, exhausted].astype(np.uint8)
-                    @ self.comp[:, exhausted].T.astype(np.uint8)) > 0
-        bad |= ~self.active[None, :]
+    def exhausted(self) -> np.uint64:
+        """The bit mask of the models whose within-model budget is spent."""
+        spent = np.flatnonzero(self.within >= self.budget)
+        return np.uint64(sum(1 << int(m) for m in spent))
+
+    def invalid(self, rows: np.ndarray, shared: np.ndarray) -> np.ndarray:
+        """(rows, total): pairs that would exceed an exhausted model's budget,
+        inactive columns and the pair of a row with itself. ``shared``: the
+        models each pair's clusters have in common (bit masks)."""
+        exhausted = self.exhausted()
+        bad = ~self.active[None, :] if not exhausted else ((shared & exhausted) != 0) | ~self.active[None, :]
+        bad = np.broadcast_to(bad, shared.shape).copy()
         bad[np.arange(len(rows)), rows] = True
         return bad
 
@@ -364,8 +405,9 @@ class _ZipPool:
         """Recompute the cached best partner of ``rows``: a pair across models
         wins a tie with a pair within one model."""
         neg = -np.inf
-        vals = np.where(self.invalid(rows), neg, self.S[rows])
-        overlap = (self.comp[rows].astype(np.uint8) @ self.comp.T.astype(np.uint8)) > 0
+        shared = self.bits[rows][:, None] & self.bits[None, :]
+        vals = np.where(self.invalid(rows, shared), neg, self.S[rows])
+        overlap = shared != 0
         across = np.where(overlap, neg, vals).argmax(1)
         inside = np.where(overlap, vals, neg).argmax(1)
         r = np.arange(len(rows))
@@ -394,7 +436,7 @@ class _ZipPool:
 
     def valid(self, i: int, j: int) -> bool:
         """The cached pair is still allowed (``j`` may have merged, a budget may be spent)."""
-        return bool(self.active[j]) and not (self.comp[i] & self.comp[j] & (self.within >= self.budget)).any()
+        return bool(self.active[j]) and not (self.bits[i] & self.bits[j] & self.exhausted())
 
     def join(self, i: int, j: int, alpha: float) -> None:
         """Merge clusters ``i`` and ``j`` into the lower index; with ``alpha > 0``
@@ -408,6 +450,7 @@ class _ZipPool:
         self.members[keep] = self.members[keep] + self.members.pop(drop)
         if self.own_all:  # "first": keep stays the lowest member, so its model owns the cluster
             self.comp[keep] |= self.comp[drop]
+            self.bits[keep] |= self.bits[drop]
         self._retire(drop)
         if merged_row is None:
             self.finished.append(self.members.pop(keep))
@@ -429,17 +472,39 @@ class _ZipPool:
         better = (merged_row > self.best_val) & self.active & ~stale
         if better.any():
             rows = np.flatnonzero(better)
-            ok = ~(self.comp[rows] & self.comp[keep] & (self.within >= self.budget)).any(1)
+            shared = self.bits[rows] & self.bits[keep]
+            ok = (shared & self.exhausted()) == 0
             self.best_val[rows[ok]] = merged_row[rows[ok]]
             self.best_col[rows[ok]] = keep
-            self.best_across[rows[ok]] = ~(self.comp[rows[ok]] & self.comp[keep]).any(1)
+            self.best_across[rows[ok]] = shared[ok] == 0
 
 
-def mean_matched_correlation(corr: torch.Tensor, assign: torch.Tensor) -> float:
-    """Mean correlation over all pairs of features that share a merged feature."""
+def matched_pairs(assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair (a, b), a != b, of stacked features that share a
+    merged feature."""
     cid = assign.reshape(-1)
-    same = cid[:, None] == cid[None, :]
-    same.fill_diagonal_(False)
-    if not same.any():
+    order = torch.argsort(cid, stable=True)
+    _, counts = torch.unique_consecutive(cid[order], return_counts=True)
+    rows, cols = [], []
+    start = 0
+    for c in counts.tolist():
+        if c > 1:
+            members = order[start:start + c]
+            a, b = torch.meshgrid(members, members, indexing="ij")
+            keep = a != b
+            rows.append(a[keep])
+            cols.append(b[keep])
+        start += c
+    if not rows:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(rows), torch.cat(cols)
+
+
+def mean_matched_correlation(corr: "torch.Tensor | SpaceStats", assign: torch.Tensor) -> float:
+    """Mean correlation over all pairs of features that share a merged feature
+    (of a matrix, or of statistics: then without building the matrix)."""
+    rows, cols = matched_pairs(assign)
+    if not len(rows):
         return float("nan")
-    return float(corr[same].mean())
+    values = corr.correlation_at(rows, cols) if isinstance(corr, SpaceStats) else corr[rows, cols]
+    return float(values.mean())

@@ -36,7 +36,7 @@ from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_n
 from .passes.ties import UNTIED
 from .pipeline import Stage, StageResult, check_order
 from .report import MergeReport, SpaceReport, output_warnings
-from .trace import default_example
+from .trace import captured_batch_size, default_example
 from .warn import warn_caller
 from .widths import WidthPlan, plan_widths
 
@@ -56,6 +56,7 @@ class MergeState:
     inputs: Callable[[Any], Any] | None = None
     example_inputs: Any = None
     calibration: Calibration | None = None
+    owns_calibration: bool = False  # made by this merge (not passed as data): its statistics may be freed
     cut: CutPoint | None = None
     cut_reason: str | None = None
     plan: WidthPlan | None = None
@@ -109,6 +110,7 @@ class Capture(Stage):
         if data is None:  # a data-free merge traces on the example input
             data = [state.example_inputs if state.example_inputs is not None else default_example(state.originals[0])]
         state.calibration = capture(state.originals, data, state.max_batches, state.inputs, state.options.probes)
+        state.owns_calibration = True
         state.seconds.update(state.calibration.seconds)
         return StageResult(graph_module)
 
@@ -179,7 +181,8 @@ class Match(Stage):
                 opts.weight_similarity, opts.seed, opts.progress, widths)
         else:
             state.matches, state.rows = match_spaces(cal.analysis, cal.stats, opts.matcher, n, opts.alpha,
-                                                     opts.beta, opts.method, opts.progress, widths)
+                                                     opts.beta, opts.method, opts.progress, widths, state.weights,
+                                                     release=state.owns_calibration)
         note_widths(state.rows, state.plan)
         if opts.needs_activations and not opts.data_free:
             measured["probes"] = cal.probes.name
@@ -336,12 +339,19 @@ def _run_batch(module: fx.GraphModule, batch: tuple) -> Any:
 
 def merged_macs(merged: fx.GraphModule, gms: Sequence[fx.GraphModule], example: tuple, same: bool = True
                 ) -> dict[str, float]:
-    """Multiply-adds per input (batch of one) of the result, one original (model 0)
-    and the ensemble (``same``: the models are one architecture, N times model 0)."""
-    one = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
-    original = count_macs(gms[0], one)
-    ensemble = original * len(gms) if same else original + sum(count_macs(gm, one) for gm in gms[1:])
-    return {"merged": count_macs(merged, one), "original": original, "ensemble": ensemble}
+    """Multiply-adds per input of the result, one original (model 0) and the
+    ensemble (``same``: the models are one architecture, N times model 0):
+    counted on a batch of one, or of the size a graph was captured for
+    (``trace.captured_batch_size``), divided by it."""
+    n = captured_batch_size(gms[0]) or 1
+    batch = tuple(t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
+
+    def per_input(gm: fx.GraphModule) -> int:
+        return count_macs(gm, batch) // n
+
+    original = per_input(gms[0])
+    ensemble = original * len(gms) if same else original + sum(per_input(gm) for gm in gms[1:])
+    return {"merged": per_input(merged), "original": original, "ensemble": ensemble}
 
 
 def check_widened(merged: fx.GraphModule, example: tuple) -> None:

@@ -12,53 +12,149 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["SpaceStats", "SpaceObserver", "Workspace"]
+__all__ = ["PackedGram", "SpaceStats", "SpaceObserver", "Workspace"]
+
+
+class PackedGram:
+    """The upper triangle of a symmetric Gram matrix, stored as its blocks.
+
+    Why: a space of n stacked features has an (n, n) float64 Gram matrix, and a
+    merge holds every space's at once until matching (twelve 2 x 3072-unit MLP
+    spaces of a ViT-B are 3.6 GB in full). The observer only ever adds to the
+    blocks on and above the diagonal, so storing just those halves the memory;
+    the full matrix is built for one space at a time, when it is matched.
+
+    ``blocks``: the row ranges ``(start, end)`` of the blocks; ``flat``: one
+    float64 buffer holding block (i, j), i <= j, at ``offsets[(i, j)]``.
+    """
+
+    def __init__(self, blocks: list[tuple[int, int]], flat: torch.Tensor | None = None):
+        self.blocks = blocks
+        self.width = blocks[-1][1] if blocks else 0
+        self.offsets: dict[tuple[int, int], int] = {}
+        total = 0
+        for i, (a0, a1) in enumerate(blocks):
+            for j in range(i, len(blocks)):
+                b0, b1 = blocks[j]
+                self.offsets[(i, j)] = total
+                total += (a1 - a0) * (b1 - b0)
+        self.flat = flat if flat is not None else torch.zeros(total, dtype=torch.float64)
+        if self.flat.numel() != total:
+            raise ValueError(f"a packed Gram matrix of {blocks} needs {total} values, got {self.flat.numel()}")
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        """A view of block (i, j), i <= j."""
+        (a0, a1), (b0, b1) = self.blocks[i], self.blocks[j]
+        start = self.offsets[(i, j)]
+        return self.flat[start:start + (a1 - a0) * (b1 - b0)].view(a1 - a0, b1 - b0)
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.cat([self.block(i, i).diagonal() for i in range(len(self.blocks))])
+
+    def entries(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``full()[rows, cols]`` without building the full matrix."""
+        starts = torch.tensor([a for a, _ in self.blocks])
+        ends = torch.tensor([b for _, b in self.blocks])
+        lo, hi = torch.minimum(rows, cols), torch.maximum(rows, cols)  # (i, j) with i <= j: an upper block
+        bi = torch.searchsorted(ends, lo, right=True)
+        bj = torch.searchsorted(ends, hi, right=True)
+        offset = torch.tensor([self.offsets[(int(i), int(j))] for i, j in zip(bi, bj)], dtype=torch.long)
+        index = offset + (lo - starts[bi]) * (ends[bj] - starts[bj]) + (hi - starts[bj])
+        return self.flat[index]
+
+    def full(self) -> torch.Tensor:
+        """The (n, n) matrix, exactly symmetric: the lower triangle is the upper
+        one transposed (inside a diagonal block too)."""
+        out = torch.empty(self.width, self.width, dtype=self.flat.dtype, device=self.flat.device)
+        for i, (a0, a1) in enumerate(self.blocks):
+            d = self.block(i, i)
+            out[a0:a1, a0:a1] = torch.triu(d) + torch.triu(d, 1).T
+            for j in range(i + 1, len(self.blocks)):
+                b0, b1 = self.blocks[j]
+                v = self.block(i, j)
+                out[a0:a1, b0:b1] = v
+                out[b0:b1, a0:a1] = v.T
+        return out
 
 
 class SpaceStats:
-    """Mean/covariance/correlation of the stacked features [model 0 | model 1 | ...]."""
+    """Mean/covariance/correlation of the stacked features [model 0 | model 1 | ...].
 
-    def __init__(self, count: float, total: torch.Tensor, gram: torch.Tensor, shift: torch.Tensor):
+    ``gram`` may be a full matrix or a ``PackedGram``; the n x n results are
+    built when asked and not kept (a merge asks once per space), so at most one
+    space's full matrices exist at a time."""
+
+    ROWS = 256  # rows per step of the in-place n x n arithmetic (no n x n temporaries)
+
+    def __init__(self, count: float, total: torch.Tensor, gram: "torch.Tensor | PackedGram", shift: torch.Tensor):
         self.count = count
         self.total = total
-        self.gram = gram
+        self._gram = gram
         self.shift = shift
-        self._cache: dict[str, torch.Tensor] = {}  # n x n results are reused by matcher and report
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """The full Gram matrix (a fresh tensor when stored packed)."""
+        return self._gram.full() if isinstance(self._gram, PackedGram) else self._gram
 
     @property
     def mean(self) -> torch.Tensor:
         return self.shift + self.total / self.count
 
+    def variance(self) -> torch.Tensor:
+        """The diagonal of ``covariance()``, computed alike, without the n x n matrix."""
+        m = self.total / self.count
+        diag = self._gram.diagonal() if isinstance(self._gram, PackedGram) else self._gram.diagonal()
+        return diag / self.count - m * m
+
+    def correlation_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``correlation()[rows, cols]``, the same values, from the sums alone
+        (what the report needs once a space's full matrix is gone)."""
+        g = self._gram.entries(rows, cols) if isinstance(self._gram, PackedGram) else self._gram[rows, cols]
+        m = self.total / self.count
+        cov = g / self.count - m[rows] * m[cols]
+        const = self.constant()
+        var = self.variance().clamp_min(0)
+        safe = torch.where(const, torch.ones_like(var), var)
+        corr = (cov / (safe[rows] * safe[cols]).sqrt()).clamp(-1, 1)
+        either = const[rows] | const[cols]
+        if either.any():
+            mean = self.mean
+            equal = torch.isclose(mean[rows], mean[cols], rtol=1e-6, atol=1e-12)
+            corr = torch.where(either, (const[rows] & const[cols] & equal).to(corr.dtype), corr)
+        return corr
+
     def covariance(self) -> torch.Tensor:
-        if "cov" not in self._cache:
-            m = self.total / self.count
-            self._cache["cov"] = self.gram / self.count - torch.outer(m, m)
-        return self._cache["cov"]
+        """A fresh (n, n) matrix: gram / count - outer(m, m), row block by row block."""
+        cov = self._gram.full() if isinstance(self._gram, PackedGram) else self._gram.clone()
+        cov.div_(self.count)
+        m = self.total / self.count
+        for r in range(0, cov.shape[0], self.ROWS):
+            cov[r:r + self.ROWS].sub_(torch.outer(m[r:r + self.ROWS], m))
+        return cov
 
     def constant(self, rel_tol: float = 1e-12) -> torch.Tensor:
         """Features with (numerically) zero variance on the calibration data:
         variance below ``rel_tol`` times the feature's squared mean or the
         space's largest variance (relative, so scaling a space changes nothing)."""
-        var = self.covariance().diagonal()
+        var = self.variance()
         scale = torch.maximum(self.mean ** 2, var.max().clamp_min(0))
         return var <= rel_tol * scale
 
     def correlation(self) -> torch.Tensor:
-        if "corr" not in self._cache:
-            self._cache["corr"] = self._correlation()
-        return self._cache["corr"]
-
-    def _correlation(self) -> torch.Tensor:
         """Pearson correlation; constant features correlate 1 with constants of the
-        same value and 0 with everything else (never NaN)."""
-        cov = self.covariance()
+        same value and 0 with everything else (never NaN). A fresh matrix, built
+        in place in the covariance's memory."""
+        corr = self.covariance()
         const = self.constant()
-        var = cov.diagonal().clamp_min(0)
+        var = corr.diagonal().clamp_min(0)
         safe = torch.where(const, torch.ones_like(var), var)
         # sqrt(v_i * v_j), not std_i * std_j: identical features then correlate
         # exactly 1 (v / sqrt(v * v) == 1 in IEEE arithmetic; v / s / s is off by
         # an ulp half the time, which lets exact ties lose to merged clusters).
-        corr = (cov / torch.outer(safe, safe).sqrt()).clamp(-1, 1)
+        for r in range(0, corr.shape[0], self.ROWS):
+            rows = corr[r:r + self.ROWS]
+            rows.div_(torch.outer(safe[r:r + self.ROWS], safe).sqrt_()).clamp_(-1, 1)
         if const.any():
             corr[const, :] = 0
             corr[:, const] = 0
@@ -122,8 +218,9 @@ class SpaceObserver(nn.Module):
     update ``X X^T`` is computed block by block, upper triangle only (the
     blocks follow model boundaries, so model k's block against model j's has
     the same shape as against itself), each float32 block product added into
-    the float64 sums while it is still in cache. ``stats()`` mirrors the upper
-    triangle, so the Gram matrix is exactly symmetric.
+    the float64 sums while it is still in cache. Only those upper blocks are
+    stored (``PackedGram``); the full matrix mirrors them, so it is exactly
+    symmetric.
     """
 
     BLOCK = 128  # rows per block of the Gram product (GEMMs of 128 x chunk x 128 run near peak)
@@ -134,7 +231,6 @@ class SpaceObserver(nn.Module):
         width = n_models * size
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("total", torch.zeros(width, dtype=torch.float64))
-        self.register_buffer("gram", torch.zeros(width, width, dtype=torch.float64))
         self.register_buffer("shift", torch.zeros(width, dtype=torch.float64))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
         self.workspace = workspace if workspace is not None else Workspace()
@@ -147,6 +243,9 @@ class SpaceObserver(nn.Module):
             edges = [round(i * size / parts) for i in range(parts + 1)]
             self._blocks = [(k * size + a, k * size + b) for k in range(n_models)
                             for a, b in zip(edges, edges[1:])]
+        # the blocks on and above the diagonal, the only ones updates add to
+        self._packed = PackedGram(self._blocks)
+        self.register_buffer("gram", self._packed.flat)
         self._shift32: torch.Tensor | None = None
         # called with the fresh shift before anything is accumulated; under
         # torch.distributed it broadcasts rank 0's (fxzip.distributed.agree_shifts)
@@ -198,26 +297,26 @@ class SpaceObserver(nn.Module):
             self._gram_blocks(x, weight)
 
     def _gram_blocks(self, x: torch.Tensor, weight: float) -> None:
-        blocks, ws = self._blocks, self.workspace
+        blocks, ws, packed = self._blocks, self.workspace, self._packed
         for i, (a0, a1) in enumerate(blocks):
             xa = x[a0:a1]
-            for b0, b1 in blocks[i:]:
+            for j in range(i, len(blocks)):
+                b0, b1 = blocks[j]
                 prod = ws.prod(a1 - a0, b1 - b0, x)
                 torch.mm(xa, x[b0:b1].T, out=prod)
                 if weight == 1.0:
-                    self.gram[a0:a1, b0:b1] += prod
+                    packed.block(i, j).add_(prod)
                 else:
-                    self.gram[a0:a1, b0:b1].add_(prod, alpha=weight)
+                    packed.block(i, j).add_(prod, alpha=weight)
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(device)`` replaces the buffer: the packed view must follow it
+        out = super()._apply(fn, recurse)
+        self._packed = PackedGram(self._blocks, self.gram)
+        return out
 
     def stats(self) -> SpaceStats:
-        # Exact symmetry: the lower triangle becomes the transposed upper one, in
-        # place and block by block (no temporary of the whole matrix; the
-        # updates only ever add to the upper blocks, so this is idempotent).
-        # As before, the returned statistics share the buffers on CPU.
-        gram = self.gram
-        for i, (a0, a1) in enumerate(self._blocks):
-            for b0, b1 in self._blocks[:i]:
-                gram[a0:a1, b0:b1] = gram[b0:b1, a0:a1].T
-            d = gram[a0:a1, a0:a1]
-            d.copy_(torch.triu(d) + torch.triu(d, 1).T)
-        return SpaceStats(float(self.count), self.total.cpu(), gram.cpu(), self.shift.cpu())
+        """The statistics so far. They share the sums on CPU (no copy of the
+        packed Gram matrix); the full matrices are built when asked."""
+        gram = PackedGram(self._blocks, self.gram.cpu())
+        return SpaceStats(float(self.count), self.total.cpu(), gram, self.shift.cpu())

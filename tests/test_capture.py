@@ -263,6 +263,20 @@ def test_control_flow_on_the_batch_size_fixes_the_batch_size_and_says_so(caplog)
         gm(torch.randn(5, 4))  # never three of the five samples silently
 
 
+def test_a_model_captured_for_one_batch_size_merges() -> None:
+    """A fixed-batch graph merges (its cost is counted at the captured size, not
+    on a batch of one), and so does its permuted copy, itself such a graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PerSample(), nn.ReLU(), nn.Linear(4, 4)).eval()
+    data = [torch.randn(3, 4) for _ in range(4)]
+    merged = fxzip.merge(model, copy.deepcopy(model), data=data, progress=False)
+    assert_same_function(model, merged, data)
+    assert merged.meta["fxzip"].macs["merged"] == merged.meta["fxzip"].macs["original"] == 4 * 4 + 4 * 4
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    recovered = fxzip.merge(model, permuted, data=data, progress=False)
+    assert_same_function(model, recovered, data)
+
+
 # ------------------------------------------------------------------- timm
 
 def test_timm_model_that_symbolic_tracing_cannot_follow() -> None:

@@ -93,3 +93,29 @@ def test_dead_channels_self_merge_is_identity():
         report = merged.meta["fxzip"]
         if method != "weight_average":
             assert sum(s.constant for s in report.spaces) >= 10  # 5 per model in that space
+
+
+def test_units_dead_on_the_calibration_data_find_their_partners():
+    """Hidden units that never fire on the calibration data but do on other
+    inputs: the data cannot tell them apart, so a permuted copy's are paired by
+    their weights; in channel order the merge would compute another function
+    on the held-out inputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    dead = [2, 5, 9, 13]
+    with torch.no_grad():
+        model[0].weight[dead] = -model[0].weight[dead].abs()  # <= 0 on positive inputs
+        model[0].bias[dead] = 0.0
+    perm = torch.tensor([13, 0, 1, 9, 3, 4, 5, 6, 7, 8, 2, 10, 11, 12, 14, 15])  # dead units reordered
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted[0].weight.copy_(model[0].weight[perm])
+        permuted[0].bias.copy_(model[0].bias[perm])
+        permuted[2].weight.copy_(model[2].weight[:, perm])
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.rand(64, 8, generator=g) for _ in range(3)]  # positive: the units stay at 0
+    held_out = [torch.randn(64, 8, generator=g) for _ in range(2)]
+    for method, kwargs in [("zipit", {}), ("permute", {})]:
+        merged = fxzip.merge(model, permuted, data=calibration, method=method, progress=False, **kwargs)
+        assert sum(s.constant for s in merged.meta["fxzip"].spaces) >= 2 * len(dead)
+        assert_same_function(model, merged, held_out)

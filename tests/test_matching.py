@@ -12,6 +12,7 @@ import torch
 
 from fxzip.matching import (
     MATCHERS,
+    Similarity,
     cluster_assignment,
     get_matcher,
     mean_matched_correlation,
@@ -309,6 +310,24 @@ def test_dead_features_pair_in_channel_order(method: str, kwargs: dict) -> None:
     for i in range(n):
         j = dead_b[dead.index(i)] if i in dead else int(pos[i])
         assert m.assign[1, j] == m.assign[0, i], i
+
+
+@pytest.mark.parametrize("method,kwargs", DEAD_CASES)
+def test_dead_features_pair_by_weight_signature(method: str, kwargs: dict) -> None:
+    """With a weight signature the (indistinguishable on the data) dead features
+    pair with their true partners under a permutation, not in channel order."""
+    n = 10
+    x = relu_features(300, n, seed=32)
+    dead = [1, 4, 5, 8]
+    x[:, dead] = 0.0
+    perm = torch.tensor([8, 5, 4, 1, 0, 2, 3, 6, 7, 9])  # reverses the dead features' order
+    signature = torch.randn(n, 6, generator=torch.Generator().manual_seed(34))
+    sim = Similarity.of(observed_stats(x, x[:, perm]))
+    sim.signature = torch.cat([signature, signature[perm]])
+    m = get_matcher(method)(sim, 2, n, **kwargs)
+    pos = torch.argsort(perm)
+    for i in range(n):
+        assert m.assign[1, int(pos[i])] == m.assign[0, i], i
 
 
 def test_all_dead_layer_self_matches_by_index() -> None:

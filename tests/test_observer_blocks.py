@@ -63,3 +63,29 @@ def test_feature_axis_last_and_single_samples() -> None:
     obs(x, y, dim=1, offset=0)
     torch.testing.assert_close(obs.stats().covariance(), torch.cov(torch.cat([x, y], 1).double().T, correction=0),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_packed_gram_and_pairwise_correlation_equal_the_full_matrices() -> None:
+    """Only the upper blocks are stored; the full matrix, single entries and the
+    correlation at pairs (what the report reads) are the full matrix's values
+    exactly, constant features included."""
+    g = torch.Generator().manual_seed(3)
+    n = 150  # 2 blocks per model
+    obs = SpaceObserver(2, n)
+    for _ in range(2):
+        a = torch.relu(torch.randn(40, n, generator=g))
+        b = torch.relu(torch.randn(40, n, generator=g))
+        a[:, :3] = 0.0  # dead in model 0 ...
+        b[:, 5] = 0.0   # ... and in model 1
+        obs(a, b, dim=1, offset=0)
+    st = obs.stats()
+    blocks = len(obs._blocks)  # (blocks + 1) / (2 blocks) of the full matrix: 10 of 16 blocks here
+    assert st._gram.flat.numel() == (2 * n) ** 2 * (blocks + 1) // (2 * blocks)
+    full = st.gram
+    assert torch.equal(full, full.T)
+    rows = torch.randint(0, 2 * n, (500,), generator=g)
+    cols = torch.randint(0, 2 * n, (500,), generator=g)
+    rows[:4], cols[:4] = torch.tensor([0, 1, 0, 155]), torch.tensor([1, 155, 7, 155])  # constants, diagonal
+    assert torch.equal(st._gram.entries(rows, cols), full[rows, cols])
+    assert torch.equal(st.correlation_at(rows, cols), st.correlation()[rows, cols])
+    assert torch.equal(st.variance(), st.covariance().diagonal())

@@ -853,7 +853,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
 
     import fxzip
     from fxzip.analysis import analyze
-    from fxzip.trace import trace
+    from fxzip.trace import captured_batch_size, trace
 
     rec: dict[str, Any] = {"model": name, "size": size, "outcome": None, "stage": None, "category": None,
                            "error_type": None, "message": "", "seconds": {}, "checks": {}, "warnings": [],
@@ -903,6 +903,9 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
     rec["probed_spaces"] = sum(1 for sp in analysis.spaces if sp.mergeable and sp.probes)
     rec["max_space"] = max((sp.size for sp in analysis.spaces if sp.mergeable), default=0)
     plan = sample_plan(gm, analysis)
+    fixed = captured_batch_size(gm)
+    if fixed is not None:  # the model branches on the batch size: every batch must have the captured one
+        batch = rec["fixed_batch"] = fixed
     images = max(min_images, plan["images_needed"])
     images = -(-images // batch) * batch
     rec["samples_short"] = images > max_images

@@ -75,3 +75,16 @@ def capture(gm, data, names) -> dict[str, list]:
     for x in data:
         _Capture(gm).run(x)
     return seen
+
+
+def assert_merges_exactly(model: nn.Module, data: list[torch.Tensor], zipit: bool = True) -> None:
+    """The three invariants on one model: its self-merge computes it; a permuted
+    copy computes it too (the analysis is right); merging the copy back
+    recovers it (with ``permute``, and with ``zipit`` unless told not to)."""
+    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
+    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
+    assert_same_function(model, permuted, data)
+    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)
+    if zipit:
+        assert_same_function(model, fxzip.merge(model, permuted, data=data, progress=False), data)
+

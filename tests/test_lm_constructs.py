@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_function, prepared
+from helpers import assert_merges_exactly, assert_same_function, prepared
 from torch import nn
 
 import fxzip
@@ -93,11 +93,7 @@ def test_llama_block_merges_exactly(kv_heads):
     assert qk.groups == kv_heads and qk.rigid, "rotary q/k: whole (key/value) heads move, positions inside stay"
     # values repeated for grouped-query attention keep their positions too (every copy in one order)
     assert values.groups == kv_heads and values.rigid == (kv_heads < 4)
-    assert_same_function(model, fxzip.merge(model, model, data=data, progress=False), data)
-    permuted = fxzip.permute_channels(model, seed=1, example_inputs=data[0])
-    assert_same_function(model, permuted, data)
-    assert_same_function(model, fxzip.merge(model, permuted, data=data, method="permute", progress=False), data)
-    assert_same_function(model, fxzip.merge(model, permuted, data=data, progress=False), data)
+    assert_merges_exactly(model, data)
 
 
 class Conv1D(nn.Module):

@@ -48,6 +48,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,6 +332,33 @@ def _commit(stage: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _interrupts_noted() -> Iterator[list[int]]:
+    """Record every Ctrl-C while a result is written (and raise it, as Python does).
+
+    Why: Python raises the KeyboardInterrupt wherever the interpreter happens to
+    be, and code that swallows exceptions there (a ``__del__``, a weakref
+    callback, a library's ``except BaseException``) loses it; the save would then
+    finish and put the new result in place after the user asked to stop. With
+    the record, the commit refuses instead. Only in the main thread, and only
+    where SIGINT has Python's default handler (a program's own handler stays)."""
+    seen: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
 def writing(out: str | os.PathLike, kind: Kind, *, overwrite: bool = False, option: str = "--out",
             flag: str = "--overwrite", protect: Iterable[str | os.PathLike] = (),
             say: Callable[[str], Any] | None = None) -> Iterator[Stage]:
@@ -351,13 +379,16 @@ def writing(out: str | os.PathLike, kind: Kind, *, overwrite: bool = False, opti
         check(out, kind, overwrite=overwrite, option=option, flag=flag, protect=protect)
         stage = path.parent / f".{path.name}.tmp-{os.getpid()}"
         try:  # from before the folder exists: a Ctrl-C right after mkdir still removes it
-            if os.path.lexists(stage):
-                shutil.rmtree(stage)
-            os.mkdir(stage)  # 0777 less the umask, like any folder the user makes
-            yield Stage(stage)
-            if not (stage / kind.marker).exists():
-                raise RuntimeError(f"{kind.marker} was not written: the result in {stage} is incomplete")
-            _commit(stage, path)
+            with _interrupts_noted() as interrupts:
+                if os.path.lexists(stage):
+                    shutil.rmtree(stage)
+                os.mkdir(stage)  # 0777 less the umask, like any folder the user makes
+                yield Stage(stage)
+                if not (stage / kind.marker).exists():
+                    raise RuntimeError(f"{kind.marker} was not written: the result in {stage} is incomplete")
+                if interrupts:  # a Ctrl-C that something swallowed: stop before the result changes
+                    raise KeyboardInterrupt
+                _commit(stage, path)
         except BaseException:  # Ctrl-C included: back to the old result (or the new one, if it is in place)
             with contextlib.suppress(Exception):
                 recover(path)

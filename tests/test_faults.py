@@ -311,6 +311,42 @@ def test_results_are_replaced_in_one_rename_where_folders_cannot_be_swapped(tmp_
     assert (out / "sweep.csv").read_text() == "second" and leftovers(out) == []
 
 
+SWALLOWED_CTRL_C = """\
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("result_dir", sys.argv[1])  # without importing torch
+module = sys.modules["result_dir"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+
+def write(text, swallow=False):
+    with module.writing(sys.argv[2], module.SWEEP, overwrite=True) as stage:
+        (stage.path / "sweep.csv").write_text(text)
+        if swallow:
+            try:  # what a __del__ or a library's `except BaseException` does to a Ctrl-C
+                os.kill(os.getpid(), signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+        manifest = str(stage.manifest()).replace("'", '"')
+        (stage.path / "sweep.json").write_text('{"settings": {"command": "fxzip sweep"}, "manifest": %s}' % manifest)
+
+write("old")
+try:
+    write("new", swallow=True)
+except KeyboardInterrupt:
+    print("interrupted")
+print(open(os.path.join(sys.argv[2], "sweep.csv")).read())
+"""
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_result_from_changing(tmp_path):
+    """A Ctrl-C raised where some code swallows it must not let the save finish:
+    the result stays the old one and the interrupt comes back at the commit."""
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C, result_dir.__file__, str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["interrupted", "old"] and leftovers(out) == []
+
+
 LOCK_ONLY = """\
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("result_dir", sys.argv[1])  # without importing torch

@@ -3,7 +3,7 @@ and the report's row for each space (what was merged, how similar, why not).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -36,14 +36,20 @@ def match_spaces(analysis: GraphAnalysis, stats: MutableMapping[int, Any], match
     ``release``: drop each space's statistics from ``stats`` once it is matched
     (a merge that calibrated for itself: nothing reads them again, and the
     fold that follows needs the memory)."""
-    states = weight_states(models) if models is not None else None
+    states: list[dict[str, Any]] = []  # the weights, read only where constants need pairing
+
+    def weights() -> list[dict[str, Any]]:
+        if not states:
+            states.extend(weight_states(models))
+        return states
+
     matches: dict[int, Any] = {}
     summaries: dict[int, tuple[int, float]] = {}
     blocks = blocks_of(analysis)
     for block in tqdm(blocks, desc="fxzip match", disable=not progress, leave=False):
         sims = {i: Similarity.of(stats[i]) for i in block if i in stats}
-        if states is not None:
-            weight_signatures(analysis, states, sims)
+        if models is not None:
+            weight_signatures(analysis, weights, sims)
         for i, sim in sims.items():  # built for this match only; the report reads the statistics
             sim.disposable = sim is not stats[i] and isinstance(stats[i], SpaceStats)
         matches.update(match_units(analysis, block, sims, matcher, n_models, alpha=alpha, beta=beta,
@@ -62,7 +68,7 @@ def weight_states(models: Sequence[Any]) -> list[dict[str, Any]]:
             for m in models]
 
 
-def weight_signatures(analysis: GraphAnalysis, states: Sequence[Mapping[str, Any]],
+def weight_signatures(analysis: GraphAnalysis, states: Callable[[], Sequence[Mapping[str, Any]]],
                       sims: Mapping[int, Similarity]) -> None:
     """Give each similarity with two or more constant features in model 0 a
     ``signature``: per feature, the values of each of its weight slices
@@ -70,12 +76,13 @@ def weight_signatures(analysis: GraphAnalysis, states: Sequence[Mapping[str, Any
     sorted. Sorting makes it independent of the neighbouring spaces' channel
     order, so it needs no other space's match: a permuted copy's dead unit
     has exactly its original's signature, and equal constants (which the data
-    cannot tell apart) are paired to their true partners."""
+    cannot tell apart) are paired to their true partners. ``states()`` gives
+    the weights (asked for only when a space needs them)."""
     for i, sim in sims.items():
         size = analysis.spaces[i].size
         if int(sim.constant()[:size].sum()) < 2:
             continue
-        pieces = [rows.double().sort(dim=1).values for _, rows in unit_blocks(analysis, states, i)]
+        pieces = [rows.double().sort(dim=1).values for _, rows in unit_blocks(analysis, states(), i)]
         if pieces:
             sim.signature = torch.cat(pieces, 1)
 

@@ -481,23 +481,17 @@ class _ZipPool:
 
 def matched_pairs(assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ordered pair (a, b), a != b, of stacked features that share a
-    merged feature."""
+    merged feature (vectorised: a space has thousands of clusters)."""
     cid = assign.reshape(-1)
     order = torch.argsort(cid, stable=True)
     _, counts = torch.unique_consecutive(cid[order], return_counts=True)
-    rows, cols = [], []
-    start = 0
-    for c in counts.tolist():
-        if c > 1:
-            members = order[start:start + c]
-            a, b = torch.meshgrid(members, members, indexing="ij")
-            keep = a != b
-            rows.append(a[keep])
-            cols.append(b[keep])
-        start += c
-    if not rows:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(rows), torch.cat(cols)
+    size = counts.repeat_interleave(counts)                 # per sorted feature: its cluster's size
+    start = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)  # ... and where its cluster starts
+    a = torch.arange(len(cid)).repeat_interleave(size)      # each feature once per member of its cluster
+    offset = torch.arange(len(a)) - (torch.cumsum(size, 0) - size).repeat_interleave(size)
+    b = start.repeat_interleave(size) + offset
+    keep = a != b
+    return order[a[keep]], order[b[keep]]
 
 
 def mean_matched_correlation(corr: "torch.Tensor | SpaceStats", assign: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_n
 from .passes.ties import UNTIED
 from .pipeline import Stage, StageResult, check_order
 from .report import MergeReport, SpaceReport, output_warnings
-from .trace import captured_batch_size, default_example
+from .trace import captured_batch_size, default_example, first_samples
 from .warn import warn_caller
 from .widths import WidthPlan, plan_widths
 
@@ -344,7 +344,7 @@ def merged_macs(merged: fx.GraphModule, gms: Sequence[fx.GraphModule], example: 
     counted on a batch of one, or of the size a graph was captured for
     (``trace.captured_batch_size``), divided by it."""
     n = captured_batch_size(gms[0]) or 1
-    batch = tuple(t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
+    batch = first_samples(example, n)
 
     def per_input(gm: fx.GraphModule) -> int:
         return count_macs(gm, batch) // n

@@ -58,7 +58,10 @@ class PackedGram:
         lo, hi = torch.minimum(rows, cols), torch.maximum(rows, cols)  # (i, j) with i <= j: an upper block
         bi = torch.searchsorted(ends, lo, right=True)
         bj = torch.searchsorted(ends, hi, right=True)
-        offset = torch.tensor([self.offsets[(int(i), int(j))] for i, j in zip(bi, bj)], dtype=torch.long)
+        table = torch.zeros(len(self.blocks), len(self.blocks), dtype=torch.long)
+        for (i, j), start in self.offsets.items():
+            table[i, j] = start
+        offset = table[bi, bj]
         index = offset + (lo - starts[bi]) * (ends[bj] - starts[bj]) + (hi - starts[bj])
         return self.flat[index]
 

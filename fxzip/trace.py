@@ -309,7 +309,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         gm = copy.deepcopy(model).eval()
         try:
             fixed = captured_batch_size(gm)
-            _propagate(gm, gm, _two_samples(example) if fixed is None else _first(example, fixed))
+            _propagate(gm, gm, _two_samples(example) if fixed is None else first_samples(example, fixed))
         except Exception as exc:
             raise _run_error(model, data_shapes, exc) from exc
         return gm
@@ -417,7 +417,7 @@ def sharing_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _first(example: tuple, n: int) -> tuple:
+def first_samples(example: tuple, n: int) -> tuple:
     """The first ``n`` samples of every batched input."""
     return tuple(t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example)
 

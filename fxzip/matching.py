@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .stats import SpaceStats
+from .stats import SpaceStats, constant_classes
 
 __all__ = ["Match", "Similarity", "register_matcher", "unregister_matcher", "matcher_registered", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
            "cluster_assignment", "mean_matched_correlation", "merged_size"]
@@ -47,10 +47,15 @@ class Similarity:
     """
 
     def __init__(self, matrix: torch.Tensor, constant: torch.Tensor | None = None,
-                 mean: torch.Tensor | None = None, signature: torch.Tensor | None = None):
+                 mean: torch.Tensor | None = None, signature: torch.Tensor | None = None,
+                 classes: torch.Tensor | None = None):
         self.matrix = matrix
         self._constant = constant if constant is not None else torch.zeros(matrix.shape[0], dtype=torch.bool)
         self.mean = mean if mean is not None else torch.zeros(matrix.shape[0], dtype=matrix.dtype)
+        # which constants hold one value (``stats.constant_classes``); without
+        # the space's scale, the largest |constant| stands in for it
+        self.classes = classes if classes is not None else constant_classes(
+            self._constant, self.mean, float(self.mean[self._constant].abs().max()) if self._constant.any() else 0.0)
         self.signature = signature
         # set by whoever built ``matrix`` for one match and reads it no more:
         # zipit then clusters in it instead of a copy (a ViT-B MLP space's is 302 MB)
@@ -58,9 +63,14 @@ class Similarity:
 
     @classmethod
     def of(cls, stats: "SpaceStats | Similarity") -> "Similarity":
+        """The matching input of a space's statistics: their correlation, with
+        perfectly correlated features of unequal scale told apart
+        (``separate_rescaled_copies``)."""
         if isinstance(stats, Similarity):
             return stats
-        return cls(stats.correlation(), stats.constant(), stats.mean)
+        matrix = stats.correlation()
+        separate_rescaled_copies(matrix, stats.mean, stats.variance().clamp_min(0).sqrt())
+        return cls(matrix, stats.constant(), stats.mean, classes=stats.constant_classes())
 
     def correlation(self) -> torch.Tensor:
         return self.matrix
@@ -68,10 +78,44 @@ class Similarity:
     def constant(self) -> torch.Tensor:
         return self._constant
 
+    def constant_classes(self) -> torch.Tensor:
+        return self.classes
+
     def subset(self, index: torch.Tensor) -> "Similarity":
         """The features ``index`` (stacked indices), in that order."""
         return Similarity(self.matrix[index][:, index], self._constant[index], self.mean[index],
-                          None if self.signature is None else self.signature[index])
+                          None if self.signature is None else self.signature[index], self.classes[index])
+
+
+PERFECT = 1e-6  # a correlation within this of 1 is the same signal, to float32 noise
+
+
+def separate_rescaled_copies(matrix: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                             eps: float = PERFECT, rows: int = 256) -> None:
+    """Lower, in place, the entries of feature pairs the data correlates
+    perfectly (above ``1 - eps``) by ``eps`` times how unequal their scales are
+    (0 for equal mean and std, up to 1).
+
+    Why: correlation cannot tell a feature from a rescaled copy of it. Where
+    the data spans fewer directions than the space has features (a relative-
+    position MLP sees one fixed table of offsets; a sparse ReLU unit fires on
+    one of them), several features correlate 1 with each other, and which of
+    them zipit pairs is decided by float32 noise: a permuted copy of a model
+    then comes back with two units swapped. A true copy also has its partner's
+    mean and scale, so among perfect correlations those win. Entries below
+    ``1 - eps`` (every pair in a merge of two different models, in practice)
+    are untouched, so no other decision changes."""
+    std = std.to(matrix.dtype)
+    mean = mean.to(matrix.dtype)
+    for r in range(0, matrix.shape[0], rows):
+        block = matrix[r:r + rows]
+        hit = torch.nonzero(block > 1 - eps)
+        if hit.numel() == 0:
+            continue
+        i, j = hit[:, 0] + r, hit[:, 1]
+        spread = std[i] + std[j] + mean[i].abs() + mean[j].abs()
+        mismatch = ((std[i] - std[j]).abs() + (mean[i] - mean[j]).abs()) / spread.clamp_min(torch.finfo(matrix.dtype).tiny)
+        block[hit[:, 0], j] -= eps * mismatch.clamp(0, 1)
 
 
 Matcher = Callable[..., Match]
@@ -230,8 +274,9 @@ def _unmerge_weakest(assign: torch.Tensor, corr: np.ndarray, constants: list[lis
 def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[int]]:
     """Clusters of equal constant features, one per model.
 
-    Constants are keyed by their value to 6 significant digits, so grouping is
-    linear in the number of constants (a layer can have thousands of dead units).
+    Constants of one value share a class (``stats.constant_classes``: equal to
+    a millionth of the space's scale, linear in the number of constants; a
+    layer can have thousands of dead units).
     Inside one value the data cannot tell the features apart; with a weight
     ``signature`` (``Similarity``) model k's are paired to model 0's by the
     nearest signatures (a linear sum assignment), so a permuted copy's dead
@@ -240,13 +285,13 @@ def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[in
     const = stats.constant().numpy()
     if not const.any():
         return []
-    mean = stats.mean.numpy()
+    classes = stats.constant_classes().numpy()
     signature = getattr(stats, "signature", None)
-    queues: list[dict[str, list[int]]] = []
+    queues: list[dict[int, list[int]]] = []
     for k in range(n_models):
-        by_value: dict[str, list[int]] = {}
+        by_value: dict[int, list[int]] = {}
         for i in np.flatnonzero(const[k * size:(k + 1) * size]) + k * size:
-            by_value.setdefault(f"{mean[i] + 0.0:.6g}", []).append(int(i))  # + 0.0: -0 is 0
+            by_value.setdefault(int(classes[i]), []).append(int(i))
         queues.append(by_value)
     groups = []
     for value, firsts in queues[0].items():

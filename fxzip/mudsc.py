@@ -679,7 +679,8 @@ class _DualSpace:
         come for free from the matrices just built."""
         snap = self.snapshot(self.unit_deps[u])
         mats = {s: self.combined(s) for s in u}
-        sims = {s: Similarity(c, self.act[s].constant(), self.act[s].mean) if s in self.act else Similarity(c)
+        sims = {s: Similarity(c, self.act[s].constant(), self.act[s].mean, classes=self.act[s].constant_classes())
+                if s in self.act else Similarity(c)
                 for s, c in mats.items()}
         found = self.run(u, sims)
         vals = {s: mean_matched_correlation(mats[s], found[s].assign) for s in u}

@@ -12,7 +12,33 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["PackedGram", "SpaceStats", "SpaceObserver", "Workspace"]
+__all__ = ["PackedGram", "SpaceStats", "SpaceObserver", "Workspace", "constant_classes"]
+
+CONSTANT_REL_TOL = 1e-6  # constants closer than this times the space's scale are one value
+
+
+def constant_classes(constant: torch.Tensor, mean: torch.Tensor, scale: float,
+                     rel_tol: float = CONSTANT_REL_TOL) -> torch.Tensor:
+    """Which constant features hold the same value: a class id per feature
+    (int64; -1 where the feature is not constant).
+
+    Why not the values' own digits: a dead GELU unit sits near -1.2e-7, and its
+    twin in a copy computed in another summation order differs from it in the
+    third digit, although both are zero on the scale of the space (|x| ~ 1).
+    Equal means equal to ``rel_tol * scale`` (the space's largest RMS
+    feature): the constants are sorted and cut where a gap exceeds that, so
+    the grouping is linear in their number and has no rounding boundary
+    for two nearly equal values to fall on either side of."""
+    classes = torch.full(mean.shape, -1, dtype=torch.int64)
+    idx = torch.nonzero(constant).flatten()
+    if idx.numel() == 0:
+        return classes
+    values, order = mean[idx].double().sort()
+    gaps = values.diff() > rel_tol * scale
+    ids = torch.cat([torch.zeros(1, dtype=torch.int64), gaps.cumsum(0)])
+    classes[idx[order]] = ids
+    return classes
+
 
 
 class PackedGram:
@@ -122,9 +148,9 @@ class SpaceStats:
         corr = (cov / (safe[rows] * safe[cols]).sqrt()).clamp(-1, 1)
         either = const[rows] | const[cols]
         if either.any():
-            mean = self.mean
-            equal = torch.isclose(mean[rows], mean[cols], rtol=1e-6, atol=1e-12)
-            corr = torch.where(either, (const[rows] & const[cols] & equal).to(corr.dtype), corr)
+            classes = self.constant_classes()
+            equal = (classes[rows] == classes[cols]) & const[rows]
+            corr = torch.where(either, equal.to(corr.dtype), corr)
         return corr
 
     def covariance(self) -> torch.Tensor:
@@ -144,6 +170,15 @@ class SpaceStats:
         scale = torch.maximum(self.mean ** 2, var.max().clamp_min(0))
         return var <= rel_tol * scale
 
+    def scale(self) -> float:
+        """The space's largest RMS feature, sqrt(max(mean^2 + variance)): what
+        "equal" is relative to for its constants."""
+        return float((self.mean ** 2 + self.variance().clamp_min(0)).max().sqrt()) if self.mean.numel() else 0.0
+
+    def constant_classes(self) -> torch.Tensor:
+        """``constant_classes`` of this space's features."""
+        return constant_classes(self.constant(), self.mean, self.scale())
+
     def correlation(self) -> torch.Tensor:
         """Pearson correlation; constant features correlate 1 with constants of the
         same value and 0 with everything else (never NaN). A fresh matrix, built
@@ -162,9 +197,8 @@ class SpaceStats:
             corr[const, :] = 0
             corr[:, const] = 0
             idx = torch.nonzero(const).flatten()
-            mean = self.mean[idx]
-            equal = torch.isclose(mean[:, None], mean[None, :], rtol=1e-6, atol=1e-12)
-            corr[idx[:, None], idx[None, :]] = equal.to(corr.dtype)
+            classes = self.constant_classes()[idx]
+            corr[idx[:, None], idx[None, :]] = (classes[:, None] == classes[None, :]).to(corr.dtype)
         return corr
 
 

@@ -95,6 +95,29 @@ def test_dead_channels_self_merge_is_identity():
             assert sum(s.constant for s in report.spaces) >= 10  # 5 per model in that space
 
 
+def test_rescaled_copies_the_data_cannot_tell_apart_find_their_partners():
+    """Calibration data on one ray: every active hidden unit of relu(W t d) is
+    t times a constant, so all of them correlate exactly 1 with each other (a
+    relative-position MLP on its fixed table of offsets, with sparse ReLU units,
+    is such a space). Correlation alone ties them; the partners are the ones of
+    equal scale, and only those pairings compute the model's function on
+    inputs off the ray."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[0].weight[:, 0] = torch.linspace(0.5, 2.0, 12)  # every unit fires on the ray, each at its own scale
+    direction = torch.tensor([1.0, 0.0])
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.rand(64, 1, generator=g) * direction for _ in range(3)]
+    held_out = [torch.randn(64, 2, generator=g) for _ in range(2)]
+    permuted = fxzip.permute_channels(model, seed=3, example_inputs=held_out[0])
+    assert not torch.equal(permuted.get_parameter("0.weight"), model[0].weight)
+    for method in ("zipit", "permute"):
+        merged = fxzip.merge(model, permuted, data=calibration, method=method, progress=False)
+        assert_same_function(model, merged, held_out)
+
+
 def test_units_dead_on_the_calibration_data_find_their_partners():
     """Hidden units that never fire on the calibration data but do on other
     inputs: the data cannot tell them apart, so a permuted copy's are paired by

@@ -14,13 +14,15 @@ from fxzip.matching import (
     MATCHERS,
     Similarity,
     cluster_assignment,
+    constant_groups,
     get_matcher,
     mean_matched_correlation,
     permute,
+    separate_rescaled_copies,
     weight_average,
     zipit,
 )
-from fxzip.stats import SpaceObserver, SpaceStats
+from fxzip.stats import SpaceObserver, SpaceStats, constant_classes
 
 # ----------------------------------------------------------------- helpers
 
@@ -494,3 +496,38 @@ def test_observer_pools_pixels_and_probes() -> None:
     assert st.count == 4 * 9 + 2 * 4
     torch.testing.assert_close(st.mean, ref.mean(0))
     torch.testing.assert_close(st.covariance(), torch.cov(ref.T, correction=0), rtol=1e-5, atol=1e-6)
+
+
+def test_constants_equal_on_the_spaces_scale_are_one_value():
+    """A dead GELU unit and its twin in a copy computed in another summation
+    order (values from timm's gcvit_xxtiny): both near -1.2e-7, different in
+    the third digit, both zero on the scale of a space whose features are
+    ~3. They are one constant, so they pair; a constant of another value
+    (0.5) does not join them."""
+    mean = torch.tensor([0.3, -1.22694e-07, 0.5, 0.3, 0.5, -1.22267e-07], dtype=torch.float64)
+    constant = torch.tensor([False, True, True, False, True, True])
+    classes = constant_classes(constant, mean, scale=3.29)
+    assert classes[1] == classes[5] and classes[2] == classes[4] and classes[1] != classes[2]
+    assert (classes[~constant] == -1).all()
+    sim = Similarity(torch.eye(6, dtype=torch.float64), constant, mean, classes=classes)
+    assert sorted(constant_groups(sim, 2, 3)) == [[1, 5], [2, 4]]
+
+
+def test_perfect_correlations_prefer_equal_scale():
+    """Three features on one ray (x, 2x, 3x) in each of two models: all
+    correlate 1. After ``separate_rescaled_copies`` each feature's best
+    partner in the other model is its equal-scale twin, and entries below
+    1 - eps are untouched."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(500, 1, generator=g, dtype=torch.float64)
+    noise = torch.randn(500, 1, generator=g, dtype=torch.float64)
+    a = torch.cat([t, 2 * t, 3 * t, noise], 1)
+    b = a[:, [2, 0, 3, 1]]  # a permuted copy
+    x = torch.cat([a, b], 1)
+    corr = torch.corrcoef(x.T)
+    before = corr.clone()
+    separate_rescaled_copies(corr, x.mean(0), x.std(0))
+    best = corr[:4, 4:].argmax(1)
+    assert best.tolist() == [1, 3, 0, 2]
+    low = before < 1 - 1e-6
+    assert torch.equal(corr[low], before[low])

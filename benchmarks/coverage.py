@@ -656,10 +656,12 @@ def wrong_matches(model, merged, x, permuted_seed: int | None = None) -> dict | 
         gm = trace(model, x)
         analysis = analyze(gm)
         truth = random_assignment(analysis, permuted_seed) if permuted_seed is not None else {}
-        by_name = {sp.name: sp for sp in analysis.spaces}
+        by_index = {sp.index: sp for sp in analysis.spaces}  # by index: q.k and v spaces share their node's name
         spaces = []
         for row in rep.spaces:
-            sp = by_name.get(row.name)
+            sp = by_index.get(row.index)
+            if sp is not None and sp.name != row.name:
+                return {"error": f"the report's space {row.index} is {row.name!r}, the model's trace has {sp.name!r}"}
             if sp is None or len(row.assignment) < 2:
                 continue
             a, b = row.assignment[0], row.assignment[1]
@@ -975,7 +977,7 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
         with _Stage(rec, "identity_verify", "identity verify", persist):
             err, err32, dtype = verified_error(model, merged, holdout_data, ref64)
         where = ""
-        if err > TOL and library != "timm":
+        if err > TOL:
             identity["wrong_matches"] = wrong_matches(model, merged, x)
             where = worst_output(model, merged, holdout_data, dtype) + _wrong_text(identity["wrong_matches"])
         del merged
@@ -1033,10 +1035,8 @@ def check_model(name: str, size: int = DEFAULT_SIZE, factory: Callable[[], Any] 
             if err <= TOL:
                 perm["outcome"] = "pass"
             else:
-                where = ""
-                if library != "timm":
-                    perm["wrong_matches"] = wrong_matches(model, merged, x, permuted_seed=1)
-                    where = worst_output(model, merged, holdout_data, dtype) + _wrong_text(perm["wrong_matches"])
+                perm["wrong_matches"] = wrong_matches(model, merged, x, permuted_seed=1)
+                where = worst_output(model, merged, holdout_data, dtype) + _wrong_text(perm["wrong_matches"])
                 perm.update(outcome="fail-recovery", stage="verify",
                             message=f"merge with its permutation differs: max rel err {err:.3g} > {TOL}{where}",
                             category="verify: merge with the permuted copy differs")

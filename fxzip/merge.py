@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -26,7 +27,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
           inputs: Callable[[Any], Any] | None = None, progress: bool = True, weight_similarity: float = 0.5,
           example_inputs: Any = None, seed: int = 0, probes: str | ProbePolicy = DEFAULT_PROBES,
           repair: bool = False, refit: bool | float = False,
-          merged_width: float | Mapping[str, float] = 1.0, max_memory: int | None = None) -> fx.GraphModule:
+          merged_width: float | Mapping[str, float] = 1.0, max_memory: int | None = None,
+          cache_dtype: torch.dtype | str | None = None) -> fx.GraphModule:
     """Merge models of one architecture, trained on different tasks, into one.
 
     Args:
@@ -75,6 +77,11 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
             hold; the rest is spilled to disk and read back bit for bit (the
             result does not change; ``report.details["refit"]["memory"]``
             gives the peak held). ``None``: no bound.
+        cache_dtype: keep those cached activations in ``torch.float16`` or
+            ``torch.bfloat16`` (opt-in: half the memory of float32, but the
+            refit and repair then see rounded inputs; the largest relative
+            rounding is ``report.details["refit"]["memory"]["rounding_rel_error"]``).
+            ``None`` (the default): their own dtype, exact.
         merged_width: merged features per space as a multiple of one model's
             width (``fxzip.widths``): 1.0 as the papers merge, N the ensemble
             side by side; in between the least similar features stay apart. A
@@ -94,7 +101,8 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
     options = MergeOptions.checked(
         models, data, method=method, alpha=alpha, beta=beta, stop_at=stop_at, reset_bn=reset_bn,
         weight_similarity=weight_similarity, example_inputs=example_inputs, seed=seed, probes=probes, repair=repair,
-        refit=refit, merged_width=merged_width, progress=progress and _dist.is_main(), max_memory=max_memory)
+        refit=refit, merged_width=merged_width, progress=progress and _dist.is_main(), max_memory=max_memory,
+        cache_dtype=cache_dtype)
     state = MergeState(models, options, data, max_batches, inputs, example_inputs)
     if isinstance(data, Calibration):  # its models are traced and analysed, its statistics maybe observed
         state.calibration = data.reused_for(models, options.probes)

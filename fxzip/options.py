@@ -18,6 +18,7 @@ from .align import architecture_difference
 from .calibration import device_dtype
 from .matching import MATCHERS, Matcher, get_matcher
 from .passes.refit import DEFAULT_RIDGE
+from .passes.sequential import LOW_PRECISION
 from .probes import DEFAULT_PROBES, PROBE_POLICIES, ProbePolicy, probe_policy
 from .trace import check_model, default_example
 
@@ -48,6 +49,9 @@ class MergeOptions:
     data_free: bool = False
     max_memory: int | None = None
     """Bytes of cached activations the refit and the repair may hold; ``None``: no bound."""
+    cache_dtype: torch.dtype | None = None
+    """The dtype the refit and the repair keep cached activations in (opt-in
+    float16 / bfloat16; ``None``: their own, exact)."""
 
     @property
     def dual_space(self) -> bool:
@@ -63,7 +67,8 @@ class MergeOptions:
     def checked(cls, models: Sequence[nn.Module], data: Any, *, method: str, alpha: float, beta: float,
                 stop_at: Any, reset_bn: bool | None, weight_similarity: float, example_inputs: Any, seed: int,
                 probes: Any, repair: bool, refit: bool | float, merged_width: float | Mapping[str, float],
-                progress: bool, max_memory: int | None = None) -> "MergeOptions":
+                progress: bool, max_memory: int | None = None,
+                cache_dtype: "torch.dtype | str | None" = None) -> "MergeOptions":
         """Validate ``merge``'s arguments, in the order a user would fix them;
         raise ``ValueError`` naming the argument and the fix."""
         matcher = check_models(models, method, alpha, beta)
@@ -81,9 +86,23 @@ class MergeOptions:
         if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
                                        or max_memory < 0):
             raise ValueError(f"max_memory must be a number of bytes >= 0 (or None for no bound), got {max_memory!r}")
+        cache = check_cache_dtype(cache_dtype)
         reset = _check_data_free(models, data, method, weight_similarity, reset_bn, example_inputs)
         return cls(method, matcher, alpha, beta, stop_at, reset, weight_similarity, seed, policy, repair, ridge,
-                   merged_width, progress, data is None, max_memory)
+                   merged_width, progress, data is None, max_memory, cache)
+
+
+def check_cache_dtype(dtype: "torch.dtype | str | None") -> torch.dtype | None:
+    """``cache_dtype`` as a torch dtype: None, or float16 / bfloat16 given as a
+    dtype or its name ("float16", "fp16", "half", "bfloat16", "bf16")."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in LOW_PRECISION:
+        return dtype
+    names = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in names:
+        return names[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"cache_dtype keeps the refit's and the repair's cached activations in a lower precision: "
+                     f"torch.float16 or torch.bfloat16 (or None, the default: their own dtype, exact), got {dtype!r}")
 
 
 def check_models(models: Sequence[nn.Module], method: str = "weight_average", alpha: float = 0.0,

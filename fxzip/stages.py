@@ -214,7 +214,7 @@ class Refit(Stage):
         trunk = None if state.cut is None else trunk_node_names(graph_module, state.cut)
         fitted = refit(graph_module, cal.analysis, joint, node_maps, state.assign, cal.batches, state.options.ridge,
                        progress=lambda it: state.bar("fxzip refit")(list(it)), only=trunk,
-                       max_memory=state.options.max_memory)
+                       max_memory=state.options.max_memory, cache_dtype=state.options.cache_dtype)
         return StageResult(graph_module, {"refit": fitted.summary()})
 
 
@@ -282,7 +282,7 @@ class Repair(Stage):
         mergeable = {sp.index for sp in cal.analysis.spaces if sp.mergeable}
         joint, node_maps = state.joint
         fixed = repair(graph_module, cal.analysis, mergeable, joint, node_maps, state.assign, cal.batches,
-                       max_memory=state.options.max_memory)
+                       max_memory=state.options.max_memory, cache_dtype=state.options.cache_dtype)
         return StageResult(graph_module, {"repair": {**fixed.summary(), "norm_reset_passes": 2 if reset else 0}})
 
 

@@ -265,10 +265,11 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
           node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor], batches: Iterable[tuple],
           ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x,
           one_pass: bool = False, only: set[str] | None = None, schedule: str = "sequential",
-          max_memory: int | None = None) -> RefitResult:
+          max_memory: int | None = None, cache_dtype: torch.dtype | None = None) -> RefitResult:
     """Refit every fittable weight layer of ``merged`` in place (module docstring).
     ``schedule``: ``"sequential"`` (one read of the data, ``max_memory`` bytes
-    of cached activations at most, the rest spilled to disk) or ``"waves"``
+    of cached activations at most, the rest spilled to disk; ``cache_dtype``:
+    keep them in float16 / bfloat16, the rounding reported in ``memory``) or ``"waves"``
     (one read per layer depth). ``one_pass``: fit every layer on the *folded*
     model's inputs in a single wave (the cheap approximation
     ``benchmarks/refit_passes.py`` measures against the exact network-order
@@ -289,7 +290,7 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
         return _refit_waves(merged, layers, skipped, joint, node_maps, assign, counts, batches, ridge, progress,
                             one_pass)
     return _refit_sequential(merged, layers, skipped, joint, node_maps, assign, counts, batches, ridge, progress,
-                             max_memory)
+                             max_memory, cache_dtype)
 
 
 def _untie_refit(merged: fx.GraphModule, layers: list[RefitLayer]) -> None:
@@ -310,13 +311,14 @@ def _fit(layer: RefitLayer, mod: nn.Module, normal: _Normal, ridge: float) -> No
 def _refit_sequential(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list[str], joint: fx.GraphModule,
                       node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
                       counts: Mapping[int, torch.Tensor], batches: Iterable[tuple], ridge: float,
-                      progress: Callable[[Iterable], Iterable], max_memory: int | None) -> RefitResult:
+                      progress: Callable[[Iterable], Iterable], max_memory: int | None,
+                      cache_dtype: torch.dtype | None = None) -> RefitResult:
     """One walk of the merged graph and of the originals over the cached data:
     each layer fitted where its input is final, its output then computed with
     the new weights (``passes/sequential.py``)."""
     n_models = len(node_maps)
     theirs_of = {l.node: [node_maps[k][l.node].name for k in range(n_models)] for l in layers}
-    run = Executor(batches, max_memory)
+    run = Executor(batches, max_memory, dtype=cache_dtype)
     mine = run.walk(merged, "merged", [l.input for l in layers])
     theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
     steps: list[Step] = []

@@ -317,11 +317,13 @@ SCHEDULES = ("waves", "sequential")
 def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int], joint: fx.GraphModule,
            node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
            batches: Iterable[tuple], progress: Callable[[Iterable], Iterable] = lambda x: x,
-           schedule: str = "sequential", max_memory: int | None = None) -> RepairResult:
+           schedule: str = "sequential", max_memory: int | None = None,
+           cache_dtype: torch.dtype | None = None) -> RepairResult:
     """Repair ``merged`` in place (see the module docstring); ``joint`` runs the
     originals side by side with ``node_maps`` from model-0 node names.
     ``schedule``: ``"sequential"`` (the default: one read, at most ``max_memory`` bytes of cached
-    activations, the rest spilled to disk) or ``"waves"`` (one read of the
+    activations, the rest spilled to disk; ``cache_dtype``: keep them in float16 /
+    bfloat16, the rounding reported in ``memory``) or ``"waves"`` (one read of the
     data per wave)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"repair schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -329,7 +331,8 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
     if not sites:
         return RepairResult([], 0, skipped, schedule)
     if schedule == "sequential":
-        return _repair_sequential(merged, sites, skipped, joint, node_maps, assign, batches, progress, max_memory)
+        return _repair_sequential(merged, sites, skipped, joint, node_maps, assign, batches, progress, max_memory,
+                                  cache_dtype)
     n_models = len(node_maps)
     _targets(joint, node_maps, sites, assign, batches)
     levels = sorted({s.level for s in sites})
@@ -355,7 +358,7 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
 def _repair_sequential(merged: fx.GraphModule, sites: list[RepairSite], skipped: list[str], joint: fx.GraphModule,
                        node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
                        batches: Iterable[tuple], progress: Callable[[Iterable], Iterable],
-                       max_memory: int | None) -> RepairResult:
+                       max_memory: int | None, cache_dtype: torch.dtype | None = None) -> RepairResult:
     """One walk of the merged graph and of the originals over the cached data:
     a site is measured once its ``direct`` and ``rest`` values are computed
     (every site upstream is corrected by then), corrected, and its layer's
@@ -374,7 +377,7 @@ def _repair_sequential(merged: fx.GraphModule, sites: list[RepairSite], skipped:
              for s in sites}
     measured = {s.point: [s.direct] + ([s.rest] if s.rest else []) for s in sites}
     theirs_of = {s.point: [node_maps[k][s.point].name for k in range(n_models)] for s in sites}
-    run = Executor(batches, max_memory)
+    run = Executor(batches, max_memory, dtype=cache_dtype)
     mine = run.walk(merged, "merged", [n for s in sites for n in measured[s.point] + feeds[s.point]])
     theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
     steps: list[Step] = []

@@ -319,3 +319,20 @@ def test_sweep_passes_max_memory_to_every_merge(root, monkeypatch, merges):
     assert len(merges["merge"]) == 1
     kwargs, report = merges["merge"][0]
     assert kwargs["max_memory"] == 0 and report.details["refit"]["memory"]["spilled_bytes"] > 0
+
+
+def test_cache_dtype_reaches_the_merge_and_its_rounding_the_report(root, monkeypatch, merges):
+    """``--cache-dtype float16`` on merge and sweep: the refit's cache is kept in
+    float16, the setting and the rounding measured are in the reports."""
+    folder, _, _ = root
+    monkeypatch.chdir(folder)
+    assert main(["merge", *COMMON, "--data", "x.pt", "--out", "half", "--refit", "--cache-dtype", "float16"]) == 0
+    report = json.loads((folder / "half" / "report.json").read_text())
+    assert report["settings"]["cache_dtype"] == "float16"
+    memory = report["details"]["refit"]["memory"]
+    assert memory["cache_dtype"] == "float16" and 0 < memory["rounding_rel_error"] <= 2.0 ** -11
+    assert main(_sweep("--refit", "on", "--cache-dtype", "bfloat16", "--out", "bf")) == 0
+    assert json.loads((folder / "bf" / "sweep.json").read_text())["settings"]["cache_dtype"] == "bfloat16"
+    kwargs, swept = merges["merge"][-1]
+    assert kwargs["cache_dtype"] == "bfloat16"
+    assert swept.details["refit"]["memory"]["cache_dtype"] == "bfloat16"

@@ -194,3 +194,59 @@ def test_cache_counts_shared_storage_once():
     for i in range(3):
         cache.drop(("v", i))
     assert cache.held == 0
+
+
+def test_low_precision_cache_rounds_once_and_measures_it(tmp_path):
+    """``dtype=float16``: a float32 value comes back as float32 holding exactly
+    its float16 rounding (in memory and spilled), the largest relative rounding
+    is what the cache reports, values outside float16's range keep their
+    dtype (counted), and integers are untouched."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 33, generator=g)
+    big = torch.randn(8, generator=g) * 1e6  # past float16's 65504
+    ids = torch.arange(10)
+    for budget in (None, 0):  # held in memory, then spilled
+        cache = ActivationCache(max_memory=budget, spill_dir=tmp_path, dtype=torch.float16)
+        for key, value in (("x", x), ("big", big), ("ids", ids), ("pair", (x[:, :5], ids))):
+            cache.uses[key] = [1]
+            cache.put(key, 0, value)
+        got = cache.get("x", 0)
+        assert got.dtype == torch.float32 and torch.equal(got, x.half().float())
+        pair = cache.get("pair", 0)
+        assert torch.equal(pair[0], x[:, :5].half().float()) and torch.equal(pair[1], ids)
+        assert torch.equal(cache.get("big", 0), big) and torch.equal(cache.get("ids", 0), ids)
+        want = max(float((v - v.half().float()).abs().max() / v.abs().max()) for v in (x, x[:, :5]))
+        summary = cache.summary()
+        assert summary["rounding_rel_error"] == pytest.approx(want, rel=1e-6) and 0 < want <= 2.0 ** -11
+        assert summary["values_kept_in_own_dtype"] == 1 and summary["values_rounded"] == 2
+        assert summary["cache_dtype"] == "float16"
+        cache.close()
+    with pytest.raises(ValueError, match="float16 or torch.bfloat16"):
+        ActivationCache(dtype=torch.int8)
+
+
+def test_float16_cache_halves_the_memory_and_reports_its_rounding():
+    """``cache_dtype="float16"``: every cached activation is rounded once, so
+    the cache holds about half the bytes of the float32 walk; the merge's
+    report says how much it rounded, and that is the scale of what it costs:
+    a self-merge, exact without it, comes back within 10x the reported
+    rounding. A dtype it cannot keep activations in is refused up front."""
+    make, shape = MODELS["vit"]
+    data = batches(shape, 2)
+    model = prepared(make(), data)
+    exact = fxzip.merge(model, copy.deepcopy(model), data=data, method="permute", refit=True, reset_bn=False,
+                        progress=False)
+    half = fxzip.merge(model, copy.deepcopy(model), data=data, method="permute", refit=True, cache_dtype="float16",
+                       reset_bn=False, progress=False)
+    assert_same_function(model, exact, data)
+    full, low = (m.meta["fxzip"].details["refit"]["memory"] for m in (exact, half))
+    assert "cache_dtype" not in full and low["cache_dtype"] == "float16"
+    assert 0 < low["rounding_rel_error"] <= 2.0 ** -11 and low["values_rounded"] > 0
+    assert low["peak_bytes"] <= 0.55 * full["peak_bytes"]
+    with torch.no_grad():
+        want = torch.cat([model(x) for x in data])
+        got = torch.cat([half(x) for x in data])
+    error = float((got - want).abs().max() / want.abs().max())
+    assert 0 < error <= 10 * low["rounding_rel_error"]
+    with pytest.raises(ValueError, match="cache_dtype"):
+        fxzip.merge(model, copy.deepcopy(model), data=data, refit=True, cache_dtype="int8", progress=False)

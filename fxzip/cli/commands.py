@@ -257,7 +257,7 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     models = [m.to(device) for m in models]
     options = {"method": args.method, "alpha": args.alpha, "beta": args.beta, "refit": args.refit,
                "repair": args.repair, "merged_width": args.merged_width, "probes": args.probes,
-               "max_memory": args.max_memory}
+               "max_memory": args.max_memory, "cache_dtype": args.cache_dtype}
     check_merge_options(models, **options)  # the library's message for a bad combination, before any data
     to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
     with open_data(args.data, models[0], args.img_size, args.batch_size, **_data_options(args)) as source:
@@ -267,7 +267,8 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
             say(spread)
         say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
             + (f", stop at {stop_at!r}" if stop_at is not None else "")
-            + _describe_options(args.refit, args.repair, args.merged_width, args.probes, args.max_memory)
+            + _describe_options(args.refit, args.repair, args.merged_width, args.probes, args.max_memory,
+                                args.cache_dtype)
             + (", batch-norm statistics kept" if args.no_reset_bn else "")
             + (f", {processes} processes, batch i on rank i % {processes}" if processes > 1 else "") + ")")
         loader, max_batches = _calibration_loader(source, args.batch_size, args.max_batches)
@@ -287,7 +288,8 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
         "num_classes": [s.num_classes for s in specs], "img_size": args.img_size, "input_size": input_size,
         "data": str(args.data), "method": args.method, "alpha": args.alpha, "beta": args.beta,
         "stop_at": stop_at, "refit": args.refit, "repair": args.repair, "merged_width": args.merged_width,
-        "probes": args.probes, "max_memory": args.max_memory, "batch_size": args.batch_size,
+        "probes": args.probes, "max_memory": args.max_memory, "cache_dtype": args.cache_dtype,
+        "batch_size": args.batch_size,
         "max_batches": args.max_batches, "reset_bn": not args.no_reset_bn, "seed": args.seed, "processes": processes, "device": device.type,
         **transform, "strict_data": args.strict_data, **skipped,
     }
@@ -314,13 +316,17 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
     return 0
 
 
-def _describe_options(refit: Any, repair: bool, merged_width: Any, probes: str, max_memory: int | None = None) -> str:
+def _describe_options(refit: Any, repair: bool, merged_width: Any, probes: str, max_memory: int | None = None,
+                      cache_dtype: str | None = None) -> str:
     """The progress line's words for the options that are not merge's defaults."""
     from ..passes.refit import DEFAULT_RIDGE
 
     words = []
     if max_memory is not None:
         words.append(f"at most {_mib(max_memory)} of cached activations"
+                     + ("" if refit is not False or repair else " (unused: only --refit and --repair cache)"))
+    if cache_dtype is not None:
+        words.append(f"cached activations in {cache_dtype}"
                      + ("" if refit is not False or repair else " (unused: only --refit and --repair cache)"))
     if refit is not False:
         words.append(f"refit (ridge {DEFAULT_RIDGE if refit is True else refit:g})")
@@ -466,7 +472,7 @@ def _sweep_points(args: argparse.Namespace, models: list[Any], say: Any) -> list
             say(f"{method} runs at --merged-width 1 only (it has no similarity to choose which features to keep "
                 "apart)")
     for point in points:
-        check_merge_options(models, **point.options(), max_memory=args.max_memory)
+        check_merge_options(models, **point.options(), max_memory=args.max_memory, cache_dtype=args.cache_dtype)
     return points
 
 
@@ -503,7 +509,7 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
             say(spread)
         rows = sweep(models, source.loader(), loaders, points, stops, reset_bn=False if args.no_reset_bn else None,
                      max_batches=args.max_batches, seed=args.seed, progress=not args.quiet, say=say,
-                     max_memory=args.max_memory)
+                     max_memory=args.max_memory, cache_dtype=args.cache_dtype)
         skipped = source.skipped_summary()
     print(table(rows))
     _say_data_notes(None, skipped)
@@ -513,7 +519,7 @@ def _sweep_and_write(args: argparse.Namespace, classes: list[int | None], stops:
                     "img_size": args.img_size, "input_size": list(config["input_size"]), "methods": args.methods,
                     "alphas": args.alphas, "betas": args.betas, "stop_at": args.stop_at_values,
                     "merged_widths": args.merged_widths, "refit": args.refit, "repair": args.repair,
-                    "probes": args.probes, "max_memory": args.max_memory,
+                    "probes": args.probes, "max_memory": args.max_memory, "cache_dtype": args.cache_dtype,
                     "batch_size": args.batch_size, "max_batches": args.max_batches, "eval_max": args.eval_max,
                     "reset_bn": not args.no_reset_bn, "seed": args.seed,
                     **{k: config.get(k) for k in ("crop_pct", "crop_mode", "interpolation")},

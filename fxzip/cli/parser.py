@@ -208,6 +208,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                        "one more pass over the data per layer")
     sweep.add_argument("--max-memory", type=byte_count, metavar="BYTES",
                        help="as for fxzip merge: bound the activations each refit and repair caches (512M, 4G)")
+    sweep.add_argument("--cache-dtype", choices=("float16", "bfloat16"),
+                       help="as for fxzip merge: keep those activations in float16 / bfloat16 (opt-in; rounding "
+                       "reported)")
     sweep.add_argument("--probes", nargs="+", choices=sorted(PROBE_POLICIES), default=[DEFAULT_PROBES],
                        metavar="POLICY", help=f"probe policies, one calibration each: "
                        f"{', '.join(sorted(PROBE_POLICIES))} (default {DEFAULT_PROBES}; see fxzip merge --help)")
@@ -287,6 +290,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                        help="bound the activations --refit and --repair cache (bytes, or with a suffix: 512M, "
                        "4G); the rest is spilled to a temporary folder and read back bit for bit (same result, "
                        "slower). Default: no bound")
+    merge.add_argument("--cache-dtype", choices=("float16", "bfloat16"),
+                       help="keep the activations --refit and --repair cache in float16 or bfloat16: half the "
+                       "memory of float32, but the fits see rounded inputs (the largest relative rounding is in "
+                       "report.json). Default: their own dtype, exact")
     merge.add_argument("--merged-width", action="append", type=_width_entry, metavar="W|NAME=W",
                        help="keep W times one model's features per space (1.0 default, up to the number of "
                        "checkpoints); multiplies MACs (up to W^2); repeat NAME=W to widen named spaces only")

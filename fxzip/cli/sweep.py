@@ -140,10 +140,11 @@ def grid(methods: Sequence[str], alphas: Sequence[float], betas: Sequence[float]
 def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], points: Sequence[Point],
           stops: Sequence[Any], *, reset_bn: bool | None = None, max_batches: int | None = None, seed: int = 0,
           progress: bool = True, say: Callable[[str], None] = lambda s: None,
-          max_memory: int | None = None) -> list[SweepRow]:
+          max_memory: int | None = None, cache_dtype: str | None = None) -> list[SweepRow]:
     """Calibrate once per probe policy, merge for every (point, stop) (``grid``,
     ``distinct_merges``) and score each result. ``max_memory``: merge's bound
-    on the activations each refit and repair caches (bytes; None: no bound).
+    on the activations each refit and repair caches (bytes; None: no bound);
+    ``cache_dtype``: the dtype they are cached in (merge's; None: their own).
 
     The first row is the reference: each original model on its own task.
     """
@@ -173,7 +174,7 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], p
             done += 1
             t = time.perf_counter()
             merged = merge(*models, data=cal, stop_at=stop, reset_bn=reset_bn, progress=False, seed=seed,
-                           max_memory=max_memory, **{**point.options(), "probes": policy})
+                           max_memory=max_memory, cache_dtype=cache_dtype, **{**point.options(), "probes": policy})
             report = merged.meta["fxzip"]
             accuracy = task_accuracy(merged, eval_loaders)
             cut = report.cut

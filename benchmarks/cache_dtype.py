@@ -34,19 +34,11 @@ sys.path.insert(0, str(HERE.parent))
 import cifar_data  # noqa: E402
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, max_rel_weight_diff  # noqa: E402
 
 import fxzip  # noqa: E402
 
 DTYPES = (None, "float16", "bfloat16")
-
-
-def _max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    worst = 0.0
-    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
-        if p.is_floating_point() and p.numel():
-            worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
-    return worst
 
 
 def run_pair(arch: str, pair: int, data, vecs, args, log) -> list[dict]:
@@ -71,7 +63,7 @@ def run_pair(arch: str, pair: int, data, vecs, args, log) -> list[dict]:
                **ec.score(merged, test, tasks, vecs)}
         if reference is None:
             reference = merged
-        row["max_rel_weight_diff_vs_float32"] = _max_rel(reference, merged)
+        row["max_rel_weight_diff_vs_float32"] = max_rel_weight_diff(reference, merged)
         log(f"{arch} pair {pair} cache {row['cache_dtype']:8s} joint {row['joint']:5.2f} avg {row['avg']:5.2f} "
             f"peak {row['peak_bytes'] / 2**20:7.1f} MiB rounding {row['rounding_rel_error']:.2e} "
             f"weights {row['max_rel_weight_diff_vs_float32']:.2e} ({row['merge_seconds']:.1f}s)")

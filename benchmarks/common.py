@@ -4,6 +4,7 @@
 * ``HERE`` / ``ROOT`` / ``RESULTS`` / ``CHECKPOINTS``: the benchmark folder, the repository root, and where
   results and trained checkpoints live;
 * ``machine``: the facts every result file records about the machine it ran on;
+* ``max_rel_weight_diff``: how far two models' weights are apart (largest |a - b| / max |a|);
 * ``redraw`` (``fxzip.zoo.redraw``, the tests' too): re-draw a model's weights at O(1) scale
   (random-init models whose merges are not degenerate), for the scripts that time merges without
   trained checkpoints.
@@ -54,6 +55,15 @@ def machine(packages: tuple[str, ...] = ("torch", "timm")) -> dict:
     return {"uname": uname, "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             **{pkg: ver(pkg) for pkg in packages}, "torch_threads": 1,
             "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def max_rel_weight_diff(a, b) -> float:
+    """Largest |a - b| / max |a| over the floating tensors of two models' state dicts (same order)."""
+    worst = 0.0
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        if p.is_floating_point() and p.numel():
+            worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
+    return worst
 
 
 def __getattr__(name: str):

@@ -471,15 +471,6 @@ def gram_seconds(model, layer_names: list[str], batches: list) -> dict[str, floa
     return spent
 
 
-def _max_rel(a, b) -> float:
-    """Largest |a - b| / max |a| over the floating tensors of two state dicts."""
-    worst = 0.0
-    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
-        if p.is_floating_point() and p.numel():
-            worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
-    return worst
-
-
 def run_refit(cfg: dict) -> dict:
     """Refit and repair against their floor and bound, side by side in one
     process (issue 24): the floor (N model forwards + one merged forward,
@@ -560,7 +551,7 @@ def run_refit(cfg: dict) -> dict:
     reference = fitted["refit", "sequential"]
     layer_names = [layer.name for layer in find_layers(folded, cal.analysis)[0]]
     float32_chunks = {
-        "rows_per_chunk": GRAM_F32_ROWS, "wall_s": wall, "cpu_s": cpu_s, "max_rel_weight_diff": _max_rel(reference, f32),
+        "rows_per_chunk": GRAM_F32_ROWS, "wall_s": wall, "cpu_s": cpu_s, "max_rel_weight_diff": common.max_rel_weight_diff(reference, f32),
         "per_layer_max_rel": {n: float((reference.get_submodule(n).weight - f32.get_submodule(n).weight).abs().max()
                                        / reference.get_submodule(n).weight.abs().max()) for n in layer_names}}
     load["gram"] = os.getloadavg()[0]
@@ -582,7 +573,7 @@ def run_refit(cfg: dict) -> dict:
                                       for n in ("refit", "repair")},
             "waves_over_sequential_cpu": {n: passes[f"{n}_waves"]["cpu_s"] / passes[f"{n}_sequential"]["cpu_s"]
                                           for n in ("refit", "repair")},
-            "max_rel_weight_diff_waves_vs_sequential": {n: _max_rel(fitted[n, "sequential"], fitted[n, "waves"])
+            "max_rel_weight_diff_waves_vs_sequential": {n: common.max_rel_weight_diff(fitted[n, "sequential"], fitted[n, "waves"])
                                                         for n in ("refit", "repair")},
             "refit_float32_chunks": float32_chunks,
             "load_avg_1m_at": {k: round(v, 2) for k, v in load.items()}}

@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 import eval_cifar as ec  # noqa: E402
 import eval_methods as em  # noqa: E402
 import probe_policy as pp  # noqa: E402
+from common import max_rel_weight_diff  # noqa: E402
 
 import fxzip  # noqa: E402
 from fxzip.passes.refit import refit  # noqa: E402
@@ -67,14 +68,6 @@ def _commit() -> str:
         return sha + (" (with uncommitted changes to the refit's code)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "?"
-
-
-def _max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    worst = 0.0
-    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
-        if p.is_floating_point() and p.numel():
-            worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
-    return worst
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row[mode] = {**ec.score(m, test, tasks, vecs), "passes": res.passes, "data_reads": res.data_reads,
                              "seconds": seconds, "x_floor": seconds / floor, "memory": res.memory}
             if "waves" in fitted and "sequential" in fitted:
-                row["max_rel_weight_diff"] = _max_rel(fitted["waves"], fitted["sequential"])
+                row["max_rel_weight_diff"] = max_rel_weight_diff(fitted["waves"], fitted["sequential"])
                 row["waves_over_sequential_s"] = row["waves"]["seconds"] / row["sequential"]["seconds"]
             if "spill" in fitted:
                 row["spill_bit_identical"] = all(torch.equal(a, b) for a, b in zip(

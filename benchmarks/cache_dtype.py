@@ -58,14 +58,14 @@ def run_pair(arch: str, pair: int, data, vecs, args, log) -> list[dict]:
         memory = rep.details["refit"]["memory"]
         row = {"arch": arch, "pair": pair, "cache_dtype": dtype or "float32", "merge_seconds": time.perf_counter() - t0,
                "refit_seconds": rep.seconds.get("refit"), "peak_bytes": memory["peak_bytes"],
-               "rounding_rel_error": memory.get("rounding_rel_error", 0.0),
+               "rounding_rel_bound": memory.get("rounding_rel_bound", 0.0),
                "values_kept_in_own_dtype": memory.get("values_kept_in_own_dtype", 0),
                **ec.score(merged, test, tasks, vecs)}
         if reference is None:
             reference = merged
         row["max_rel_weight_diff_vs_float32"] = max_rel_weight_diff(reference, merged)
         log(f"{arch} pair {pair} cache {row['cache_dtype']:8s} joint {row['joint']:5.2f} avg {row['avg']:5.2f} "
-            f"peak {row['peak_bytes'] / 2**20:7.1f} MiB rounding {row['rounding_rel_error']:.2e} "
+            f"peak {row['peak_bytes'] / 2**20:7.1f} MiB rounding {row['rounding_rel_bound']:.2e} "
             f"weights {row['max_rel_weight_diff_vs_float32']:.2e} ({row['merge_seconds']:.1f}s)")
         rows.append(row)
     for row in rows:
@@ -92,7 +92,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['arch']} | {r['pair']} | {r['cache_dtype']} | {r['joint']:.2f} | {r['task_a']:.2f} | "
                      f"{r['task_b']:.2f} | {r['avg']:.2f} | {r['joint_minus_float32']:+.2f} | "
-                     f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_vs_float32']:.2f} | {r['rounding_rel_error']:.1e} | "
+                     f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_vs_float32']:.2f} | {r['rounding_rel_bound']:.1e} | "
                      f"{r['max_rel_weight_diff_vs_float32']:.1e} | {r['refit_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

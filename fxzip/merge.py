@@ -80,7 +80,7 @@ def merge(*models: nn.Module, data: Iterable[Any] | None, method: str = "zipit",
         cache_dtype: keep those cached activations in ``torch.float16`` or
             ``torch.bfloat16`` (opt-in: half the memory of float32, but the
             refit and repair then see rounded inputs; the largest relative
-            rounding is ``report.details["refit"]["memory"]["rounding_rel_error"]``).
+            rounding is ``report.details["refit"]["memory"]["rounding_rel_bound"]``).
             ``None`` (the default): their own dtype, exact.
         merged_width: merged features per space as a multiple of one model's
             width (``fxzip.widths``): 1.0 as the papers merge, N the ensemble

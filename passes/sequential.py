@@ -42,9 +42,9 @@ it unmutated. Without ``max_memory`` the walk has the program's semantics.
 Lower precision, opt-in. With ``dtype`` (``torch.float16`` or
 ``torch.bfloat16``), floating values of a wider dtype are kept in ``dtype``
 (in memory and spilled) and read back converted to their own dtype: half the
-memory of float32 activations, at a rounding error the cache measures on
-every value it rounds (``rounding``: the largest |x - stored| / max|x|) and
-reports. A value that does not fit ``dtype``'s range (float16 stops at
+memory of float32 activations, at a rounding error the cache bounds for
+every value it rounds (``rounding``: the largest bound on |x - stored| /
+max|x|, ``_lower_one``) and reports. A value that does not fit ``dtype``'s range (float16 stops at
 65504) keeps its own dtype and is counted. Every value is rounded, the fits'
 targets too: keeping the targets (and, for the two sides of a fit to round
 alike, the merged layers' outputs) in float32 kept 82% of the float32 peak
@@ -198,18 +198,28 @@ class ActivationCache:
         return value
 
     def _lower_one(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
+        """``t`` in ``self.dtype`` (or as it is), and the bound on its rounding.
+
+        The rounding is bounded, not measured: measuring it (upcast, subtract,
+        reduce) cost 2.5x the conversion itself on CPU, and round to nearest
+        guarantees |x - stored| <= u |x| (u: half the dtype's epsilon) for
+        normal numbers and half the smallest subnormal below them, so relative
+        to the value's largest magnitude m the error is at most
+        max(u, subnormal / 2 / m), reached up to m / |x| of the worst-rounded x
+        (measured 0.6x on 2000 Gaussian values, 1x to 2x within one binade)."""
         if not t.is_floating_point() or t.element_size() <= self.dtype.itemsize or t.numel() == 0:
             return t, None
-        low = t.to(self.dtype)
-        finite = torch.isfinite(t)
-        if not torch.equal(torch.isfinite(low), finite):  # outside the range of ``dtype``
+        low, high = torch.aminmax(t)  # one pass; NaN or inf fail the range check below and keep the value
+        scale = float(torch.maximum(-low, high))
+        info = torch.finfo(self.dtype)
+        if not scale <= info.max:
             self.kept_own += 1
             return t, None
-        scale = t.abs().where(finite, 0).max()
         if scale > 0:
-            error = (t - low.to(t.dtype)).abs().where(finite, 0).max() / scale
-            self.rounding = max(self.rounding, float(error))
+            subnormal = info.smallest_normal * info.eps  # the spacing below the normal numbers
+            self.rounding = max(self.rounding, info.eps / 2, subnormal / 2 / scale)
         self.rounded += 1
+        low = t.to(self.dtype)
         return low, t.dtype
 
     def drop(self, key: Key) -> None:
@@ -236,7 +246,7 @@ class ActivationCache:
         out = {"peak_bytes": self.peak, "max_memory": self.max_memory, "spilled_bytes": self.spilled_bytes,
                "spilled_values": self.spills, "reloads": self.reloads}
         if self.dtype is not None:
-            out.update(cache_dtype=str(self.dtype).removeprefix("torch."), rounding_rel_error=self.rounding,
+            out.update(cache_dtype=str(self.dtype).removeprefix("torch."), rounding_rel_bound=self.rounding,
                        values_rounded=self.rounded, values_kept_in_own_dtype=self.kept_own)
         return out
 

@@ -17,7 +17,7 @@ def test_cache_dtype_smoke_writes_its_table(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["cache_dtype"] for r in rows] == ["float32", "float16", "bfloat16"]
     exact, *low = rows
-    assert exact["max_rel_weight_diff_vs_float32"] == 0 and exact["rounding_rel_error"] == 0
+    assert exact["max_rel_weight_diff_vs_float32"] == 0 and exact["rounding_rel_bound"] == 0
     for r in low:  # half the bytes, a rounding measured, weights moved by it
-        assert r["peak_vs_float32"] <= 0.55 and r["rounding_rel_error"] > 0 and r["max_rel_weight_diff_vs_float32"] > 0
+        assert r["peak_vs_float32"] <= 0.55 and r["rounding_rel_bound"] > 0 and r["max_rel_weight_diff_vs_float32"] > 0
     assert "| vit | 0 | float16 |" in out.with_suffix(".md").read_text()

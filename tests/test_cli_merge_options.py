@@ -330,7 +330,7 @@ def test_cache_dtype_reaches_the_merge_and_its_rounding_the_report(root, monkeyp
     report = json.loads((folder / "half" / "report.json").read_text())
     assert report["settings"]["cache_dtype"] == "float16"
     memory = report["details"]["refit"]["memory"]
-    assert memory["cache_dtype"] == "float16" and 0 < memory["rounding_rel_error"] <= 2.0 ** -11
+    assert memory["cache_dtype"] == "float16" and 0 < memory["rounding_rel_bound"] <= 2.0 ** -11
     assert main(_sweep("--refit", "on", "--cache-dtype", "bfloat16", "--out", "bf")) == 0
     assert json.loads((folder / "bf" / "sweep.json").read_text())["settings"]["cache_dtype"] == "bfloat16"
     kwargs, swept = merges["merge"][-1]

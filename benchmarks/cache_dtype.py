@@ -6,8 +6,8 @@ committed CIFAR-10 (5+5) pair of ``eval_methods.py`` (no-BatchNorm nets, where
 the refit matters: the GroupNorm ResNet-20 and the ViT), one calibration is
 reused by three ZipIt + refit merges (cache in float32, float16, bfloat16),
 and each row records the joint / per-task accuracy (``eval_methods``'s
-protocol), the cache's peak bytes, the largest relative rounding the cache
-reported, the refit's seconds and the largest relative weight difference
+protocol), the cache's peak bytes, the bound on the relative rounding the cache
+reported (``rounding_rel_bound``), the refit's seconds and the largest relative weight difference
 from the float32 refit.
 
     OMP_NUM_THREADS=1 python benchmarks/cache_dtype.py --arch vit resnet20gn --pairs 0 1 2
@@ -74,6 +74,13 @@ def run_pair(arch: str, pair: int, data, vecs, args, log) -> list[dict]:
     return rows
 
 
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["arch"], r["cache_dtype"]), []).append(r)
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = ["# Refit with the cached activations in float16 / bfloat16", "",
              f"- Command: `{result['command']}`",
@@ -84,8 +91,14 @@ def markdown(result: dict) -> str:
              "class); one `fxzip.calibrate` per pair, reused by the three ZipIt (alpha 0.3, beta 0.125) + refit "
              "merges.",
              "- peak: the executor's cache peak (`report.details['refit']['memory']['peak_bytes']`); rounding: the "
-             "largest relative rounding of a cached value; weights: the largest relative weight difference from "
-             "the float32-cache refit of the same pair.", "",
+             "bound on the relative rounding of a cached value (`rounding_rel_bound`); weights: the largest relative weight difference from "
+             "the float32-cache refit of the same pair.",
+             "- refit s: `report.seconds['refit']`, one torch thread; the 2-core machine may have had other jobs "
+             "(the load average at start is in the Machine line), so compare seconds within a pair only roughly.",
+             "", "Mean over pairs, per arch and cache: " + "; ".join(
+                 f"{arch} {dt}: joint - float32 {sum(r['joint_minus_float32'] for r in rs) / len(rs):+.2f}, "
+                 f"peak {sum(r['peak_vs_float32'] for r in rs) / len(rs):.2f}x"
+                 for (arch, dt), rs in _groups(result["rows"]).items()), "",
              "| arch | pair | cache | joint | task A | task B | avg | joint - float32 | peak MiB | peak / float32 "
              "| rounding | weights vs float32 | refit s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

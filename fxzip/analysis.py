@@ -79,8 +79,8 @@ class FeatureSpace:
     tie: tuple[int, ...] = ()
     bilinear: bool = False
     rigid: bool = False
-    """Units keep their position inside their group (rotary embeddings): only
-    whole groups move."""
+    """Units keep their position inside their group (rotary embeddings, a
+    space grouped at nested counts): only whole groups move."""
 
     @property
     def group_size(self) -> int:
@@ -514,41 +514,78 @@ class Analyzer:
         return facts
 
     def _space_groups(self, sp: FeatureSpace, seen_list: list[tuple[int, str]]) -> int:
-        """One group count per space: every op that groups it must agree, except
-        that a rigid space (no unit moves inside its group) may be grouped at
-        nested counts (4 query heads in 2 key/value groups): only whole groups
-        of the coarsest count move, which keeps every finer group whole too."""
+        """One group count per space: every op that groups it must agree, or
+        the counts must nest (each divides the next: 2 GroupNorm groups over a
+        depthwise conv's 4 one-channel groups, 4 query heads in 2 key/value
+        groups). Nested counts take the coarsest, and its groups then move only
+        as wholes with every unit in place (``rigid``), which keeps every finer
+        group whole and in its place too; a two-level matching (groups, then
+        units) has no level for groups inside groups. A finer count of one-unit
+        groups (a depthwise conv's input channels) constrains nothing by itself,
+        only through its tie, which ``_resolve_ties`` reads."""
         seen = set(seen_list)
         counts = {g for g, _ in seen}
         ordered = sorted(counts)
-        if len(counts) > 1 and sp.rigid and all(b % a == 0 for a, b in zip(ordered, ordered[1:])):
+        if len(counts) > 1 and all(b % a == 0 for a, b in zip(ordered, ordered[1:])):
+            if any(g < sp.size for g in ordered[1:]):
+                sp.rigid = True
             return ordered[0]
         if len(counts) > 1:
             detail = ", ".join(f"{g} groups at {where}" for g, where in sorted(seen))
             raise AnalysisError(
                 f"the feature space produced at {sp.producers[:3]} ({sp.size} channels) is grouped in "
-                f"incompatible ways ({detail}); fxzip keeps every group whole, so all group counts of one "
-                "space must be equal."
+                f"incompatible ways ({detail}); fxzip keeps every group whole, so the group counts of one "
+                "space must be equal or nest (each a multiple of the next coarser one)."
             )
         return counts.pop() if counts else 1
 
     def _resolve_ties(self, spaces: list[FeatureSpace], space_of: dict[int, int]) -> list[tuple[int, ...]]:
         """Blocks of spaces that share one group assignment (connected components
-        of the tie graph); each grouped space is at least its own block."""
-        graph = nx.Graph()
-        graph.add_nodes_from(sp.index for sp in spaces if sp.groups > 1)
+        of the tie graph); each grouped space is at least its own block.
+
+        Tied spaces share one group count. Where their counts nest (a depthwise
+        conv with a channel multiplier ties input channel c to its c-th group of
+        outputs, and another op groups that input or output coarser: a grouped
+        conv, a GroupNorm), the finer side takes the coarser count: a tie of
+        finer groups is a tie of the coarser groups made of them. Each finer
+        group must then stay at its place inside its coarser group on both
+        sides, or the two sides would arrange them differently, so both spaces
+        become rigid (groups move as wholes, units in place); the coarsening
+        travels along ties until every tie joins equal counts."""
+        pairs = []
         for a_segs, b_segs, where, groups in self._ties:
-            for sa_atom, sb_atom in self._tied_atoms(a_segs, b_segs, groups):
-                sa, sb = spaces[space_of[sa_atom.space]], spaces[space_of[sb_atom.space]]
-                if sa.groups == sb.groups == 1:
-                    continue  # parts of a stack: nothing left to tie
-                if sa.groups != sb.groups:
+            for sa_atom, sb_atom, fine in self._tied_atoms(a_segs, b_segs, groups):
+                pairs.append((spaces[space_of[sa_atom.space]], spaces[space_of[sb_atom.space]], fine, where))
+        coarsened = {sp.index for sp in spaces if sp.rigid}
+        changed = True
+        while changed:
+            changed = False
+            for sa, sb, fine, where in pairs:
+                if sa.groups == sb.groups:
+                    # a tie of groups finer than the (coarsened) count: their places are fixed on both sides
+                    if sa.groups > 1 and fine and fine > sa.groups and {sa.index, sb.index} & coarsened \
+                            and not (sa.rigid and sb.rigid):
+                        sa.rigid = sb.rigid = True
+                        coarsened |= {sa.index, sb.index}
+                        changed = True
+                    continue
+                lo, hi = sorted((sa, sb), key=lambda sp: sp.groups)
+                if lo.groups == 1 or hi.groups % lo.groups:
                     raise AnalysisError(
                         f"node '{where}' ties the groups of {sa.producers[:2]} ({sa.groups} groups) to "
                         f"those of {sb.producers[:2]} ({sb.groups} groups); tied spaces need equal group "
-                        "counts."
+                        "counts, or counts that nest (one a multiple of the other)."
                     )
-                graph.add_edge(sa.index, sb.index)
+                hi.groups = lo.groups
+                lo.rigid = hi.rigid = True
+                coarsened |= {lo.index, hi.index}
+                changed = True
+        graph = nx.Graph()
+        graph.add_nodes_from(sp.index for sp in spaces if sp.groups > 1)
+        for sa, sb, _, _ in pairs:
+            if sa.groups == sb.groups == 1:
+                continue  # parts of a stack: nothing left to tie
+            graph.add_edge(sa.index, sb.index)
         blocks = sorted(tuple(sorted(c)) for c in nx.connected_components(graph))
         for block in blocks:
             for i in block:
@@ -560,16 +597,18 @@ class Analyzer:
         return [b for b in blocks if spaces[b[0]].groups > 1]
 
     def _tied_atoms(self, a_segs: Sequence[Segment], b_segs: Sequence[Segment],
-                    groups: int | None) -> Iterable[tuple[Segment, Segment]]:
-        """Pairs of atoms a tie joins. With the group count known, group ``g`` of
-        ``a`` meets group ``g`` of ``b`` only: an atom of ``a`` is tied to the
-        atoms of ``b`` that hold the same groups (cuts at group boundaries
-        carried across by ``pair_cuts`` make them line up), so parts of a tied
-        space cut apart keep group assignments of their own. Without it every
-        atom of one side is tied to every atom of the other."""
+                    groups: int | None) -> Iterable[tuple[Segment, Segment, int | None]]:
+        """Pairs of atoms a tie joins, each with the number of tied groups the
+        atom of ``a`` holds (None when unknown or not whole). With the group
+        count known, group ``g`` of ``a`` meets group ``g`` of ``b`` only: an
+        atom of ``a`` is tied to the atoms of ``b`` that hold the same groups
+        (cuts at group boundaries carried across by ``pair_cuts`` make them
+        line up), so parts of a tied space cut apart keep group assignments of
+        their own. Without it every atom of one side is tied to every atom of
+        the other."""
         a_atoms, b_atoms = self.expand(a_segs), self.expand(b_segs)
         if not groups:
-            return [(x, y) for x in a_atoms for y in b_atoms]
+            return [(x, y, None) for x in a_atoms for y in b_atoms]
 
         def spans(atoms):  # (first, end) of each atom in groups, as fractions of a group
             total, at, out = sum(s.size for s in atoms), 0, []
@@ -579,7 +618,11 @@ class Analyzer:
             return out
 
         a_spans, b_spans = spans(a_atoms), spans(b_atoms)
-        return [(x, y) for x, (xa, xb) in zip(a_atoms, a_spans) for y, (ya, yb) in zip(b_atoms, b_spans)
+
+        def whole(lo: Fraction, hi: Fraction) -> int | None:
+            return int(hi - lo) if (hi - lo).denominator == 1 else None
+
+        return [(x, y, whole(xa, xb)) for x, (xa, xb) in zip(a_atoms, a_spans) for y, (ya, yb) in zip(b_atoms, b_spans)
                 if xa < yb and ya < xb]
 
     def _collect_probes(self, spaces: list[FeatureSpace], space_of: dict[int, int]) -> None:

@@ -10,6 +10,10 @@ What they record, and why:
 * the heads of q/k and the heads of v are *tied*: head h's attention pattern
   weighs head h's values, so one head assignment serves both spaces.
 * an attention map keeps only the head axis (``Layout.group_dim``).
+* weights a layer computes for positions (``w @ v`` contracting ``w``'s
+  channels with an axis of ``v`` that holds none: VOLO's window weights, a
+  dense Synthesizer's token weights) are read by position: they stay in place,
+  and so do the heads of ``v`` they weigh one by one.
 """
 from __future__ import annotations
 
@@ -42,9 +46,13 @@ def matmul(ctx, node: fx.Node) -> None:
             ctx.fail(node, "a matrix-vector product on channels; fxzip follows only batched matrix products.")
         ctx.set(node, NO_CHANNELS)
         return
+    ga, gb = _batch_axis(la.group_dim, na, out_nd), _batch_axis(lb.group_dim, nb, out_nd)
+    if la.dim == na - 1 and lb.dim == nb - 1 and nb - 2 not in lb.tracked_axes and la.cross_dim is None \
+            and lb.cross_dim is None and lb.stack_dim is None:
+        _weights_over_positions(ctx, node, a, b, la, lb, gb, out_nd)
+        return
     if la.stack_dim is not None or lb.stack_dim is not None:
         ctx.fail(node, "multiplies a stacked q/k/v tensor; unbind it first.")
-    ga, gb = _batch_axis(la.group_dim, na, out_nd), _batch_axis(lb.group_dim, nb, out_nd)
     if lb.cross_dim == nb - 1 and lb.dim == nb - 2 and la.dim == na - 1 and la.cross_dim is None:
         _channels_times_map(ctx, node, a, la, lb, ga, gb, out_nd)
         return
@@ -110,6 +118,31 @@ def matmul(ctx, node: fx.Node) -> None:
                    "and attn @ v. A product "
                    "that contracts channels with a computed matrix is a layer whose weight is not a parameter: "
                    "register a rule for it.")
+
+
+def _weights_over_positions(ctx, node: fx.Node, a: fx.Node, b: fx.Node, la: Layout, lb: Layout, gb: int | None,
+                            out_nd: int) -> None:
+    """``w @ v`` where the channels of ``w`` (its last axis) are contracted with
+    an axis of ``v`` that holds no channels: positions. VOLO's outlook
+    attention computes the weights of every k x k window position with a
+    Linear (``attn(x).reshape(B, N, heads, k*k, k*k)``) and multiplies the
+    unfolded values' window positions by them; a dense Synthesizer weighs
+    tokens so. Channel i of ``w`` weighs position i whichever model computed
+    it, so those channels are read by position and stay in place (the same
+    unit in every model), whatever axes they were split over; ``v``'s channels
+    pass. Where ``w`` differs along ``v``'s head axis, head h of ``w`` weighs
+    head h of ``v`` and ``w`` cannot move, so ``v``'s heads stay in place as
+    well (its units still move inside every head)."""
+    ctx.fix(la.segments, f"read by position: {a.name}'s channels weigh positions of {b.name} at {node.name}")
+    if gb is not None:
+        shape = ctx.shape(a)
+        lead = out_nd - len(shape)
+        if gb - lead >= 0 and shape[gb - lead] != 1:
+            heads = ctx.shape(b)[lb.group_dim]
+            ctx.fix(ctx.head_space(node, lb.segments, heads), f"the heads of {b.name} are weighed per head by "
+                                                                 f"{a.name}, whose channels stay in place, at "
+                                                                 f"{node.name}")
+    ctx.set(node, Layout(out_nd - 1, lb.segments, group_dim=gb), passthrough=True)
 
 
 def _channel_map(ctx, node: fx.Node, a: fx.Node, b: fx.Node, la: Layout, lb: Layout, ga: int | None,

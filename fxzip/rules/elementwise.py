@@ -189,9 +189,12 @@ def reduce(ctx, node: fx.Node) -> None:
     if lay.dim in dims:
         ctx.set(node, NO_CHANNELS)
         return
-    if node.target in ("max", "min") and node.op == "call_method":
-        ctx.fail(node, "max/min over an axis returns (values, indices); register a rule if you need it.")
     new_dim = lay.dim if keepdim else lay.dim - sum(d < lay.dim for d in dims)
+    if node.target in ("max", "min") and node.op == "call_method":
+        # (values, indices) over an axis without channels: both hold one entry per channel (the largest value
+        # of channel c and where it is), so both keep the channels (VOLO's token-wise max of its aux head)
+        ctx.set(node, (lay.moved(new_dim), lay.moved(new_dim)))
+        return
     ctx.set(node, lay.moved(new_dim), passthrough=True)
 
 

@@ -23,7 +23,8 @@ _AXIS_WORDS = {"dim": "channel axis", "group_dim": "group axis (heads)", "stack_
 
 _HEADS = ("fxzip follows a reshape of the channel axis when it keeps channels whole: flattening C x H x W "
           "into features, or splitting C into (groups, channels per group) as attention heads and channel "
-          "shuffles do; for another reshape, register a rule (fxzip.register_rule, README 'Extending').")
+          "shuffles do (also with the window positions of an F.unfold after each channel: (heads, head_dim, "
+          "k * k)); for another reshape, register a rule (fxzip.register_rule, README 'Extending').")
 
 
 @register_rule(builtins.getattr, "size", "dim", "numel", check_batch_size, width=FREE)
@@ -106,14 +107,41 @@ def reshape_layout(src: Sequence[int], dst: Sequence[int], lay: Layout, node: fx
         copies = _copies_apart(lay.segments, [dst[k] for k in big_out]) if post == 1 else None
         if copies is not None:
             return Layout(big_out[1], copies)
-        if post == 1 and len(big_out) == 2 and any(s.inner != 1 for s in lay.segments):
-            return _split_elements(ctx, node, lay, [dst[k] for k in big_out], big_out)
-        if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
-            if len(big_out) == 2 and len(gj) == 3 and dst[gj[1]] == 1:
-                big_out = list(gj)  # (parts, 1 head, head_dim): a fused k/v of a one-head attention
-            return _split_heads(ctx, node, lay, [dst[k] for k in big_out], big_out)
+        moved_one = sum(d == 1 for d in dst) <= sum(d == 1 for d in src)  # no size-1 axis is new
+        split = _split_channels(ctx, node, lay, post, big_out, gj, dst, moved_one)
+        if split is not None:
+            return split
         ctx.fail(node, f"reshapes the channel axis {lay.dim} of {tuple(src)} into {tuple(dst[k] for k in gj)}; {_HEADS}")
     ctx.fail(node, f"cannot follow the channel axis through reshape {tuple(src)} -> {tuple(dst)}")
+
+
+def _split_channels(ctx, node: fx.Node, lay: Layout, post: int, big_out: list[int], gj: list[int],
+                    dst: Sequence[int], moved_one: bool = False) -> Layout | None:
+    """One channel axis split into several: into groups of elements, heads
+    ``(H, D)`` or a fused projection's ``(parts, H, D)``. Channels whose units
+    span ``inner`` elements each (an ``F.unfold``: channel c, kernel position
+    p at element ``c * k * k + p``) may also shed trailing axes that take only
+    positions inside every unit: ``(C * k * k) -> (H, D, k * k)`` is heads of
+    the C channels with the kernel positions on an axis of their own,
+    channel-free, as VOLO's outlook attention and other unfold-then-attend
+    blocks split it. None when the split is none of these.
+
+    ``moved_one``: the reshape adds no size-1 axis (a single token moved,
+    ``(B, 1, C) -> (B, H, 1, D)``: the class query of class attention), so
+    a size-1 axis among the new ones is not a head axis of size 1."""
+    if post == 1 and len(big_out) == 2 and any(s.inner != 1 for s in lay.segments):
+        return _split_elements(ctx, node, lay, [dst[k] for k in big_out], big_out)
+    if post == 1 and all(s.inner == 1 for s in lay.segments) and 2 <= len(big_out) <= 3:
+        if len(big_out) == 2 and len(gj) == 3 and dst[gj[1]] == 1 and not moved_one:
+            big_out = list(gj)  # (parts, 1 head, head_dim): a fused k/v of a one-head attention
+        return _split_heads(ctx, node, lay, [dst[k] for k in big_out], big_out)
+    for j in range(2, len(big_out)):
+        tail = math.prod(dst[k] for k in big_out[j:])
+        if tail > 1 and all((s.inner * post) % tail == 0 for s in lay.segments):
+            # the axes from big_out[j] on hold positions inside every unit: they carry no channels
+            shed = Layout(lay.dim, tuple(replace(s, inner=s.inner * post // tail) for s in lay.segments))
+            return _split_channels(ctx, node, shed, 1, big_out[:j], big_out[:j], dst)
+    return None
 
 
 def _heads_into_batch(ctx, node: fx.Node, lay: Layout, pre: int, post: int,
@@ -317,11 +345,14 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
     """Reshapes of head layouts: axes without channels may change freely; the
     head and head_dim axes merge back into one channel axis (``(B, N, H, D) ->
     (B, N, C)``; head_dim-major ``(B, N, D, H) -> (B, N, C)`` with one basis
-    shared by the heads), and the head axis may fold into channel-free axes
+    shared by the heads; ``(B, H, D, P, L) -> (B, C * P, L)`` with channel-free
+    positions after head_dim, which become the elements of every channel, as
+    ``F.fold`` reads them), and the head axis may fold into channel-free axes
     (the batch) with one basis shared by the heads."""
     tracked = {"dim": lay.dim, "group_dim": lay.group_dim, "stack_dim": lay.stack_dim, "cross_dim": lay.cross_dim}
     new: dict[str, int | None] = {k: None for k in tracked}
     merged_back = False
+    positions = 1  # elements per channel after a merge back (positions that followed each channel)
     folded = repeated = None
     for gi, gj in _groups(src, dst):
         inside = {k: v for k, v in tracked.items() if v is not None and v in gi}
@@ -346,6 +377,14 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
                 and lay.stack_dim is None:
             new["dim"] = big_out[0]
             merged_back = True
+            continue
+        if set(inside) == {"dim", "group_dim"} and big_in[:2] == [lay.group_dim, lay.dim] and len(big_out) == 1 \
+                and lay.stack_dim is None and lay.cross_dim is None:
+            # (heads, head_dim, positions) merged back: the positions after each channel become its elements
+            # (the inverse of an unfold's channel axis split into heads; F.fold sums them back into pixels)
+            new["dim"] = big_out[0]
+            merged_back = True
+            positions = math.prod(src[k] for k in big_in[2:])
             continue
         if set(inside) == {"dim", "stack_dim"} and big_in == [lay.stack_dim, lay.dim] and len(big_out) == 1 \
                 and lay.group_dim is None:  # a stack flattened: its parts concatenate
@@ -374,7 +413,7 @@ def _reshape_grouped(src: Sequence[int], dst: Sequence[int], lay: Layout, node: 
     if repeated is not None:
         return Layout(new["dim"], repeated, group_dim=new["group_dim"])
     if merged_back:
-        return Layout(new["dim"], lay.segments)
+        return Layout(new["dim"], tuple(replace(s, inner=s.inner * positions) for s in lay.segments))
     return Layout(new["dim"], lay.segments, group_dim=new["group_dim"], stack_dim=new["stack_dim"],
                   cross_dim=new["cross_dim"], cross=lay.cross)
 
@@ -768,6 +807,30 @@ def unfold(ctx, node: fx.Node) -> None:
         ctx.fail(node, f"unfolds a tensor whose channels are on axis {lay.dim}, not 1.")
     per_channel = ctx.shape(node)[1] // lay.length
     ctx.set(node, Layout(1, tuple(replace(s, inner=s.inner * per_channel) for s in lay.segments)))
+
+
+@register_rule(nn.Fold, F.fold, torch._C._nn.col2im, width=FREE)
+def fold(ctx, node: fx.Node) -> None:
+    """col2im, the inverse of ``unfold``: (B, C * kh * kw, L) -> (B, C, H, W),
+    the kh * kw elements of every channel summed into the pixels they cover
+    (VOLO's outlook attention puts its windows back so). Channel c keeps its
+    place; a block that does not hold whole channels would mix them."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if not lay.has_channels:
+        ctx.set(node, NO_CHANNELS)
+        return
+    nd, out = ctx.ndim(x), ctx.shape(node)
+    if lay.grouped or lay.dim != nd - 2:
+        ctx.fail(node, f"folds a tensor whose channels are not on the axis before its last ({describe(lay)}, "
+                       f"shape {tuple(ctx.shape(x))}); fxzip follows F.fold of (B, C * kh * kw, L).")
+    out_dim = len(out) - 3
+    block = lay.length // out[out_dim]
+    if lay.length % out[out_dim] or any(s.inner % block for s in lay.segments):
+        ctx.fail(node, f"sums blocks of {block} elements of the channel axis ({describe(lay)}) into "
+                       f"{out[out_dim]} channels; fxzip follows a fold whose blocks hold whole channels (each "
+                       "channel's kernel positions, as F.unfold laid them out).")
+    ctx.set(node, Layout(out_dim, tuple(replace(s, inner=s.inner // block) for s in lay.segments)))
 
 
 @register_rule("unfold")

@@ -53,9 +53,9 @@ class Similarity:
         self._constant = constant if constant is not None else torch.zeros(matrix.shape[0], dtype=torch.bool)
         self.mean = mean if mean is not None else torch.zeros(matrix.shape[0], dtype=matrix.dtype)
         # which constants hold one value (``stats.constant_classes``); without
-        # the space's scale, the largest |constant| stands in for it
+        # the space's scale, the largest |mean| of its features stands in for it
         self.classes = classes if classes is not None else constant_classes(
-            self._constant, self.mean, float(self.mean[self._constant].abs().max()) if self._constant.any() else 0.0)
+            self._constant, self.mean, float(self.mean.abs().max()) if self.mean.numel() else 0.0)
         self.signature = signature
         # set by whoever built ``matrix`` for one match and reads it no more:
         # zipit then clusters in it instead of a copy (a ViT-B MLP space's is 302 MB)
@@ -93,8 +93,10 @@ PERFECT = 1e-6  # a correlation within this of 1 is the same signal, to float32 
 def separate_rescaled_copies(matrix: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                              eps: float = PERFECT, rows: int = 256) -> None:
     """Lower, in place, the entries of feature pairs the data correlates
-    perfectly (above ``1 - eps``) by ``eps`` times how unequal their scales are
-    (0 for equal mean and std, up to 1).
+    perfectly (above ``1 - eps``) toward ``1 - eps`` by how unequal their
+    scales are (0 for equal mean and std: unchanged; 1: to ``1 - eps``), so
+    an entry of 1 drops by up to ``eps`` and no entry falls below one it was
+    above that the rule leaves alone.
 
     Why: correlation cannot tell a feature from a rescaled copy of it. Where
     the data spans fewer directions than the space has features (a relative-
@@ -104,7 +106,8 @@ def separate_rescaled_copies(matrix: torch.Tensor, mean: torch.Tensor, std: torc
     then comes back with two units swapped. A true copy also has its partner's
     mean and scale, so among perfect correlations those win. Entries below
     ``1 - eps`` (every pair in a merge of two different models, in practice)
-    are untouched, so no other decision changes."""
+    are untouched, and the map is monotone in the entry for a given
+    mismatch, so the order against them is kept."""
     std = std.to(matrix.dtype)
     mean = mean.to(matrix.dtype)
     for r in range(0, matrix.shape[0], rows):
@@ -115,7 +118,8 @@ def separate_rescaled_copies(matrix: torch.Tensor, mean: torch.Tensor, std: torc
         i, j = hit[:, 0] + r, hit[:, 1]
         spread = std[i] + std[j] + mean[i].abs() + mean[j].abs()
         mismatch = ((std[i] - std[j]).abs() + (mean[i] - mean[j]).abs()) / spread.clamp_min(torch.finfo(matrix.dtype).tiny)
-        block[hit[:, 0], j] -= eps * mismatch.clamp(0, 1)
+        entry = block[hit[:, 0], j]
+        block[hit[:, 0], j] = entry - (entry - (1 - eps)) * mismatch.clamp(0, 1)
 
 
 Matcher = Callable[..., Match]
@@ -274,9 +278,9 @@ def _unmerge_weakest(assign: torch.Tensor, corr: np.ndarray, constants: list[lis
 def constant_groups(stats: SpaceStats, n_models: int, size: int) -> list[list[int]]:
     """Clusters of equal constant features, one per model.
 
-    Constants of one value share a class (``stats.constant_classes``: equal to
-    a millionth of the space's scale, linear in the number of constants; a
-    layer can have thousands of dead units).
+    Constants of one value share a class (``stats.constant_classes``: sorted
+    values with no gap above a millionth of the space's scale between them,
+    linear in the number of constants; a layer can have thousands of dead units).
     Inside one value the data cannot tell the features apart; with a weight
     ``signature`` (``Similarity``) model k's are paired to model 0's by the
     nearest signatures (a linear sum assignment), so a permuted copy's dead

@@ -25,10 +25,13 @@ def constant_classes(constant: torch.Tensor, mean: torch.Tensor, scale: float,
     Why not the values' own digits: a dead GELU unit sits near -1.2e-7, and its
     twin in a copy computed in another summation order differs from it in the
     third digit, although both are zero on the scale of the space (|x| ~ 1).
-    Equal means equal to ``rel_tol * scale`` (the space's largest RMS
-    feature): the constants are sorted and cut where a gap exceeds that, so
-    the grouping is linear in their number and has no rounding boundary
-    for two nearly equal values to fall on either side of."""
+    Equal means no gap above ``rel_tol * scale`` (the space's largest RMS
+    feature) between sorted neighbours: the constants are sorted and cut where
+    a gap exceeds that, so the grouping is linear in their number and has no
+    rounding boundary for two nearly equal values to fall on either side of.
+    A chain of small gaps joins values farther apart than one tolerance
+    (single linkage); constants that differ only by float noise are what it
+    is for, and distinct constants of a trained layer differ by far more."""
     classes = torch.full(mean.shape, -1, dtype=torch.int64)
     idx = torch.nonzero(constant).flatten()
     if idx.numel() == 0:

@@ -4,6 +4,7 @@ in one read of the data, within a memory budget (values past it spilled to
 disk and read back bit for bit)."""
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -199,11 +200,12 @@ def test_cache_counts_shared_storage_once():
 def test_low_precision_cache_rounds_once_and_bounds_it(tmp_path):
     """``dtype=float16``: a float32 value comes back as float32 holding exactly
     its float16 rounding (in memory and spilled); the rounding reported is a
-    true bound on the measured one (half of float16's epsilon, 2^-11; for
-    values near float16's subnormals half the spacing there, relative to
-    them), reached up to the factor max|x| / |x| of the worst-rounded value
-    (1 to 2 within one binade); values outside float16's range keep their
-    dtype (counted), and integers are untouched."""
+    true bound on the measured one (half of float16's epsilon, 2^-11),
+    reached up to the factor max|x| / |x| of the worst-rounded value (1 to 2
+    within one binade); values outside float16's normal range (past 65504,
+    or all below its smallest normal 6.1e-5, which would be stored as
+    subnormals with fewer bits) keep their dtype (counted), and so do named
+    tuples and integers."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 33, generator=g)
     tiny = torch.randn(50, generator=g) * 1e-6  # float16's subnormals: spacing 2^-24
@@ -224,10 +226,12 @@ def test_low_precision_cache_rounds_once_and_bounds_it(tmp_path):
         assert 0 < measured <= summary["rounding_rel_bound"] == 2.0 ** -11
         assert summary["values_kept_in_own_dtype"] == 1 and summary["values_rounded"] == 2
         assert summary["cache_dtype"] == "float16"
-        cache.uses["tiny"] = [1]
-        cache.put("tiny", 0, tiny)
-        measured = float((tiny - tiny.half().float()).abs().max() / tiny.abs().max())
-        assert measured <= cache.rounding == pytest.approx(2.0 ** -25 / float(tiny.abs().max())) and measured > 0
+        pair = collections.namedtuple("Pair", "q k")(x, x)  # cannot be rebuilt from its items: kept
+        for key, value in (("tiny", tiny), ("named", pair)):
+            cache.uses[key] = [1]
+            cache.put(key, 0, value)
+        assert torch.equal(cache.get("tiny", 0), tiny) and cache.get("named", 0) is pair
+        assert cache.kept_own == 2 and cache.rounding == 2.0 ** -11  # the tiny value is not rounded
         cache.close()
     dense = 1 + torch.rand(100_000, generator=g)  # one binade, [1, 2): the bound is reached
     cache = ActivationCache(dtype=torch.float16)

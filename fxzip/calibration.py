@@ -69,7 +69,7 @@ def capture(models: Sequence[nn.Module], data: Iterable[Any], max_batches: int |
     ``torch.distributed`` a failure on one rank is raised on every rank."""
     seconds: dict[str, float] = {}
     with _dist.ranks_agree("reading its data, tracing and analysing the models"):
-        batches = Batches(data, max_batches, inputs)
+        batches = Batches(data, max_batches, inputs, models[0])
         with pipeline.timed(seconds, "trace"):
             gms = trace_models(models, batches.example)
         with pipeline.timed(seconds, "analysis"):
@@ -89,10 +89,15 @@ def observe(gms: Sequence[fx.GraphModule], analysis: GraphAnalysis, spaces: list
     joint.get_submodule(OBSERVERS).to(device)  # statistics accumulate where the features are (GPU models)
     _dist.agree_shifts(joint.get_submodule(OBSERVERS))  # several processes: one shift, rank 0's
     joint.eval()
+    observers = list(joint.get_submodule(OBSERVERS).children())
+    workspace = observers[0].workspace if observers else None  # shared by all of them
     n_batches = n_samples = 0
     with torch.no_grad():
         for batch in tqdm(batches, total=len(batches) or None, desc="fxzip calibrate", disable=not progress,
                           leave=False):
+            if workspace is not None:  # statistics over real tokens only (fxzip.keyword_inputs)
+                mask = batches.padding_mask(batch)
+                workspace.real_tokens = None if mask is None else mask.to(device)
             joint(*batch)
             n_batches += 1
             n_samples += int(batch[0].shape[0]) if batch and hasattr(batch[0], "shape") else 0

@@ -14,20 +14,24 @@ import itertools
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from . import distributed as _dist
+from .keyword_inputs import forward_parameters, padding_mask, padding_mask_index
 from .trace import example_from_data
 
 __all__ = ["Batches"]
 
 
 class Batches:
-    """A re-iterable view of the user's ``data`` (a DataLoader, a list of tensors or
-    of (x, y) tuples, or a one-shot iterator, which is materialised once), capped
-    at ``max_batches``, yielding model inputs as tuples."""
+    """A re-iterable view of the user's ``data`` (a DataLoader, a list of tensors,
+    of (x, y) tuples or of dicts of keyword inputs, or a one-shot iterator, which
+    is materialised once), capped at ``max_batches``, yielding model inputs as
+    tuples. Dicts are laid out along the forward of ``model``
+    (``fxzip.keyword_inputs``)."""
 
     def __init__(self, data: Iterable[Any], max_batches: int | None = None,
-                 inputs: Callable[[Any], Any] | None = None):
+                 inputs: Callable[[Any], Any] | None = None, model: nn.Module | None = None):
         if data is None:
             raise ValueError("data is None: fxzip needs unlabeled inputs to calibrate (a few hundred "
                              "images suffice), e.g. a DataLoader over the training set.")
@@ -48,6 +52,9 @@ class Batches:
         if one_shot:
             data = list(itertools.islice(data, max_batches))
         self.data, self.max_batches, self.inputs = data, max_batches, inputs
+        # dict batches are laid out along the forward of ``model`` (fxzip.keyword_inputs)
+        self.parameters = forward_parameters(model) if model is not None else None
+        self.mask_index = padding_mask_index(self.parameters) if self.parameters else None
         first = next(iter(self), None)
         if first is None:
             raise ValueError("data is empty: fxzip needs at least one batch of inputs to calibrate.")
@@ -57,10 +64,11 @@ class Batches:
         several = _dist.active()
         problem = None
         for index, batch in enumerate(itertools.islice(self.data, self.max_batches)):
-            x = example_from_data(batch, self.inputs)
+            x = example_from_data(batch, self.inputs, self.parameters)
             inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
             if problem is None:
-                problem = non_finite_inputs(inputs, index, f"rank {_dist.rank()}'s shard" if several else "the data")
+                where = f"rank {_dist.rank()}'s shard" if several else "the data"
+                problem = non_finite_inputs(inputs, index, where) or self._shape_problem(inputs, index, where)
                 if problem is not None and not several:
                     raise ValueError(problem)
             yield inputs
@@ -68,6 +76,34 @@ class Batches:
             with _dist.ranks_agree("reading its data"):
                 if problem is not None:
                     raise ValueError(problem)
+
+    def _shape_problem(self, inputs: tuple, index: int, where: str) -> str | None:
+        """A batch whose inputs differ from the first batch's in more than the
+        batch size: the graph is captured with every other size fixed (a
+        sequence length sets position ids and masks, an image size a patch
+        grid), so it would fail deep inside, or compute something else."""
+        example = getattr(self, "example", None)
+        if example is None:
+            return None
+        for j, (x, first) in enumerate(zip(inputs, example)):
+            if not (isinstance(x, torch.Tensor) and isinstance(first, torch.Tensor)):
+                continue
+            if x.dim() == first.dim() and x.shape[1:] == first.shape[1:]:
+                continue
+            names = [p.name for p in self.parameters or ()]
+            which = f"input {names[j]!r}" if j < len(names) else f"input {j}"
+            fix = ("pad every batch to one length (tokenizer(..., padding='max_length', max_length=N, "
+                   "truncation=True))" if x.dim() == 2 and not x.is_floating_point()
+                   else "resize every batch to one size")
+            return (f"batch {index} of {where} has {which} of shape {tuple(x.shape)}, the first batch "
+                    f"{tuple(first.shape)}: batches may differ in the batch size only (the model is captured "
+                    f"at the first batch's other sizes); {fix}")
+        return None
+
+    def padding_mask(self, inputs: tuple) -> torch.Tensor | None:
+        """The (batch, sequence) mask of real tokens of one batch of inputs
+        this yielded, or None (no padding mask, or no padding in it)."""
+        return padding_mask(inputs, self.mask_index)
 
     def __len__(self) -> int:
         try:

@@ -27,7 +27,7 @@ def reset_norm_stats(model: nn.Module, data: Iterable[Any], max_batches: int | N
     """
     data = check_ranks([model], data, {}, "fxzip.reset_norm_stats")
     with ranks_agree("reading the data and tracing the model"):
-        batches = Batches(data, max_batches, inputs)
+        batches = Batches(data, max_batches, inputs, model)
         gm = model if isinstance(model, fx.GraphModule) else trace(model, batches.example)
     reset_batch_norm(gm, batches, lambda m, b: m(*b))
     if gm is model:

@@ -215,6 +215,10 @@ class Workspace:
         self.max_floats = max_floats  # 32 MB: bounds the copy, whatever the batch
         self._rows = torch.empty(0)
         self._prod = torch.empty(0)
+        self.real_tokens: torch.Tensor | None = None
+        """The current batch's (batch, sequence) boolean mask of real tokens, set by
+        the calibration before each batch (``fxzip.keyword_inputs``): samples
+        laid out over those two axes are counted only where the mask is true."""
 
     def rows(self, n: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         """An (n, cols) float32 view whose rows start 64-byte aligned, so every
@@ -228,6 +232,29 @@ class Workspace:
         if self._prod.numel() < a * b or self._prod.device != like.device:
             self._prod = torch.empty(max(a * b, 1 << 16), dtype=torch.float32, device=like.device)
         return self._prod[: a * b].view(a, b)
+
+
+def _real_positions(real_tokens: torch.Tensor | None, sample_shape: torch.Size) -> torch.Tensor | None:
+    """The flat indices of the samples at real tokens, for features whose sample
+    axes are the mask's (batch, sequence) axes: exactly those two, or batch
+    first and sequence last or second with other axes (heads) between or
+    after. None (every sample counts) when there is no padding or the axes do
+    not line up with the mask (a feature map, a pooled vector)."""
+    if real_tokens is None or len(sample_shape) < 2:
+        return None
+    b, t = real_tokens.shape
+    if sample_shape[0] != b:
+        return None
+    shape = tuple(sample_shape)
+    if len(shape) == 2 and shape[1] == t:
+        keep = real_tokens
+    elif shape[-1] == t:
+        keep = real_tokens.view((b,) + (1,) * (len(shape) - 2) + (t,)).expand(shape)
+    elif shape[1] == t:
+        keep = real_tokens.view((b, t) + (1,) * (len(shape) - 2)).expand(shape)
+    else:
+        return None
+    return keep.reshape(-1).nonzero().squeeze(1).to(real_tokens.device)
 
 
 @contextmanager
@@ -297,6 +324,11 @@ class SpaceObserver(nn.Module):
         size = self.size
         # (size, s1, s2, ...): channel-major views, no copy
         views = [f.narrow(dim, offset, size).movedim(dim, 0) for f in features]
+        real = _real_positions(self.workspace.real_tokens, views[0].shape[1:])
+        if real is not None:  # padding: only the real tokens' features are samples (a copy of those)
+            if real.numel() == 0:
+                return
+            views = [v.reshape(size, -1)[:, real] for v in views]
         if self._shift32 is None:  # first call (or statistics loaded from a state dict)
             self._start(views)
         shift = self._shift32

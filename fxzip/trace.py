@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import linecache
 import logging
@@ -34,7 +35,7 @@ import os
 import traceback
 import types
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -44,6 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .aten_ops import CONSTANT, HasRule, normalise
+from .keyword_inputs import positional_from_dict
 from .leaf_modules import LeafCallError, attr_at, regroup
 from .opaque_calls import functions_kept_whole, restore_calls
 
@@ -657,19 +659,24 @@ def _keep_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
             owner.register_buffer(leaf, tensor)
 
 
-def example_from_data(batch: Any, inputs: Callable[[Any], Any] | None = None) -> Any:
+def example_from_data(batch: Any, inputs: Callable[[Any], Any] | None = None,
+                      parameters: Sequence[inspect.Parameter] | None = None) -> Any:
     """Pick the model input out of one element of ``data``: a tensor, or the first
-    element of a tuple/list, or whatever ``inputs(batch)`` returns."""
+    element of a tuple/list, a dict of keyword inputs laid out along the
+    forward's ``parameters`` (``fxzip.keyword_inputs``), or whatever
+    ``inputs(batch)`` returns."""
     if inputs is not None:
         return inputs(batch)
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
-    if isinstance(batch, dict):
-        raise TypeError(
-            "data yields dicts; pass inputs=lambda batch: batch['<key>'] to say which entry is the model input"
-        )
+    if isinstance(batch, Mapping):
+        if parameters is None:
+            raise TypeError(
+                "data yields dicts; pass inputs=lambda batch: batch['<key>'] to say which entry is the model input"
+            )
+        return positional_from_dict(batch, parameters)
     raise TypeError(
         f"data yields {type(batch).__name__}; expected a tensor or a tuple/list whose first element "
         "is the input tensor. Pass inputs=callable to pick the input from a batch."

@@ -204,9 +204,12 @@ def test_wrong_input_shape(observer_calls: list[int]) -> None:
     assert observer_calls == []
 
 
-def test_dict_batches_need_inputs(observer_calls: list[int]) -> None:
+def test_dict_batches_with_keys_the_forward_does_not_take(observer_calls: list[int]) -> None:
+    """A dict batch is laid out along the forward's parameters by name; a key it
+    does not take is named with the parameters and the way out (``inputs=``)."""
     data = [{"image": x} for x in images()]
-    with pytest.raises(TypeError, match=r"inputs=lambda"):
+    with pytest.raises(TypeError, match=r"\['image'\] that the model's forward does not take \(its parameters: "
+                                        r"\['x'\]\).*inputs="):
         merge(cnn(0), cnn(1), data=data)
     assert observer_calls == []
 

@@ -1,0 +1,92 @@
+"""Dict batches of keyword inputs (what a tokenizer yields) and the padding mask.
+
+The invariants: a dict batch merges exactly like the same inputs by position;
+a causal LM's statistics do not depend on what the padded positions hold (the
+observers count real tokens only), and the counts are the real tokens.
+"""
+from __future__ import annotations
+
+import lm_helpers as h
+import pytest
+import torch
+
+import fxzip
+
+SEQ = 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return h.tiny_tokenizer()
+
+
+def _batches(tok, texts, n_rep: int = 2) -> list[dict]:
+    out = []
+    for i in range(0, len(texts), 4):
+        enc = tok(texts[i:i + 4], padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out * n_rep
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out["logits"] if isinstance(out, dict) else out.logits
+
+
+def test_dict_batches_self_merge_exactly_and_merge_like_positional_inputs(tok):
+    a = h.tiny_llama(len(tok), 0)
+    b = h.tiny_llama(len(tok), 1)
+    data = _batches(tok, h.CORPUS_A + h.CORPUS_B)
+    merged = fxzip.merge(a, a, data=data, progress=False)
+    for batch in data[:2]:
+        want, got = _logits(a, batch), _logits(merged, batch)
+        assert float((want - got).abs().max() / want.abs().max()) < 1e-5
+    by_dict = fxzip.merge(a, b, data=data, progress=False)
+    by_position = fxzip.merge(a, b, data=[(d["input_ids"], d["attention_mask"]) for d in data], progress=False,
+                              inputs=lambda batch: batch)
+    sd, sp = by_dict.state_dict(), by_position.state_dict()
+    assert sd.keys() == sp.keys()
+    assert all(torch.equal(sd[k], sp[k]) for k in sd)
+
+
+def test_statistics_count_real_tokens_only(tok):
+    """Right padding under a causal mask: real tokens' features do not depend on
+    the padded positions, so statistics over real tokens are the same whatever
+    the padding holds; counted over every position they would differ."""
+    a, b = h.tiny_llama(len(tok), 0), h.tiny_llama(len(tok), 1)
+    data = _batches(tok, h.CORPUS_A + h.CORPUS_B, n_rep=1)
+    gen = torch.Generator().manual_seed(0)
+    noisy = []
+    for d in data:
+        ids = d["input_ids"].clone()
+        pad = d["attention_mask"] == 0
+        ids[pad] = torch.randint(2, len(tok), (int(pad.sum()),), generator=gen)
+        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
+    assert any(bool((d["attention_mask"] == 0).any()) for d in data)  # the test needs padding
+    real = sum(int(d["attention_mask"].sum()) for d in data)
+    one = fxzip.calibrate(a, b, data=data, progress=False, probes="reference").run()
+    two = fxzip.calibrate(a, b, data=noisy, progress=False, probes="reference").run()
+    assert one.stats
+    for index, s1 in one.stats.items():
+        s2 = two.stats[index]
+        assert s1.count == s2.count
+        torch.testing.assert_close(s1.mean, s2.mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s1.covariance(), s2.covariance(), rtol=1e-5, atol=1e-6)
+    counts = {s.count for s in one.stats.values()}
+    assert real in counts  # the residual stream: one sample per real token
+    full = [{"input_ids": d["input_ids"], "attention_mask": torch.ones_like(d["attention_mask"])} for d in data]
+    unmasked = fxzip.calibrate(a, b, data=full, progress=False, probes="reference").run()
+    assert sum(d["input_ids"].numel() for d in data) in {s.count for s in unmasked.stats.values()}
+
+
+def test_dict_batch_errors_name_the_key_and_the_fix(tok):
+    a = h.tiny_llama(len(tok), 0)
+    data = _batches(tok, h.CORPUS_A, n_rep=1)
+    bad = [{"input_ids": d["input_ids"], "atention_mask": d["attention_mask"]} for d in data]
+    with pytest.raises(TypeError, match=r"\['atention_mask'\].*does not take.*'attention_mask'"):
+        fxzip.merge(a, a, data=bad, progress=False)
+    short = tok(h.CORPUS_B[:4], padding="max_length", max_length=SEQ - 8, truncation=True, return_tensors="pt")
+    mixed = data + [{"input_ids": short["input_ids"], "attention_mask": short["attention_mask"]}]
+    with pytest.raises(ValueError, match=r"batch 1 .*'input_ids' of shape \(4, 32\).*\(4, 40\).*pad every batch"):
+        fxzip.merge(a, a, data=mixed, progress=False)

@@ -47,6 +47,7 @@ import torch.fx as fx
 from torch import nn
 
 from .distributed import is_main
+from .hf import CONFIG, is_pretrained_dir, load_pretrained, write_pretrained
 from .model_spec import ModelSpec, _library_of, build_model, load_into, recorded_numbers, spec_from_record
 from .program_check import check_program
 from .report import REPORT_FORMAT, MergeReport, _jsonable, versions
@@ -74,7 +75,8 @@ def is_full_zip(result: nn.Module) -> bool:
 
 def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | Mapping[str, Any] | None = None,
          example_inputs: Any = None, overwrite: bool = False,
-         extra_files: Callable[[Path], Any] | None = None) -> Path:
+         extra_files: Callable[[Path], Any] | None = None, pretrained: nn.Module | None = None,
+         tokenizer: Any = None) -> Path:
     """Write ``result`` (what ``fxzip.merge`` returned) to ``directory``, atomically.
 
     Args:
@@ -97,6 +99,14 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
         extra_files: called with the temporary folder the result is written
             in, before ``report.json``; files it writes there become part of
             the result (``fxzip merge`` writes ``cuts.png`` so).
+        pretrained: a Hugging Face ``transformers`` model of the merged
+            architecture (one of the merged models; not changed): a full zip
+            is then written as its ``save_pretrained`` folder (``config.json``,
+            ``model.safetensors``), which ``from_pretrained`` loads without
+            fxzip; a tie of input and output embeddings is kept only where it
+            holds in the merged weights (``fxzip.hf``).
+        tokenizer: saved beside the result (``tokenizer.save_pretrained``), so
+            the folder is complete for ``from_pretrained`` and text generation.
 
     Returns:
         The directory, as a ``Path``.
@@ -132,7 +142,11 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
     with result_dir.writing(out, result_dir.MERGE, overwrite=overwrite, option="directory",
                             flag="overwrite=True") as stage:
         folder = stage.path
-        if is_full_zip(result):
+        if is_full_zip(result) and pretrained is not None:
+            written = write_pretrained(result, pretrained, folder)
+            info["files"] = {"weights": FULL_WEIGHTS, "pretrained": written}
+            info["model"] = {"transformers": type(pretrained).__name__}
+        elif is_full_zip(result):
             _save_tensors(result.state_dict(), folder / FULL_WEIGHTS)
             info["files"] = {"weights": FULL_WEIGHTS}
         else:  # the program holds the weights: stored once
@@ -140,6 +154,10 @@ def save(result: nn.Module, directory: str | os.PathLike, *, model: ModelSpec | 
             torch.export.save(program, str(folder / PROGRAM))
             info["files"] = {"program": PROGRAM}
             info["export"] = export_info
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+            info["files"]["tokenizer"] = sorted(set(os.listdir(folder)) - {FULL_WEIGHTS, PROGRAM, CONFIG}
+                                                - set(info["files"].get("pretrained", ())))
         if report is not None:
             report.plot(folder / PLOT)
             info["files"]["plot"] = PLOT
@@ -203,6 +221,8 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
                 loaded = program.module()
                 if state is not None:
                     _copy_weights(loaded, state, root / STATE)
+    elif is_pretrained_dir(root) and model is None:  # a save_pretrained folder: transformers builds it
+        loaded = load_pretrained(root)
     elif (root / FULL_WEIGHTS).exists():
         from safetensors.torch import load_file
 

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .hf import PRETRAINED_FILES
+
 __all__ = ["OutputError", "OutputBusy", "Kind", "MERGE", "SWEEP", "check", "lock", "recover", "writing", "Stage",
            "is_complete", "is_result", "target"]
 
@@ -77,7 +79,7 @@ class Kind:
 
 
 MERGE = Kind("report.json", ("model.safetensors", "model.pt2", "state_dict.safetensors", "report.json",
-                             "report.md", "correlation.png", "cuts.png"),
+                             "report.md", "correlation.png", "cuts.png") + PRETRAINED_FILES,
              lambda data: "format" in data, "fxzip merge result")
 SWEEP = Kind("sweep.json", ("sweep.json", "sweep.csv", "sweep.png"),
              lambda data: isinstance(data.get("settings"), dict) and data["settings"].get("command") == "fxzip sweep",

@@ -666,7 +666,8 @@ def example_from_data(batch: Any, inputs: Callable[[Any], Any] | None = None,
     forward's ``parameters`` (``fxzip.keyword_inputs``), or whatever
     ``inputs(batch)`` returns."""
     if inputs is not None:
-        return inputs(batch)
+        batch = inputs(batch)
+        return positional_from_dict(batch, parameters) if isinstance(batch, Mapping) and parameters else batch
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):

@@ -71,3 +71,17 @@ def test_every_public_name_is_defined_or_re_exported_in_fxzip_api():
     for name in ("merge", "calibrate", "cut_points", "permute_channels", "reset_norm_stats", "save", "load",
                  "register_rule", "register_matcher"):
         assert name in fxzip.api.__all__, name
+
+
+def test_transformers_is_imported_only_where_a_hugging_face_model_or_folder_is_met():
+    """``transformers`` is an optional extra (``.[hf]``): no module imports it at
+    load time (a module-level import would make it a dependency of the core)."""
+    offenders = []
+    for folder in ("fxzip", "passes"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:  # module level only
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(n.split(".")[0] in ("transformers", "tokenizers") for n in names):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

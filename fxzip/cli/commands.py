@@ -111,16 +111,37 @@ class _Say:
             print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
-    """Everything that can be checked without building a model; returns the
-    number of classes per checkpoint (None: read from the checkpoint)."""
+def check_method_args(args: argparse.Namespace) -> None:
+    """The checks every ``fxzip merge`` shares, whatever the checkpoints: their
+    count, the sizes, the method and alpha / beta."""
     from ..matching import MATCHERS
     from ..options import DUAL_SPACE
-    from .checkpoints import CHECKPOINT_SUFFIXES, check_model_name
-    from .images import check_crop_options, check_data_path
 
     if len(args.checkpoints) < 2:
         raise UsageError(f"fxzip merge needs at least two checkpoints, got {len(args.checkpoints)}")
+    for name in ("img_size", "batch_size", "max_batches"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
+    if args.method not in methods:
+        raise UsageError(f"--method {args.method!r} is not a method; choose one of {', '.join(methods)}")
+    for name in ("alpha", "beta"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+
+
+def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
+    """Everything that can be checked without building a model; returns the
+    number of classes per checkpoint (None: read from the checkpoint)."""
+    from .checkpoints import CHECKPOINT_SUFFIXES, check_model_name
+    from .images import check_crop_options, check_data_path
+
+    check_method_args(args)
+    if args.model is None:
+        raise UsageError("--model NAME is required for state_dict checkpoints (a timm model name, or "
+                         "module.path:factory for your own code); a Hugging Face save_pretrained folder names its "
+                         "own architecture and needs none")
     for ckpt in args.checkpoints:
         p = Path(ckpt)
         if not p.is_file():
@@ -135,16 +156,6 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
                          f"got {len(classes)}")
     if classes is not None and any(c < 0 for c in classes):
         raise UsageError("--num-classes must not be negative")
-    for name in ("img_size", "batch_size", "max_batches"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
-    if args.method not in methods:
-        raise UsageError(f"--method {args.method!r} is not a method; choose one of {', '.join(methods)}")
-    for name in ("alpha", "beta"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UsageError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.out is not None:
         _check_out(args)
     check_model_name(args.model)
@@ -227,7 +238,8 @@ def _out_lock(args: argparse.Namespace) -> Iterator[None]:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """``fxzip merge``: checkpoints + images -> a merged model in ``--out``."""
+    """``fxzip merge``: checkpoints + images -> a merged model in ``--out``
+    (Hugging Face folders + text: ``fxzip.cli.pretrained``)."""
     classes = _check_merge_args(args)
     args.merged_width = merged_width_arg(args.merged_width)
     with _out_lock(args):

@@ -41,11 +41,17 @@ examples:
   fxzip merge a.pth b.pth --model resnet18 --data calib/ --out merged/
   fxzip merge a.pth b.pth --model resnet18 --data calib.tar.gz --out partial/ --stop-at 9
   fxzip merge a.safetensors b.safetensors --model mypkg.nets:make_net --data x.npy --out merged/
+  fxzip merge lm_a/ lm_b/ --data corpus/ --seq-len 256 --out merged_lm/
 
 --data: an image folder (ImageFolder layout, labels ignored), a .tar.gz of one, or a
 .pt/.npy tensor N x C x H x W (uint8: images, preprocessed like files; float: model
 inputs, used as they are). Images get the model's timm evaluation transform
-(resize, center crop, normalise) at --img-size when given.
+(resize, center crop, normalise) at --img-size when given. For Hugging Face
+save_pretrained folders (language models; no --model): a text file, a folder of
+text files, a .jsonl with a "text" field per line, or a .pt of token ids (N x L,
+or a dict with input_ids and attention_mask), in rows of --seq-len tokens;
+statistics are over real tokens only (padding is masked out). The models must
+share the tokenizer; code named in a folder (auto_map) is never run.
 
 --refit, --repair, --merged-width, --probes: the options of fxzip.merge (refit=,
 repair=, merged_width=, probes=). --refit alone uses the default ridge; --refit 0.01
@@ -64,7 +70,9 @@ reference (last + before_reduce: where the reference ZipIt!/MuDSC codes read eac
 space; last_before_reduce is its old name).
 
 --out: a full zip is model.safetensors, loadable with
-timm.create_model(NAME, num_classes=N, checkpoint_path=DIR/model.safetensors); a
+timm.create_model(NAME, num_classes=N, checkpoint_path=DIR/model.safetensors) (of
+Hugging Face folders: a save_pretrained folder with the tokenizer beside it,
+AutoModelForCausalLM.from_pretrained(DIR)); a
 partial zip is model.pt2 (torch.export.load(path).module()(x) -> one output per
 model, no fxzip needed); both with report.json and report.md. The folder is
 written atomically (a temporary sibling renamed into place); an earlier fxzip
@@ -252,10 +260,15 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT",
                        help="state_dict files (.pt/.pth/.bin/.ckpt: a 'state_dict', 'state_dict_ema' or 'model' "
-                       "entry is unwrapped; .safetensors), one per model, at least two")
-    merge.add_argument("--model", required=True, metavar="NAME",
-                       help="timm model name (built with pretrained=False), or module.path:factory for your own code")
+                       "entry is unwrapped; .safetensors), one per model, at least two; or Hugging Face "
+                       "save_pretrained folders (config.json, weights, tokenizer files)")
+    merge.add_argument("--model", metavar="NAME",
+                       help="timm model name (built with pretrained=False), or module.path:factory for your own "
+                       "code; required for state_dict files (a save_pretrained folder names its own)")
     merge.add_argument("--data", required=True, metavar="PATH", help="calibration inputs (see below)")
+    merge.add_argument("--seq-len", type=int, default=256, metavar="N",
+                       help="Hugging Face folders: tokens per calibration sequence (default 256); text is "
+                       "tokenized with the models' tokenizer, documents packed with an end-of-text token between")
     merge.add_argument("--out", required=True, metavar="DIR",
                        help="directory for the result files (written atomically: an earlier result there is "
                        "replaced as a whole)")
@@ -332,8 +345,13 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     from fxzip.cli.commands import merge_device, run_merge
     from fxzip.distributed import from_env
+    from fxzip.hf import is_pretrained_dir
 
     merge_device(args.device)  # a bad --device fails here, before any process group
+    if any(is_pretrained_dir(c) for c in args.checkpoints):  # Hugging Face folders, merged on text
+        from fxzip.cli.pretrained import run_merge_pretrained
+
+        run_merge = run_merge_pretrained
     with from_env(args.device):  # under torchrun: one process group (gloo; NCCL for cuda), the data sharded by rank
         return run_merge(args)
 

@@ -105,14 +105,18 @@ def _model_class(transformers: Any, config: dict[str, Any], root: Path) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def load_pretrained(path: str | os.PathLike) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """The model of a ``save_pretrained`` folder, in eval mode, caches off
-    (calibration runs whole sequences; a cache would only cost memory)."""
+    (calibration runs whole sequences; a cache would only cost memory).
+    ``dtype``: compute in this dtype (default: the checkpoint's, as
+    ``from_pretrained`` loads it; float32 gives exact statistics of a float16 /
+    bfloat16 checkpoint at twice its memory)."""
     root = Path(path)
     config = check_pretrained_dir(root)
     transformers = require_transformers(f"loading {root}")
     cls = _model_class(transformers, config, root)
-    model = cls.from_pretrained(str(root), trust_remote_code=False)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = cls.from_pretrained(str(root), trust_remote_code=False, **kwargs)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model.eval()

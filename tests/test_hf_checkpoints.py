@@ -56,7 +56,7 @@ def test_cli_self_merge_of_a_folder_loads_back_with_from_pretrained(folders, tok
     root, dirs, text = folders
     out = root / "self"
     assert main(["merge", str(dirs[0]), str(dirs[0]), "--data", str(text), "--seq-len", str(SEQ), "--batch-size",
-                 "4", "--out", str(out), "--quiet"]) == 0
+                 "4", "--out", str(out), "--quiet", "--dtype", "float32"]) == 0
     assert "from_pretrained" in capsys.readouterr().out
     original = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -65,6 +65,7 @@ def test_cli_self_merge_of_a_folder_loads_back_with_from_pretrained(folders, tok
     assert AutoTokenizer.from_pretrained(out).get_vocab() == tok.get_vocab()
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["seq_len"] == SEQ and report["model"] == {"transformers": "LlamaForCausalLM"}
+    assert report["settings"]["dtype"] == "float32"
     loaded = fxzip.load(out)  # a save_pretrained folder: transformers builds it
     assert type(loaded).__name__ == "LlamaForCausalLM"
 
@@ -137,4 +138,8 @@ def test_cli_refuses_remote_code_other_tokenizers_and_image_options(folders, tmp
     assert "--model" in capsys.readouterr().err
     assert main(["merge", str(dirs[0]), str(text), *args]) == 2
     assert "not a save_pretrained folder" in capsys.readouterr().err
+    ckpt = tmp_path / "a.pt"
+    torch.save({}, ckpt)
+    assert main(["merge", str(ckpt), str(ckpt), "--model", "resnet18", "--dtype", "float32", *args]) == 2
+    assert "--dtype is for Hugging Face" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

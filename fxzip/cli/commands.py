@@ -138,6 +138,9 @@ def _check_merge_args(args: argparse.Namespace) -> list[int | None]:
     from .images import check_crop_options, check_data_path
 
     check_method_args(args)
+    if getattr(args, "dtype", None) is not None:
+        raise UsageError("--dtype is for Hugging Face save_pretrained folders; a state_dict checkpoint is merged in "
+                         "the dtype of the model --model builds")
     if args.model is None:
         raise UsageError("--model NAME is required for state_dict checkpoints (a timm model name, or "
                          "module.path:factory for your own code); a Hugging Face save_pretrained folder names its "

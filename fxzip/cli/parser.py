@@ -186,11 +186,21 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "(--eval, in checkpoint order; labels are the class folders in sorted order, compared with the first logits "
         "of that model's output). Prints a table; --out writes sweep.json, sweep.csv and sweep.png (accuracy versus "
         "layers zipped, one curve per setting).")
-    sweep.add_argument("checkpoints", nargs="+", metavar="CKPT", help="state_dict files, one per model")
-    sweep.add_argument("--model", required=True, metavar="NAME", help="timm model name or module.path:factory")
+    sweep.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                       help="state_dict files, one per model; or Hugging Face save_pretrained folders (language "
+                       "models, scored by perplexity: see --eval)")
+    sweep.add_argument("--model", metavar="NAME", help="timm model name or module.path:factory; required for "
+                       "state_dict files (a save_pretrained folder names its own)")
     sweep.add_argument("--data", required=True, metavar="PATH", help="calibration inputs (as for fxzip merge)")
-    sweep.add_argument("--eval", required=True, nargs="+", metavar="DIR",
-                       help="one labelled image folder (ImageFolder layout) per checkpoint: model k's task")
+    sweep.add_argument("--eval", required=True, nargs="+", metavar="DIR|TEXT",
+                       help="one labelled image folder (ImageFolder layout) per checkpoint: model k's task. For "
+                       "Hugging Face folders: one held-out text per checkpoint (read like --data, in rows of "
+                       "--seq-len tokens): model k's domain. Each row of the table then gives the perplexity on "
+                       "every domain (a full zip's one output; a partial zip's head k on domain k), the mean "
+                       "log-perplexity and the multiply-adds per token, beside each model alone, the oracle "
+                       "(domain k by model k) and the sequence-level mixture of the models")
+    sweep.add_argument("--seq-len", type=int, default=256, metavar="N",
+                       help="Hugging Face folders: tokens per calibration and evaluation sequence (default 256)")
     sweep.add_argument("--out", metavar="DIR", help="write sweep.json, sweep.csv and sweep.png here (atomically: "
                        "an earlier sweep there is replaced as a whole)")
     sweep.add_argument("--overwrite", action="store_true",
@@ -231,7 +241,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                        help="calibrate on at most this many batches (per process), of samples spread evenly "
                             "over the data")
     sweep.add_argument("--eval-max", type=int, metavar="N", help="score on at most N images per task (a seeded "
-                       "random subset)")
+                       "random subset); of text: N sequences per domain, evenly spaced over it")
     sweep.add_argument("--no-reset-bn", action="store_true", help="keep merged batch-norm statistics")
     sweep.add_argument("--seed", type=int, default=defaults["seed"], help="random seed (default 0)")
     sweep.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -244,6 +254,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("fxzip sweep runs in one process; run it without torchrun (fxzip merge takes "
                          "torchrun --nproc-per-node K)")
+    from fxzip.hf import is_pretrained_dir
+
+    if any(is_pretrained_dir(c) for c in args.checkpoints):  # Hugging Face folders, scored by perplexity
+        from fxzip.cli.sweep_lm import run_sweep_pretrained
+
+        return run_sweep_pretrained(args)
+    if args.model is None:
+        raise UsageError("--model is required for state_dict files (a timm model name or module.path:factory); "
+                         "only Hugging Face save_pretrained folders name their own architecture")
     return run_sweep(args)
 
 
@@ -269,6 +288,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--seq-len", type=int, default=256, metavar="N",
                        help="Hugging Face folders: tokens per calibration sequence (default 256); text is "
                        "tokenized with the models' tokenizer, documents packed with an end-of-text token between")
+    merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="Hugging Face folders: load and merge in this dtype (default: the checkpoints' own; "
+                       "float32 gives exact statistics of half-precision checkpoints at twice the memory)")
     merge.add_argument("--out", required=True, metavar="DIR",
                        help="directory for the result files (written atomically: an earlier result there is "
                        "replaced as a whole)")

@@ -110,8 +110,9 @@ def merge_pretrained(args: argparse.Namespace) -> int:
     tokenizer = _shared_tokenizer(args.checkpoints, args.data)
     say(f"fxzip {__version__}: loading {len(args.checkpoints)} Hugging Face models")
     models = []
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     for ckpt in args.checkpoints:
-        models.append(load_pretrained(ckpt))
+        models.append(load_pretrained(ckpt, dtype))
         say(f"{ckpt}: {type(models[-1]).__name__}, {sum(p.numel() for p in models[-1].parameters()) / 1e6:.2f} M "
             "parameters")
     kinds = {type(m).__name__ for m in models}
@@ -148,6 +149,7 @@ def merge_pretrained(args: argparse.Namespace) -> int:
     report.settings = {
         "command": "fxzip merge", "checkpoints": [str(c) for c in args.checkpoints], "architecture": kinds.pop(),
         "data": str(args.data), "data_description": description, "seq_len": args.seq_len,
+        "dtype": str(next(models[0].parameters()).dtype).replace("torch.", ""),
         "method": args.method, "alpha": args.alpha, "beta": args.beta, "stop_at": stop_at, "refit": args.refit,
         "repair": args.repair, "merged_width": args.merged_width, "probes": args.probes,
         "max_memory": args.max_memory, "cache_dtype": args.cache_dtype, "batch_size": args.batch_size,

@@ -201,6 +201,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                        "(domain k by model k) and the sequence-level mixture of the models")
     sweep.add_argument("--seq-len", type=int, default=256, metavar="N",
                        help="Hugging Face folders: tokens per calibration and evaluation sequence (default 256)")
+    sweep.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="Hugging Face folders: load, merge and score in this dtype (default: the checkpoints' "
+                       "own; as for fxzip merge)")
     sweep.add_argument("--out", metavar="DIR", help="write sweep.json, sweep.csv and sweep.png here (atomically: "
                        "an earlier sweep there is replaced as a whole)")
     sweep.add_argument("--overwrite", action="store_true",

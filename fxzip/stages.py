@@ -27,6 +27,7 @@ from .cuts import CutPoint, choose_cut, find_cuts, resolve_cut, shared_cuts
 from .evaluate import count_macs
 from .match_spaces import match_dual_space, match_spaces, note_widths
 from .options import MergeOptions
+from .passes.cut_map import fit_cut_maps
 from .passes.fold import fold
 from .passes.refit import refit, refit_heads
 from .passes.repair import repair
@@ -248,8 +249,10 @@ class CheckWidths(Stage):
 
 
 class RefitHeads(Stage):
-    """A refit partial zip: each head's first layers refit to reproduce their
-    own model's outputs from the trunk's merged features (one more pass)."""
+    """A refit partial zip: where a head gathers the merged features, a
+    least-squares map to its model's own (``passes.cut_map``); then each head's
+    first layers refit to reproduce their own model's outputs from what they
+    read (one more pass each)."""
 
     name, timer, reads = "refit", "refit", ("calibration", "graph_module")
 
@@ -258,11 +261,15 @@ class RefitHeads(Stage):
 
     def call(self, graph_module, state: MergeState) -> StageResult:
         cal = state.calibration
+        # first the least-squares maps replacing the heads' gathers, then the head layers, on what they now read
+        maps = fit_cut_maps(graph_module, cal.models, cal.batches, state.options.ridge)
         heads = refit_heads(graph_module, cal.models, cal.batches, state.options.ridge)  # head k copies model k
         fitted = dict(state.details["refit"])
         fitted["heads"] = heads.summary()
-        fitted["passes"] += heads.passes  # model passes over the data: the trunk's walk, then the heads' one read
-        fitted["data_reads"] += heads.data_reads
+        fitted["cut_maps"] = maps.summary()
+        # model passes over the data: the trunk's walk, then one read for the maps and one for the heads
+        fitted["passes"] += maps.passes + heads.passes
+        fitted["data_reads"] += maps.data_reads + heads.data_reads
         return StageResult(graph_module, {"refit": fitted})
 
 

@@ -11,6 +11,7 @@ is exactly trunk + heads.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import networkx as nx
@@ -25,7 +26,21 @@ from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gath
 
 from .widen import replace_tensors
 
-__all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "trunk_node_names"]
+__all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "trunk_node_names", "UNMERGE", "Unmerge"]
+
+UNMERGE = "fxzip_unmerge"
+"""``node.meta`` key of a head's gather of the trunk's merged features (an ``Unmerge``)."""
+
+
+@dataclass(frozen=True)
+class Unmerge:
+    """Head ``head`` reads the cut through a gather: the model's own features
+    there are model ``head``'s node ``source``, channels on axis ``dim``
+    (what ``passes.cut_map`` fits a least-squares map to)."""
+
+    head: int
+    source: str
+    dim: int
 
 
 def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analysis: GraphAnalysis,
@@ -57,6 +72,7 @@ def split_at_cut(merged: fx.GraphModule, models: Sequence[fx.GraphModule], analy
             if set(cut_node.users) - absorbing:  # registered even when identity: one structure per cut
                 root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
                 gather = graph.call_function(torch.index_select, (env[cut_node], cut.dim, graph.get_attr(f"unmerge{k}")))
+                gather.meta[UNMERGE] = Unmerge(k, cut_node.name, cut.dim)
             for user in absorbing:
                 if not identity:
                     _absorb_unmerge(head, user.name, analysis, assign, k)
@@ -118,6 +134,7 @@ def split_aligned(merged: fx.GraphModule, models: Sequence[fx.GraphModule], comm
                 root.register_buffer(f"unmerge{k}", idx.clone().to(_device_of(merged)))
                 gather = graph.call_function(torch.index_select,
                                              (env[cut_node], cut.dim, graph.get_attr(f"unmerge{k}")))
+                gather.meta[UNMERGE] = Unmerge(k, mine.name, cut.dim)
             if not torch.equal(idx, torch.arange(len(idx))) or merged_length(cut.segments, assign) != len(idx):
                 for reader in absorbing:
                     _absorb_columns(head, reader.target, idx, merged_length(cut.segments, assign))

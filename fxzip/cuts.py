@@ -63,25 +63,60 @@ def cut_points(model: nn.Module, example_inputs: Any = None, *others: nn.Module)
 
 
 def _data_flow(gm: fx.GraphModule) -> tuple[nx.DiGraph, str]:
-    """The graph of data paths from a virtual source (the data-carrying inputs)."""
+    """The graph of the paths that carry features, from a virtual source.
+
+    A feature is a value computed from the data with the model's weights: the
+    only kind a merge changes, so the only kind a head may read from the trunk
+    at the cut alone. Values computed from the data without any weight (an
+    attention or padding mask from ``attention_mask``, rotary cos/sin from the
+    positions, the raw input a late layer reads again) are the same in every
+    model: a head may read them from the trunk wherever they are, so they are
+    no paths around a cut (a causal LM's residual stream is then a cut after
+    every block, although the mask reaches every attention). The source feeds
+    the nodes where data first meets a weight (the stem, the embedding).
+    Parameters themselves are no data paths (each head holds its own)."""
     nodes = list(gm.graph.nodes)
     shapes = shape_nodes(gm.graph)
+    data: set[fx.Node] = set()       # computed from the inputs
+    weighted: set[fx.Node] = set()   # computed with a parameter
+    for n in nodes:
+        if n in shapes:
+            continue
+        inputs = [i for i in n.all_input_nodes if i not in shapes]
+        if (n.op == "placeholder" and n.meta.get("tensor_meta") is not None) or any(i in data for i in inputs):
+            # only inputs that carry data: an optional argument left at None (timm's attn_mask) is none
+            data.add(n)
+        if _reads_parameter(gm, n) or any(i in weighted for i in inputs):
+            weighted.add(n)
+    features = data & weighted
     graph = nx.DiGraph()
     source = "\0source"
     graph.add_node(source)
     for n in nodes:
-        if n in shapes:
+        if n not in features:
             continue
         graph.add_node(n.name)
-        for inp in n.all_input_nodes:
-            if inp not in shapes:
-                graph.add_edge(inp.name, n.name)
-        if n.op == "placeholder" and n.meta.get("tensor_meta") is not None:
-            # only inputs that carry data: an optional argument left at None (timm's
-            # attn_mask) reaches every attention without being a data path
+        fed = [i for i in n.all_input_nodes if i in features]
+        for inp in fed:
+            graph.add_edge(inp.name, n.name)
+        if not fed:  # where the data enters the weights
             graph.add_edge(source, n.name)
-    reachable = nx.descendants(graph, source) | {source}
-    return graph.subgraph(reachable), source
+    return graph, source
+
+
+def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` uses a parameter itself: a module with parameters (a
+    batch norm's statistics come with its affine weights), or a parameter
+    fetched by ``get_attr``. A buffer alone (a rotary frequency table, an
+    index table) is no weight a merge changes."""
+    if node.op == "get_attr":
+        try:
+            return isinstance(gm.get_parameter(node.target), nn.Parameter)
+        except AttributeError:
+            return False
+    if node.op == "call_module":
+        return any(True for _ in gm.get_submodule(node.target).parameters())
+    return False
 
 
 def dominators(gm: fx.GraphModule) -> set[str]:

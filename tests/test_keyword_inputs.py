@@ -90,3 +90,24 @@ def test_dict_batch_errors_name_the_key_and_the_fix(tok):
     mixed = data + [{"input_ids": short["input_ids"], "attention_mask": short["attention_mask"]}]
     with pytest.raises(ValueError, match=r"batch 1 .*'input_ids' of shape \(4, 32\).*\(4, 40\).*pad every batch"):
         fxzip.merge(a, a, data=mixed, progress=False)
+
+
+def test_a_causal_lm_has_a_cut_after_every_block_and_each_partial_zip_is_exact(tok):
+    """The attention mask and rotary tables reach every block from the inputs
+    without any weight, so they are no paths around a cut: the residual stream
+    after every attention and MLP is one, and a self-merge cut there gives heads
+    that compute the model exactly (each reads the mask from the trunk)."""
+    a = h.tiny_llama(len(tok), 0, layers=2)
+    data = _batches(tok, h.CORPUS_A + h.CORPUS_B, n_rep=1)
+    cuts = fxzip.cut_points(a, (data[0]["input_ids"], data[0]["attention_mask"]))
+    inner = [c for c in cuts if 0 < c.k < c.m]
+    assert len(inner) >= 2 * 2  # after each block's attention and MLP (2 blocks)
+    cal = fxzip.calibrate(a, a, data=data, progress=False)
+    for cut in inner:
+        partial = fxzip.merge(a, a, data=cal, stop_at=cut.name, progress=False)
+        for batch in data:
+            want = _logits(a, batch)
+            with torch.no_grad():
+                heads = partial(batch["input_ids"], batch["attention_mask"])
+            for head in heads:
+                assert float((want - head["logits"]).abs().max() / want.abs().max()) < 1e-5

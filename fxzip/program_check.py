@@ -10,12 +10,14 @@ sample inputs with ``weights_only=False`` when the safe load fails, compiles
 ``torch.os.system`` by attribute lookup, to be called when the model runs.
 
 fxzip's own programs need none of that: ATen operations, raw tensor payloads,
-symbols for the batch dimension. ``check_program`` accepts exactly that and
+symbols for the batch dimension, and guards that compare the inputs' sizes
+(a batch dimension several inputs share). ``check_program`` accepts exactly that and
 refuses anything else with an error naming the member and what it holds,
 before ``torch.export.load`` touches the file.
 """
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -131,9 +133,11 @@ def _check_tensors_only(path: Path, member: str, payload: bytes) -> None:
 def _check_graph(path: Path, member: str, program: Any) -> None:
     if not isinstance(program, dict):
         raise UnsafeProgramError(f"{path}: {member} is not an exported program")
-    if program.get("guards_code"):
-        raise UnsafeProgramError(f"{path}: {member} carries guards_code, Python source that torch compiles into a "
-                                 "function on load; fxzip's programs have none")
+    guards = program.get("guards_code") or []
+    if not isinstance(guards, list):
+        raise UnsafeProgramError(f"{path}: {member} carries guards_code that is not a list of shape checks")
+    for guard in guards:
+        _check_guard(path, member, guard)
     for key in program.get("range_constraints") or {}:
         _check_expression(path, member, key)
     for key, value in _items(program):
@@ -169,6 +173,48 @@ def _check_target(path: Path, member: str, target: str) -> None:
     raise UnsafeProgramError(f"{path}: {member} calls {target!r}, which is not an ATen operation; fxzip loads "
                              "programs of ATen operations only (a target is looked up by name and called when the "
                              "model runs)")
+
+
+_GUARD_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv,
+                ast.Mod, ast.UnaryOp, ast.USub, ast.Not, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt,
+                ast.GtE, ast.Constant, ast.Load)
+
+
+def _check_guard(path: Path, member: str, text: Any) -> None:
+    """A guard torch compiles into a function on load: only comparisons of
+    arithmetic over the inputs' sizes pass (``L['x'].size()[0] == L['y'].size()[0]``,
+    what a batch dimension shared by several inputs gives): integer constants,
+    ``+ - * // %``, comparisons, ``and`` / ``or`` / ``not``, and
+    ``L['<name>'].size()[<int>]`` as the only name, attribute, call and subscript."""
+    def refuse(why: str) -> None:
+        raise UnsafeProgramError(f"{path}: {member} carries guards_code {str(text)[:80]!r}, which is not a check "
+                                 f"of input sizes ({why}); torch would compile it into a function on load")
+
+    if not isinstance(text, str):
+        refuse("not text")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        refuse("not an expression")
+    sizes: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call):
+            call = node.value
+            func = call.func
+            ok = (isinstance(node.slice, ast.Constant) and type(node.slice.value) is int and not call.args
+                  and not call.keywords and isinstance(func, ast.Attribute) and func.attr == "size"
+                  and isinstance(func.value, ast.Subscript) and isinstance(func.value.value, ast.Name)
+                  and func.value.value.id == "L" and isinstance(func.value.slice, ast.Constant)
+                  and isinstance(func.value.slice.value, str))
+            if not ok:
+                refuse("a call other than L['<input>'].size()[<int>]")
+            sizes.update(id(n) for n in (node.slice, call, func, func.value, func.value.value, func.value.slice))
+            sizes.update(id(n) for n in ast.walk(func.value) if isinstance(n, ast.Load))
+            sizes.update((id(func.ctx), id(node.ctx)))
+        elif id(node) in sizes:
+            continue
+        elif not isinstance(node, _GUARD_NODES) or (isinstance(node, ast.Constant) and type(node.value) is not int):
+            refuse(f"{type(node).__name__}")
 
 
 def _check_expression(path: Path, member: str, text: str) -> None:

@@ -143,3 +143,29 @@ def test_cli_refuses_remote_code_other_tokenizers_and_image_options(folders, tmp
     assert main(["merge", str(ckpt), str(ckpt), "--model", "resnet18", "--dtype", "float32", *args]) == 2
     assert "--dtype is for Hugging Face" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_greedy_generation_from_each_head_of_a_saved_partial_zip_equals_generate(folders, tok):
+    """A partial zip's program is captured at one length and has no cache; padded
+    to that length it generates what transformers' generate does with the model
+    (a self-merge: each head is the model)."""
+    from transformers import AutoModelForCausalLM
+
+    from fxzip.generation import greedy_generate
+
+    root, dirs, text = folders
+    out = root / "partial_self"
+    assert main(["merge", str(dirs[0]), str(dirs[0]), "--data", str(text), "--seq-len", str(SEQ), "--batch-size",
+                 "4", "--out", str(out), "--stop-at", "6", "--quiet"]) == 0
+    program = fxzip.load(out)  # two inputs sharing the batch dimension: guards that compare their sizes pass
+    model = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
+    prompt = tok(["def add(a, b):"], return_tensors="pt")["input_ids"]
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                          pad_token_id=tok.pad_token_id)
+    eager = greedy_generate(model, prompt, 10)
+    assert torch.equal(eager, want)
+    for head in range(2):
+        got = greedy_generate(program, prompt, 10, length=SEQ, head=head, pad_token_id=tok.pad_token_id)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="exceed the length"):
+        greedy_generate(program, prompt, SEQ, length=SEQ, head=0)

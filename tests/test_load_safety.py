@@ -219,6 +219,14 @@ def test_guards_code_and_foreign_targets_are_refused(results, tmp_path):
 
     with pytest.raises(UnsafeProgramError, match="guards_code"):
         fxzip.load(_tampered(results, tmp_path / "g", guards))
+    # guards may compare input sizes only (a batch dimension shared by several inputs); anything else is refused
+    sizes = "(2*L['x'].size()[0]) % 2 == 0 and L['x'].size()[0] >= 1"
+    check_program(_tampered(results, tmp_path / "ok", _guarded(sizes)) / "model.pt2")
+    for bad in ("L['x'].size()[0] == __import__('os').getpid()", "L['x'].numpy()[0] == 1",
+                "L['x'].size().__class__ == 1", "L.get('x') == 1", "L['x'].size()['a'] == 1", "'a' == 'a'",
+                "[c for c in ()] == []", "L['x'].size()[0] == (lambda: 1)()"):
+        with pytest.raises(UnsafeProgramError, match="guards_code"):
+            check_program(_tampered(results, tmp_path / f"bad{abs(hash(bad))}", _guarded(bad)) / "model.pt2")
 
     def target(name, data):
         if "/models/" not in name:
@@ -227,6 +235,16 @@ def test_guards_code_and_foreign_targets_are_refused(results, tmp_path):
 
     with pytest.raises(UnsafeProgramError, match="'torch.os.system', which is not an ATen operation"):
         fxzip.load(_tampered(results, tmp_path / "t", target))
+
+
+def _guarded(code: str):
+    def edit(name, data):
+        if "/models/" not in name:
+            return data
+        program = json.loads(data)
+        program["guards_code"] = [code]
+        return json.dumps(program).encode()
+    return edit
 
 
 def test_extra_members_are_refused(results, tmp_path):

@@ -344,6 +344,6 @@ def outputs_averaged_note(heads: list, gms: Sequence[fx.GraphModule], analysis: 
         suggest = "a partial zip keeps one head per model (stop_at=..., fxzip merge --stop-at; see fxzip.cut_points)"
     sizes = ", ".join(f"{sp.size}" for sp in heads)
     return (f"{OUTPUTS_AVERAGED}: the models' output layers ({', '.join(layers[:6])}{'...' if len(layers) > 6 else ''}"
-            f"; {sizes} outputs) are averaged as if their outputs meant the same thing (one label set, or a shared "
-            f"embedding). If the models are different tasks (e.g. classes 0-4 and 5-9), the merged outputs mean "
-            f"neither: {suggest}.")
+            f"; {sizes} outputs) are averaged as if their outputs meant the same thing (one label set, a shared "
+            f"vocabulary, or a shared embedding). If the models' outputs mean different things (e.g. classes 0-4 "
+            f"and 5-9 of two classifiers), the merged outputs mean neither: {suggest}.")

@@ -111,6 +111,20 @@ class _Say:
             print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def check_grid_args(args: argparse.Namespace) -> None:
+    """``fxzip sweep``'s grid axes: every method a method, every alpha / beta in [0, 1]."""
+    from ..matching import MATCHERS
+    from ..options import DUAL_SPACE
+
+    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
+    for method in args.methods:
+        if method not in methods:
+            raise UsageError(f"--methods {method!r} is not a method; choose from {', '.join(methods)}")
+    for name, values in (("alphas", args.alphas), ("betas", args.betas)):
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise UsageError(f"--{name} must be in [0, 1], got {values}")
+
+
 def check_method_args(args: argparse.Namespace) -> None:
     """The checks every ``fxzip merge`` shares, whatever the checkpoints: their
     count, the sizes, the method and alpha / beta."""
@@ -436,20 +450,12 @@ def _eval_folder(path: str) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``fxzip sweep``: one calibration, a grid of merges, each scored per task."""
-    from ..matching import MATCHERS
-    from ..options import DUAL_SPACE
 
     args.method = args.methods[0]
     args.alpha, args.beta = args.alphas[0], args.betas[0]
     args.stop_at = None
     classes = _check_merge_args(args)
-    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
-    for method in args.methods:
-        if method not in methods:
-            raise UsageError(f"--methods {method!r} is not a method; choose from {', '.join(methods)}")
-    for name, values in (("alphas", args.alphas), ("betas", args.betas)):
-        if any(not 0.0 <= v <= 1.0 for v in values):
-            raise UsageError(f"--{name} must be in [0, 1], got {values}")
+    check_grid_args(args)
     if len(args.eval) != len(args.checkpoints):
         raise UsageError(f"--eval takes one labelled folder per checkpoint ({len(args.checkpoints)}), "
                          f"got {len(args.eval)}")

@@ -360,6 +360,33 @@ def _write_files(rows: Sequence[SweepRow], out: Path, settings: dict[str, Any]) 
     return files + ["sweep.png"]
 
 
+def plot_series(rows: Sequence[Any]) -> dict[str, list[Any]]:
+    """Rows grouped into one curve per method, alpha / beta and option set (the
+    image and the language-model sweep plots share it)."""
+    series: dict[str, list[Any]] = {}
+    for r in rows:
+        key = r.method + (f" a={r.alpha:g} b={r.beta:g}" if r.alpha is not None else "") + _options_label(r)
+        series.setdefault(key, []).append(r)
+    return series
+
+
+def series_colors(n: int) -> list[Any]:
+    """Distinct colours for ``n`` curves: matplotlib's 10 cycle colours, or tab20 beyond 10."""
+    if n <= 10:
+        return [f"C{i}" for i in range(10)]
+    from matplotlib import colormaps
+
+    return [colormaps["tab20"](i) for i in range(20)]
+
+
+def series_style(points: Sequence[Any]) -> tuple[str, str]:
+    """Line style and marker of a curve: refit dashed, repaired diamonds, refit squares, one point no line."""
+    first = points[0]
+    style = "none" if len(points) == 1 else "--" if first.refit is not None else "-"
+    marker = "D" if first.repair else "s" if first.refit is not None else "o"
+    return style, marker
+
+
 def _plot(rows: Sequence[SweepRow], path: Path) -> None:
     """``sweep.png``: average accuracy versus layers zipped, one labelled curve per
     setting (method, alpha/beta, and merge's options that are not the default:
@@ -370,25 +397,14 @@ def _plot(rows: Sequence[SweepRow], path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    series: dict[str, list[SweepRow]] = {}
     ensemble = next((r for r in rows if r.method == ENSEMBLE), None)
-    for r in rows:
-        if r.method not in ("original", ENSEMBLE):
-            key = r.method + (f" a={r.alpha:g} b={r.beta:g}" if r.alpha is not None else "") + _options_label(r)
-            series.setdefault(key, []).append(r)
+    series = plot_series([r for r in rows if r.method not in ("original", ENSEMBLE)])
     many = len(series) > 6
     fig = Figure(figsize=(10.5 if many else 6.5, 4.5))
     ax = fig.subplots()
-    if len(series) <= 10:
-        colors: list[Any] = [f"C{i}" for i in range(10)]
-    else:
-        from matplotlib import colormaps
-
-        colors = [colormaps["tab20"](i) for i in range(20)]
+    colors = series_colors(len(series))
     for i, (key, points) in enumerate(series.items()):
-        first = points[0]
-        style = "none" if len(points) == 1 else "--" if first.refit is not None else "-"
-        marker = "D" if first.repair else "s" if first.refit is not None else "o"
+        style, marker = series_style(points)
         if len(points) > 1 and ensemble is not None:
             points = points + [ensemble]
         points = sorted(points, key=lambda r: r.k)

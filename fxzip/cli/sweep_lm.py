@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .commands import UsageError, _out_lock, _ridge_of, _Say, _sweep_points, parse_stop_at
+from .commands import UsageError, _out_lock, _ridge_of, _Say, _sweep_points, check_grid_args, parse_stop_at
 from .pretrained import _shared_tokenizer, _VocabularyOnly, check_pretrained_args
 
 __all__ = ["LMRow", "run_sweep_pretrained", "sweep_lm", "lm_table", "write_lm_outputs", "REFERENCE_METHODS",
@@ -98,21 +98,13 @@ def run_sweep_pretrained(args: argparse.Namespace) -> int:
 def check_sweep_args(args: argparse.Namespace) -> list[Any]:
     """The checks of ``fxzip merge`` for folders (``fxzip.cli.pretrained``) and of
     the image sweep's grid, and each ``--eval`` text; returns the stops."""
-    from ..matching import MATCHERS
-    from ..options import DUAL_SPACE
     from ..text_data import check_text_path
 
     args.method = args.methods[0]
     args.alpha, args.beta = args.alphas[0], args.betas[0]
     args.stop_at = None
     check_pretrained_args(args)
-    methods = sorted(MATCHERS) + sorted(DUAL_SPACE)
-    for method in args.methods:
-        if method not in methods:
-            raise UsageError(f"--methods {method!r} is not a method; choose from {', '.join(methods)}")
-    for name, values in (("alphas", args.alphas), ("betas", args.betas)):
-        if any(not 0.0 <= v <= 1.0 for v in values):
-            raise UsageError(f"--{name} must be in [0, 1], got {values}")
+    check_grid_args(args)
     if len(args.eval) != len(args.checkpoints):
         raise UsageError(f"--eval takes one held-out text per checkpoint ({len(args.checkpoints)}: domain k is "
                          f"model k's), got {len(args.eval)}")
@@ -425,28 +417,16 @@ def _plot(rows: Sequence[LMRow], path: Path) -> None:
     mixture as markers, the oracle's level as a dashed line."""
     from matplotlib.figure import Figure
 
-    from .sweep import ENSEMBLE, _options_label
+    from .sweep import ENSEMBLE, plot_series, series_colors, series_style
 
-    series: dict[str, list[LMRow]] = {}
     ensemble = next((r for r in rows if r.method == ENSEMBLE), None)
-    for r in rows:
-        if not r.reference and r.method != ENSEMBLE:
-            key = r.method + (f" a={r.alpha:g} b={r.beta:g}" if r.alpha is not None else "") \
-                + _options_label(r)
-            series.setdefault(key, []).append(r)
+    series = plot_series([r for r in rows if not r.reference and r.method != ENSEMBLE])
     many = len(series) > 6
     fig = Figure(figsize=(10.5 if many else 6.5, 4.5))
     ax = fig.subplots()
-    if len(series) <= 10:
-        colors: list[Any] = [f"C{i}" for i in range(10)]
-    else:
-        from matplotlib import colormaps
-
-        colors = [colormaps["tab20"](i) for i in range(20)]
+    colors = series_colors(len(series))
     for i, (key, points) in enumerate(series.items()):
-        first = points[0]
-        style = "none" if len(points) == 1 else "--" if first.refit is not None else "-"
-        marker = "D" if first.repair else "s" if first.refit is not None else "o"
+        style, marker = series_style(points)
         if len(points) > 1 and ensemble is not None:
             points = points + [ensemble]
         points = sorted(points, key=lambda r: (r.macs_per_token, r.k))

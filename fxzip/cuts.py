@@ -69,12 +69,16 @@ def _data_flow(gm: fx.GraphModule) -> tuple[nx.DiGraph, str]:
     only kind a merge changes, so the only kind a head may read from the trunk
     at the cut alone. Values computed from the data without any weight (an
     attention or padding mask from ``attention_mask``, rotary cos/sin from the
-    positions, the raw input a late layer reads again) are the same in every
-    model: a head may read them from the trunk wherever they are, so they are
-    no paths around a cut (a causal LM's residual stream is then a cut after
-    every block, although the mask reaches every attention). The source feeds
-    the nodes where data first meets a weight (the stem, the embedding).
-    Parameters themselves are no data paths (each head holds its own)."""
+    positions, the raw input a late layer reads again) are the same in models
+    of one architecture: a head may read them from the trunk wherever they
+    are, so they are no paths around a cut (a causal LM's residual stream is
+    then a cut after every block, although the mask reaches every attention).
+    (A value computed with buffers that differ between the models, such as a
+    parameter-free ``BatchNorm(affine=False)`` on the raw input, is read as the
+    trunk computes it, with the merged buffers, as the full zip computes it.)
+    The source feeds the nodes where data first meets a weight (the stem, the
+    embedding). Parameters themselves are no data paths (each head holds its
+    own)."""
     nodes = list(gm.graph.nodes)
     shapes = shape_nodes(gm.graph)
     data: set[fx.Node] = set()       # computed from the inputs

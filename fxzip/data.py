@@ -78,16 +78,20 @@ class Batches:
                     raise ValueError(problem)
 
     def _shape_problem(self, inputs: tuple, index: int, where: str) -> str | None:
-        """A batch whose inputs differ from the first batch's in more than the
-        batch size: the graph is captured with every other size fixed (a
-        sequence length sets position ids and masks, an image size a patch
-        grid), so it would fail deep inside, or compute something else."""
+        """A batch of token ids or masks whose shape differs from the first
+        batch's in more than the batch size: the graph is captured at the first
+        batch's sequence length (position ids, masks), so it would fail deep
+        inside. Floating inputs are not checked: a graph over features often
+        runs at other sizes (a sequence-first tensor with a smaller last
+        batch), and one that does not fails naming its op."""
         example = getattr(self, "example", None)
         if example is None:
             return None
         for j, (x, first) in enumerate(zip(inputs, example)):
             if not (isinstance(x, torch.Tensor) and isinstance(first, torch.Tensor)):
                 continue
+            if x.is_floating_point() or first.is_floating_point():
+                continue  # features (images, sequence-first tensors) may run at other sizes; token ids and masks not
             if x.dim() == first.dim() and x.shape[1:] == first.shape[1:]:
                 continue
             names = [p.name for p in self.parameters or ()]

@@ -32,6 +32,8 @@ def greedy_generate(model: Callable[..., Any], input_ids: torch.Tensor, max_new_
     ``length``: the sequence length the model was captured at (every call is
     padded to it); None runs each step at its own length (an eager model).
     Rows that produced ``eos_token_id`` are padded with ``pad_token_id`` after it.
+    Every row of ``input_ids`` is a whole prompt of real tokens (no padding):
+    generate prompts of different lengths one call each.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")

@@ -132,12 +132,17 @@ def load_tokenizer(path: str | os.PathLike) -> Any | None:
     return transformers.AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
 
 
-def _merges(tokenizer: Any) -> list[Any] | None:
+def _backend(tokenizer: Any) -> dict[str, Any]:
+    """The fast tokenizer's pipeline as JSON (empty for a slow tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    model = json.loads(backend.to_str()).get("model", {})
-    return model.get("merges")
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def _merges(tokenizer: Any) -> list[Any] | None:
+    return _backend(tokenizer).get("model", {}).get("merges")
+
+
+_PIPELINE = ("normalizer", "pre_tokenizer", "decoder")
 
 
 def tokenizer_difference(tokenizers: list[Any], names: list[str]) -> str | None:
@@ -161,6 +166,13 @@ def tokenizer_difference(tokenizers: list[Any], names: list[str]) -> str | None:
             k = next((i for i, (a, b) in enumerate(zip(m0, m1)) if a != b), min(len(m0), len(m1)))
             return (f"their BPE merges differ from merge {k} on ({m0[k] if k < len(m0) else 'none'} in "
                     f"{first_name}, {m1[k] if k < len(m1) else 'none'} in {name})")
+        b0, b1 = _backend(first), _backend(tok)
+        for part in _PIPELINE:  # the same vocabulary split differently is another tokenizer
+            if b0.get(part) != b1.get(part):
+                return f"their {part.replace('_', '-')}s differ ({first_name}: {b0.get(part)}, {name}: {b1.get(part)})"
+        m0k, m1k = b0.get("model", {}), b1.get("model", {})
+        if m0k.get("type") != m1k.get("type") or (m0k.get("type") == "Unigram" and m0k.get("vocab") != m1k.get("vocab")):
+            return f"their models differ ({m0k.get('type')} in {first_name}, {m1k.get('type')} in {name})"
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             if getattr(first, attr, None) != getattr(tok, attr, None):
                 return (f"{attr} is {getattr(first, attr, None)} in {first_name} and {getattr(tok, attr, None)} "

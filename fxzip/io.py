@@ -47,8 +47,9 @@ import torch.fx as fx
 from torch import nn
 
 from .distributed import is_main
-from .hf import CONFIG, is_pretrained_dir, load_pretrained, write_pretrained
+from .hf import CONFIG, check_pretrained_dir, is_pretrained_dir, load_pretrained, write_pretrained
 from .model_spec import ModelSpec, _library_of, build_model, load_into, recorded_numbers, spec_from_record
+from .passes.ties import tied_names
 from .program_check import check_program
 from .report import REPORT_FORMAT, MergeReport, _jsonable, versions
 
@@ -223,6 +224,18 @@ def load(directory: str | os.PathLike, model: nn.Module | ModelSpec | str | None
                     _copy_weights(loaded, state, root / STATE)
     elif is_pretrained_dir(root) and model is None:  # a save_pretrained folder: transformers builds it
         loaded = load_pretrained(root)
+    elif is_pretrained_dir(root) and isinstance(model, nn.Module) and (root / FULL_WEIGHTS).exists():
+        from safetensors.torch import load_file
+
+        check_pretrained_dir(root)
+        state = load_file(str(root / FULL_WEIGHTS))
+        for names in tied_names(model):  # save_pretrained writes a kept tie once
+            present = [n for n in names if n in state]
+            for n in names:
+                if present and n not in state:
+                    state[n] = state[present[0]]
+        loaded = load_into(model, state, str(root / FULL_WEIGHTS))
+        _eval(loaded)
     elif (root / FULL_WEIGHTS).exists():
         from safetensors.torch import load_file
 

@@ -22,10 +22,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["forward_parameters", "positional_from_dict", "padding_mask_index", "PADDING_MASK"]
+__all__ = ["forward_parameters", "positional_from_dict", "padding_mask_index", "PADDING_MASK", "MASKED_INPUTS"]
 
 PADDING_MASK = "attention_mask"
 """The parameter name whose (batch, sequence) 0/1 tensor marks the real tokens."""
+
+MASKED_INPUTS = frozenset({PADDING_MASK, "input_ids", "inputs_embeds", "token_type_ids", "position_ids"})
+"""The inputs the padding mask belongs to (Hugging Face's convention). A feature
+computed from any other input as well (an encoder-decoder's
+``decoder_input_ids``, whose positions the mask does not describe) is not masked."""
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 

@@ -192,6 +192,8 @@ def _check_guard(path: Path, member: str, text: Any) -> None:
 
     if not isinstance(text, str):
         refuse("not text")
+    if any(c in text for c in '"\\#\n\r'):  # torch pastes the guard into a string literal of the code it compiles
+        refuse("a quote, backslash, comment or line break")
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
@@ -205,7 +207,8 @@ def _check_guard(path: Path, member: str, text: Any) -> None:
                   and not call.keywords and isinstance(func, ast.Attribute) and func.attr == "size"
                   and isinstance(func.value, ast.Subscript) and isinstance(func.value.value, ast.Name)
                   and func.value.value.id == "L" and isinstance(func.value.slice, ast.Constant)
-                  and isinstance(func.value.slice.value, str))
+                  and isinstance(func.value.slice.value, str)
+                  and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", func.value.slice.value) is not None)
             if not ok:
                 refuse("a call other than L['<input>'].size()[<int>]")
             sizes.update(id(n) for n in (node.slice, call, func, func.value, func.value.value, func.value.slice))

@@ -236,18 +236,24 @@ class Workspace:
 
 def _real_positions(real_tokens: torch.Tensor | None, sample_shape: torch.Size) -> torch.Tensor | None:
     """The flat indices of the samples at real tokens, for features whose sample
-    axes are the mask's (batch, sequence) axes: exactly those two, or batch
-    first and sequence last or second with other axes (heads) between or
-    after. None (every sample counts) when there is no padding or the axes do
-    not line up with the mask (a feature map, a pooled vector)."""
-    if real_tokens is None or len(sample_shape) < 2:
+    axes are the mask's (batch, sequence) axes: exactly those two, the two
+    flattened into one, or batch first and sequence last or second with
+    other axes (heads) between or after. None (every sample counts) when
+    there is no padding, the axes do not line up with the mask (a feature
+    map, a pooled vector) or they do two ways at once."""
+    if real_tokens is None or len(sample_shape) < 1:
         return None
     b, t = real_tokens.shape
-    if sample_shape[0] != b:
-        return None
     shape = tuple(sample_shape)
-    if len(shape) == 2 and shape[1] == t:
+    if shape[0] == b * t and (len(shape) == 1 or b * t not in shape[1:]):
+        # batch and sequence flattened into one axis (GPT-2's Conv1D works on (B*T, C))
+        keep = real_tokens.reshape((b * t,) + (1,) * (len(shape) - 1)).expand(shape)
+    elif len(shape) < 2 or shape[0] != b:
+        return None
+    elif len(shape) == 2 and shape[1] == t:
         keep = real_tokens
+    elif shape[-1] == t and shape[1] == t:
+        return None  # the sequence axis is second or last: ambiguous, so every sample counts
     elif shape[-1] == t:
         keep = real_tokens.view((b,) + (1,) * (len(shape) - 2) + (t,)).expand(shape)
     elif shape[1] == t:
@@ -318,15 +324,20 @@ class SpaceObserver(nn.Module):
         # torch.distributed it broadcasts rank 0's (fxzip.distributed.agree_shifts)
         self.agree_shift = None
 
-    def forward(self, *features: torch.Tensor, dim: int, offset: int, weight: float = 1.0) -> None:
+    def forward(self, *features: torch.Tensor, dim: int, offset: int, weight: float = 1.0,
+                masked: bool = False) -> None:
         """``weight``: what each sample of this call counts (probe points weighted
-        per point, ``fxzip.probes``); 1.0 adds the sums unscaled."""
+        per point, ``fxzip.probes``); 1.0 adds the sums unscaled. ``masked``: the
+        features come from the inputs the padding mask describes
+        (``passes.observe``), so only real tokens are samples."""
         size = self.size
         # (size, s1, s2, ...): channel-major views, no copy
         views = [f.narrow(dim, offset, size).movedim(dim, 0) for f in features]
-        real = _real_positions(self.workspace.real_tokens, views[0].shape[1:])
+        real = _real_positions(self.workspace.real_tokens, views[0].shape[1:]) if masked else None
         if real is not None:  # padding: only the real tokens' features are samples (a copy of those)
             if real.numel() == 0:
+                if self._shift32 is None:  # start anyway: under torch.distributed the shift is agreed on now
+                    self._start(views)
                 return
             views = [v.reshape(size, -1)[:, real] for v in views]
         if self._shift32 is None:  # first call (or statistics loaded from a state dict)

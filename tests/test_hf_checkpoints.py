@@ -8,6 +8,7 @@ exactly where it holds and otherwise untied in the saved config too.
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import lm_helpers as h
@@ -169,3 +170,27 @@ def test_greedy_generation_from_each_head_of_a_saved_partial_zip_equals_generate
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="exceed the length"):
         greedy_generate(program, prompt, SEQ, length=SEQ, head=0)
+
+
+def test_a_tokenizer_that_normalises_differently_is_another_tokenizer(tok):
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fxzip.hf import tokenizer_difference
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    backend.normalizer = normalizers.Lowercase()
+    lower = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    assert tokenizer_difference([tok, tok], ["a", "b"]) is None
+    assert "normalizer" in tokenizer_difference([tok, lower], ["a", "b"])
+
+
+def test_load_into_a_given_module_restores_a_kept_tie(tmp_path, tok):
+    a, b = (h.tiny_llama(len(tok), seed, tie=True) for seed in (0, 1))
+    data = [_ids(tok, 8)] * 2
+    merged = fxzip.merge(a, b, data=data, progress=False, method="permute")
+    fxzip.save(merged, tmp_path / "out", pretrained=a, tokenizer=tok)
+    target = h.tiny_llama(len(tok), 7, tie=True)
+    loaded = fxzip.load(tmp_path / "out", model=target)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert _rel(_logits(merged, data[0]), _logits(loaded, data[0])) < 1e-6

@@ -111,3 +111,67 @@ def test_a_causal_lm_has_a_cut_after_every_block_and_each_partial_zip_is_exact(t
                 heads = partial(batch["input_ids"], batch["attention_mask"])
             for head in heads:
                 assert float((want - head["logits"]).abs().max() / want.abs().max()) < 1e-5
+
+
+def _gpt2(vocab: int, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+                        pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_flattened_features_count_real_tokens_only(tok):
+    """GPT-2's Conv1D computes on (batch * sequence, channels): the mask applies
+    to the flattened axis too (statistics do not depend on the padded ids)."""
+    a, b = _gpt2(len(tok), 0), _gpt2(len(tok), 1)
+    data = _batches(tok, h.CORPUS_A + h.CORPUS_B, n_rep=1)
+    gen = torch.Generator().manual_seed(1)
+    noisy = []
+    for d in data:
+        ids = d["input_ids"].clone()
+        pad = d["attention_mask"] == 0
+        ids[pad] = torch.randint(2, len(tok), (int(pad.sum()),), generator=gen)
+        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
+    one = fxzip.calibrate(a, b, data=data, progress=False, probes="reference").run()
+    two = fxzip.calibrate(a, b, data=noisy, progress=False, probes="reference").run()
+    real = sum(int(d["attention_mask"].sum()) for d in data)
+    assert {s.count for s in one.stats.values()} == {real}
+    for index, s1 in one.stats.items():
+        torch.testing.assert_close(s1.mean, two.stats[index].mean, rtol=1e-6, atol=1e-6)
+
+
+def test_an_encoder_padding_mask_is_not_applied_to_decoder_features(tok):
+    """T5: ``attention_mask`` describes the encoder's tokens; decoder features
+    (from ``decoder_input_ids``) are all samples, even at the same length."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      use_cache=False, pad_token_id=0, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    a = T5ForConditionalGeneration(config).eval()
+    torch.manual_seed(1)
+    b = T5ForConditionalGeneration(config).eval()
+    enc = tok(["The fox.", "A merge", "Plain English prose here.", "x"], padding="max_length", max_length=12,
+              truncation=True, return_tensors="pt")
+    dec = torch.randint(2, len(tok), (4, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "decoder_input_ids": dec}] * 2
+    real = 2 * int(enc["attention_mask"].sum())
+    assert real < 2 * 4 * 12  # the encoder input is padded
+    cal = fxzip.calibrate(a, b, data=data, progress=False, probes="reference").run()
+    counts = {s.count for s in cal.stats.values()}
+    assert real in counts and 2 * 4 * 12 in counts  # encoder spaces: real tokens; decoder spaces: every position
+
+
+def test_floating_inputs_may_change_size_beyond_the_first_axis():
+    """A sequence-first (T, B, C) input with a smaller last batch: only token ids
+    and masks are held to the first batch's shape (a regression found in review)."""
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(5, 6, 8, generator=gen), torch.randn(5, 6, 8, generator=gen), torch.randn(5, 3, 8, generator=gen)]
+    a, b = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), nn.Sequential(nn.Linear(8, 16), nn.ReLU(),
+                                                                                    nn.Linear(16, 4))
+    merged = fxzip.merge(a, b, data=data, progress=False)
+    assert merged(data[2]).shape == (5, 3, 4)

@@ -224,7 +224,10 @@ def test_guards_code_and_foreign_targets_are_refused(results, tmp_path):
     check_program(_tampered(results, tmp_path / "ok", _guarded(sizes)) / "model.pt2")
     for bad in ("L['x'].size()[0] == __import__('os').getpid()", "L['x'].numpy()[0] == 1",
                 "L['x'].size().__class__ == 1", "L.get('x') == 1", "L['x'].size()['a'] == 1", "'a' == 'a'",
-                "[c for c in ()] == []", "L['x'].size()[0] == (lambda: 1)()"):
+                "[c for c in ()] == []", "L['x'].size()[0] == (lambda: 1)()",
+                # a key that closes the string literal torch pastes the guard into (found in review)
+                "L['x'].size()[0] > 0 or L['a\"+str(__import__(\"os\").getpid())+\"'].size()[0] == 0",
+                "L['a b'].size()[0] == 1"):
         with pytest.raises(UnsafeProgramError, match="guards_code"):
             check_program(_tampered(results, tmp_path / f"bad{abs(hash(bad))}", _guarded(bad)) / "model.pt2")
 

@@ -111,7 +111,8 @@ def test_sequential_refit_keeps_self_merge_and_permutation_recovery(name):
 def test_merge_refits_sequentially_by_default():
     """``fxzip.merge(refit=True)`` runs the executor: the report counts one pass
     per model plus the merged model, and the memory it held; a partial zip adds
-    the heads' one pass (the split model and each model's head)."""
+    one read for the least-squares maps where the heads gather the cut (the
+    split model and each model up to the cut) and one for the heads' layers."""
     make, shape = MODELS["resnet20"]
     data = batches(shape, 2)
     a, b = prepared(make(), data, seed=0), prepared(make(), data, seed=1)
@@ -121,7 +122,8 @@ def test_merge_refits_sequentially_by_default():
     part = fxzip.merge(a, b, data=data, stop_at=9, refit=True, reset_bn=False, progress=False)
     fitted = part.meta["fxzip"].details["refit"]
     assert fitted["heads"]["layers"] == 2 and fitted["heads"]["passes"] == 3
-    assert fitted["passes"] == 6 and fitted["data_reads"] == 2
+    assert fitted["cut_maps"]["layers"] == 2 and fitted["cut_maps"]["passes"] == 3  # 9 is mid-stage: a gather cut
+    assert fitted["passes"] == 9 and fitted["data_reads"] == 3
 
 
 @pytest.mark.parametrize("make,shape", [

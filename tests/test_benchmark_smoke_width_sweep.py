@@ -30,7 +30,9 @@ def test_width_sweep_smoke(tmp_path):
                           ("ZipIt partial", 1.0), ("Permute partial", 1.0), ("ZipIt partial + refit", 1.0)}
     part = cells[("ZipIt partial + refit", 1.0)]
     assert part["stop_at"] == 5 and part["cut"]["k"] == 5 and part["refit_passes"] and part["commits"] == ["abc1234"]
-    assert 1.0 < part["macs_ratio"] < 2.0 and part["macs_ratio"] == cells[("ZipIt partial", 1.0)]["macs_ratio"]
+    # the ViT's residual stream is a gather cut: with the refit the heads read it through least-squares maps,
+    # whose C x C multiply-adds per token per head the MACs count
+    assert 1.0 < cells[("ZipIt partial", 1.0)]["macs_ratio"] < part["macs_ratio"] < 2.0
     assert cells[("ZipIt", 1.0)]["macs_ratio"] == 1.0
     assert 1.0 < cells[("ZipIt + refit", 1.2)]["macs_ratio"] < cells[("ZipIt", 1.4)]["macs_ratio"] <= 2.0
     assert not s["missing"] and not s["errors"] and s["goal"]["best"]["macs_ratio"] <= 1.3

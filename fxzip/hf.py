@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .passes.ties import keep_or_untie, tied_names
+from .result_dir import PRETRAINED_FILES
 
 __all__ = ["CONFIG", "PRETRAINED_FILES", "is_pretrained_dir", "is_pretrained_model", "check_pretrained_dir",
            "load_pretrained", "load_tokenizer", "tokenizer_difference", "write_pretrained", "require_transformers"]
@@ -41,11 +42,6 @@ __all__ = ["CONFIG", "PRETRAINED_FILES", "is_pretrained_dir", "is_pretrained_mod
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-PRETRAINED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt",
-                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-"""Every file a ``save_pretrained`` of a model and its tokenizer may write, for one
-safetensors file of weights (what ``write_pretrained`` asks for)."""
 
 
 def require_transformers(what: str) -> Any:

@@ -54,8 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .hf import PRETRAINED_FILES
-
 __all__ = ["OutputError", "OutputBusy", "Kind", "MERGE", "SWEEP", "check", "lock", "recover", "writing", "Stage",
            "is_complete", "is_result", "target"]
 
@@ -77,6 +75,14 @@ class Kind:
     recognise: Callable[[dict], bool]    # does this marker's JSON come from fxzip?
     label: str
 
+
+PRETRAINED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt",
+                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+"""Every file a ``save_pretrained`` of a model and its tokenizer may write, for one
+safetensors file of weights (``fxzip.hf.write_pretrained`` asks for one). Kept
+here, not in ``fxzip.hf``: this module imports nothing of the package (it is
+loaded on its own, e.g. by a signal handler's test)."""
 
 MERGE = Kind("report.json", ("model.safetensors", "model.pt2", "state_dict.safetensors", "report.json",
                              "report.md", "correlation.png", "cuts.png") + PRETRAINED_FILES,

@@ -28,6 +28,18 @@ def _batches(tok, texts, n_rep: int = 2) -> list[dict]:
     return out * n_rep
 
 
+def _noisy_padding(data: list[dict], vocab: int, seed: int) -> list[dict]:
+    """The same batches with random token ids at the padded positions."""
+    gen = torch.Generator().manual_seed(seed)
+    noisy = []
+    for d in data:
+        ids = d["input_ids"].clone()
+        pad = d["attention_mask"] == 0
+        ids[pad] = torch.randint(2, vocab, (int(pad.sum()),), generator=gen)
+        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
+    return noisy
+
+
 def _logits(model, batch):
     with torch.no_grad():
         out = model(**batch)
@@ -56,13 +68,7 @@ def test_statistics_count_real_tokens_only(tok):
     the padding holds; counted over every position they would differ."""
     a, b = h.tiny_llama(len(tok), 0), h.tiny_llama(len(tok), 1)
     data = _batches(tok, h.CORPUS_A + h.CORPUS_B, n_rep=1)
-    gen = torch.Generator().manual_seed(0)
-    noisy = []
-    for d in data:
-        ids = d["input_ids"].clone()
-        pad = d["attention_mask"] == 0
-        ids[pad] = torch.randint(2, len(tok), (int(pad.sum()),), generator=gen)
-        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
+    noisy = _noisy_padding(data, len(tok), seed=0)
     assert any(bool((d["attention_mask"] == 0).any()) for d in data)  # the test needs padding
     real = sum(int(d["attention_mask"].sum()) for d in data)
     one = fxzip.calibrate(a, b, data=data, progress=False, probes="reference").run()
@@ -127,13 +133,7 @@ def test_gpt2_flattened_features_count_real_tokens_only(tok):
     to the flattened axis too (statistics do not depend on the padded ids)."""
     a, b = _gpt2(len(tok), 0), _gpt2(len(tok), 1)
     data = _batches(tok, h.CORPUS_A + h.CORPUS_B, n_rep=1)
-    gen = torch.Generator().manual_seed(1)
-    noisy = []
-    for d in data:
-        ids = d["input_ids"].clone()
-        pad = d["attention_mask"] == 0
-        ids[pad] = torch.randint(2, len(tok), (int(pad.sum()),), generator=gen)
-        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
+    noisy = _noisy_padding(data, len(tok), seed=1)
     one = fxzip.calibrate(a, b, data=data, progress=False, probes="reference").run()
     two = fxzip.calibrate(a, b, data=noisy, progress=False, probes="reference").run()
     real = sum(int(d["attention_mask"].sum()) for d in data)

@@ -125,6 +125,19 @@ def check_grid_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be in [0, 1], got {values}")
 
 
+def grid_axes(args: argparse.Namespace) -> list[Any]:
+    """``fxzip sweep``'s axes as the grid takes them (in place; duplicates dropped):
+    --refit as ridges or None, --repair as booleans; returns the --stop-at values
+    (None: the full zip). Checks --eval-max."""
+    if args.eval_max is not None and args.eval_max < 1:
+        raise UsageError(f"--eval-max must be at least 1, got {args.eval_max}")
+    args.refit = list(dict.fromkeys(_ridge_of(v) for values in args.refit for v in values))
+    args.repair = {"off": [False], "on": [True], "both": [False, True]}[args.repair]
+    args.merged_widths = list(dict.fromkeys(args.merged_widths))
+    args.probes = list(dict.fromkeys(args.probes))
+    return [None if s == "full" else "all" if s == "all" else parse_stop_at(s) for s in args.stop_at_values]
+
+
 def check_method_args(args: argparse.Namespace) -> None:
     """The checks every ``fxzip merge`` shares, whatever the checkpoints: their
     count, the sizes, the method and alpha / beta."""
@@ -461,13 +474,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                          f"got {len(args.eval)}")
     for folder in args.eval:
         _eval_folder(folder)
-    if args.eval_max is not None and args.eval_max < 1:
-        raise UsageError(f"--eval-max must be at least 1, got {args.eval_max}")
-    stops = [None if s == "full" else "all" if s == "all" else parse_stop_at(s) for s in args.stop_at_values]
-    args.refit = list(dict.fromkeys(_ridge_of(v) for values in args.refit for v in values))
-    args.repair = {"off": [False], "on": [True], "both": [False, True]}[args.repair]
-    args.merged_widths = list(dict.fromkeys(args.merged_widths))
-    args.probes = list(dict.fromkeys(args.probes))
+    stops = grid_axes(args)
     with _out_lock(args):
         return _sweep_and_write(args, classes, stops)
 

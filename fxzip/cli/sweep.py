@@ -26,7 +26,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -149,7 +149,6 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], p
     The first row is the reference: each original model on its own task.
     """
     from ..cuts import cut_points
-    from ..merge import calibrate, merge
 
     start = time.perf_counter()
     example = next(iter(data))
@@ -161,10 +160,38 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], p
     rows = [SweepRow("original", None, None, None, "original", 0, depth, reference,
                      0.0, time.perf_counter() - start)]
     say("originals on their own tasks: " + ", ".join(f"{a:.3f}" for a in reference))
+    grid = merged_grid(models, data, points, stops, cuts, reset_bn=reset_bn, max_batches=max_batches, seed=seed,
+                       progress=progress, say=say, max_memory=max_memory, cache_dtype=cache_dtype)
+    for done, total, point, stop, merged, t in grid:
+        report = merged.meta["fxzip"]
+        accuracy = task_accuracy(merged, eval_loaders)
+        cut = report.cut
+        row = SweepRow(point.method, point.alpha, point.beta, stop, "full" if cut is None else cut.name,
+                       depth if cut is None else cut.k, depth, accuracy, float(report.macs.get("merged", 0.0)),
+                       time.perf_counter() - t, report.outputs_averaged or "", point.merged_width,
+                       point.refit, point.repair, point.probes)
+        rows.append(row)
+        say(f"[{done}/{total}] {_describe(row)}: " + ", ".join(f"{a:.3f}" for a in accuracy)
+            + f" (avg {row.average:.3f}, {row.seconds:.1f}s)")
+    return rows
+
+
+def merged_grid(models: Sequence[nn.Module], data: Any, points: Sequence[Point], stops: Sequence[Any],
+                cuts: Sequence[Any], *, reset_bn: bool | None, max_batches: int | None, seed: int, progress: bool,
+                say: Callable[[str], None], max_memory: int | None, cache_dtype: str | None
+                ) -> Iterator[tuple[int, int, Point, Any, nn.Module, float]]:
+    """Every distinct merge of ``points`` x ``stops`` (``distinct_merges``), one
+    calibration per probe policy (a Calibration observes with one), each merged
+    model yielded as (its number, how many, its point, its stop, the model, the
+    ``perf_counter`` at its start) for the caller to score; a point with nothing
+    zipped is yielded as the ``ENSEMBLE`` point. The image and the
+    language-model sweeps share it."""
+    from ..merge import calibrate, merge
+
     merges = distinct_merges(points, stops, cuts)
     policies = list(dict.fromkeys(p.probes for p, _ in merges if p.probes is not None)) or [DEFAULT_PROBES]
     done = 0
-    for policy in policies:  # a Calibration observes with one probe policy
+    for policy in policies:
         todo = [(p, stop) for p, stop in merges if (p.probes or policies[0]) == policy]
         t = time.perf_counter()
         cal = calibrate(*models, data=data, max_batches=max_batches, progress=progress, probes=policy)
@@ -175,20 +202,11 @@ def sweep(models: Sequence[nn.Module], data: Any, eval_loaders: Sequence[Any], p
             t = time.perf_counter()
             merged = merge(*models, data=cal, stop_at=stop, reset_bn=reset_bn, progress=False, seed=seed,
                            max_memory=max_memory, cache_dtype=cache_dtype, **{**point.options(), "probes": policy})
-            report = merged.meta["fxzip"]
-            accuracy = task_accuracy(merged, eval_loaders)
-            cut = report.cut
+            cut = merged.meta["fxzip"].cut
             if cut is not None and cut.k == 0:  # nothing zipped: the models side by side, whatever the method
                 point = Point(ENSEMBLE, probes=None)
-            row = SweepRow(point.method, point.alpha, point.beta, stop, "full" if cut is None else cut.name,
-                           depth if cut is None else cut.k, depth, accuracy, float(report.macs.get("merged", 0.0)),
-                           time.perf_counter() - t, report.outputs_averaged or "", point.merged_width,
-                           point.refit, point.repair, point.probes)
-            rows.append(row)
-            say(f"[{done}/{len(merges)}] {_describe(row)}: " + ", ".join(f"{a:.3f}" for a in accuracy)
-                + f" (avg {row.average:.3f}, {row.seconds:.1f}s)")
+            yield done, len(merges), point, stop, merged, t
         del cal  # its batches and statistics, before the next policy's
-    return rows
 
 
 def expand_stops(stops: Sequence[Any], cuts: Sequence[Any]) -> list[Any]:

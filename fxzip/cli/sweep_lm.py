@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .commands import UsageError, _out_lock, _ridge_of, _Say, _sweep_points, check_grid_args, parse_stop_at
+from .commands import UsageError, _out_lock, _Say, _sweep_points, check_grid_args, grid_axes
 from .pretrained import _shared_tokenizer, _VocabularyOnly, check_pretrained_args
 
 __all__ = ["LMRow", "run_sweep_pretrained", "sweep_lm", "lm_table", "write_lm_outputs", "REFERENCE_METHODS",
@@ -113,14 +113,7 @@ def check_sweep_args(args: argparse.Namespace) -> list[Any]:
             check_text_path(path)
         except ValueError as exc:
             raise UsageError(str(exc).replace("--data", "--eval", 1)) from None
-    if args.eval_max is not None and args.eval_max < 1:
-        raise UsageError(f"--eval-max must be at least 1, got {args.eval_max}")
-    stops = [None if s == "full" else "all" if s == "all" else parse_stop_at(s) for s in args.stop_at_values]
-    args.refit = list(dict.fromkeys(_ridge_of(v) for values in args.refit for v in values))
-    args.repair = {"off": [False], "on": [True], "both": [False, True]}[args.repair]
-    args.merged_widths = list(dict.fromkeys(args.merged_widths))
-    args.probes = list(dict.fromkeys(args.probes))
-    return stops
+    return grid_axes(args)
 
 
 def _sweep_and_write(args: argparse.Namespace, stops: list[Any]) -> int:
@@ -212,9 +205,7 @@ def sweep_lm(models: Sequence[Any], data: Any, domains: Sequence[Sequence[Any]],
     input_ids and attention_mask), re-iterable."""
     from ..cuts import cut_points
     from ..lm_eval import sequence_log_likelihoods
-    from ..merge import calibrate, merge
-    from ..probes import DEFAULT_PROBES
-    from .sweep import ENSEMBLE, Point, distinct_merges, expand_stops
+    from .sweep import expand_stops, merged_grid
 
     start = time.perf_counter()
     first = next(iter(data))
@@ -227,39 +218,24 @@ def sweep_lm(models: Sequence[Any], data: Any, domains: Sequence[Sequence[Any]],
     rows = _reference_rows(scores, macs, depth, time.perf_counter() - start)
     for r in rows:
         say(f"{r.method}: perplexity " + ", ".join(f"{p:.4g}" for p in r.perplexity))
-    merges = distinct_merges(points, stops, cuts)
-    policies = list(dict.fromkeys(p.probes for p, _ in merges if p.probes is not None)) or [DEFAULT_PROBES]
-    done = 0
-    for policy in policies:
-        todo = [(p, stop) for p, stop in merges if (p.probes or policies[0]) == policy]
-        t = time.perf_counter()
-        cal = calibrate(*models, data=data, max_batches=max_batches, progress=progress, probes=policy)
-        say(f"calibrated {'once ' if len(policies) == 1 else f'with probes {policy} '}on {cal.n_samples} samples "
-            f"in {time.perf_counter() - t:.1f}s")
-        for point, stop in todo:
-            done += 1
-            t = time.perf_counter()
-            merged = merge(*models, data=cal, stop_at=stop, reset_bn=reset_bn, progress=False, seed=seed,
-                           max_memory=max_memory, cache_dtype=cache_dtype, **{**point.options(), "probes": policy})
-            report = merged.meta["fxzip"]
-            cut = report.cut
-            if cut is None:  # a full zip: its one output on every domain
-                merged_scores = [sequence_log_likelihoods(merged, domain) for domain in domains]
-            else:  # a partial zip: head k on domain k
-                merged_scores = [sequence_log_likelihoods(merged, domain, head=k) for k, domain in enumerate(domains)]
-            if cut is not None and cut.k == 0:  # nothing zipped: the models side by side, whatever the method
-                point = Point(ENSEMBLE, probes=None)
-            results = [_perplexity(s) for s in merged_scores]
-            row = LMRow(point.method, point.alpha, point.beta, stop, "full" if cut is None else cut.name,
-                        depth if cut is None else cut.k, depth, [r.perplexity for r in results],
-                        [r.nll for r in results], [r.tokens for r in results], _macs(merged, example),
-                        time.perf_counter() - t, report.outputs_averaged or "", point.merged_width, point.refit,
-                        point.repair, point.probes)
-            rows.append(row)
-            say(f"[{done}/{len(merges)}] {_describe(row)}: perplexity "
-                + ", ".join(f"{p:.4g}" for p in row.perplexity)
-                + f" (mean log {row.mean_log_perplexity:.4f}, {row.seconds:.1f}s)")
-        del cal
+    grid = merged_grid(models, data, points, stops, cuts, reset_bn=reset_bn, max_batches=max_batches, seed=seed,
+                       progress=progress, say=say, max_memory=max_memory, cache_dtype=cache_dtype)
+    for done, total, point, stop, merged, t in grid:
+        report = merged.meta["fxzip"]
+        cut = report.cut
+        if cut is None:  # a full zip: its one output on every domain
+            merged_scores = [sequence_log_likelihoods(merged, domain) for domain in domains]
+        else:  # a partial zip: head k on domain k
+            merged_scores = [sequence_log_likelihoods(merged, domain, head=k) for k, domain in enumerate(domains)]
+        results = [_perplexity(s) for s in merged_scores]
+        row = LMRow(point.method, point.alpha, point.beta, stop, "full" if cut is None else cut.name,
+                    depth if cut is None else cut.k, depth, [r.perplexity for r in results],
+                    [r.nll for r in results], [r.tokens for r in results], _macs(merged, example),
+                    time.perf_counter() - t, report.outputs_averaged or "", point.merged_width, point.refit,
+                    point.repair, point.probes)
+        rows.append(row)
+        say(f"[{done}/{total}] {_describe(row)}: perplexity " + ", ".join(f"{p:.4g}" for p in row.perplexity)
+            + f" (mean log {row.mean_log_perplexity:.4f}, {row.seconds:.1f}s)")
     return rows
 
 

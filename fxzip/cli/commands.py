@@ -297,9 +297,7 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
                                  strip=args.strip_prefix)
     device = merge_device(getattr(args, "device", "cpu"))
     models = [m.to(device) for m in models]
-    options = {"method": args.method, "alpha": args.alpha, "beta": args.beta, "refit": args.refit,
-               "repair": args.repair, "merged_width": args.merged_width, "probes": args.probes,
-               "max_memory": args.max_memory, "cache_dtype": args.cache_dtype}
+    options = merge_options(args)
     check_merge_options(models, **options)  # the library's message for a bad combination, before any data
     to_device = None if device.type == "cpu" else (lambda batch: batch.to(device, non_blocking=True))
     with open_data(args.data, models[0], args.img_size, args.batch_size, **_data_options(args)) as source:
@@ -307,12 +305,7 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
         spread = source.spread(args.max_batches, processes)
         if spread:
             say(spread)
-        say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
-            + (f", stop at {stop_at!r}" if stop_at is not None else "")
-            + _describe_options(args.refit, args.repair, args.merged_width, args.probes, args.max_memory,
-                                args.cache_dtype)
-            + (", batch-norm statistics kept" if args.no_reset_bn else "")
-            + (f", {processes} processes, batch i on rank i % {processes}" if processes > 1 else "") + ")")
+        say(merging_line(args, stop_at, processes))
         loader, max_batches = _calibration_loader(source, args.batch_size, args.max_batches)
         result = merge(*models, data=loader, stop_at=stop_at, reset_bn=False if args.no_reset_bn else None,
                        max_batches=max_batches, progress=not args.quiet, seed=args.seed, inputs=to_device,
@@ -356,6 +349,23 @@ def _merge_and_save(args: argparse.Namespace, classes: list[int | None]) -> int:
         print(f"load it: torch.export.load({str(out / 'model.pt2')!r}).module()(x)  "
               f"-> {report.n_models} outputs, one per model")
     return 0
+
+
+def merge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``fxzip.merge``'s options from ``fxzip merge``'s arguments."""
+    return {"method": args.method, "alpha": args.alpha, "beta": args.beta, "refit": args.refit,
+            "repair": args.repair, "merged_width": args.merged_width, "probes": args.probes,
+            "max_memory": args.max_memory, "cache_dtype": args.cache_dtype}
+
+
+def merging_line(args: argparse.Namespace, stop_at: Any, processes: int) -> str:
+    """The progress line that says how ``fxzip merge`` merges."""
+    return (f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
+            + (f", stop at {stop_at!r}" if stop_at is not None else "")
+            + _describe_options(args.refit, args.repair, args.merged_width, args.probes, args.max_memory,
+                                args.cache_dtype)
+            + (", batch-norm statistics kept" if getattr(args, "no_reset_bn", False) else "")
+            + (f", {processes} processes, batch i on rank i % {processes}" if processes > 1 else "") + ")")
 
 
 def _describe_options(refit: Any, repair: bool, merged_width: Any, probes: str, max_memory: int | None = None,

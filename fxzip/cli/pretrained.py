@@ -16,13 +16,14 @@ from .commands import (
     UsageError,
     _calibration_loader,
     _check_out,
-    _describe_options,
     _out_lock,
     _Say,
     check_merge_options,
     check_method_args,
     merge_device,
+    merge_options,
     merged_width_arg,
+    merging_line,
     parse_stop_at,
 )
 
@@ -121,9 +122,7 @@ def merge_pretrained(args: argparse.Namespace) -> int:
                          "models of one architecture")
     device = merge_device(getattr(args, "device", "cpu"))
     models = [m.to(device) for m in models]
-    options = {"method": args.method, "alpha": args.alpha, "beta": args.beta, "refit": args.refit,
-               "repair": args.repair, "merged_width": args.merged_width, "probes": args.probes,
-               "max_memory": args.max_memory, "cache_dtype": args.cache_dtype}
+    options = merge_options(args)
     check_merge_options(models, **options)
     to_device = None if device.type == "cpu" else (
         lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()})
@@ -135,10 +134,7 @@ def merge_pretrained(args: argparse.Namespace) -> int:
         spread = source.spread(args.max_batches, processes)
         if spread:
             say(spread)
-        say(f"merging with {args.method} (alpha {args.alpha}, beta {args.beta}"
-            + (f", stop at {stop_at!r}" if stop_at is not None else "")
-            + _describe_options(args.refit, args.repair, args.merged_width, args.probes, args.max_memory,
-                                args.cache_dtype) + ")")
+        say(merging_line(args, stop_at, processes))
         loader, max_batches = _calibration_loader(source, args.batch_size, args.max_batches)
         result = merge(*models, data=loader, stop_at=stop_at, max_batches=max_batches, progress=not args.quiet,
                        seed=args.seed, inputs=to_device, **options)

@@ -410,7 +410,9 @@ def _refit_f32(refit_fn, model, *args):
     import fxzip.passes.refit as refit_module
 
     class Float32Chunks(refit_module._Normal):
-        def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        def add(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+            if keep is not None:  # real tokens only (passes.real_tokens)
+                x, t = x.index_select(0, keep), t.index_select(0, keep)
             if self.groups != 1:
                 return super().add(x, t)
             gram, cross, sums = _gram_f32(x, t)

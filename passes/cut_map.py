@@ -33,6 +33,7 @@ from torch import nn
 
 from fxzip.distributed import sum_fields_across_ranks
 
+from .real_tokens import RealTokens
 from .refit import RefitLayer, RefitResult, _fit, _Normal
 from .split import UNMERGE
 from .waves import truncated
@@ -70,7 +71,9 @@ def fit_cut_maps(split: fx.GraphModule, models: Sequence[fx.GraphModule], batche
     inputs = list(dict.fromkeys(s.gather.args[0].name for s in sites))
     mine = truncated(split, inputs)
     theirs = {s.head: truncated(models[s.head], [s.source]) for s in sites}
+    tokens = RealTokens(split.graph)  # padded positions are no samples
     for batch in batches:
+        mask = tokens.mask(batch) if tokens else None
         with torch.no_grad():
             zs = dict(zip(inputs, mine(*batch)))
             for s in sites:
@@ -78,7 +81,8 @@ def fit_cut_maps(split: fx.GraphModule, models: Sequence[fx.GraphModule], batche
                 if s.module is None:
                     s.module = _gather_as_linear(split, s, z.shape[s.dim], x.shape[s.dim]).to(z.device, z.dtype)
                     s.normal, s.rank = _Normal(s.module), z.dim()
-                s.normal.add(_channels_last(z, s.dim), _channels_last(x, s.dim).double())
+                keep = tokens.positions(s.gather.args[0], mask, z.movedim(s.dim, -1).shape[:-1])
+                s.normal.add(_channels_last(z, s.dim), _channels_last(x, s.dim).double(), keep)
     normals = [s.normal for s in sites]
     sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")
     layers = []

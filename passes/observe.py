@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxzip.analysis import GraphAnalysis
-from fxzip.keyword_inputs import MASKED_INPUTS, PADDING_MASK
+from fxzip.passes.real_tokens import maskable_nodes
 from fxzip.probes import DEFAULT_PROBES, ProbePolicy, probe_policy, select_probes
 from fxzip.stats import SpaceObserver, Workspace
 
@@ -26,7 +26,7 @@ def insert_observers(gm: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]]
     scratch ``Workspace``."""
     policy = probe_policy(probes)
     n_models = len(node_maps)
-    maskable = _maskable(gm.graph)
+    maskable = maskable_nodes(gm.graph)
     holder = nn.Module()
     gm.add_module(OBSERVERS, holder)
     workspace = Workspace()
@@ -47,21 +47,3 @@ def insert_observers(gm: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]]
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _maskable(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose samples the padding mask describes: computed from the inputs
-    the mask belongs to (``MASKED_INPUTS``) and no other data input. Empty when
-    the model takes no padding mask."""
-    inputs: dict[fx.Node, frozenset[str]] = {}
-    has_mask = False
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            has_mask |= node.name == PADDING_MASK
-            inputs[node] = frozenset({node.name}) if node.meta.get("tensor_meta") is not None else frozenset()
-        else:
-            inputs[node] = frozenset().union(*(inputs.get(i, frozenset()) for i in node.all_input_nodes))
-    if not has_mask:
-        return set()
-    return {n for n, names in inputs.items() if names and names <= MASKED_INPUTS}
-

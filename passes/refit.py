@@ -69,6 +69,7 @@ from fxzip.analysis import GraphAnalysis
 from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
+from fxzip.passes.real_tokens import RealTokens
 from fxzip.passes.sequential import Executor, Step
 from fxzip.passes.ties import tied_names, untie
 from fxzip.passes.waves import depth_levels, truncated
@@ -167,6 +168,17 @@ def _rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _real_rows(tokens: RealTokens, node: str, mask: torch.Tensor | None, mod: nn.Module, x: torch.Tensor,
+               n_rows: int) -> torch.Tensor | None:
+    """The rows of ``_rows(mod, x)`` at real tokens (``passes.real_tokens``), or
+    None when every row counts: a Linear's rows are the samples of ``x`` over
+    all but its last axis, a convolution's (batch, output position)."""
+    if mask is None:
+        return None
+    shape = x.shape[:-1] if isinstance(mod, nn.Linear) else (x.shape[0], n_rows // max(x.shape[0], 1))
+    return tokens.positions(node, mask, shape)
+
+
 def _out_rows(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Linear):
         return y.reshape(-1, y.shape[-1])
@@ -184,7 +196,11 @@ class _Normal:
         self.tt: torch.Tensor | None = None
         self.n = 0
 
-    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """One batch's rows of inputs ``x`` and targets ``t``; ``keep``: only these
+        rows are samples (real tokens), None: every row."""
+        if keep is not None:
+            x, t = x.index_select(0, keep), t.index_select(0, keep)
         g = self.groups
         x = x.double()
         if self.bias:
@@ -321,6 +337,8 @@ def _refit_sequential(merged: fx.GraphModule, layers: list[RefitLayer], skipped:
     run = Executor(batches, max_memory, dtype=cache_dtype)
     mine = run.walk(merged, "merged", [l.input for l in layers])
     theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
+    tokens = RealTokens(merged.graph)
+    mask_key = mine.key(tokens.node) if tokens else None  # the padding mask: fits over real tokens only
     steps: list[Step] = []
     for l in layers:  # graph order: a layer's fit comes before any node that reads its output
         steps += mine.until([l.input])
@@ -332,11 +350,15 @@ def _refit_sequential(merged: fx.GraphModule, layers: list[RefitLayer], skipped:
             normal = _Normal(mod)
             for b in range(run.n_batches):
                 t = _target([run.get(k, b) for k in t_keys], mod, l, assign, counts)
-                normal.add(_rows(mod, run.get(x_key, b)), t)
+                x = run.get(x_key, b)
+                rows = _rows(mod, x)
+                mask = tokens.mask_of(run.get(mask_key, b)) if mask_key else None
+                normal.add(rows, t, _real_rows(tokens, l.input, mask, mod, x, rows.shape[0]))
             sum_fields_across_ranks([normal], "gram", "cross", "tt", "n")  # several processes: every rank's sums
             _fit(l, mod, normal, ridge)
 
-        steps.append(Step((x_key, *t_keys), run=fit, label=f"fit {l.name}"))
+        reads = (x_key, *t_keys) + ((mask_key,) if mask_key else ())
+        steps.append(Step(reads, run=fit, label=f"fit {l.name}"))
     run.run(steps, progress)
     return RefitResult(layers, 1 + n_models, skipped, "sequential", 1, run.cache.summary())
 
@@ -351,6 +373,7 @@ def _refit_waves(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list
         for layer in layers:
             layer.level = 0
     n_models = len(node_maps)
+    tokens = RealTokens(merged.graph)
     waves = 0
     for level in progress(sorted({l.level for l in layers})):
         wave = [l for l in layers if l.level == level]
@@ -363,9 +386,11 @@ def _refit_waves(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list
             with torch.no_grad():
                 xs = dict(zip(inputs, mine(*batch)))
                 ys = theirs(*batch)
+            mask = tokens.mask(batch) if tokens else None
             for i, (l, mod, normal) in enumerate(zip(wave, mods, normals)):
                 t = _target(ys[i * n_models:(i + 1) * n_models], mod, l, assign, counts)
-                normal.add(_rows(mod, xs[l.input]), t)
+                rows = _rows(mod, xs[l.input])
+                normal.add(rows, t, _real_rows(tokens, l.input, mask, mod, xs[l.input], rows.shape[0]))
         sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")  # several processes: every rank's sums, once
         waves += 1
         for l, mod, normal in zip(wave, mods, normals):
@@ -437,12 +462,16 @@ def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches
     theirs = {k: truncated(models[k], [orig for l, kk, orig in layers if kk == k]) for _, k, _ in layers}
     mods = [split.get_submodule(l.name) for l, _, _ in layers]
     normals = [_Normal(m) for m in mods]
+    tokens = RealTokens(split.graph)
     for batch in batches:
         with torch.no_grad():
             xs = dict(zip(inputs, mine(*batch)))
             ys = {k: iter(module(*batch)) for k, module in theirs.items()}
+        mask = tokens.mask(batch) if tokens else None
         for (l, k, _), mod, normal in zip(layers, mods, normals):
-            normal.add(_rows(mod, xs[l.input]), _out_rows(mod, next(ys[k])).double())
+            rows = _rows(mod, xs[l.input])
+            normal.add(rows, _out_rows(mod, next(ys[k])).double(),
+                       _real_rows(tokens, l.input, mask, mod, xs[l.input], rows.shape[0]))
     sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")
     for (l, _, _), mod, normal in zip(layers, mods, normals):
         _fit(l, mod, normal, ridge)

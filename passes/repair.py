@@ -63,9 +63,10 @@ from fxzip.analysis import GraphAnalysis
 from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_length
 from fxzip.distributed import sum_across_ranks
 from fxzip.layout import Layout
+from fxzip.passes.real_tokens import RealTokens
 from fxzip.passes.reset_norm import batch_norm_nodes
 from fxzip.passes.sequential import Executor, Step
-from fxzip.passes.waves import depth_levels, run_batches, truncated
+from fxzip.passes.waves import depth_levels, truncated
 
 __all__ = ["RepairSite", "RepairResult", "find_sites", "repair"]
 
@@ -199,8 +200,15 @@ def _levels(gm: fx.GraphModule, sites: list[RepairSite]) -> None:
         s.level = max((depth[a] for a in inputs), default=0)
 
 
-def _channels(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x.movedim(dim, 0).reshape(x.shape[dim], -1).double()
+def _channels(x: torch.Tensor, dim: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(channels, samples) in float64; ``keep``: only those samples (real tokens)."""
+    c = x.movedim(dim, 0).reshape(x.shape[dim], -1)
+    return (c if keep is None else c.index_select(1, keep)).double()
+
+
+def _real(tokens: RealTokens, node: str, mask: torch.Tensor | None, x: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """The samples of ``x`` (channel axis ``dim``) at real tokens, None: all."""
+    return None if mask is None else tokens.positions(node, mask, x.movedim(dim, 0).shape[1:])
 
 
 def _targets(joint: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]], sites: list[RepairSite],
@@ -210,12 +218,17 @@ def _targets(joint: fx.GraphModule, node_maps: Sequence[dict[str, fx.Node]], sit
     n_models = len(node_maps)
     names = [node_maps[k][s.point].name for s in sites for k in range(n_models)]
     module = truncated(joint, names)
+    tokens = RealTokens(joint.graph)
     first = [torch.zeros(0)] * len(names)
     second = [torch.zeros(0)] * len(names)
     count = [0] * len(names)
-    for outs in run_batches(module, batches):
+    for batch in batches:
+        with torch.no_grad():
+            outs = module(*batch)
+        mask = tokens.mask(batch) if tokens else None
         for i, x in enumerate(outs):
-            _add_point_sums(first, second, count, i, x, sites[i // n_models].dim)
+            dim = sites[i // n_models].dim
+            _add_point_sums(first, second, count, i, x, dim, _real(tokens, names[i], mask, x, dim))
     first, second, count = sum_across_ranks((first, second, count))
     counts = {sp: cluster_sizes(a) for sp, a in assign.items()}
     for j, s in enumerate(sites):
@@ -239,20 +252,22 @@ def _set_target(s: RepairSite, first: Sequence[torch.Tensor], second: Sequence[t
     s.target_mean, s.target_std = mean_t / per, std_t / per
 
 
-def _add_point_sums(first: list, second: list, count: list, k: int, x: torch.Tensor, dim: int) -> None:
+def _add_point_sums(first: list, second: list, count: list, k: int, x: torch.Tensor, dim: int,
+                    keep: torch.Tensor | None = None) -> None:
     """Model k's sums at a site's point, one batch more."""
-    c = _channels(x, dim)
+    c = _channels(x, dim, keep)
     first[k] = first[k] + c.sum(1) if count[k] else c.sum(1)
     second[k] = second[k] + (c * c).sum(1) if count[k] else (c * c).sum(1)
     count[k] += c.shape[1]
 
 
-def _add_measured(sums: dict, n: dict, s: RepairSite, direct: torch.Tensor, rest: torch.Tensor | None) -> None:
+def _add_measured(sums: dict, n: dict, s: RepairSite, direct: torch.Tensor, rest: torch.Tensor | None,
+                  keep: torch.Tensor | None = None) -> None:
     """The merged model's sums at a site, one batch more."""
-    d = _channels(direct, s.dim)
+    d = _channels(direct, s.dim, keep)
     parts = {"d": d.sum(1), "dd": (d * d).sum(1)}
     if s.rest:
-        r = _channels(rest, s.dim)
+        r = _channels(rest, s.dim, keep)
         parts.update(r=r.sum(1), rr=(r * r).sum(1), rd=(r * d).sum(1))
     for key, v in parts.items():
         sums[f"{s.point}|{key}"] = sums.get(f"{s.point}|{key}", 0) + v
@@ -335,6 +350,7 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
                                   cache_dtype)
     n_models = len(node_maps)
     _targets(joint, node_maps, sites, assign, batches)
+    tokens = RealTokens(merged.graph)
     levels = sorted({s.level for s in sites})
     for level in progress(levels):
         wave = [s for s in sites if s.level == level]
@@ -346,9 +362,14 @@ def repair(merged: fx.GraphModule, analysis: GraphAnalysis, mergeable: set[int],
         pos = {n: i for i, n in enumerate(names)}
         sums: dict[str, torch.Tensor] = {}
         n = {s.point: 0 for s in wave}
-        for outs in run_batches(module, batches):
+        for batch in batches:
+            with torch.no_grad():
+                outs = module(*batch)
+            mask = tokens.mask(batch) if tokens else None
             for s in wave:
-                _add_measured(sums, n, s, outs[pos[s.direct]], outs[pos[s.rest]] if s.rest else None)
+                direct = outs[pos[s.direct]]
+                _add_measured(sums, n, s, direct, outs[pos[s.rest]] if s.rest else None,
+                              _real(tokens, s.direct, mask, direct, s.dim))
         sums, n = sum_across_ranks((sums, n))  # several processes: every rank's sums, once
         for s in wave:
             _correct(merged, s, sums, n)
@@ -380,6 +401,8 @@ def _repair_sequential(merged: fx.GraphModule, sites: list[RepairSite], skipped:
     run = Executor(batches, max_memory, dtype=cache_dtype)
     mine = run.walk(merged, "merged", [n for s in sites for n in measured[s.point] + feeds[s.point]])
     theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
+    mine_tokens, their_tokens = RealTokens(merged.graph), RealTokens(joint.graph)
+    mask_key = mine.key(mine_tokens.node) if mine_tokens or their_tokens else None  # real tokens only
     steps: list[Step] = []
     for s in sorted(sites, key=lambda s: max(mine.position[n] for n in measured[s.point])):
         steps += mine.until(measured[s.point])
@@ -394,10 +417,14 @@ def _repair_sequential(merged: fx.GraphModule, sites: list[RepairSite], skipped:
             second = [torch.zeros(0)] * n_models
             count = [0] * n_models
             for b in range(run.n_batches):
-                _add_measured(sums, n, s, run.get(direct, b), run.get(rest, b) if rest else None)
-            for b in range(run.n_batches):
+                mask = mine_tokens.mask_of(run.get(mask_key, b)) if mask_key else None
+                d = run.get(direct, b)
+                _add_measured(sums, n, s, d, run.get(rest, b) if rest else None,
+                              _real(mine_tokens, s.direct, mask, d, s.dim))
                 for k, key in enumerate(t_keys):
-                    _add_point_sums(first, second, count, k, run.get(key, b), s.dim)
+                    x = run.get(key, b)
+                    _add_point_sums(first, second, count, k, x, s.dim,
+                                    _real(their_tokens, theirs_of[s.point][k], mask, x, s.dim))
             sums, n, first, second, count = sum_across_ranks((sums, n, first, second, count))  # every rank's sums
             _set_target(s, first, second, count, assign, counts)
             _correct(merged, s, sums, n)
@@ -405,7 +432,7 @@ def _repair_sequential(merged: fx.GraphModule, sites: list[RepairSite], skipped:
             for b in range(run.n_batches):  # the layer's output with its new weights
                 run.put(direct, b, mine.evaluate(chain, lambda a: run.get(mine.key(a), b)))
 
-        reads = mine.reads(measured[s.point] + feeds[s.point]) + t_keys
+        reads = mine.reads(measured[s.point] + feeds[s.point]) + t_keys + ((mask_key,) if mask_key else ())
         steps.append(Step(reads, run=fix, label=f"repair {s.point}"))
     run.run(steps, progress)
     return RepairResult(sites, 1 + n_models, skipped, "sequential", 1, run.cache.summary())

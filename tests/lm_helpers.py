@@ -75,3 +75,27 @@ def save_pair(tmp: Path, tokenizer, models) -> list[Path]:
         tokenizer.save_pretrained(d)
         dirs.append(d)
     return dirs
+
+
+def padded_batches(tok, texts: list[str], seq: int, n_rep: int = 1) -> list[dict]:
+    """Dict batches of 4 texts right-padded to ``seq`` tokens (what a tokenizer yields), repeated ``n_rep`` times."""
+    out = []
+    for i in range(0, len(texts), 4):
+        enc = tok(texts[i:i + 4], padding="max_length", max_length=seq, truncation=True, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out * n_rep
+
+
+def noisy_padding(data: list[dict], vocab: int, seed: int) -> list[dict]:
+    """The same batches with random token ids at the padded positions: whatever
+    counts only real tokens gives the same result on both."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    noisy = []
+    for d in data:
+        ids = d["input_ids"].clone()
+        pad = d["attention_mask"] == 0
+        ids[pad] = torch.randint(2, vocab, (int(pad.sum()),), generator=gen)
+        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
+    return noisy

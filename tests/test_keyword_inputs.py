@@ -21,23 +21,10 @@ def tok():
 
 
 def _batches(tok, texts, n_rep: int = 2) -> list[dict]:
-    out = []
-    for i in range(0, len(texts), 4):
-        enc = tok(texts[i:i + 4], padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return out * n_rep
+    return h.padded_batches(tok, texts, SEQ, n_rep)
 
 
-def _noisy_padding(data: list[dict], vocab: int, seed: int) -> list[dict]:
-    """The same batches with random token ids at the padded positions."""
-    gen = torch.Generator().manual_seed(seed)
-    noisy = []
-    for d in data:
-        ids = d["input_ids"].clone()
-        pad = d["attention_mask"] == 0
-        ids[pad] = torch.randint(2, vocab, (int(pad.sum()),), generator=gen)
-        noisy.append({"input_ids": ids, "attention_mask": d["attention_mask"]})
-    return noisy
+_noisy_padding = h.noisy_padding
 
 
 def _logits(model, batch):

@@ -100,13 +100,7 @@ def test_outputs_as_dict_tensor_or_tuple_give_the_same_scores(models, batches):
 
 
 def test_padding_content_does_not_change_the_result(models, batches):
-    g = torch.Generator().manual_seed(0)
-    noisy = []
-    for b in batches:
-        ids = b["input_ids"].clone()
-        pad = b["attention_mask"] == 0
-        ids[pad] = torch.randint(2, 300, (int(pad.sum()),), generator=g)
-        noisy.append({"input_ids": ids, "attention_mask": b["attention_mask"]})
+    noisy = h.noisy_padding(batches, 300, seed=0)
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, noisy))
     a = sequence_log_likelihoods(models[0], batches)
     b = sequence_log_likelihoods(models[0], noisy)

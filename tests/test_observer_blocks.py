@@ -89,3 +89,23 @@ def test_packed_gram_and_pairwise_correlation_equal_the_full_matrices() -> None:
     assert torch.equal(st._gram.entries(rows, cols), full[rows, cols])
     assert torch.equal(st.correlation_at(rows, cols), st.correlation()[rows, cols])
     assert torch.equal(st.variance(), st.covariance().diagonal())
+
+
+def test_channel_last_features_are_shifted_by_a_transposed_copy_with_the_same_bits() -> None:
+    """Token features (batch, tokens, channels) take the transposed-copy path;
+    its rows equal the strided subtraction's bit for bit, so twins stay exact."""
+    from fxzip.stats import _shifted_rows
+
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(3, 17, 48, generator=g)
+    chunk = feats.movedim(-1, 0).narrow(1, 1, 2)  # channel-major rows of a slice of the batch
+    shift = torch.randn(48, generator=g)
+    fast = torch.empty(48, 2 * 17)
+    _shifted_rows(chunk, shift, fast)
+    slow = torch.empty(48, 2 * 17)
+    torch.sub(chunk, shift.view(48, 1, 1), out=slow.view(chunk.shape))
+    assert torch.equal(fast, slow)
+    conv = torch.randn(2, 8, 3, 3, generator=g).movedim(1, 0)  # NCHW: already channel-major rows
+    rows = torch.empty(8, 18)
+    _shifted_rows(conv, shift[:8], rows)
+    assert torch.equal(rows, (conv - shift[:8].view(8, 1, 1, 1)).reshape(8, -1))

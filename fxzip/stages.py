@@ -27,9 +27,9 @@ from .cuts import CutPoint, choose_cut, find_cuts, resolve_cut, shared_cuts
 from .evaluate import count_macs
 from .match_spaces import match_dual_space, match_spaces, note_widths
 from .options import MergeOptions
-from .passes.cut_map import fit_cut_maps
 from .passes.fold import fold
-from .passes.refit import refit, refit_heads
+from .passes.head_refit import refit_after_cut
+from .passes.refit import refit
 from .passes.repair import repair
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
@@ -250,9 +250,9 @@ class CheckWidths(Stage):
 
 class RefitHeads(Stage):
     """A refit partial zip: where a head gathers the merged features, a
-    least-squares map to its model's own (``passes.cut_map``); then each head's
+    least-squares map to its model's own (``passes.cut_map``), then each head's
     first layers refit to reproduce their own model's outputs from what they
-    read (one more pass each)."""
+    read; both in one walk over the data (``passes.head_refit``)."""
 
     name, timer, reads = "refit", "refit", ("calibration", "graph_module")
 
@@ -261,15 +261,15 @@ class RefitHeads(Stage):
 
     def call(self, graph_module, state: MergeState) -> StageResult:
         cal = state.calibration
-        # first the least-squares maps replacing the heads' gathers, then the head layers, on what they now read
-        maps = fit_cut_maps(graph_module, cal.models, cal.batches, state.options.ridge)
-        heads = refit_heads(graph_module, cal.models, cal.batches, state.options.ridge)  # head k copies model k
+        maps, heads = refit_after_cut(graph_module, cal.models, cal.batches, state.options.ridge,
+                                      progress=lambda it: state.bar("fxzip refit heads")(list(it)),
+                                      max_memory=state.options.max_memory, cache_dtype=state.options.cache_dtype)
         fitted = dict(state.details["refit"])
         fitted["heads"] = heads.summary()
         fitted["cut_maps"] = maps.summary()
-        # model passes over the data: the trunk's walk, then one read for the maps and one for the heads
-        fitted["passes"] += maps.passes + heads.passes
-        fitted["data_reads"] += maps.data_reads + heads.data_reads
+        # model passes over the data: the trunk's walk, then one walk for the maps and the head layers together
+        fitted["passes"] += heads.passes
+        fitted["data_reads"] += heads.data_reads
         return StageResult(graph_module, {"refit": fitted})
 
 

@@ -19,26 +19,20 @@ Why it can only help on the calibration data: at ``M = U_k`` the penalty is
 0, so the solution's reconstruction error is at most the gather's. And when
 the models are one (a self-merge, a permuted copy) ``U_k z = x_k`` exactly, so
 the gather is the solution and comes back unchanged: the invariants hold.
-The head layers reading the mapped features are then refit by
-``refit_heads`` on what they now receive.
+The head layers reading the mapped features are then refit on what they now
+receive; both fits run in one walk over the data (``passes.head_refit``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxzip.distributed import sum_fields_across_ranks
+from .refit import _Normal
 
-from .real_tokens import RealTokens
-from .refit import RefitLayer, RefitResult, _fit, _Normal
-from .split import UNMERGE
-from .waves import truncated
-
-__all__ = ["fit_cut_maps", "CUT_MAP"]
+__all__ = ["CUT_MAP"]
 
 CUT_MAP = "cutmap{head}"
 """Module path (on the partial zip's root) of head ``head``'s map."""
@@ -57,46 +51,6 @@ class _Site:
 
 def _channels_last(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.movedim(dim, -1).reshape(-1, x.shape[dim])
-
-
-def fit_cut_maps(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches: Iterable[tuple],
-                 ridge: float) -> RefitResult:
-    """Replace every head's gather of the cut (``passes.split``) by its fitted
-    least-squares map, in place. One read of the data: the split model up to
-    the cut and each model with a gather up to its cut node."""
-    sites = [_Site(n, n.meta[UNMERGE].head, n.meta[UNMERGE].source, n.meta[UNMERGE].dim)
-             for n in split.graph.nodes if UNMERGE in n.meta]
-    if not sites:
-        return RefitResult([], 0, [], "one pass")
-    inputs = list(dict.fromkeys(s.gather.args[0].name for s in sites))
-    mine = truncated(split, inputs)
-    theirs = {s.head: truncated(models[s.head], [s.source]) for s in sites}
-    tokens = RealTokens(split.graph)  # padded positions are no samples
-    for batch in batches:
-        mask = tokens.mask(batch) if tokens else None
-        with torch.no_grad():
-            zs = dict(zip(inputs, mine(*batch)))
-            for s in sites:
-                z, x = zs[s.gather.args[0].name], theirs[s.head](*batch)[0]
-                if s.module is None:
-                    s.module = _gather_as_linear(split, s, z.shape[s.dim], x.shape[s.dim]).to(z.device, z.dtype)
-                    s.normal, s.rank = _Normal(s.module), z.dim()
-                keep = tokens.positions(s.gather.args[0], mask, z.movedim(s.dim, -1).shape[:-1])
-                s.normal.add(_channels_last(z, s.dim), _channels_last(x, s.dim).double(), keep)
-    normals = [s.normal for s in sites]
-    sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")
-    layers = []
-    for s in sites:
-        name = CUT_MAP.format(head=s.head)
-        layer = RefitLayer(name, name, s.gather.args[0].name, ())
-        _fit(layer, s.module, s.normal, ridge)
-        split.add_module(name, s.module)
-        _rewire(split.graph, s, name)
-        layers.append(layer)
-    split.graph.eliminate_dead_code()
-    split.graph.lint()
-    split.recompile()
-    return RefitResult(layers, 1 + len(theirs), [], "one pass", 1)
 
 
 def _gather_as_linear(split: fx.GraphModule, site: _Site, merged: int, own: int) -> nn.Linear:

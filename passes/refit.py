@@ -74,7 +74,7 @@ from fxzip.passes.sequential import Executor, Step
 from fxzip.passes.ties import tied_names, untie
 from fxzip.passes.waves import depth_levels, truncated
 
-__all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit", "refit_heads"]
+__all__ = ["DEFAULT_RIDGE", "RefitLayer", "RefitResult", "refit"]
 
 DEFAULT_RIDGE = 1e-3
 
@@ -290,7 +290,7 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
     model's inputs in a single wave (the cheap approximation
     ``benchmarks/refit_passes.py`` measures against the exact network-order
     refit; a wave schedule). ``only``: the node names that may be refit (a
-    partial zip's trunk; its heads are ``refit_heads``'s)."""
+    partial zip's trunk; its heads are ``passes.head_refit``'s)."""
     if ridge <= 0:
         raise ValueError(f"refit ridge must be > 0 (it keeps the solve well posed), got {ridge}")
     if schedule not in SCHEDULES:
@@ -396,84 +396,3 @@ def _refit_waves(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list
         for l, mod, normal in zip(wave, mods, normals):
             _fit(l, mod, normal, ridge)
     return RefitResult(layers, waves * (1 + n_models), skipped, "one pass" if one_pass else "waves", waves)
-
-
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-def _in_head(node: fx.Node, head: str) -> bool:
-    """Whether ``node`` belongs to head ``head`` of a split partial zip (its
-    modules live under ``head``, its other nodes are named ``head_...``)."""
-    return node.name.startswith(head + "_") or (node.op == "call_module" and node.target.split(".")[0] == head)
-
-
-def _reads_trunk(split: fx.GraphModule, src: fx.Node, head: str) -> bool:
-    """Whether a head layer's input ``src`` is the trunk's output, directly or
-    through a chain of the head's one-input ops that hold no fitted weight (a
-    pre-norm transformer's LayerNorm, an activation, a reshape): the layer then
-    still reads the merged features through ``U_k``. A chain through another
-    weight layer or a join of several tensors (a residual add) is the head's
-    own computation."""
-    while _in_head(src, head):
-        if src.op == "call_module" and isinstance(split.get_submodule(src.target), _WEIGHT_LAYERS):
-            return False
-        tensors = [a for a in src.all_input_nodes if a.op != "get_attr"]
-        if len(tensors) != 1:
-            return False
-        src = tensors[0]
-    return src.op != "placeholder"
-
-
-def refit_heads(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches: Iterable[tuple],
-                ridge: float = DEFAULT_RIDGE) -> RefitResult:
-    """A partial zip's head layers that read the trunk's merged features (their
-    weights hold ``W_k U_k``), refit per model: head k's layer, fed the merged
-    trunk's features, should reproduce model k's own output of that layer
-    (``t = y_k``: a head is not merged), with the ridge toward ``W_k U_k``;
-    a layer reads the trunk also through one-input ops without fitted weights
-    (``_reads_trunk``: the LayerNorm before a pre-norm block's qkv). One read
-    of the data (already the sequential schedule: every such layer reads the
-    trunk's output, which the head refits do not change), ``passes`` = 1 (the
-    split model) + the models with such a layer, each truncated after it. Layers deeper in a head keep model k's weights (their
-    inputs are model k's own features once the first layers match them)."""
-    heads = {name for name, _ in split.named_children() if name.startswith("head")}
-    layers: list[tuple[RefitLayer, int, str]] = []
-    skipped: list[str] = []
-    for node in split.graph.nodes:
-        head = node.target.split(".")[0] if node.op == "call_module" else None
-        if head not in heads or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        mod = split.get_submodule(node.target)
-        if not isinstance(mod, _WEIGHT_LAYERS):
-            continue
-        src = node.args[0]
-        if not _reads_trunk(split, src, head):
-            continue  # reads its own head's features (or the raw input): model k's weights already fit
-        why = _fittable(mod)
-        if why is not None:
-            skipped.append(f"{node.target}: {why}")
-            continue
-        k = int(head[len("head"):])
-        layers.append((RefitLayer(node.target, node.name, src.name, ()), k, node.name[len(head) + 1:]))
-    if not layers:
-        return RefitResult([], 0, skipped, "one pass")
-    inputs = list(dict.fromkeys(l.input for l, _, _ in layers))
-    mine = truncated(split, inputs)
-    theirs = {k: truncated(models[k], [orig for l, kk, orig in layers if kk == k]) for _, k, _ in layers}
-    mods = [split.get_submodule(l.name) for l, _, _ in layers]
-    normals = [_Normal(m) for m in mods]
-    tokens = RealTokens(split.graph)
-    for batch in batches:
-        with torch.no_grad():
-            xs = dict(zip(inputs, mine(*batch)))
-            ys = {k: iter(module(*batch)) for k, module in theirs.items()}
-        mask = tokens.mask(batch) if tokens else None
-        for (l, k, _), mod, normal in zip(layers, mods, normals):
-            rows = _rows(mod, xs[l.input])
-            normal.add(rows, _out_rows(mod, next(ys[k])).double(),
-                       _real_rows(tokens, l.input, mask, mod, xs[l.input], rows.shape[0]))
-    sum_fields_across_ranks(normals, "gram", "cross", "tt", "n")
-    for (l, _, _), mod, normal in zip(layers, mods, normals):
-        _fit(l, mod, normal, ridge)
-    # one read of the data: the split model and each original with a head layer (truncated after its layers)
-    return RefitResult([l for l, _, _ in layers], 1 + len(theirs), skipped, "one pass", 1)

@@ -111,8 +111,8 @@ def test_sequential_refit_keeps_self_merge_and_permutation_recovery(name):
 def test_merge_refits_sequentially_by_default():
     """``fxzip.merge(refit=True)`` runs the executor: the report counts one pass
     per model plus the merged model, and the memory it held; a partial zip adds
-    one read for the least-squares maps where the heads gather the cut (the
-    split model and each model up to the cut) and one for the heads' layers."""
+    one walk for the least-squares maps where the heads gather the cut and the
+    heads' layers after them (the split model and each model, read once)."""
     make, shape = MODELS["resnet20"]
     data = batches(shape, 2)
     a, b = prepared(make(), data, seed=0), prepared(make(), data, seed=1)
@@ -123,7 +123,8 @@ def test_merge_refits_sequentially_by_default():
     fitted = part.meta["fxzip"].details["refit"]
     assert fitted["heads"]["layers"] == 2 and fitted["heads"]["passes"] == 3
     assert fitted["cut_maps"]["layers"] == 2 and fitted["cut_maps"]["passes"] == 3  # 9 is mid-stage: a gather cut
-    assert fitted["passes"] == 9 and fitted["data_reads"] == 3
+    assert fitted["heads"]["data_reads"] == fitted["cut_maps"]["data_reads"] == 1  # one walk for both
+    assert fitted["passes"] == 6 and fitted["data_reads"] == 2
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -269,3 +270,18 @@ def test_float16_cache_halves_the_memory_and_reports_its_rounding():
     assert 0 < error <= 10 * low["rounding_rel_bound"]
     with pytest.raises(ValueError, match="cache_dtype"):
         fxzip.merge(model, copy.deepcopy(model), data=data, refit=True, cache_dtype="int8", progress=False)
+
+
+def test_partial_zip_head_refit_spilled_equals_in_memory():
+    """The cut maps and the head layers walk the data once through the executor;
+    spilling every cached value (``max_memory=0``), the gather's values the
+    maps' outputs replace included, gives the same weights bit for bit."""
+    make, shape = MODELS["resnet20"]
+    data = batches(shape, 2)
+    a, b = prepared(make(), data, seed=0), prepared(make(), data, seed=1)
+    kept = fxzip.merge(a, b, data=data, stop_at=9, refit=True, reset_bn=False, progress=False)
+    spilled = fxzip.merge(a, b, data=data, stop_at=9, refit=True, reset_bn=False, progress=False, max_memory=0)
+    assert spilled.meta["fxzip"].details["refit"]["heads"]["memory"]["spilled_bytes"] > 0
+    s1, s2 = kept.state_dict(), spilled.state_dict()
+    assert s1.keys() == s2.keys() and any(k.startswith("cutmap") for k in s1)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)

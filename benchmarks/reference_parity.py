@@ -11,7 +11,10 @@ model, which loads into fxzip and into both official model classes), each in its
   ``mudsc_compare.official``): zip-based MuDSC at its defaults a=0.5, b=1 for every balance factor
   (``--balance``, default 0.5; official ``fix_rate`` = fxzip ``weight_similarity``);
 * ``fxzip_reference``: ``fxzip.merge(..., probes="reference", refit=False)``, every method above;
-* ``fxzip_default``: the same with fxzip's default probes (``fxzip.probes.DEFAULT_PROBES``).
+* ``fxzip_default``: the same with fxzip's default probes (``fxzip.probes.DEFAULT_PROBES``);
+* ``fxzip_reference_first`` (opt-in diagnostic, ``--sides``): the ZipIt rows with probes="reference" and
+  ZipIt!'s cluster ownership (fxzip.matching.zipit ``owner="first"``, re-registered for the merge, as
+  mudsc_compare.py's ablations do) instead of fxzip's ``"models"``.
 
 ``refit=False`` (fxzip's default) is the papers' merge. Calibration draw d: ``torch.manual_seed(d)``, then
 ``official_compare.calib_batches(xtr, seed=d)`` (2000 augmented training images, batches of 500; draw 0
@@ -50,8 +53,10 @@ usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -72,6 +77,9 @@ DEFAULT_REFS = Path("/work/shared/refs")
 DEFAULT_CACHE = Path("/work/paritycache/reference_parity_cells.json")
 SIDES = ("official_zipit", "official_mudsc", "fxzip_reference", "fxzip_default")
 FXZIP_SIDES = ("fxzip_reference", "fxzip_default")
+# opt-in diagnostic (--sides ... fxzip_reference_first): probes="reference" and ZipIt!'s cluster ownership
+# (zipit owner="first": a cluster belongs to the model of its lowest-index member) instead of fxzip's "models"
+EXTRA_SIDES = ("fxzip_reference_first",)
 ZIPIT_METHODS = ("W.Avg", "Permute", "ZipIt a.3 b.125", "ZipIt a1e-4 b.075")
 FXZIP_KW = {"W.Avg": {"method": "weight_average"}, "Permute": {"method": "permute"},
             "ZipIt a.3 b.125": {"method": "zipit", "alpha": 0.3, "beta": 0.125},
@@ -158,9 +166,15 @@ def paired(cache: dict, methods: list[str], setting: str) -> dict[str, dict]:
     return out
 
 
+def settings_of(cache: dict) -> tuple[str, ...]:
+    """The fxzip settings to report: the two of the issue, and the diagnostic ones some cell has."""
+    extra = tuple(s for s in EXTRA_SIDES if any(e.get(s) for e in cache["cells"].values()))
+    return FXZIP_SIDES + extra
+
+
 def summarize(cache: dict, methods: list[str]) -> list[dict]:
     rows = []
-    for setting in FXZIP_SIDES:
+    for setting in settings_of(cache):
         for method, cells in paired(cache, methods, setting).items():
             row = {"method": method, "fxzip": setting, "official": official_side_of(method), "n": len(cells)}
             if cells:
@@ -179,9 +193,10 @@ def goals(summary: list[dict]) -> list[str]:
         if not r["n"]:
             continue
         m, s, n = r["method"], r["fxzip"], r["n"]
-        if s == "fxzip_reference" and m.startswith("ZipIt"):
+        if s in ("fxzip_reference", "fxzip_reference_first") and m.startswith("ZipIt"):
             ok = r["equal"] == n
-            lines.append(f"{m}, probes=reference equals the official code on every cell: "
+            tag = "probes=reference" + (", owner=first" if s == "fxzip_reference_first" else "")
+            lines.append(f"{m}, {tag} equals the official code on every cell: "
                          f"{'yes' if ok else 'NO'} ({r['equal']}/{n})")
         if s == "fxzip_default" and (m.startswith("ZipIt") or m.startswith("MuDSC")):
             lines.append(f"{m}, default probes: mean paired joint difference {r['d_joint']:+.2f} >= 0: "
@@ -233,7 +248,8 @@ def write_report(cache: dict, methods: list[str], wanted: list[str], header: dic
                   f"{pm(r['d_joint'], r['se_joint'])} | {pm(r['d_avg'], r['se_avg'])} | {r['equal']}/{r['n']} |")
     md += ["", "## Goals", ""] + [f"- {g}" for g in doc["goals"]]
     md += ["", "## Per cell (joint / avg)", "",
-           "| cell | method | official | fxzip reference | fxzip default | batches sha1 |", "|---|---|---|---|---|---|"]
+           "| cell | method | official | " + " | ".join(f"fxzip {s[6:]}" for s in settings_of(cache))
+           + " | batches sha1 |", "|---|---|---|" + "---|" * len(settings_of(cache)) + "---|"]
     for key in have:
         entry = cache["cells"][key]
         for side in ("official_zipit",):
@@ -243,7 +259,7 @@ def write_report(cache: dict, methods: list[str], wanted: list[str], header: dic
                     md.append(f"| {key} | {name} (BN reset) | {r['joint']:.2f} / {r['avg']:.2f} | | | |")
         for method in methods:
             cells = []
-            for side in (official_side_of(method),) + FXZIP_SIDES:
+            for side in (official_side_of(method),) + settings_of(cache):
                 r = cell_rows(entry, side).get(method)
                 cells.append(f"{r['joint']:.2f} / {r['avg']:.2f}" if r else "—")
             sha = next((entry[s]["calib_sha1"] for s in SIDES if entry.get(s)), "")
@@ -332,16 +348,24 @@ def run_one(args) -> None:
             emit(name, merged, secs, config=extra.get("config"))
     else:
         import fxzip
+        from fxzip.matching import matcher_registered, zipit
         from fxzip.probes import DEFAULT_PROBES
-        probes = "reference" if side == "fxzip_reference" else DEFAULT_PROBES
+        probes = DEFAULT_PROBES if side == "fxzip_default" else "reference"
+        first = side == "fxzip_reference_first"
+        if first:
+            methods = [m for m in methods if m.startswith("ZipIt")]
         kws = {**FXZIP_KW, **{mudsc_name(b): {"method": "mudsc", "alpha": 0.5, "beta": 1.0, "weight_similarity": b}
                               for b in args.balance}}
         bases = [oc.reset_bn(copy.deepcopy(m), batches) for m in models]
         for name in methods:
+            ctx = matcher_registered("zipit", functools.partial(zipit, owner="first")) if first \
+                else contextlib.nullcontext()
             t = time.time()
-            merged = fxzip.merge(*bases, data=batches, progress=False, probes=probes, refit=False, **kws[name])
+            with ctx:
+                merged = fxzip.merge(*bases, data=batches, progress=False, probes=probes, refit=False, **kws[name])
             secs = time.time() - t
-            emit(name, merged, secs, probes=probes, config=" ".join(f"{k}={v}" for k, v in kws[name].items()))
+            emit(name, merged, secs, probes=probes, **({"owner": "first"} if first else {}),
+                 config=" ".join(f"{k}={v}" for k, v in kws[name].items()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -500,7 +524,7 @@ def main(argv=None) -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[1])
     ap.add_argument("--draws", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--balance", type=float, nargs="+", default=[0.5], help="MuDSC balance factors")
-    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES + EXTRA_SIDES)
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (default: all)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=RESULTS / "reference_parity")
@@ -514,7 +538,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data-npz", type=Path, default=None,
                     help="a CIFAR-shaped npz (x_train, x_test, y_test uint8/int) instead of the CIFAR-10 archive")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=SIDES + EXTRA_SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--pair", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=1)
     ap.add_argument("--draw", type=int, default=0, help=argparse.SUPPRESS)

@@ -28,12 +28,12 @@ from .evaluate import count_macs
 from .match_spaces import match_dual_space, match_spaces, note_widths
 from .options import MergeOptions
 from .passes.fold import fold
-from .passes.head_refit import refit_after_cut
+from .passes.head_refit import refit_partial
 from .passes.refit import refit
 from .passes.repair import repair
 from .passes.reset_norm import reset_batch_norm
 from .passes.side_by_side import side_by_side
-from .passes.split import depends_on_trunk, split_aligned, split_at_cut, trunk_node_names
+from .passes.split import depends_on_trunk, split_aligned, split_at_cut
 from .passes.ties import UNTIED
 from .pipeline import Stage, StageResult, check_order
 from .report import MergeReport, SpaceReport, output_warnings
@@ -201,20 +201,19 @@ class Fold(Stage):
 
 
 class Refit(Stage):
-    """Closed-form least-squares refit of every weight layer (of the trunk only
-    in a partial zip: the heads are refit after the split)."""
+    """Closed-form least-squares refit of every weight layer of a full zip (a
+    partial zip's trunk and heads are refit together after the split)."""
 
     name, timer, reads = "refit", "refit", ("calibration", "matches", "graph_module")
 
     def applies(self, state: MergeState) -> bool:
-        return state.options.ridge is not None
+        return state.options.ridge is not None and state.cut is None
 
     def call(self, graph_module, state: MergeState) -> StageResult:
         cal = state.calibration
         joint, node_maps = state.joint
-        trunk = None if state.cut is None else trunk_node_names(graph_module, state.cut)
         fitted = refit(graph_module, cal.analysis, joint, node_maps, state.assign, cal.batches, state.options.ridge,
-                       progress=lambda it: state.bar("fxzip refit")(list(it)), only=trunk,
+                       progress=lambda it: state.bar("fxzip refit")(list(it)),
                        max_memory=state.options.max_memory, cache_dtype=state.options.cache_dtype)
         return StageResult(graph_module, {"refit": fitted.summary()})
 
@@ -249,27 +248,28 @@ class CheckWidths(Stage):
 
 
 class RefitHeads(Stage):
-    """A refit partial zip: where a head gathers the merged features, a
-    least-squares map to its model's own (``passes.cut_map``), then each head's
-    first layers refit to reproduce their own model's outputs from what they
-    read; both in one walk over the data (``passes.head_refit``)."""
+    """A refit partial zip, in one walk over the data (``passes.head_refit``):
+    the trunk's layers as a full zip's; where a head gathers the merged
+    features, a least-squares map to its model's own (``passes.cut_map``); then
+    each head's first layers refit to reproduce their own model's outputs
+    from what they read."""
 
-    name, timer, reads = "refit", "refit", ("calibration", "graph_module")
+    name, timer, reads = "refit", "refit", ("calibration", "matches", "graph_module")
 
     def applies(self, state: MergeState) -> bool:
         return state.options.ridge is not None and state.cut is not None
 
     def call(self, graph_module, state: MergeState) -> StageResult:
         cal = state.calibration
-        maps, heads = refit_after_cut(graph_module, cal.models, cal.batches, state.options.ridge,
-                                      progress=lambda it: state.bar("fxzip refit heads")(list(it)),
-                                      max_memory=state.options.max_memory, cache_dtype=state.options.cache_dtype)
-        fitted = dict(state.details["refit"])
+        joint, node_maps = state.joint
+        trunk, maps, heads = refit_partial(graph_module, cal.analysis, joint, node_maps, state.assign, cal.models,
+                                           cal.batches, state.options.ridge,
+                                           progress=lambda it: state.bar("fxzip refit")(list(it)),
+                                           max_memory=state.options.max_memory,
+                                           cache_dtype=state.options.cache_dtype)
+        fitted = trunk.summary()  # passes and data_reads: the one walk's, shared by all three
         fitted["heads"] = heads.summary()
         fitted["cut_maps"] = maps.summary()
-        # model passes over the data: the trunk's walk, then one walk for the maps and the head layers together
-        fitted["passes"] += heads.passes
-        fitted["data_reads"] += heads.data_reads
         return StageResult(graph_module, {"refit": fitted})
 
 

@@ -1,7 +1,10 @@
-"""A refit partial zip's heads, in one read of the data: the cut maps, then the head layers.
+"""A refit partial zip in one read of the data: the trunk, the cut maps, the head layers.
 
-After the split (``passes.split``) each head k reads the trunk's merged
-features ``z``. Two fits make it compute model k's function again from them:
+After the split (``passes.split``) the trunk is refit as a full zip's layers
+are (``passes.refit``: each to the matched average of the originals' outputs,
+fed the merged model's own inputs), and each head k, which reads the trunk's
+merged features ``z``, gets two fits that make it compute model k's function
+again from them:
 
 * where a head gathers the merged channels (an identity shortcut, a norm, a
   transformer's residual stream), the 0/1 gather becomes a least-squares map
@@ -11,29 +14,36 @@ features ``z``. Two fits make it compute model k's function again from them:
   fed what it now reads, it reproduces model k's own output of that layer
   (``t = y_k``: a head is not merged; the ridge pulls toward ``W_k U_k``).
 
-Both are closed-form fits with the refit's normal equations and ridge
-(``passes.refit``). The maps must be fitted before the head layers, which
-read through them; with the sequential executor (``passes.sequential``) that
-is still one read of the data: the split model and each model with a map or a
-head layer walk forward together over the cached activations, a map is
-fitted where the trunk's output and model k's feature are final, its output
-then takes the gather's place for every batch, and a head layer is fitted
-where its input (through the map) is final. After the walk the gathers are
-rewired to the fitted maps (``cutmapK`` modules, counted in the MACs). The
-weights are those of fitting the maps in one pass and the head layers in a
-second (the same float operations per batch, in the same order).
+All are closed-form fits with the refit's normal equations and ridge. Each
+needs the fits before it (a map reads the refit trunk's output, a head layer
+reads through the map); with the sequential executor (``passes.sequential``)
+that is still one read of the data: the split model and the originals side
+by side (the ``joint`` graph) walk forward together over the cached
+activations; a trunk layer is fitted where its input is final, a map where
+the trunk's output and model k's feature are, its output then takes the
+gather's place for every batch, and a head layer is fitted where its input
+(through the map) is final. After the walk the gathers are rewired to the
+fitted maps (``cutmapK`` modules, counted in the MACs). Two models: 3 model
+passes, as a full zip's refit (models that differ after the trunk add a walk
+of each model whose head nodes the joint graph lacks). The weights are
+those of refitting the trunk before the split, the maps in a second read
+and the head layers in a third (the same float operations per batch, in the
+same order; checked bit for bit when this replaced them).
 
-Invariants: a self-merge or a permuted copy keeps the gather (``U_k z =
-x_k``) and the folded head weights (``W_k U_k z = y_k``) exactly.
+Invariants: a self-merge or a permuted copy keeps the folded trunk, the
+gather (``U_k z = x_k``) and the folded head weights (``W_k U_k z = y_k``)
+exactly.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from fxzip.analysis import GraphAnalysis
+from fxzip.assignment import cluster_sizes
 from fxzip.distributed import sum_fields_across_ranks
 
 from .cut_map import CUT_MAP, _channels_last, _gather_as_linear, _rewire, _Site
@@ -48,11 +58,15 @@ from .refit import (
     _out_rows,
     _real_rows,
     _rows,
+    _untie_refit,
+    find_layers,
+    refit_steps,
+    their_nodes,
 )
-from .sequential import Executor, Step
+from .sequential import Executor, GraphWalk, Step
 from .split import UNMERGE
 
-__all__ = ["refit_after_cut", "head_layers"]
+__all__ = ["refit_partial", "head_layers"]
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -105,44 +119,63 @@ def head_layers(split: fx.GraphModule) -> tuple[list[tuple[RefitLayer, int, str]
     return layers, skipped
 
 
-def refit_after_cut(split: fx.GraphModule, models: Sequence[fx.GraphModule], batches: Iterable[tuple],
-                    ridge: float = DEFAULT_RIDGE, progress: Callable[[Iterable], Iterable] = lambda x: x,
-                    max_memory: int | None = None,
-                    cache_dtype: torch.dtype | None = None) -> tuple[RefitResult, RefitResult]:
-    """Fit the cut maps and the head layers of ``split`` in place (module
-    docstring); returns (maps, head layers). Both come from one walk: each
-    result's ``passes`` and ``data_reads`` are that walk's (count them once).
-    ``max_memory`` / ``cache_dtype``: the executor's cache, as for the refit."""
+def refit_partial(split: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule,
+                  node_maps: Sequence[dict[str, fx.Node]], assign: Mapping[int, torch.Tensor],
+                  models: Sequence[fx.GraphModule], batches: Iterable[tuple], ridge: float = DEFAULT_RIDGE,
+                  progress: Callable[[Iterable], Iterable] = lambda x: x, max_memory: int | None = None,
+                  cache_dtype: torch.dtype | None = None) -> tuple[RefitResult, RefitResult, RefitResult]:
+    """Refit a partial zip in place, in one walk over the data: the trunk's
+    layers as a full zip's (``passes.refit``), then the cut maps and the head
+    layers (module docstring). Returns (trunk, maps, head layers); each
+    result's ``passes`` and ``data_reads`` are the one walk's (count them
+    once): the split model, the originals side by side (``joint``, whose
+    ``node_maps`` name the trunk's and, for models of one architecture, the
+    heads' targets) and each model whose head nodes ``joint`` lacks (models
+    that differ after the trunk). ``max_memory`` / ``cache_dtype``: the
+    executor's cache, as for the refit."""
+    trunk, skipped = find_layers(split, analysis)
+    trunk = [l for l in trunk if l.name.startswith("trunk.")]
+    skipped = [why for why in skipped if why.startswith("trunk.")]
+    _untie_refit(split, trunk)
+    counts = {sp: cluster_sizes(a) for sp, a in assign.items()}
     sites = [_Site(n, n.meta[UNMERGE].head, n.meta[UNMERGE].source, n.meta[UNMERGE].dim)
              for n in split.graph.nodes if UNMERGE in n.meta]
-    layers, skipped = head_layers(split)
-    if not sites and not layers:
-        return RefitResult([], 0, [], "sequential"), RefitResult([], 0, skipped, "sequential")
+    layers, head_skipped = head_layers(split)
     run = Executor(batches, max_memory, dtype=cache_dtype)
-    mine = run.walk(split, "split", [s.gather.args[0].name for s in sites] + [s.gather.name for s in sites]
-                    + [l.input for l, _, _ in layers])
-    needed: dict[int, list[str]] = {}
-    for s in sites:
-        needed.setdefault(s.head, []).append(s.source)
-    for _, k, orig in layers:
-        needed.setdefault(k, []).append(orig)
-    theirs = {k: run.walk(models[k], f"model{k}", names) for k, names in sorted(needed.items())}
+    mine = run.walk(split, "split", [l.input for l in trunk] + [s.gather.args[0].name for s in sites]
+                    + [s.gather.name for s in sites] + [l.input for l, _, _ in layers])
+    theirs_of = their_nodes(trunk, node_maps)
+    targets = [(s.head, s.source) for s in sites] + [(k, orig) for _, k, orig in layers]
+    in_joint = {(k, name): node_maps[k][name].name for k, name in targets if name in node_maps[k]}
+    joint_walk = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names] + list(in_joint.values()))
+    own: dict[int, list[str]] = {}
+    for k, name in targets:
+        if (k, name) not in in_joint:
+            own.setdefault(k, []).append(name)
+    own_walks = {k: run.walk(models[k], f"model{k}", names) for k, names in sorted(own.items())}
+
+    def target(k: int, name: str):
+        """Model k's node ``name``: its walk and its name there."""
+        return (joint_walk, in_joint[k, name]) if (k, name) in in_joint else (own_walks[k], name)
+
+    steps = refit_steps(run, split, mine, joint_walk, trunk, theirs_of, assign, counts, ridge)
     tokens = RealTokens(split.graph)
     mask_key = mine.key(tokens.node) if tokens else None  # fits over real tokens only
     order = {name: i for i, name in enumerate(n.name for n in split.graph.nodes)}
     events = sorted([(order[s.gather.name], "map", s) for s in sites]
                     + [(order[l.node], "layer", (l, k, orig)) for l, k, orig in layers], key=lambda e: e[0])
-    steps: list[Step] = []
     map_layers: list[RefitLayer] = []
     for _, kind, item in events:
         if kind == "map":
-            steps += _map_steps(item, split, mine, theirs[item.head], run, tokens, mask_key, ridge, map_layers)
+            steps += _map_steps(item, split, mine, target(item.head, item.source), run, tokens, mask_key, ridge,
+                                map_layers)
         else:
             layer, k, orig = item
+            walk, name = target(k, orig)
             steps += mine.until([layer.input])
-            steps += theirs[k].until([orig])
-            steps.append(_layer_step(layer, split, mine.key(layer.input), theirs[k].key(orig), run, tokens,
-                                     mask_key, ridge))
+            steps += walk.until([name])
+            steps.append(_layer_step(layer, split, mine.key(layer.input), walk.key(name), run, tokens, mask_key,
+                                     ridge))
     run.run(steps, progress)
     for s, layer in zip(sites, map_layers):
         split.add_module(layer.name, s.module)
@@ -151,19 +184,22 @@ def refit_after_cut(split: fx.GraphModule, models: Sequence[fx.GraphModule], bat
         split.graph.eliminate_dead_code()
         split.graph.lint()
         split.recompile()
-    walked = 1 + len(theirs)  # the split model and each model with a map or a head layer, over the data once
+    walked = 1 + len(node_maps) + len(own_walks)  # every graph over the data once
     memory = run.cache.summary()
-    return (RefitResult(map_layers, walked, [], "sequential", 1, memory),
-            RefitResult([l for l, _, _ in layers], walked, skipped, "sequential", 1, memory))
+    return (RefitResult(trunk, walked, skipped, "sequential", 1, memory),
+            RefitResult(map_layers, walked, [], "sequential", 1, memory),
+            RefitResult([l for l, _, _ in layers], walked, head_skipped, "sequential", 1, memory))
 
 
-def _map_steps(s: _Site, split: fx.GraphModule, mine, theirs, run: Executor, tokens: RealTokens,
-               mask_key, ridge: float, fitted: list[RefitLayer]) -> list[Step]:
+def _map_steps(s: _Site, split: fx.GraphModule, mine: GraphWalk, source: tuple[GraphWalk, str], run: Executor,
+               tokens: RealTokens, mask_key, ridge: float, fitted: list[RefitLayer]) -> list[Step]:
     """Head ``s.head``'s cut map: fitted once the trunk's output and model k's
-    feature are final; then its output, for every batch, is the gather's value."""
+    feature (``source``: its walk and node name) are final; then its output,
+    for every batch, is the gather's value."""
     z_node = s.gather.args[0]
-    steps = mine.until([z_node.name]) + theirs.until([s.source])
-    z_key, x_key = mine.key(z_node), theirs.key(s.source)
+    theirs, source_name = source
+    steps = mine.until([z_node.name]) + theirs.until([source_name])
+    z_key, x_key = mine.key(z_node), theirs.key(source_name)
     name = CUT_MAP.format(head=s.head)
     layer = RefitLayer(name, name, z_node.name, ())
     fitted.append(layer)

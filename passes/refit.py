@@ -70,7 +70,7 @@ from fxzip.assignment import axis_counts, axis_index, cluster_sizes, merged_leng
 from fxzip.distributed import sum_fields_across_ranks
 from fxzip.layout import Layout
 from fxzip.passes.real_tokens import RealTokens
-from fxzip.passes.sequential import Executor, Step
+from fxzip.passes.sequential import Executor, GraphWalk, Step
 from fxzip.passes.ties import tied_names, untie
 from fxzip.passes.waves import depth_levels, truncated
 
@@ -332,11 +332,26 @@ def _refit_sequential(merged: fx.GraphModule, layers: list[RefitLayer], skipped:
     """One walk of the merged graph and of the originals over the cached data:
     each layer fitted where its input is final, its output then computed with
     the new weights (``passes/sequential.py``)."""
-    n_models = len(node_maps)
-    theirs_of = {l.node: [node_maps[k][l.node].name for k in range(n_models)] for l in layers}
+    theirs_of = their_nodes(layers, node_maps)
     run = Executor(batches, max_memory, dtype=cache_dtype)
     mine = run.walk(merged, "merged", [l.input for l in layers])
     theirs = run.walk(joint, "joint", [n for names in theirs_of.values() for n in names])
+    run.run(refit_steps(run, merged, mine, theirs, layers, theirs_of, assign, counts, ridge), progress)
+    return RefitResult(layers, 1 + len(node_maps), skipped, "sequential", 1, run.cache.summary())
+
+
+def their_nodes(layers: Sequence[RefitLayer], node_maps: Sequence[dict[str, fx.Node]]) -> dict[str, list[str]]:
+    """Each layer's node in every model of the ``joint`` graph (its targets)."""
+    return {l.node: [m[l.node].name for m in node_maps] for l in layers}
+
+
+def refit_steps(run: Executor, merged: fx.GraphModule, mine: GraphWalk, theirs: GraphWalk,
+                layers: Sequence[RefitLayer], theirs_of: Mapping[str, list[str]], assign: Mapping[int, torch.Tensor],
+                counts: Mapping[int, torch.Tensor], ridge: float) -> list[Step]:
+    """The schedule that refits ``layers`` of ``merged`` (walked as ``mine``) to
+    the matched average of the originals' outputs (walked as ``theirs``), each
+    where its input is final; other passes append their own events after it
+    (a partial zip's heads, ``passes.head_refit``)."""
     tokens = RealTokens(merged.graph)
     mask_key = mine.key(tokens.node) if tokens else None  # the padding mask: fits over real tokens only
     steps: list[Step] = []
@@ -359,8 +374,7 @@ def _refit_sequential(merged: fx.GraphModule, layers: list[RefitLayer], skipped:
 
         reads = (x_key, *t_keys) + ((mask_key,) if mask_key else ())
         steps.append(Step(reads, run=fit, label=f"fit {l.name}"))
-    run.run(steps, progress)
-    return RefitResult(layers, 1 + n_models, skipped, "sequential", 1, run.cache.summary())
+    return steps
 
 
 def _refit_waves(merged: fx.GraphModule, layers: list[RefitLayer], skipped: list[str], joint: fx.GraphModule,

@@ -8,8 +8,9 @@ batches), without refit; with refit, the ratio reported.
     python benchmarks/lm_cli_cost.py                     # pair 0, 1000 rows, with and without --refit
     python benchmarks/lm_cli_cost.py --rows 64 --out /tmp/x   # a quick run (the tests' smoke run)
 
-The rows: the first ``rows / 2`` packed rows of 256 tokens of each domain's
-training text (``lm_corpora.py``; tokenized with the pair's tokenizer), saved as
+The rows: packed rows of 256 tokens of the domains' training texts
+(``lm_corpora.py``; tokenized with the pair's tokenizer), half from each where
+a domain has enough and the rest from the other, saved as
 a ``.pt`` of ``input_ids`` / ``attention_mask`` (what ``--data`` reads). Each
 merge is ``python -m fxzip merge A B --data rows.pt --seq-len 256 --batch-size
 B --out OUT --quiet`` in a fresh process, timed from start to exit (Python and
@@ -43,29 +44,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 1.5
 
 
-def make_rows(checkpoints: Path, rows: int, out: Path) -> Path:
-    """``rows`` packed rows of ``SEQ`` tokens, half from each domain's training text."""
+def make_rows(checkpoints: Path, rows: int, out: Path) -> tuple[Path, dict[str, int]]:
+    """``rows`` packed rows of ``SEQ`` tokens from the domains' training texts,
+    half from each where a domain has enough, the rest from the other; returns
+    the ``.pt`` and the rows taken per domain."""
     from fxzip.text_data import open_text
 
     tokenizer = lm_corpora.train_tokenizer(checkpoints / "tokenizer")
     texts = lm_corpora.write_texts(checkpoints / "text")
-    ids, masks = [], []
-    for i, domain in enumerate(lm_corpora.DOMAINS):
-        want = rows // len(lm_corpora.DOMAINS) + (i < rows % len(lm_corpora.DOMAINS))
-        got = 0
+    pools = {}
+    for domain in lm_corpora.DOMAINS:
         with open_text(texts[domain]["train"], tokenizer, SEQ, batch_size=64, progress=False) as source:
-            for batch in source.loader():
-                take = min(want - got, batch["input_ids"].shape[0])
-                ids.append(batch["input_ids"][:take])
-                masks.append(batch["attention_mask"][:take])
-                got += take
-                if got == want:
-                    break
-        if got < want:
-            raise ValueError(f"{domain}'s training text holds only {got} rows of {SEQ} tokens; ask for fewer --rows")
+            batches = list(source.loader())
+        pools[domain] = (torch.cat([b["input_ids"] for b in batches]), torch.cat([b["attention_mask"] for b in batches]))
+    available = {d: pool[0].shape[0] for d, pool in pools.items()}
+    if sum(available.values()) < rows:
+        raise ValueError(f"the training texts hold {sum(available.values())} rows of {SEQ} tokens ({available}); "
+                         "ask for fewer --rows")
+    take = {d: min(available[d], rows // len(pools)) for d in pools}
+    for d in pools:  # what one domain lacks, the other gives
+        take[d] += min(available[d] - take[d], rows - sum(take.values()))
+    ids = torch.cat([pools[d][0][:n] for d, n in take.items()])
+    mask = torch.cat([pools[d][1][:n] for d, n in take.items()])
     path = out / f"rows_{rows}x{SEQ}.pt"
-    torch.save({"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}, path)
-    return path
+    torch.save({"input_ids": ids, "attention_mask": mask}, path)
+    return path, take
 
 
 def _batches(path: Path, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,7 +112,7 @@ def run(pair: int, rows: int, batch_size: int, threads: int, checkpoints: Path, 
     missing = [str(d) for d in dirs if not (d / "config.json").exists()]
     if missing:
         raise FileNotFoundError(f"no trained model in {missing}; run benchmarks/train_lm.py first")
-    data = make_rows(checkpoints, rows, work)
+    data, per_domain = make_rows(checkpoints, rows, work)
     batches = _batches(data, batch_size)
     models = [_Logits(load_pretrained(d, torch.float32)).eval() for d in dirs]
     with torch.no_grad():  # warm-up, outside every measurement
@@ -125,7 +128,7 @@ def run(pair: int, rows: int, batch_size: int, threads: int, checkpoints: Path, 
         runs.append({"options": extra, **merged, "floor_before_s": before[0], "floor_after_s": after[0],
                      "floor_s": floor, "ratio_cli": merged["wall_s"] / floor, "ratio_merge_call": merge_call / floor,
                      "load": os.getloadavg()[0]})
-    return {"pair": pair, "rows": rows, "seq_len": SEQ, "batch_size": batch_size, "threads": threads,
+    return {"pair": pair, "rows": rows, "rows_per_domain": per_domain, "seq_len": SEQ, "batch_size": batch_size, "threads": threads,
             "checkpoints": [str(d) for d in dirs], "runs": runs}
 
 
@@ -144,7 +147,8 @@ def write_results(result: dict, out: Path, command: str) -> None:
         "# `fxzip merge` of two causal LMs from the command line, against the forward-pass floor", "",
         f"Command: `{command}` ({result['when']}; commit `{result['commit']}`; {result['machine']}).", "",
         f"Pair {result['pair']} of `lm_merge.py` (`benchmarks/checkpoints/lm/`, fp16 checkpoints loaded in float32), "
-        f"{result['rows']} rows of {result['seq_len']} tokens (half from each domain's training text), batches of "
+        f"{result['rows']} rows of {result['seq_len']} tokens from the domains' training texts "
+        f"({', '.join(f'{d} {n}' for d, n in result['rows_per_domain'].items())}), batches of "
         f"{result['batch_size']}, {result['threads']} torch thread(s) in the merge and in the floor. Floor: the two "
         "models' forward passes plus one more (standing in for the merged model) over the same batches, measured "
         "in this process right before and right after each merge and averaged. *CLI*: the whole `fxzip merge` "

@@ -473,6 +473,16 @@ def gram_seconds(model, layer_names: list[str], batches: list) -> dict[str, floa
     return spent
 
 
+def _half_gather_cut(models: list, example) -> str:
+    """The cut nearest half of the layers among those a head gathers (where the
+    partial zip's refit fits the least-squares maps too): the partial-zip row."""
+    import fxzip
+
+    cuts = [c for c in fxzip.cut_points(models[0], example) if 0 < c.k < c.m]
+    gathers = [c for c in cuts if c.needs_gather] or cuts
+    return min(gathers, key=lambda c: abs(c.k - c.m / 2)).name
+
+
 def run_refit(cfg: dict) -> dict:
     """Refit and repair against their floor and bound, side by side in one
     process (issue 24): the floor (N model forwards + one merged forward,
@@ -513,7 +523,9 @@ def run_refit(cfg: dict) -> dict:
     cpu: dict[str, float] = {}
     _cpu_timed(cpu)
     merges = {}
-    for label, options in (("plain", {}), ("refit", {"refit": True}), ("repair", {"repair": True})):
+    partial = _half_gather_cut(models, batches[0][:2])
+    for label, options in (("plain", {}), ("refit", {"refit": True}), ("repair", {"repair": True}),
+                           ("partial_plain", {"stop_at": partial}), ("partial_refit", {"refit": True, "stop_at": partial})):
         cpu.clear()
         load[f"merge_{label}"] = os.getloadavg()[0]
         merged, wall, cpu_s, extra = measured(lambda: fxzip.merge(*models, data=batches, progress=False, **options))
@@ -569,6 +581,8 @@ def run_refit(cfg: dict) -> dict:
             "floor_cpu_seconds": floor_cpu, "gram_seconds": gram, "bound_seconds": bound,
             "bound_cpu_seconds": bound_cpu, "merges": merges, "passes": passes,
             "refit_over_bound": refit_s / bound, "refit_over_bound_cpu": refit_cpu / bound_cpu,
+            "partial_cut": partial, "partial_refit_over_bound": merges["partial_refit"]["seconds"]["refit"] / bound,
+            "partial_refit_over_bound_cpu": merges["partial_refit"]["cpu_seconds"]["refit"] / bound_cpu,
             "repair_over_floor": merges["repair"]["seconds"]["repair"] / floor,
             "repair_over_floor_cpu": merges["repair"]["cpu_seconds"]["repair"] / floor_cpu,
             "waves_over_sequential": {n: passes[f"{n}_waves"]["wall_s"] / passes[f"{n}_sequential"]["wall_s"]
@@ -1060,6 +1074,13 @@ def refit_notes(rows: list[dict]) -> list[str]:
             line += (f"; even a refit at its bound would be only {waves / bound:.1f}x faster than the waves, since "
                      "the waves pay the same Gram products")
         m = r["merges"]
+        if "partial_refit" in m:
+            pr = m["partial_refit"].get("refit") or {}
+            line += (f". A partial zip at {r['partial_cut']} (the cut nearest half the layers that a head gathers: "
+                     f"trunk, least-squares maps and head layers in one walk) refits in "
+                     f"{r['partial_refit_over_bound']:.3f}x the full zip's bound "
+                     f"({r['partial_refit_over_bound_cpu']:.3f}x in CPU seconds), {pr.get('passes')} model passes in "
+                     f"{pr.get('data_reads')} read(s) of the data")
         cache = (m["refit"].get("refit") or {}).get("memory", {}).get("peak_bytes", 0) / 2 ** 20
         line += (f". Memory: the merge with refit peaks {m['refit']['extra_rss_mb']:.0f} MB above the resident set "
                  f"before the call, without it {m['plain']['extra_rss_mb']:.0f} MB; the executor's cache of "

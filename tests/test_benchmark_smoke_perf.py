@@ -50,7 +50,10 @@ def test_perf_smoke_writes_schema(tmp_path):
     assert len(result["refit"]) == 1  # issue 24: refit and repair against the floor and the bound
     row = result["refit"][0]
     assert row["bound_seconds"] > row["floor_seconds"] > 0 and row["refit_over_bound"] > 0
-    assert {"plain", "refit", "repair"} == set(row["merges"]) and "refit" in row["merges"]["refit"]["seconds"]
+    assert {"plain", "refit", "repair", "partial_plain", "partial_refit"} == set(row["merges"])
+    assert "refit" in row["merges"]["refit"]["seconds"] and row["partial_refit_over_bound"] > 0
+    partial = row["merges"]["partial_refit"]["refit"]  # a partial zip's refit: one read, N + 1 model passes
+    assert partial["data_reads"] == 1 and partial["passes"] == row["n_models"] + 1
     assert row["merges"]["refit"]["refit"]["memory"]["peak_bytes"] > 0
     refit_seq, refit_waves = row["passes"]["refit_sequential"], row["passes"]["refit_waves"]
     assert refit_seq["data_reads"] == 1 < refit_waves["data_reads"] and refit_seq["units"] > 0

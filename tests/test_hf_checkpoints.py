@@ -170,6 +170,20 @@ def test_greedy_generation_from_each_head_of_a_saved_partial_zip_equals_generate
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="exceed the length"):
         greedy_generate(program, prompt, SEQ, length=SEQ, head=0)
+    # prompts of different lengths in one right-padded batch: each row as if alone
+    texts = ["def add(a, b):", "The quick brown fox jumps over", "x ="]
+    alone = [greedy_generate(model, tok([t], return_tensors="pt")["input_ids"], 6) for t in texts]
+    batch = tok(texts, padding="longest", return_tensors="pt")
+    assert not bool(batch["attention_mask"].all())  # the batch is padded
+    for runner, kwargs in ((model, {}), (program, {"length": SEQ, "head": 1})):
+        got = greedy_generate(runner, batch["input_ids"], 6, attention_mask=batch["attention_mask"],
+                              pad_token_id=tok.pad_token_id, **kwargs)
+        for row, want_row in zip(got, alone):
+            assert torch.equal(row[:want_row.shape[1]], want_row[0])
+            assert bool((row[want_row.shape[1]:] == tok.pad_token_id).all())
+    left = batch["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="not right padding"):
+        greedy_generate(model, batch["input_ids"], 2, attention_mask=left)
 
 
 def test_a_tokenizer_that_normalises_differently_is_another_tokenizer(tok):

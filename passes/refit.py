@@ -290,7 +290,7 @@ def refit(merged: fx.GraphModule, analysis: GraphAnalysis, joint: fx.GraphModule
     model's inputs in a single wave (the cheap approximation
     ``benchmarks/refit_passes.py`` measures against the exact network-order
     refit; a wave schedule). ``only``: the node names that may be refit (a
-    partial zip's trunk; its heads are ``passes.head_refit``'s)."""
+    subset; a partial zip is refit whole by ``passes.head_refit``)."""
     if ridge <= 0:
         raise ValueError(f"refit ridge must be > 0 (it keeps the solve well posed), got {ridge}")
     if schedule not in SCHEDULES:

@@ -26,7 +26,7 @@ from fxzip.cuts import INPUT, CutPoint, absorbing_readers, absorbing_users, gath
 
 from .widen import replace_tensors
 
-__all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "trunk_node_names", "UNMERGE", "Unmerge"]
+__all__ = ["depends_on_trunk", "split_at_cut", "split_aligned", "UNMERGE", "Unmerge"]
 
 UNMERGE = "fxzip_unmerge"
 """``node.meta`` key of a head's gather of the trunk's merged features (an ``Unmerge``)."""
@@ -185,11 +185,6 @@ def depends_on_trunk(split: fx.GraphModule) -> set[str]:
         if from_trunk or any(a.name in changed for a in node.all_input_nodes):
             changed.add(node.name)
     return changed
-
-
-def trunk_node_names(merged: fx.GraphModule, cut: CutPoint) -> set[str]:
-    """Names of the nodes a partial zip's trunk computes (before the split)."""
-    return {n.name for n in _trunk(list(merged.graph.nodes), cut)[0]}
 
 
 def _trunk(nodes: Sequence[fx.Node], cut: CutPoint) -> tuple[set[fx.Node], fx.Node | None]:

@@ -4,6 +4,7 @@
 * ``HERE`` / ``ROOT`` / ``RESULTS`` / ``CHECKPOINTS``: the benchmark folder, the repository root, and where
   results and trained checkpoints live;
 * ``machine``: the facts every result file records about the machine it ran on;
+* ``git_commit``: the commit the scripts ran at (short), "unknown" outside a clone;
 * ``max_rel_weight_diff``: how far two models' weights are apart (largest |a - b| / max |a|);
 * ``redraw`` (``fxzip.zoo.redraw``, the tests' too): re-draw a model's weights at O(1) scale
   (random-init models whose merges are not degenerate), for the scripts that time merges without
@@ -55,6 +56,16 @@ def machine(packages: tuple[str, ...] = ("torch", "timm")) -> dict:
     return {"uname": uname, "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             **{pkg: ver(pkg) for pkg in packages}, "torch_threads": 1,
             "load_avg_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def git_commit(length: int = 10) -> str:
+    """The repository's HEAD, ``length`` hex digits ("unknown" without git or a clone)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", f"--short={length}", "HEAD"], capture_output=True, text=True,
+                             cwd=ROOT).stdout.strip()
+    except OSError:
+        return "unknown"
+    return out or "unknown"
 
 
 def max_rel_weight_diff(a, b) -> float:

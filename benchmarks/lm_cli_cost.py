@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_corpora  # noqa: E402
+from common import git_commit  # noqa: E402
 from lm_merge import CHECKPOINTS, SEQ  # noqa: E402
 from perf import floor_seconds  # noqa: E402
 
@@ -132,14 +133,6 @@ def run(pair: int, rows: int, batch_size: int, threads: int, checkpoints: Path, 
             "checkpoints": [str(d) for d in dirs], "runs": runs}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def write_results(result: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_cli_cost.json").write_text(json.dumps(result, indent=1))
@@ -182,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     options = [[]] if args.no_refit_row else [[], ["--refit"]]
     with tempfile.TemporaryDirectory() as work:
         result = run(args.pair, args.rows, args.batch_size, args.threads, args.checkpoints, Path(work), options)
-    result.update(when=time.strftime("%Y-%m-%d %H:%M:%S"), commit=_commit(),
+    result.update(when=time.strftime("%Y-%m-%d %H:%M:%S"), commit=git_commit(),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     command = "python benchmarks/lm_cli_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_results(result, args.out, command.strip())

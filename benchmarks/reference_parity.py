@@ -71,6 +71,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import cpu_model, git_commit  # noqa: E402
+
 RESULTS = HERE / "results"
 CKPT_DIR = HERE / "checkpoints" / "ref"
 DEFAULT_REFS = Path("/work/shared/refs")
@@ -374,23 +377,9 @@ def run_one(args) -> None:
 # the driver
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine_line() -> str:
     import platform
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared), Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}"
 
 
 def side_cmd(args, side: str, pair: int, width: int, draw: int) -> list[str]:

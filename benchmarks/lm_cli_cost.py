@@ -154,6 +154,13 @@ def write_results(result: dict, out: Path, command: str) -> None:
         call = r["seconds"].get("total", sum(r["seconds"].values()))
         lines.append(f"| {' '.join(r['options']) or '(papers merge)'} | {r['wall_s']:.1f} | {call:.1f} | "
                      f"{r['floor_s']:.1f} | **{r['ratio_cli']:.2f}** | {r['ratio_merge_call']:.2f} | {phases} |")
+    for r in result["runs"]:
+        drift = max(r["floor_before_s"], r["floor_after_s"]) / min(r["floor_before_s"], r["floor_after_s"])
+        if drift > 1.25:  # the machine's load moved during the merge: its ratio is not a measurement
+            lines += ["", f"Unreliable: `{' '.join(r['options']) or '(papers merge)'}`'s floor was "
+                      f"{r['floor_before_s']:.1f} s before the merge and {r['floor_after_s']:.1f} s after it "
+                      f"({drift:.2f}x): the machine's load changed during the run, so its ratio is not a "
+                      "measurement; re-run it on a quiet machine."]
     plain = [r for r in result["runs"] if not r["options"]]
     if plain:
         ok = plain[0]["ratio_cli"] <= GOAL

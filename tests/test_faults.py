@@ -100,9 +100,18 @@ def _report_of(out: Path) -> bytes | None:
         return None
 
 
+def default_sigint() -> None:
+    """For a child that must see Ctrl-C as a user's terminal delivers it: a job
+    started in the background of a shell without job control (``cmd &`` in a
+    script, nohup) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler at all (the tests below would see no interrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(root: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fxzip", *merge_args(out, "--stop-at", STOP)], cwd=root,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
@@ -342,7 +351,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_result_from_changing(tmp_path):
     the result stays the old one and the interrupt comes back at the commit."""
     out = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C, result_dir.__file__, str(out)], env=ENV,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, preexec_fn=default_sigint)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["interrupted", "old"] and leftovers(out) == []
 

@@ -211,16 +211,18 @@ def _map_steps(s: _Site, split: fx.GraphModule, mine: GraphWalk, source: tuple[G
                 s.module = _gather_as_linear(split, s, z.shape[s.dim], x.shape[s.dim]).to(z.device, z.dtype)
                 s.normal, s.rank = _Normal(s.module), z.dim()
             mask = tokens.mask_of(run.get(mask_key, b)) if mask_key else None
-            keep = tokens.positions(z_node, mask, z.movedim(s.dim, -1).shape[:-1]) if mask is not None else None
+            keep = tokens.positions(z_node, mask, z.movedim(s.dim, -1).shape[:-1])
             s.normal.add(_channels_last(z, s.dim), _channels_last(x, s.dim).double(), keep)
         sum_fields_across_ranks([s.normal], "gram", "cross", "tt", "n")
         _fit(layer, s.module, s.normal, ridge)
 
     steps.append(Step((z_key, x_key) + ((mask_key,) if mask_key else ()), run=fit, label=f"fit {name}"))
+    replaced = False
     for step in mine.until([s.gather.name]):
         if step.node is not s.gather:
             steps.append(step)
             continue
+        replaced = True
         gather_key = mine.key(s.gather)
 
         def apply_map() -> None:  # the map's output stands in for the gather's, batch by batch
@@ -229,6 +231,9 @@ def _map_steps(s: _Site, split: fx.GraphModule, mine: GraphWalk, source: tuple[G
                 run.put(gather_key, b, s.module(z.movedim(s.dim, -1)).movedim(-1, s.dim))
 
         steps.append(Step((z_key,), run=apply_map, label=f"apply {name}"))
+    if not replaced:  # the walk computed the gather before its map was fitted: the heads would read the gather
+        raise RuntimeError(f"refit of a partial zip: head {s.head}'s gather {s.gather.name!r} was computed before "
+                           f"its cut map {name!r} was fitted; this is a bug in fxzip's step order, please report it")
     return steps
 
 

@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .stats import SpaceStats, constant_classes
 
-__all__ = ["Match", "Similarity", "register_matcher", "unregister_matcher", "matcher_registered", "get_matcher", "MATCHERS", "zipit", "permute", "weight_average",
+__all__ = ["Match", "Similarity", "register_matcher", "unregister_matcher", "matcher_registered", "get_matcher", "MATCHERS", "zipit", "zipit_reference", "permute", "weight_average",
            "cluster_assignment", "mean_matched_correlation", "merged_size"]
 
 
@@ -331,14 +331,24 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
 
     - A *within-model merge* is a cluster gaining a feature from a model it
       already contains (counted once per such model): ``owner="models"``, a
-      cluster belongs to every model it contains. The ZipIt! reference code
-      instead labels a cluster by the model of its lowest-index member
-      (``owner="first"``): there a cluster {A3, B7} taking B9 is a merge across
-      models. The two differ only when alpha > 0 (clusters re-enter the pool);
-      ``benchmarks/zipit_owner.py`` measures both. Model m may make at most
+      cluster belongs to every model it contains. Model m may make at most
       ``floor(beta * (N - 1) * n / N)`` of them, enforced from the first step;
       ``beta=0`` means no cluster ever holds two features of one model, which for
       N=2 is a greedy permutation.
+    - ``owner="reference"`` (alias ``"first"``) is the ZipIt! reference code's
+      rule, reproduced decision for decision: a cluster is labelled by the model
+      of its lowest-index member, and a merge of two clusters of one label is a
+      within-model merge; model m may make ``max(1, int(((N-1)*n // N) * beta))``
+      of them (the code checks its budget only after a merge, so a budget of 0
+      still allows one). When m's budget runs out, every pair of the clusters
+      then labelled m is forbidden for good, and a cluster formed later inherits
+      each parent's forbidden partners (the code writes -inf into the similarity
+      matrix and merges rows by their minimum). So whether {A3, B7} may take B9
+      after B's budget ran out depends on history: yes if A3 and B7 merged before
+      (the pair was labelled A and B then), no if after (B7's -inf to B9 is
+      inherited). Ties go to the lowest row, then the lowest column, as the
+      code's argmax over the flattened matrix. ``benchmarks/zipit_owner.py``
+      measures the two rules against each other.
     - ``alpha=0``: a merged cluster leaves the pool (only pairs form; N must be 2).
       ``alpha>0``: it re-enters with similarity ``alpha * min`` of its parents'
       similarities to every other cluster (alpha must be <= 1).
@@ -355,7 +365,7 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
     """
     merged = merged_size(size, merged, n_models)
     _check_zipit_args(n_models, alpha, beta, owner)
-    pool = _ZipPool(stats, n_models, size, beta, owner == "models")
+    pool = _ZipPool(stats, n_models, size, beta, ZIPIT_OWNERS[owner])
     total = n_models * size
     while pool.merges < total - merged:
         i, top = pool.best_row()
@@ -372,6 +382,19 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
                  pool.relaxed)
 
 
+@register_matcher("zipit_reference")
+def zipit_reference(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta: float = 0.125,
+                    merged: int | None = None, **_) -> Match:
+    """ZipIt! as its reference code decides, merge for merge (``zipit`` with
+    ``owner="reference"``). With ``probes="reference"`` it reproduces the
+    official code's merges of the paper's ResNet-20s (``benchmarks/
+    reference_parity.py``; features constant on the data excepted: fxzip zips
+    equal constants across models first, the code pairs them by index order).
+    fxzip's own rule (``"zipit"``) is kept as the default: see
+    ``benchmarks/results/reference_parity.md``."""
+    return zipit(stats, n_models, size, alpha=alpha, beta=beta, owner="reference", merged=merged)
+
+
 def _check_zipit_args(n_models: int, alpha: float, beta: float, owner: str) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -383,8 +406,12 @@ def _check_zipit_args(n_models: int, alpha: float, beta: float, owner: str) -> N
     if n_models > 64:
         raise ValueError(f"zipit merges at most 64 models at once, got {n_models}; merge them in groups "
                          "(a merged model can be merged again)")
-    if owner not in ("models", "first"):
-        raise ValueError(f"owner must be 'models' or 'first', got {owner!r}")
+    if owner not in ZIPIT_OWNERS:
+        raise ValueError(f"owner must be 'models' or 'reference' (alias 'first'), got {owner!r}")
+
+
+ZIPIT_OWNERS = {"models": "models", "reference": "reference", "first": "reference"}
+"""zipit's ``owner`` values and the rule each names ("first": the reference rule's older name)."""
 
 
 class _ZipPool:
@@ -401,9 +428,10 @@ class _ZipPool:
     every read of ``S`` masks inactive columns, so its row and column are
     never cleared (a strided column write per merge cost a tenth of the loop)."""
 
-    def __init__(self, stats: SpaceStats, n_models: int, size: int, beta: float, own_all: bool):
+    def __init__(self, stats: SpaceStats, n_models: int, size: int, beta: float, rule: str):
         total = n_models * size
-        self.total, self.own_all, self.relaxed = total, own_all, False
+        self.own_all, self.reference = rule == "models", rule == "reference"
+        self.total, self.relaxed = total, False
         disposable = getattr(stats, "disposable", False) and stats.matrix.dtype == torch.float64
         self.S = stats.correlation().numpy() if disposable else stats.correlation().numpy().astype(np.float64)
         if disposable:
@@ -412,7 +440,11 @@ class _ZipPool:
         self.comp = np.zeros((total, n_models), dtype=bool)
         self.comp[np.arange(total), np.arange(total) // size] = True
         self.bits = np.left_shift(np.uint64(1), (np.arange(total) // size).astype(np.uint64))
-        self.budget = np.full(n_models, math.floor(beta * (n_models - 1) * size / n_models), dtype=np.int64)
+        if self.reference:  # the code's own rounding, and its check after the merge (a budget of 0 allows 1)
+            allowed = max(1, int(((n_models - 1) * size // n_models) * beta + 1e-4))
+        else:
+            allowed = math.floor(beta * (n_models - 1) * size / n_models)
+        self.budget = np.full(n_models, allowed, dtype=np.int64)
         self.within = np.zeros(n_models, dtype=np.int64)
         self.active = np.ones(total, dtype=bool)
         self.members: dict[int, list[int]] = {i: [i] for i in range(total)}
@@ -457,10 +489,15 @@ class _ZipPool:
         shared = self.bits[rows][:, None] & self.bits[None, :]
         vals = np.where(self.invalid(rows, shared), neg, self.S[rows])
         overlap = shared != 0
-        across = np.where(overlap, neg, vals).argmax(1)
-        inside = np.where(overlap, vals, neg).argmax(1)
         r = np.arange(len(rows))
-        take_across = vals[r, across] >= vals[r, inside]
+        if self.reference:  # the lowest column among ties, across models or not
+            first = vals.argmax(1)
+            across = inside = first
+            take_across = ~overlap[r, first]
+        else:
+            across = np.where(overlap, neg, vals).argmax(1)
+            inside = np.where(overlap, vals, neg).argmax(1)
+            take_across = vals[r, across] >= vals[r, inside]
         self.best_col[rows] = np.where(take_across, across, inside)
         self.best_val[rows] = vals[r, self.best_col[rows]]
         self.best_across[rows] = take_across
@@ -471,6 +508,8 @@ class _ZipPool:
         masked = np.where(self.active, self.best_val, -np.inf)
         top = masked.max()
         tied = np.flatnonzero(masked == top)
+        if self.reference:
+            return int(tied[0]), float(top)
         tied_across = tied[self.best_across[tied]]
         return int(tied_across[0] if len(tied_across) else tied[0]), float(top)
 
@@ -491,13 +530,14 @@ class _ZipPool:
         """Merge clusters ``i`` and ``j`` into the lower index; with ``alpha > 0``
         it re-enters the pool with ``alpha * min`` of its parents' similarities."""
         overlap = self.comp[i] & self.comp[j]
+        spent_before = self.within >= self.budget
         self.within += overlap
         self.cross += int(not overlap.any())
         self.merges += 1
         keep, drop = min(i, j), max(i, j)
         merged_row = alpha * np.minimum(self.S[i], self.S[j]) if alpha > 0 else None
         self.members[keep] = self.members[keep] + self.members.pop(drop)
-        if self.own_all:  # "first": keep stays the lowest member, so its model owns the cluster
+        if self.own_all:  # else keep stays the lowest member, so its model labels the cluster
             self.comp[keep] |= self.comp[drop]
             self.bits[keep] |= self.bits[drop]
         self._retire(drop)
@@ -508,6 +548,8 @@ class _ZipPool:
             merged_row[keep] = merged_row[drop] = -np.inf
             self.S[keep, :] = merged_row
             self.S[:, keep] = merged_row
+        if self.reference:
+            self._forbid_spent(np.flatnonzero((self.within >= self.budget) & ~spent_before))
         stale = ((self.best_col == i) | (self.best_col == j)) & self.active
         if merged_row is not None:
             stale[keep] = True
@@ -515,10 +557,21 @@ class _ZipPool:
         if stale.any():
             self.refresh(np.flatnonzero(stale))
 
+    def _forbid_spent(self, models: np.ndarray) -> None:
+        """The reference rule: a model whose budget just ran out forbids every
+        pair of the clusters it labels now, in the matrix itself, so clusters
+        formed from them later inherit it (their rows are minima)."""
+        for m in models.tolist():
+            labelled = np.flatnonzero(self.active & (self.bits == np.uint64(1 << m)))
+            self.S[np.ix_(labelled, labelled)] = -np.inf
+
     def _offer(self, keep: int, merged_row: np.ndarray, stale: np.ndarray) -> None:
         """The re-entering cluster beats a row's cached best only where alpha*min
         exceeds it (rows whose similarities are all negative, or exhausted)."""
-        better = (merged_row > self.best_val) & self.active & ~stale
+        better = merged_row > self.best_val
+        if self.reference:  # a tie goes to the lower column
+            better |= (merged_row == self.best_val) & (keep < self.best_col) & (merged_row > -np.inf)
+        better &= self.active & ~stale
         if better.any():
             rows = np.flatnonzero(better)
             shared = self.bits[rows] & self.bits[keep]

@@ -129,7 +129,7 @@ def check_models(models: Sequence[nn.Module], method: str = "weight_average", al
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if method in ("zipit", "mudsc") and alpha == 0 and len(models) > 2:
+    if method in ("zipit", "zipit_reference", "mudsc") and alpha == 0 and len(models) > 2:
         raise ValueError("zipit with alpha=0 never lets a merged cluster re-enter the pool, so only pairs "
                          f"form; merging {len(models)} models needs alpha > 0.")
     return matcher

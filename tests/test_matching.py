@@ -409,6 +409,78 @@ def test_zipit_greedy_matches_naive_general(n_models: int, alpha: float, beta: f
         assert relaxations > 0  # the budget-lifting path is exercised too
 
 
+def naive_reference_zipit(corr: np.ndarray, size: int, alpha: float, beta: float) -> torch.Tensor:
+    """The ZipIt! reference code's loop for two models as that code is written
+    (alpha > 0): one dense similarity matrix, the first maximum of it in row-major
+    order merges, the merged row is alpha times the minimum of its parents', the
+    merged-away column is deleted, a cluster is labelled by its lowest member's
+    model, and a model whose within-label budget (checked after each such merge)
+    runs out writes -inf between all the clusters it then labels."""
+    S = corr.astype(np.float64).copy()
+    np.fill_diagonal(S, -np.inf)
+    members = [[i] for i in range(2 * size)]
+    label = [i // size for i in range(2 * size)]
+    budget = [int((size // 2) * beta + 1e-4)] * 2
+    while len(members) > size:
+        r, c = sorted(divmod(int(np.argmax(S)), S.shape[1]))
+        members[r] = members[r] + members.pop(c)
+        row = alpha * np.minimum(S[r], S[c])
+        S[r, :], S[:, r] = row, row
+        S[r, r] = -np.inf
+        S = np.delete(np.delete(S, c, 0), c, 1)
+        same = label[r] == label.pop(c)
+        if same:
+            budget[label[r]] -= 1
+            if budget[label[r]] <= 0:
+                mine = np.array(label) == label[r]
+                S[np.ix_(mine, mine)] = -np.inf
+    return cluster_assignment(members, 2, size)
+
+
+def test_zipit_reference_is_the_reference_codes_greedy() -> None:
+    """zipit_reference takes every decision the reference code's loop takes
+    (budget 0 allowing one merge, sticky -inf, ties to the lowest row) on
+    correlations with negative entries; fxzip's own rule differs on some of them,
+    so the comparison can tell the two apart."""
+    differs = 0
+    for size, alpha, beta in [(16, 0.3, 0.125), (16, 1e-4, 0.075), (16, 0.5, 1.0), (12, 0.3, 0.0),
+                              (32, 0.3, 0.125), (9, 0.8, 0.4)]:
+        for seed in range(8):
+            g = torch.Generator().manual_seed(seed)
+            shared = relu_features(3 * size, size, seed)  # the two models' features: related, not copies
+            feats = [shared + torch.randn(3 * size, size, generator=g, dtype=torch.float64) for _ in range(2)]
+            st = stats_of(*feats)
+            ref = naive_reference_zipit(st.correlation().numpy(), size, alpha, beta)
+            case = (size, alpha, beta, seed)
+            assert torch.equal(get_matcher("zipit_reference")(st, 2, size, alpha=alpha, beta=beta).assign, ref), case
+            assert torch.equal(zipit(st, 2, size, alpha=alpha, beta=beta, owner="first").assign, ref), case
+            differs += not torch.equal(zipit(st, 2, size, alpha=alpha, beta=beta).assign, ref)
+    assert differs > 0
+
+
+@pytest.mark.parametrize("a0_b0_first", [True, False])
+def test_zipit_reference_forbids_by_history(a0_b0_first: bool) -> None:
+    """A: features 0-2, B: 3-5, one within-model merge each. B4 and B5 merge
+    (0.9), which spends B's budget. {A0, B3} may then take {B4, B5} (0.8) if A0
+    and B3 merged before that (the pair was labelled A when B's pairs were
+    forbidden), and not if after (B3's forbidden {B4, B5} is inherited).
+    fxzip's own rule forbids it either way: the cluster holds a B feature."""
+    c = np.full((6, 6), 0.1)
+    c[4, 5] = c[5, 4] = 0.9
+    c[0, 3] = c[3, 0] = 0.95 if a0_b0_first else 0.85
+    for i in (0, 3):
+        for j in (4, 5):
+            c[i, j] = c[j, i] = 0.8
+    c[1, 2] = c[2, 1] = -0.5
+    np.fill_diagonal(c, 1.0)
+    sim = Similarity(torch.from_numpy(c))
+    ref = clusters_of(get_matcher("zipit_reference")(sim, 2, 3, alpha=1.0, beta=1.0).assign)
+    assert torch.equal(get_matcher("zipit_reference")(sim, 2, 3, alpha=1.0, beta=1.0).assign,
+                       naive_reference_zipit(c, 3, 1.0, 1.0))
+    assert ([0, 3, 4, 5] in ref) == a0_b0_first
+    assert [0, 3, 4, 5] not in clusters_of(zipit(sim, 2, 3, alpha=1.0, beta=1.0).assign)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_permute_is_optimal_assignment(seed: int) -> None:
     n = 5

@@ -310,7 +310,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                        help="input size in pixels: the data is resized to it, and timm models that take img_size "
                        "(ViTs) are built for it (default: the model's data config)")
     merge.add_argument("--method", default=defaults["method"],
-                       help=f"zipit, permute, weight_average, mudsc, mudsc_permute (default {defaults['method']})")
+                       help=f"zipit, zipit_reference (ZipIt!'s code, decision for decision), permute, weight_average, mudsc, "
+                            f"mudsc_permute (default {defaults['method']})")
     merge.add_argument("--alpha", type=float, default=defaults["alpha"],
                        help=f"zipit's repeated-matching factor (default {defaults['alpha']})")
     merge.add_argument("--beta", type=float, default=defaults["beta"],

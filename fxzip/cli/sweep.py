@@ -37,7 +37,7 @@ from ..probes import DEFAULT_PROBES
 __all__ = ["SweepRow", "Point", "sweep", "grid", "task_accuracy", "write_outputs", "table", "best_per_depth",
            "distinct_merges", "ALPHA_BETA_METHODS", "FIXED_WIDTH_METHODS", "ENSEMBLE"]
 
-ALPHA_BETA_METHODS = ("zipit", "mudsc")
+ALPHA_BETA_METHODS = ("zipit", "zipit_reference", "mudsc")
 """Methods whose result depends on alpha and beta."""
 FIXED_WIDTH_METHODS = ("weight_average",)
 """Methods merged_width cannot widen (no similarity to choose which features stay apart): run at 1.0 only."""

@@ -12,9 +12,9 @@ model, which loads into fxzip and into both official model classes), each in its
   (``--balance``, default 0.5; official ``fix_rate`` = fxzip ``weight_similarity``);
 * ``fxzip_reference``: ``fxzip.merge(..., probes="reference", refit=False)``, every method above;
 * ``fxzip_default``: the same with fxzip's default probes (``fxzip.probes.DEFAULT_PROBES``);
-* ``fxzip_reference_first`` (opt-in diagnostic, ``--sides``): the ZipIt rows with probes="reference" and
-  ZipIt!'s cluster ownership (fxzip.matching.zipit ``owner="first"``, re-registered for the merge, as
-  mudsc_compare.py's ablations do) instead of fxzip's ``"models"``.
+* ``fxzip_zipit_reference``: the ZipIt rows with probes="reference" and ``method="zipit_reference"``
+  (``fxzip.matching.zipit_reference``: the ZipIt! code's greedy decision for decision, its cluster labels,
+  budget rounding and sticky forbidden pairs) instead of fxzip's own rule (``method="zipit"``).
 
 ``refit=False`` (fxzip's default) is the papers' merge. Calibration draw d: ``torch.manual_seed(d)``, then
 ``official_compare.calib_batches(xtr, seed=d)`` (2000 augmented training images, batches of 500; draw 0
@@ -53,10 +53,8 @@ usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import functools
 import hashlib
 import json
 import math
@@ -78,11 +76,9 @@ RESULTS = HERE / "results"
 CKPT_DIR = HERE / "checkpoints" / "ref"
 DEFAULT_REFS = Path("/work/shared/refs")
 DEFAULT_CACHE = Path("/work/paritycache/reference_parity_cells.json")
-SIDES = ("official_zipit", "official_mudsc", "fxzip_reference", "fxzip_default")
-FXZIP_SIDES = ("fxzip_reference", "fxzip_default")
-# opt-in diagnostic (--sides ... fxzip_reference_first): probes="reference" and ZipIt!'s cluster ownership
-# (zipit owner="first": a cluster belongs to the model of its lowest-index member) instead of fxzip's "models"
-EXTRA_SIDES = ("fxzip_reference_first",)
+SIDES = ("official_zipit", "official_mudsc", "fxzip_reference", "fxzip_default", "fxzip_zipit_reference")
+FXZIP_SIDES = ("fxzip_reference", "fxzip_default", "fxzip_zipit_reference")
+ZIPIT_ONLY_SIDES = ("fxzip_zipit_reference",)  # sides that run the ZipIt rows only
 ZIPIT_METHODS = ("W.Avg", "Permute", "ZipIt a.3 b.125", "ZipIt a1e-4 b.075")
 FXZIP_KW = {"W.Avg": {"method": "weight_average"}, "Permute": {"method": "permute"},
             "ZipIt a.3 b.125": {"method": "zipit", "alpha": 0.3, "beta": 0.125},
@@ -170,9 +166,8 @@ def paired(cache: dict, methods: list[str], setting: str) -> dict[str, dict]:
 
 
 def settings_of(cache: dict) -> tuple[str, ...]:
-    """The fxzip settings to report: the two of the issue, and the diagnostic ones some cell has."""
-    extra = tuple(s for s in EXTRA_SIDES if any(e.get(s) for e in cache["cells"].values()))
-    return FXZIP_SIDES + extra
+    """The fxzip settings to report."""
+    return FXZIP_SIDES
 
 
 def summarize(cache: dict, methods: list[str]) -> list[dict]:
@@ -196,9 +191,9 @@ def goals(summary: list[dict]) -> list[str]:
         if not r["n"]:
             continue
         m, s, n = r["method"], r["fxzip"], r["n"]
-        if s in ("fxzip_reference", "fxzip_reference_first") and m.startswith("ZipIt"):
+        if s == "fxzip_zipit_reference" and m.startswith("ZipIt"):
             ok = r["equal"] == n
-            tag = "probes=reference" + (", owner=first" if s == "fxzip_reference_first" else "")
+            tag = "method=zipit_reference, probes=reference"
             lines.append(f"{m}, {tag} equals the official code on every cell: "
                          f"{'yes' if ok else 'NO'} ({r['equal']}/{n})")
         if s == "fxzip_default" and (m.startswith("ZipIt") or m.startswith("MuDSC")):
@@ -242,9 +237,9 @@ def write_report(cache: dict, methods: list[str], wanted: list[str], header: dic
           f"Cells: {', '.join(have) if have else 'none'}  ",
           "Missing: " + ("; ".join(f"{k} ({', '.join(v)})" for k, v in missing.items()) if missing else "none"),
           "", "## Paired differences", "",
-          "| method | fxzip probes | official code | n | Δ joint | Δ avg | equal |", "|---|---|---|---|---|---|---|"]
+          "| method | fxzip setting | official code | n | Δ joint | Δ avg | equal |", "|---|---|---|---|---|---|---|"]
     for r in summary:
-        if not r["n"] and r["fxzip"] in EXTRA_SIDES:
+        if not r["n"] and r["fxzip"] in ZIPIT_ONLY_SIDES:
             continue  # a diagnostic side runs only some methods
         if not r["n"]:
             md.append(f"| {r['method']} | {r['fxzip'][6:]} | {r['official'][9:]} | 0 | | | |")
@@ -353,24 +348,20 @@ def run_one(args) -> None:
             emit(name, merged, secs, config=extra.get("config"))
     else:
         import fxzip
-        from fxzip.matching import matcher_registered, zipit
         from fxzip.probes import DEFAULT_PROBES
         probes = DEFAULT_PROBES if side == "fxzip_default" else "reference"
-        first = side == "fxzip_reference_first"
-        if first:
+        exact = side == "fxzip_zipit_reference"
+        if exact:
             methods = [m for m in methods if m.startswith("ZipIt")]
         kws = {**FXZIP_KW, **{mudsc_name(b): {"method": "mudsc", "alpha": 0.5, "beta": 1.0, "weight_similarity": b}
                               for b in args.balance}}
         bases = [oc.reset_bn(copy.deepcopy(m), batches) for m in models]
         for name in methods:
-            ctx = matcher_registered("zipit", functools.partial(zipit, owner="first")) if first \
-                else contextlib.nullcontext()
+            kw = {**kws[name], "method": "zipit_reference"} if exact else kws[name]
             t = time.time()
-            with ctx:
-                merged = fxzip.merge(*bases, data=batches, progress=False, probes=probes, refit=False, **kws[name])
+            merged = fxzip.merge(*bases, data=batches, progress=False, probes=probes, refit=False, **kw)
             secs = time.time() - t
-            emit(name, merged, secs, probes=probes, **({"owner": "first"} if first else {}),
-                 config=" ".join(f"{k}={v}" for k, v in kws[name].items()))
+            emit(name, merged, secs, probes=probes, config=" ".join(f"{k}={v}" for k, v in kw.items()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -515,7 +506,7 @@ def main(argv=None) -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[1])
     ap.add_argument("--draws", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--balance", type=float, nargs="+", default=[0.5], help="MuDSC balance factors")
-    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES + EXTRA_SIDES)
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (default: all)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=RESULTS / "reference_parity")
@@ -529,7 +520,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data-npz", type=Path, default=None,
                     help="a CIFAR-shaped npz (x_train, x_test, y_test uint8/int) instead of the CIFAR-10 archive")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--one", choices=SIDES + EXTRA_SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--pair", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=1)
     ap.add_argument("--draw", type=int, default=0, help=argparse.SUPPRESS)

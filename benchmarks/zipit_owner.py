@@ -1,9 +1,10 @@
-"""Who owns a merged cluster in ZipIt's repeated matching: every model it contains, or its first member's model.
+"""Who owns a merged cluster in ZipIt's repeated matching: every model it contains (fxzip), or the reference code's rule.
 
 fxzip's zipit counts a within-model merge when a cluster gains a feature of a
 model it already contains (``owner="models"``); the ZipIt! reference code labels
-a cluster by the model of its lowest-index member (``owner="first"``). They
-differ only when alpha > 0. This runs both on the CIFAR-10 (5+5) checkpoints
+a cluster by the model of its lowest-index member and forbids pairs by history
+(``owner="reference"``, ``method="zipit_reference"``: see ``fxzip.matching.zipit``).
+They differ only when alpha > 0 and beta < 1. This runs both on the CIFAR-10 (5+5) checkpoints
 (``probe_policy.py``'s architectures, pairs and protocol), one calibration per
 pair, at each architecture's alpha / beta and at the papers' alpha 0.3,
 beta 0.125, and writes the paired comparison.
@@ -37,7 +38,7 @@ import probe_policy as pp  # noqa: E402
 import fxzip  # noqa: E402
 from fxzip.matching import MATCHERS, zipit  # noqa: E402
 
-OWNERS = ("models", "first")
+OWNERS = ("models", "reference")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,20 +90,20 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{key}: joint {cache[key]['joint']:.1f} avg {cache[key]['avg']:.1f}", flush=True)
                     if cache_path:
                         cache_path.write_text(json.dumps(cache, indent=1))
-    lines = ["# ZipIt cluster ownership: every contained model (fxzip) vs the first member's model (reference code)",
+    lines = ["# ZipIt cluster ownership: every contained model (fxzip) vs the reference code's rule",
              "", f"Command: `{command}`", "",
              f"Machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; wall time {(time.perf_counter() - t0) / 60:.1f} min; protocol of "
              f"probe_policy.py ({args.calib_images} calibration images, {args.test_per_class} test images per class, "
              "default probes).", "",
-             "Joint / avg per-task accuracy (%), mean over pairs; diff = first - models, paired mean ± standard "
-             "error.", "", "| arch | alpha / beta | owner=models | owner=first | joint diff | avg diff |",
+             "Joint / avg per-task accuracy (%), mean over pairs; diff = reference - models, paired mean ± standard "
+             "error.", "", "| arch | alpha / beta | owner=models | owner=reference | joint diff | avg diff |",
              "|---|---|---|---|---|---|"]
     summary = []
     for arch in args.archs:
         for alpha, beta in settings[arch]:
             get_rows = lambda o: [cache[f"{arch}|pair{p}|a{alpha}|b{beta}|{o}"] for p in pairs[arch]]  # noqa: E731
-            rm, rf = get_rows("models"), get_rows("first")
+            rm, rf = get_rows("models"), get_rows("reference")
             if not rm:
                 continue
             dj = [f["joint"] - m["joint"] for m, f in zip(rm, rf)]
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{mean([r['avg'] for r in rf]):.1f} | {mean(dj):+.1f} ± {sem(dj):.1f} | "
                          f"{mean(da):+.1f} ± {sem(da):.1f} |")
     overall = sum(s["joint_diff"] for s in summary) / max(1, len(summary))
-    lines += ["", f"Mean joint difference over every row: {overall:+.2f} points (first - models)."]
+    lines += ["", f"Mean joint difference over every row: {overall:+.2f} points (reference - models)."]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(out) + ".md").write_text("\n".join(lines) + "\n")

@@ -49,7 +49,7 @@ def test_paired_differences_standard_errors_and_report(tmp_path):
     assert mu == pytest.approx(7 / 3) and se == pytest.approx(statistics.stdev([1, 2, 4]) / math.sqrt(3))
     assert rp.mean_se([0.5]) == (0.5, None)
     cache = {"cells": {"p0_w1_d0": {"official_zipit": side(OFFICIAL), "fxzip_default": side(FXZIP),
-                                    "fxzip_reference": side(OFFICIAL)},
+                                    "fxzip_reference": side(OFFICIAL), "fxzip_zipit_reference": side(OFFICIAL[2:])},
                        "p1_w1_d0": {"official_zipit": side(OFFICIAL), "fxzip_default": side(FXZIP2)}}}
     methods = ["W.Avg", "Permute", "ZipIt a.3 b.125"]
     summary = {(r["method"], r["fxzip"]): r for r in rp.summarize(cache, methods)}
@@ -65,15 +65,17 @@ def test_paired_differences_standard_errors_and_report(tmp_path):
     r = summary[("ZipIt a.3 b.125", "fxzip_reference")]
     assert r["n"] == 1 and r["equal"] == 1 and r["se_joint"] is None
     goals = rp.goals(rp.summarize(cache, methods))
-    assert "ZipIt a.3 b.125, probes=reference equals the official code on every cell: yes (1/1)" in goals
+    assert ("ZipIt a.3 b.125, method=zipit_reference, probes=reference equals the official code on every cell: "
+            "yes (1/1)") in goals
     assert "ZipIt a.3 b.125, default probes: mean paired joint difference -1.72 >= 0: NO (n=2)" in goals
 
     doc = rp.write_report(cache, methods, ["p0_w1_d0", "p1_w1_d0", "p2_w1_d0"], {"command": "x"}, tmp_path / "r")
     md = (tmp_path / "r.md").read_text()
     assert "| ZipIt a.3 b.125 | default | zipit | 2 | -1.72 ± 1.72 | -0.83 ± 0.83 | 1/2 |" in md
-    assert "| p0_w1_d0 | Permute | 17.42 / 38.75 | 17.42 / 38.75 | 17.04 / 39.52 | 312709f81b5a |" in md
+    assert "| p0_w1_d0 | Permute | 17.42 / 38.75 | 17.42 / 38.75 | 17.04 / 39.52 | — | 312709f81b5a |" in md
+    assert "| W.Avg | zipit_reference |" not in md  # that side runs the ZipIt rows only
     assert doc["missing"]["p2_w1_d0"] == list(rp.SIDES)
-    assert doc["missing"]["p1_w1_d0"] == ["official_mudsc", "fxzip_reference"]
+    assert doc["missing"]["p1_w1_d0"] == ["official_mudsc", "fxzip_reference", "fxzip_zipit_reference"]
     assert json.loads((tmp_path / "r.json").read_text())["summary"] == doc["summary"]
 
     cache["cells"]["p1_w1_d0"]["fxzip_default"]["calib_sha1"] = "another"
@@ -88,17 +90,19 @@ def test_fxzip_sides_run_and_resume_from_cache(tmp_path):
     np.savez(npz, x_train=rng.randint(0, 256, (128, 32, 32, 3), dtype=np.uint8),
              x_test=rng.randint(0, 256, (96, 32, 32, 3), dtype=np.uint8), y_test=np.arange(96) % 10)
     cmd = [sys.executable, "benchmarks/reference_parity.py", "--pairs", "0", "--draws", "0",
-           "--sides", "fxzip_reference", "fxzip_default", "--methods", "W.Avg", "ZipIt a.3 b.125",
+           "--sides", "fxzip_reference", "fxzip_default", "fxzip_zipit_reference", "--methods", "W.Avg", "ZipIt a.3 b.125",
            "--calib-images", "64", "--calib-bs", "32", "--data-npz", str(npz),
            "--cache", str(tmp_path / "cache.json"), "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "1 cells x 2 sides: 2 to run, 0 cached" in proc.stdout
+    assert "1 cells x 3 sides: 3 to run, 0 cached" in proc.stdout
     cache = json.loads((tmp_path / "cache.json").read_text())["cells"]["p0_w1_d0"]
     ref, dflt = ({r["method"]: r for r in cache[s]["rows"]} for s in ("fxzip_reference", "fxzip_default"))
     assert set(ref) == set(dflt) == {"W.Avg", "ZipIt a.3 b.125"}
     assert cache["fxzip_reference"]["calib_sha1"] == cache["fxzip_default"]["calib_sha1"]
     assert ref["ZipIt a.3 b.125"]["probes"] == "reference" and dflt["ZipIt a.3 b.125"]["probes"] == "all"
+    exact = {r["method"]: r for r in cache["fxzip_zipit_reference"]["rows"]}
+    assert set(exact) == {"ZipIt a.3 b.125"} and "method=zipit_reference" in exact["ZipIt a.3 b.125"]["config"]
     # the weight average does not depend on the probes
     assert ref["W.Avg"]["joint"] == dflt["W.Avg"]["joint"]
     for r in (*ref.values(), *dflt.values()):
@@ -108,4 +112,4 @@ def test_fxzip_sides_run_and_resume_from_cache(tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=120, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "1 cells x 2 sides: 0 to run, 2 cached" in again.stdout
+    assert "1 cells x 3 sides: 0 to run, 3 cached" in again.stdout

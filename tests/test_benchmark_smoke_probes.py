@@ -34,7 +34,7 @@ def test_zipit_owner_smoke(tmp_path):
     out = str(tmp_path / "zo")
     res = _run("zipit_owner.py", "--smoke", "--archs", "vit", "--pairs", "0", "--threads", "1", "--out", out)
     assert {(s["alpha"], s["beta"]) for s in res["summary"]} == {(0.3, 0.125)}
-    assert "owner=first" in Path(out + ".md").read_text()
+    assert "owner=reference" in Path(out + ".md").read_text()
 
 
 def test_refit_passes_smoke(tmp_path):

@@ -55,6 +55,22 @@ ALPHA_BETA = {"resnet20x1": (1.0, 1.0), "resnet20gn": (0.3, 0.125), "vit": (0.3,
 METHODS = ("permute", "zipit")
 
 
+def zipit_settings(arch: str, args) -> list[tuple[str, float, float]]:
+    """(row label, alpha, beta) of the ZipIt rows of ``arch``: its table's setting (label "zipit") unless
+    ``--zipit A/B ...`` names others; a named setting that is the table's keeps the label "zipit"."""
+    if not getattr(args, "zipit", None):
+        return [("zipit", *ALPHA_BETA[arch])]
+    out = []
+    for text in args.zipit:
+        a, b = (float(x) for x in text.split("/"))
+        out.append(("zipit" if (a, b) == ALPHA_BETA[arch] else f"zipit a{a:g} b{b:g}", a, b))
+    return out
+
+
+def methods_of(arch: str, args) -> list[str]:
+    return ["permute"] + [label for label, _, _ in zipit_settings(arch, args)]
+
+
 def build(arch: str, smoke: bool) -> torch.nn.Module:
     return resnet20(1, out_dim=ec.OUT_DIM) if arch == "resnet20x1" else em.build(arch, smoke)
 
@@ -84,7 +100,6 @@ def run_pair(arch: str, pair: int, models, infos, data, vecs, args, cache: dict,
     tasks = [list(infos[0]["classes"]), list(infos[1]["classes"])]
     classes = sorted(tasks[0] + tasks[1])
     calib, test = em.pair_data("resnet20gn" if arch == "resnet20x1" else arch, data, classes, args, pair)  # 32 px
-    alpha, beta = ALPHA_BETA[arch]
     base_key = f"{arch}|pair{pair}|Ensemble"
     if base_key not in cache:
         originals = [ec.reset_copy(m, calib) for m in models]
@@ -93,15 +108,17 @@ def run_pair(arch: str, pair: int, models, infos, data, vecs, args, cache: dict,
             cache[f"{arch}|pair{pair}|Model {'AB'[k]}"] = ec.score(m, test, tasks, vecs)
         save()
     by_policy: dict[str, Any] = {}
+    settings = {label: (a, b) for label, a, b in zipit_settings(arch, args)}
     for v in variants(args.policies, args.repair, args.refit):
-        for method in METHODS:
-            key = f"{arch}|pair{pair}|{variant_name(v)}|{method}"
+        for label in methods_of(arch, args):
+            method = "zipit" if label in settings else label
+            key = f"{arch}|pair{pair}|{variant_name(v)}|{label}"
             if key in cache:
                 continue
             t0 = time.perf_counter()
             if v["probes"] not in by_policy:
                 by_policy = {v["probes"]: fxzip.calibrate(*models, data=calib, progress=False, probes=v["probes"])}
-            extra = {"alpha": alpha, "beta": beta} if method == "zipit" else {}
+            extra = dict(zip(("alpha", "beta"), settings[label])) if method == "zipit" else {}
             if v["repair"]:
                 extra["repair"] = True
             if v["refit"]:
@@ -112,17 +129,18 @@ def run_pair(arch: str, pair: int, models, infos, data, vecs, args, cache: dict,
             row["seconds"] = round(time.perf_counter() - t0, 2)
             cache[key] = row
             save()
-            log(f"  {arch} pair {pair} {variant_name(v):28s} {method:8s} joint {row['joint']:5.1f} "
+            log(f"  {arch} pair {pair} {variant_name(v):28s} {label:8s} joint {row['joint']:5.1f} "
                 f"avg {row['avg']:5.1f} ({row['seconds']:.1f}s)")
 
 
-def summarize(cache: dict, archs: list[str], pairs: dict[str, list[int]], names: list[str]) -> dict:
+def summarize(cache: dict, archs: list[str], pairs: dict[str, list[int]], names: list[str],
+              methods: dict[str, list[str]] | None = None) -> dict:
     """Per (variant, arch, method): mean, sem over pairs, and the paired difference to 'all'."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
         table[name] = {}
         for arch in archs:
-            for method in METHODS:
+            for method in (methods or {}).get(arch, METHODS):
                 vals = [cache[f"{arch}|pair{p}|{name}|{method}"]["joint"] for p in pairs[arch]]
                 ref = [cache[f"{arch}|pair{p}|all|{method}"]["joint"] for p in pairs[arch]]
                 avgs = [cache[f"{arch}|pair{p}|{name}|{method}"]["avg"] for p in pairs[arch]]
@@ -150,7 +168,8 @@ def _sem(v: list[float]) -> float:
 def write_markdown(path: Path, result: dict) -> None:
     s, table = result["setting"], result["table"]
     archs = s["archs"]
-    cols = [f"{a} {m}" for a in archs for m in METHODS]
+    methods = s.get("methods") or {a: list(METHODS) for a in archs}
+    cols = [f"{a} {m}" for a in archs for m in methods[a]]
     lines = ["# Probe policy and variance repair: CIFAR-10 (5+5) full zips", "",
              f"Command: `{s['command']}`", "",
              f"Machine: {s['machine']}; wall time of this invocation {s['wall_seconds'] / 60:.1f} min (rows read "
@@ -158,14 +177,14 @@ def write_markdown(path: Path, result: dict) -> None:
              + ", ".join(f"{a} {s['pairs'][a]}" for a in archs) + f"; calibration {s['calib_images']} augmented "
              f"training images of both tasks per pair; test: {s['test_images']}; ZipIt alpha / beta per "
              "architecture as its table: " + ", ".join(f"{a} {ALPHA_BETA[a][0]} / {ALPHA_BETA[a][1]}"
-                                                        for a in archs) + ".", "",
+                                                        for a in archs) + " (a column 'zipit aA bB' is that setting instead).", "",
              "Joint accuracy (%), mean ± standard error over pairs; in brackets the paired difference to "
              "`all` (today's policy). Last column: the mean over every architecture and method.", "",
              "| probes | " + " | ".join(cols) + " | mean |", "|---|" + "---|" * (len(cols) + 1)]
     for name, cells in table.items():
         vals = []
         for a in archs:
-            for m in METHODS:
+            for m in methods[a]:
                 c = cells[f"{a}|{m}"]
                 diff = "" if name == "all" else f" ({c['diff_vs_all']:+.1f})"
                 vals.append(f"{c['joint']:.1f} ± {c['joint_sem']:.1f}{diff}")
@@ -201,6 +220,9 @@ def parse_args(argv):
     ap.add_argument("--refit", nargs="*", default=[], choices=sorted(PROBE_POLICIES),
                     help="policies to also run with refit=True")
     add_protocol_args(ap)
+    ap.add_argument("--zipit", nargs="+", default=None, metavar="A/B",
+                    help="ZipIt alpha/beta settings, e.g. 0.3/0.125 0.0001/0.075 (default: each architecture's "
+                         "table's: " + ", ".join(f"{a} {x:g}/{y:g}" for a, (x, y) in ALPHA_BETA.items()) + ")")
     ap.add_argument("--cache", default=None, help="JSON of finished rows (resumable)")
     ap.add_argument("--out", default=str(HERE / "results" / "probe_policy"))
     ap.add_argument("--note", action="append", default=[])
@@ -248,13 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
             models, infos = get(arch, p)
             run_pair(arch, p, models, infos, data, vecs, args, cache, save, log)
     names = [variant_name(v) for v in variants(args.policies, args.repair, args.refit)]
-    table = summarize(cache, archs, pairs, names)
+    methods = {a: methods_of(a, args) for a in archs}
+    table = summarize(cache, archs, pairs, names, methods)
     plain = [n for n in names if not n.endswith("repair") and not n.endswith("refit")]
     best = max(plain, key=lambda n: table[n]["mean_joint"])
     reference = {a: {r: _mean([cache[f"{a}|pair{p}|{r}"]["joint"] for p in pairs[a]])
                      for r in ("Ensemble", "Model A", "Model B")} for a in archs}
     n_test = args.test_per_class * 10
-    setting = {"command": command, "archs": archs, "pairs": pairs, "calib_images": args.calib_images,
+    setting = {"command": command, "archs": archs, "pairs": pairs, "methods": methods, "calib_images": args.calib_images,
                "test_images": f"the first {args.test_per_class} CIFAR-10 test images of each class ({n_test})",
                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads", "smoke": args.smoke, "notes": args.note,

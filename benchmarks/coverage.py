@@ -1473,6 +1473,9 @@ def merge_results(out: Path, others: list[Path], library: str = "timm") -> dict:
         extra = json.loads(other.read_text())
         result["runs"] += extra["runs"]
         records.update({r["model"]: r for r in extra["records"]})
+    seen: set[str] = set()  # a run resumed from another's output lists that one's runs again
+    result["runs"] = [run for run in result["runs"]
+                      if not (json.dumps(run, sort_keys=True) in seen or seen.add(json.dumps(run, sort_keys=True)))]
     result["records"] = [records[k] for k in _order(records, library)]
     _write_json(path, result)
     path.with_suffix(".md").write_text(markdown(result))

@@ -57,7 +57,8 @@ def test_driver_checks_a_tiny_model_and_records_a_failure(tmp_path):
 
 
 def test_merge_from_folds_later_records_and_keeps_every_run(tmp_path):
-    """--merge-from: a later run's record of a model replaces the earlier one; both runs stay listed."""
+    """--merge-from: a later run's record of a model replaces the earlier one; both runs stay listed, each
+    once (a run resumed from another's output carries that run too)."""
     run = {"command": "python benchmarks/coverage.py", "started": "t", "models": ["m"],
            "machine": {"uname": "u", "cpu": "c", "cores": 2, "python": "3", "torch": "t", "timm": "t"},
            "code": {"commit": "c" * 40, "fxzip_dirty": False, "fxzip_digest": "d"}, "config": {}}
@@ -65,7 +66,7 @@ def test_merge_from_folds_later_records_and_keeps_every_run(tmp_path):
     panel = json.loads((ROOT / "benchmarks" / "results" / "coverage.json").read_text())["panel"]
     base = {"panel": panel, "tolerance": TOL, "runs": [run], "records": [rec]}
     (tmp_path / "coverage.json").write_text(json.dumps(base))
-    later = dict(base, runs=[dict(run, command="later")],
+    later = dict(base, runs=[run, dict(run, command="later")],  # resumed from the first: lists it again
                  records=[dict(rec, outcome="pass", stage=None, checks={"identity": {"outcome": "pass"}})])
     (tmp_path / "later.json").write_text(json.dumps(later))
     _coverage("--out", str(tmp_path), "--merge-from", str(tmp_path / "later.json"))

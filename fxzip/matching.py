@@ -362,6 +362,10 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
       N > 2), the budget is lifted for the rest and ``budget_relaxed`` is set.
     - ``merged`` (``merged_width``): stop when that many clusters remain instead
       of n; the least correlated features are the ones left apart.
+
+    ``Match.extra["merge_value"]``: the mean similarity at which the greedy
+    merged (a re-entering cluster at its alpha-scaled value), what MuDSC's
+    reference code scores a space by (``fxzip.mudsc.objective``).
     """
     merged = merged_size(size, merged, n_models)
     _check_zipit_args(n_models, alpha, beta, owner)
@@ -378,8 +382,9 @@ def zipit(stats: SpaceStats, n_models: int, size: int, alpha: float = 0.3, beta:
             continue
         pool.join(i, j, alpha)
     clusters = pool.finished + [pool.members[i] for i in np.flatnonzero(pool.active).tolist()]
+    merged_at = pool.merged_at
     return Match(cluster_assignment(clusters, n_models, size, merged), pool.within.tolist(), pool.cross,
-                 pool.relaxed)
+                 pool.relaxed, {"merge_value": float(np.mean(merged_at)) if merged_at else float("nan")})
 
 
 @register_matcher("zipit_reference")
@@ -447,6 +452,7 @@ class _ZipPool:
         self.budget = np.full(n_models, allowed, dtype=np.int64)
         self.within = np.zeros(n_models, dtype=np.int64)
         self.active = np.ones(total, dtype=bool)
+        self.merged_at: list[float] = []  # the similarity of each greedy merge (constants zipped first excluded)
         self.members: dict[int, list[int]] = {i: [i] for i in range(total)}
         self.finished: list[list[int]] = []
         for group in constant_groups(stats, n_models, size):
@@ -529,6 +535,7 @@ class _ZipPool:
     def join(self, i: int, j: int, alpha: float) -> None:
         """Merge clusters ``i`` and ``j`` into the lower index; with ``alpha > 0``
         it re-enters the pool with ``alpha * min`` of its parents' similarities."""
+        self.merged_at.append(float(self.S[i, j]))
         overlap = self.comp[i] & self.comp[j]
         spent_before = self.within >= self.budget
         self.within += overlap

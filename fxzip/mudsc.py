@@ -96,10 +96,11 @@ decides nothing: calibration draws alone move a merge by 0.4 to 3.5 points).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,7 +111,8 @@ from .assignment import axis_index, merged_length
 from .layout import Segment
 from .matching import Match, Similarity, mean_matched_correlation, weight_average
 
-__all__ = ["dual_space_match", "unit_blocks", "weight_representation", "weight_correlation", "SKIPPED_LEAVES"]
+__all__ = ["dual_space_match", "unit_blocks", "weight_representation", "weight_correlation", "SKIPPED_LEAVES",
+           "objective", "OBJECTIVES"]
 
 SKIPPED_LEAVES = ("running_mean", "running_var")
 """State entries (by the last part of their name) that are statistics, not weights."""
@@ -119,6 +121,32 @@ _CONSTANT_REL = 1e-5
 """A unit vector whose variance is below this fraction of its mean square is
 constant: with a float32 Gram, ``sum x^2 - (sum x)^2 / L`` of a constant vector
 is rounding noise of about 1e-7 of ``sum x^2``."""
+
+OBJECTIVES = ("pairs", "merge_value")
+"""How a sweep is scored (see the module docstring): ``"pairs"`` (fxzip's: each
+space's mean matched combined similarity under the final assignments; a sweep
+must change an assignment and gain more than ``_IMPROVE_TOL``) or
+``"merge_value"`` (the reference code's: the value its matcher returned when the
+space was matched, for the zip the mean similarity at which the greedy merged,
+never re-evaluated; any strict gain counts)."""
+
+_objective = "pairs"
+
+
+@contextlib.contextmanager
+def objective(name: str) -> Iterator[None]:
+    """Score MuDSC's sweeps by ``name`` (``OBJECTIVES``) inside the block, e.g. to
+    measure the reference code's rule against fxzip's
+    (``benchmarks/mudsc_objective.py``). Not thread-safe: it sets a module default."""
+    global _objective
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown MuDSC objective {name!r}; choose one of {OBJECTIVES}")
+    before, _objective = _objective, name
+    try:
+        yield
+    finally:
+        _objective = before
+
 
 _IMPROVE_TOL = 1e-7
 """A sweep improves on the best only by more than this. A space's value is
@@ -581,6 +609,8 @@ class _DualSpace:
         self.last: dict[Unit, _Matched] = {}
         self.evaluated: dict[int, _Evaluated] = {}
         self.calls = {"matcher": 0, "matcher_reused": 0, "pair_evaluations": 0}
+        self.rule = _objective
+        self.recorded: dict[int, float] = {}  # "merge_value": each space's value when it was last matched
 
     def _start(self, analysis: GraphAnalysis) -> None:
         """The point the sweeps ascend from: Eq. 8 (activation matching) for a step whose
@@ -622,7 +652,10 @@ class _DualSpace:
 
     def value_of(self, s: int) -> float:
         """The space's mean matched combined similarity under the current assignments;
-        cached while the assignments it was computed from hold."""
+        cached while the assignments it was computed from hold. Under the reference
+        rule (``"merge_value"``), the value recorded when the space was last matched."""
+        if self.rule == "merge_value" and s in self.recorded:
+            return self.recorded[s]
         ev = self.evaluated.get(s)
         if ev is not None and self.unchanged(ev.snap):
             return ev.value
@@ -673,6 +706,7 @@ class _DualSpace:
                 # makes it stale, and the objective then re-evaluates it from the pairs
                 valid = {s: self.assign[s], **{d: step.snap[d] for d in self.deps[s]}}
                 self.evaluated[s] = _Evaluated(valid, step.values[s])
+                self.recorded[s] = step.values[s]
 
     def _rematch(self, u: Unit) -> _Matched:
         """Run the matcher on the combined similarities of the step's spaces; their values
@@ -684,6 +718,9 @@ class _DualSpace:
                 for s, c in mats.items()}
         found = self.run(u, sims)
         vals = {s: mean_matched_correlation(mats[s], found[s].assign) for s in u}
+        if self.rule == "merge_value":  # the zip's own merge values where it gives them
+            given = {s: found[s].extra.get("merge_value", math.nan) for s in u}
+            vals = {s: given[s] if not math.isnan(given[s]) else v for s, v in vals.items()}
         # alignment mode with N > 2: pairs of models 1.. are NaN in the matrix; from the pairs
         vals = {s: v for s, v in vals.items() if not math.isnan(v)}
         self.calls["matcher"] += 1
@@ -721,7 +758,7 @@ def _ascend(state: _DualSpace, seed: int, patience: int, max_sweeps: int, revert
         "weight_similarity": state.weight_similarity, "orders": [], "changed": [], "seconds": [],
         "init": {"activation": sum(s in state.act for s in state.flat),
                  "identity": sum(s not in state.act for s in state.flat)},
-        "stopped": "max_sweeps",
+        "stopped": "max_sweeps", "objective_rule": state.rule,
     }
     rng = np.random.default_rng(seed)
     stall = 0
@@ -731,7 +768,11 @@ def _ascend(state: _DualSpace, seed: int, patience: int, max_sweeps: int, revert
             obj, values, moved = state.sweep(rng, history)
             history["sweeps"] = sweep
             differs = any(not torch.equal(best.assign[s], state.assign[s]) for s in state.flat)
-            if sweep == 1 or (differs and (obj > best.objective + _IMPROVE_TOL or math.isnan(best.objective))):
+            if state.rule == "merge_value":  # the reference's: any strict gain, changed or not
+                better = obj > best.objective or math.isnan(best.objective)
+            else:
+                better = differs and (obj > best.objective + _IMPROVE_TOL or math.isnan(best.objective))
+            if sweep == 1 or better:
                 best = _Best(obj, dict(state.matches), dict(state.assign), values, sweep)
                 stall = 0
             else:

@@ -415,6 +415,35 @@ def test_seeded_runs_are_deterministic(resnet20) -> None:
         assert sorted(set(m.assign.reshape(-1).tolist())) == list(range(analysis.spaces[s].size))
 
 
+def test_reference_objective_scores_each_space_by_its_merge_value(resnet20) -> None:
+    """Under the reference code's rule (``objective("merge_value")``) every returned space is scored by
+    the mean similarity at which its own zip merged, the best objective is the mean of those, and the best
+    sweep is the last strict gain over every earlier sweep; fxzip's rule scores another quantity (the mean
+    matched similarity under the final neighbours)."""
+    from fxzip.mudsc import objective
+
+    _, gm, analysis = resnet20
+    other = fxzip.trace(redraw(zoo.resnet20(width=1).eval(), 1), torch.randn(2, 3, 16, 16))
+    states = [gm.state_dict(), other.state_dict()]
+    with objective("merge_value"):
+        m_ref, h_ref = dual_space_match(analysis, states, mergeable(analysis), None, zipit_matcher(analysis, 2),
+                                        weight_similarity=1.0, seed=0, max_sweeps=8, progress=False)
+    m_own, h_own = dual_space_match(analysis, states, mergeable(analysis), None, zipit_matcher(analysis, 2),
+                                    weight_similarity=1.0, seed=0, max_sweeps=8, progress=False)
+    assert h_ref["objective_rule"] == "merge_value" and h_own["objective_rule"] == "pairs"
+    values = [m.extra["merge_value"] for m in m_ref.values()]
+    assert [m.extra["mudsc_similarity"] for m in m_ref.values()] == values
+    assert h_ref["best_objective"] == pytest.approx(float(np.mean(values)), abs=1e-12)
+    gains = [k for k in range(2, len(h_ref["objective"]))
+             if h_ref["objective"][k] > max(h_ref["objective"][1:k])]
+    assert h_ref["best_sweep"] == (gains[-1] if gains else 1)
+    own = [m.extra["mudsc_similarity"] for m in m_own.values()]
+    assert own != [m.extra["merge_value"] for m in m_own.values()]
+    with pytest.raises(ValueError, match="unknown MuDSC objective"):
+        with objective("mean"):
+            pass
+
+
 # ------------------------------------ (5) the representation of a tiny conv net
 
 class TinyConv(nn.Module):

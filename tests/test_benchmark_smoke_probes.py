@@ -80,3 +80,16 @@ def test_probe_decision_pairs_cells_and_switches_only_beyond_two_standard_errors
     se = row["pooled"]["se"]
     assert res["switch"] == (mean > 2 * se > 0) and res["default"] == ("reference" if res["switch"] else "all")
     assert "Decision: the default is" in Path(out + ".md").read_text()
+
+
+def test_mudsc_objective_smoke(tmp_path):
+    """Both rules on every pair and setting, paired in the summary; the rule reached the merge (its
+    sweep counts are recorded per row)."""
+    out = str(tmp_path / "mo")
+    res = _run("mudsc_objective.py", "--smoke", "--archs", "resnet20gn", "--pairs", "0", "1", "--threads", "1",
+               "--out", out)
+    assert {(r["alpha"], r["beta"]) for r in res["summary"]} == {(0.5, 1.0), (0.3, 0.125)}
+    assert all(r["n"] == 2 for r in res["summary"]) and res["pooled"]["n"] == 4
+    rows = res["rows"]
+    assert len(rows) == 8 and all(r["best_sweep"] <= r["sweeps"] for r in rows.values())
+    assert "merge_value (reference)" in Path(out + ".md").read_text()

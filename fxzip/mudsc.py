@@ -127,7 +127,8 @@ OBJECTIVES = ("pairs", "merge_value")
 space's mean matched combined similarity under the final assignments; a sweep
 must change an assignment and gain more than ``_IMPROVE_TOL``) or
 ``"merge_value"`` (the reference code's: the value its matcher returned when the
-space was matched, for the zip the mean similarity at which the greedy merged,
+space was matched, for the zip the mean similarity at which the greedy merged
+(a grouped space, zipped group by group, its mean matched similarity then),
 never re-evaluated; any strict gain counts)."""
 
 _objective = "pairs"

@@ -85,6 +85,20 @@ def have_pair(arch: str, pair: int) -> bool:
     return ec.pair_available(CKPT[arch], pair)
 
 
+def pair_sources(args) -> tuple[Any, torch.Tensor, Any, Any]:
+    """(data, class vectors, get(arch, pair) -> (models, infos), have(arch, pair)) for the CIFAR pairs, or
+    with ``args.smoke`` synthetic images and random-init tiny models (the protocol's sizes shrunk in
+    ``args``): what every script on this protocol reads its pairs from."""
+    if args.smoke:
+        args.calib_images, args.calib_batch, args.test_per_class = 20, 10, 5
+        vecs = F.normalize(torch.randn(10, ec.OUT_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
+        return (ec.synthetic_data(), vecs, lambda arch, p: ec.random_pair(p, lambda: build(arch, True)),
+                lambda arch, p: True)
+    import cifar_data
+
+    return cifar_data.load_cifar10(args.data), ec.class_vectors(), load_pair, have_pair
+
+
 def variants(policies: list[str], repair: list[str], refit: list[str] = ()) -> list[dict[str, Any]]:
     out = [{"probes": p, "repair": False, "refit": False} for p in policies]
     out += [{"probes": p, "repair": True, "refit": False} for p in repair]
@@ -250,18 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.write_text(json.dumps(cache, indent=1))
             os.replace(tmp, cache_path)
 
-    if args.smoke:
-        args.calib_images, args.calib_batch, args.test_per_class = 20, 10, 5
-        data = ec.synthetic_data()
-        vecs = F.normalize(torch.randn(10, ec.OUT_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
-        get = lambda arch, p: ec.random_pair(p, lambda: build(arch, True))  # noqa: E731
-        have = lambda arch, p: True  # noqa: E731
-    else:
-        import cifar_data
-
-        data = cifar_data.load_cifar10(args.data)
-        vecs = ec.class_vectors()
-        get, have = load_pair, have_pair
+    data, vecs, get, have = pair_sources(args)
     pairs = {a: [p for p in args.pairs if have(a, p)] for a in args.archs}
     archs = [a for a in args.archs if pairs[a]]
     for arch in archs:

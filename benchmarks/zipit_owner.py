@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,16 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         MATCHERS[f"zipit_owner_{owner}"] = functools.partial(zipit, owner=owner)
     cache_path = Path(args.cache) if args.cache else None
     cache: dict = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
-    if args.smoke:
-        args.calib_images, args.calib_batch, args.test_per_class = 20, 10, 5
-        data = ec.synthetic_data()
-        vecs = F.normalize(torch.randn(10, ec.OUT_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
-        get = lambda arch, p: ec.random_pair(p, lambda: pp.build(arch, True))  # noqa: E731
-        have = lambda arch, p: True  # noqa: E731
-    else:
-        import cifar_data
-
-        data, vecs, get, have = cifar_data.load_cifar10(args.data), ec.class_vectors(), pp.load_pair, pp.have_pair
+    data, vecs, get, have = pp.pair_sources(args)
     settings = {a: sorted({pp.ALPHA_BETA[a], (0.3, 0.125)}, reverse=True) for a in args.archs}
     pairs = {a: [p for p in args.pairs if have(a, p)] for a in args.archs}
     for arch in args.archs:

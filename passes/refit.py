@@ -26,7 +26,8 @@ depthwise convs are solved group by group). The bias column is part of ``W``
 and is penalised like every other entry (toward the folded bias), so a
 constant input feature cannot make the solve singular. ``lambda = ridge *
 trace(C_xx) / dim``: relative to the Gram's mean eigenvalue, so it means the
-same for every layer and input scale (default ``ridge = 1e-3``).
+same for every layer and input scale (default ``ridge = 1e-3``); a group whose
+inputs are all zero on the data takes the layer's scale, and keeps W_fold.
 
 Invariants: when the models are one (a self-merge, a permuted copy) the
 folded weights solve the system exactly (``t = W_fold x~`` for every
@@ -239,7 +240,13 @@ def _solve(normal: _Normal, w_fold: torch.Tensor, ridge: float) -> tuple[torch.T
     n = normal.n
     c_xx, c_tx = normal.gram / n, normal.cross / n
     dim = c_xx.shape[-1]
-    lam = ridge * c_xx.diagonal(dim1=-2, dim2=-1).sum(-1) / dim  # (groups,)
+    mean_eig = c_xx.diagonal(dim1=-2, dim2=-1).sum(-1) / dim  # (groups,)
+    # a group whose inputs are all zero on the data (a dead channel into a bias-free depthwise conv) has
+    # no scale of its own: take the layer's, or 1 if the whole layer sees nothing; with C_xx = C_tx = 0
+    # the solution is then W_fold for any lambda > 0
+    seen = mean_eig[mean_eig > 0]
+    mean_eig = torch.where(mean_eig > 0, mean_eig, seen.mean() if seen.numel() else torch.ones((), dtype=mean_eig.dtype))
+    lam = ridge * mean_eig
     eye = torch.eye(dim, dtype=torch.float64)
     lhs = c_xx + lam[:, None, None] * eye
     rhs = c_tx + lam[:, None, None] * w_fold

@@ -49,6 +49,32 @@ def test_refit_keeps_self_merge_and_permutation_recovery(name):
         assert_same_function(model, merged, data)
 
 
+def test_refit_of_a_layer_that_sees_nothing_keeps_its_folded_weights():
+    """A bias-free depthwise conv whose input channel is dead on the data (a ReLU that never fires, as
+    in fine-tuned MobileNets) has an all-zero Gram in that group: the ridge, relative to the Gram's mean
+    eigenvalue, was 0 there and the solve singular. That group now keeps its folded weights (the only
+    minimiser of the penalty when the data says nothing); the self-merge invariant holds."""
+    data = batches((16, 3, 12, 12), 2)
+    model = prepared(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)), data)
+    with torch.no_grad():
+        model[0].weight[2].zero_()
+        model[0].bias[2] = -1.0  # channel 2 is 0 everywhere
+    merged = fxzip.merge(model, copy.deepcopy(model), data=data, refit=True, progress=False)
+    assert_same_function(model, merged, data)
+    other = prepared(copy.deepcopy(model), data, seed=3)
+    with torch.no_grad():
+        other[0].weight[2].zero_()
+        other[0].bias[2] = -1.0
+    merged = fxzip.merge(model, other, data=data, refit=True, progress=False)
+    folded = fxzip.merge(model, other, data=data, progress=False)
+    w, w_fold = merged.get_submodule("2").weight, folded.get_submodule("2").weight
+    unit = int((folded.get_submodule("0").bias == -1.0).nonzero()[0])  # the dead unit's merged index
+    assert torch.equal(w[unit], w_fold[unit])
+    assert not torch.equal(w, w_fold)
+
+
 def _ridge_lstsq(x: torch.Tensor, t: torch.Tensor, w_fold: torch.Tensor, lam: float) -> torch.Tensor:
     """min (1/n)||X W^T - T||^2 + lam ||W - W_fold||^2 as one stacked least squares."""
     n = x.shape[0]

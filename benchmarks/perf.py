@@ -3,7 +3,8 @@ scaling, memory, and the latency of partial zips.
 
     python benchmarks/perf.py                  # full run -> benchmarks/results/perf.{json,md}
     python benchmarks/perf.py --smoke --out /tmp/x   # seconds; exercises every code path
-    OMP_NUM_THREADS=1 python benchmarks/perf.py --refit-only   # the refit / repair rows alone, into perf.{json,md}
+    OMP_NUM_THREADS=1 python benchmarks/perf.py --refit-only --select resnet20x1   # one refit / repair row
+    python benchmarks/perf.py --refit-only --select resnet50 --threads 2   # resnet50 @ 224 px with refit, 2 cores
 
 Every configuration runs in a fresh subprocess (``--one <config-json>``), so
 peak memory and allocator state never leak from one configuration into the
@@ -81,11 +82,18 @@ def refit_configs(smoke: bool = False) -> list[dict]:
     4, 1,000 images at 32 px in batches of 500)."""
     if smoke:
         return [{"kind": "refit", "model": "resnet20x1", "n_models": 2, "images": 16, "batch": 8, "px": 16,
-                 "timeout": 300}]
+                 "timeout": 300},
+                {"kind": "refit", "model": "resnet20x1", "n_models": 2, "images": 8, "batch": 4, "px": 16,
+                 "light": True, "timeout": 300}]
     return [{"kind": "refit", "model": "resnet20x1", "n_models": 2, "images": 1000, "batch": 250, "px": 32,
              "timeout": 2400},
             {"kind": "refit", "model": "cifar_vit", "n_models": 2, "images": 1000, "batch": 500, "px": 32,
-             "timeout": 2400}]
+             "timeout": 2400},
+            # the issue's large row: the merge with refit against its bound and its memory, nothing else (the
+            # wave schedule alone would read the data once per layer depth); run it on 2 threads:
+            # --refit-only --select resnet50 --threads 2
+            {"kind": "refit", "model": "resnet50", "n_models": 2, "images": 256, "batch": 32, "px": 224,
+             "light": True, "timeout": 5400}]
 
 
 def smoke_configs() -> list[dict]:
@@ -436,14 +444,14 @@ def _refit_f32(refit_fn, model, *args):
         refit_module._Normal = real
 
 
-def gram_seconds(model, layer_names: list[str], batches: list) -> dict[str, float]:
+def gram_seconds(model, layer_names: list[str], batches: list, float32: bool = True) -> dict[str, float]:
     """What forming the refit's normal equations alone costs, on the merged
     model's own activations: for every fitted layer and batch, the im2col rows
     and ``_Normal.add`` (float64 ``X~^T X~`` and ``T^T X~``, bias column
     included), exactly as the refit forms them per batch; the layer's own
     output stands in for the target (same shape). Timed in forward hooks
     during one pass over the batches; the forward itself is not counted. The
-    float32-chunk variant (``_gram_f32``) is timed on the same rows."""
+    float32-chunk variant (``_gram_f32``) is timed on the same rows (``float32``)."""
     import torch
 
     from fxzip.passes.refit import _Normal, _out_rows, _rows
@@ -456,7 +464,8 @@ def gram_seconds(model, layer_names: list[str], batches: list) -> dict[str, floa
         w0, c0 = time.perf_counter(), time.process_time()
         normals.setdefault(mod, _Normal(mod)).add(_rows(mod, args[0]), t)
         w1, c1 = time.perf_counter(), time.process_time()
-        _gram_f32(_rows(mod, args[0]), t)
+        if float32:
+            _gram_f32(_rows(mod, args[0]), t)
         spent["float64"] += w1 - w0
         spent["float64_cpu"] += c1 - c0
         spent["float32_chunks"] += time.perf_counter() - w1
@@ -523,9 +532,14 @@ def run_refit(cfg: dict) -> dict:
     cpu: dict[str, float] = {}
     _cpu_timed(cpu)
     merges = {}
-    partial = _half_gather_cut(models, batches[0][:2])
-    for label, options in (("plain", {}), ("refit", {"refit": True}), ("repair", {"repair": True}),
-                           ("partial_plain", {"stop_at": partial}), ("partial_refit", {"refit": True, "stop_at": partial})):
+    light = bool(cfg.get("light"))
+    partial = None if light else _half_gather_cut(models, batches[0][:2])
+    runs = [("plain", {}), ("refit", {"refit": True})]
+    if not light:
+        runs += [("repair", {"repair": True}), ("partial_plain", {"stop_at": partial}),
+                 ("partial_refit", {"refit": True, "stop_at": partial})]
+    refit_merged = None
+    for label, options in runs:
         cpu.clear()
         load[f"merge_{label}"] = os.getloadavg()[0]
         merged, wall, cpu_s, extra = measured(lambda: fxzip.merge(*models, data=batches, progress=False, **options))
@@ -536,7 +550,24 @@ def run_refit(cfg: dict) -> dict:
             if key in report.details:
                 merges[label][key] = {k: v for k, v in report.details[key].items()
                                       if k in ("layers", "sites", "passes", "data_reads", "schedule", "memory")}
+        if light and label == "refit":
+            refit_merged, layer_names = merged, list(report.details["refit"]["per_layer"])
         del merged
+    if light:  # the bound and the floor after, on the refit merge's own model
+        load["gram"] = os.getloadavg()[0]
+        gram = gram_seconds(refit_merged, layer_names, batches, float32=False)
+        load["floor_after"] = os.getloadavg()[0]
+        after = forwards(refit_merged.eval())
+        load["end"] = os.getloadavg()[0]
+        floor, floor_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        bound, bound_cpu = floor + gram["float64"], floor_cpu + gram["float64_cpu"]
+        return {"model": cfg["model"], "n_models": n_models, "calib_images": cfg["images"],
+                "batch_size": cfg["batch"], "image_px": cfg["px"], "light": True, "floor_seconds": floor,
+                "floor_seconds_before_after": [before[0], after[0]], "floor_cpu_seconds": floor_cpu,
+                "gram_seconds": gram, "bound_seconds": bound, "bound_cpu_seconds": bound_cpu, "merges": merges,
+                "refit_over_bound": merges["refit"]["seconds"]["refit"] / bound,
+                "refit_over_bound_cpu": merges["refit"]["cpu_seconds"]["refit"] / bound_cpu,
+                "load_avg_1m_at": {k: round(v, 2) for k, v in load.items()}}
     cal = fxzip.calibrate(*models, data=batches, progress=False)
     folded = fxzip.merge(*models, data=cal, reset_bn=False, progress=False)
     assign = {s.index: torch.tensor(s.assignment) for s in folded.meta["fxzip"].spaces}
@@ -985,8 +1016,9 @@ def _run_line(result: dict, section: str) -> str:
 def refit_markdown(result: dict) -> list[str]:
     """The refit and repair section: floor, bound, the merges with and
     without, the two schedules, the float32-chunk variant."""
-    rows = result.get("refit") or []
-    if not rows:
+    rows = [r for r in result.get("refit") or [] if not r.get("light")]
+    large = [r for r in result.get("refit") or [] if r.get("light")]
+    if not rows and not large:
         return []
     mb = 2 ** 20
     parts = ["", "## Refit and repair vs. the floor (issue 24)", "", _run_line(result, "refit"), "",
@@ -1049,7 +1081,26 @@ def refit_markdown(result: dict) -> list[str]:
                           f"{f['max_rel_weight_diff']:.1e}"])
         parts.append(_table(["model", "Gram s: float64 / float32 chunks", "Gram CPU s", "refit s: float64 / "
                              "float32 chunks", "first layer", "last layer", "worst weight"], table))
-    return parts + ["", "Reading:", ""] + refit_notes(rows)
+    if large:
+        parts += ["", "Large models, the merge with refit alone (floor, bound and the two merges as above; no repair, "
+                  "partial zip, wave schedule or float32 variant):", ""]
+        parts.append(_table(
+            ["model", "images (batch) @ px", "threads", "floor s", "Gram s", "bound s", "merge s", "merge + refit s",
+             "refit s", "**refit / bound**", "(CPU s)", "extra MB: merge / + refit", "cache MB: refit"],
+            [[r["model"], f"{r['calib_images']} ({r['batch_size']}) @ {r['image_px']}", str(r.get("torch_threads", "")),
+              _f(r["floor_seconds"]), _f(r["gram_seconds"]["float64"]), _f(r["bound_seconds"]),
+              _f(r["merges"]["plain"]["seconds"]["total"]), _f(r["merges"]["refit"]["seconds"]["total"]),
+              _f(r["merges"]["refit"]["seconds"]["refit"]), f"**{_f(r['refit_over_bound'])}**",
+              _f(r["refit_over_bound_cpu"]),
+              f"{r['merges']['plain']['extra_rss_mb']:.0f} / {r['merges']['refit']['extra_rss_mb']:.0f}",
+              f"{((r['merges']['refit'].get('refit') or {}).get('memory') or {}).get('peak_bytes', 0) / mb:.0f}"]
+             for r in large]))
+    return parts + ["", "Reading:", ""] + refit_notes(rows) + [
+        f"- {r['model']} at {r['image_px']} px, {r['calib_images']} images: the refit takes "
+        f"{r['refit_over_bound']:.3f}x its bound ({r['refit_over_bound_cpu']:.3f}x in CPU seconds; goal "
+        f"{REFIT_GOAL_BOUND}: {'met' if r['refit_over_bound'] <= REFIT_GOAL_BOUND else 'missed'}); the Gram products "
+        f"alone take {r['gram_seconds']['float64'] / r['floor_seconds']:.1f}x the floor; the merge with refit peaks "
+        f"{r['merges']['refit']['extra_rss_mb']:.0f} MB above the resident set before the call." for r in large]
 
 
 REFIT_GOAL_BOUND, REFIT_GOAL_WAVES = 1.5, 5.0

@@ -47,8 +47,13 @@ def test_perf_smoke_writes_schema(tmp_path):
     partial = next(v for k, v in macs.items() if k.startswith("partial"))
     assert macs["full zip"] < partial < macs["ensemble"]
 
-    assert len(result["refit"]) == 1  # issue 24: refit and repair against the floor and the bound
-    row = result["refit"][0]
+    assert len(result["refit"]) == 2  # issue 24: refit and repair against the floor and the bound
+    row, large = result["refit"]
+    # the large-model row (resnet50 at 224 px in the full run): the refit merge alone against its bound
+    assert large["light"] and set(large["merges"]) == {"plain", "refit"}
+    assert large["bound_seconds"] > large["floor_seconds"] > 0 and large["refit_over_bound"] > 0
+    assert large["merges"]["refit"]["refit"]["passes"] == large["n_models"] + 1
+    assert "Large models, the merge with refit alone" in (tmp_path / "perf.md").read_text()
     assert row["bound_seconds"] > row["floor_seconds"] > 0 and row["refit_over_bound"] > 0
     assert {"plain", "refit", "repair", "partial_plain", "partial_refit"} == set(row["merges"])
     assert "refit" in row["merges"]["refit"]["seconds"] and row["partial_refit_over_bound"] > 0

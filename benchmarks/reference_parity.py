@@ -9,7 +9,9 @@ model, which loads into fxzip and into both official model classes), each in its
   Permute, ZipIt a.3 b.125, ZipIt a1e-4 b.075;
 * ``official_mudsc``: MuDSC's code (github zju-vipa/training_free_model_merging, homogeneous_tasks/;
   ``mudsc_compare.official``): zip-based MuDSC at its defaults a=0.5, b=1 for every balance factor
-  (``--balance``, default 0.5; official ``fix_rate`` = fxzip ``weight_similarity``);
+  (``--balance``, default 0.5; official ``fix_rate`` = fxzip ``weight_similarity``), MuDSC at a=0.3,
+  b=0.125 (balance 0.5), and its plain zip at a=0.5, b=1 ("ZipIt a.5 b1"), for MuDSC minus ZipIt at
+  both settings (a method added after a side ran is run alone and joined to its rows);
 * ``fxzip_reference``: ``fxzip.merge(..., probes="reference", refit=False)``, every method above;
 * ``fxzip_default``: the same with fxzip's default probes (``fxzip.probes.DEFAULT_PROBES``);
 * ``fxzip_zipit_reference``: the ZipIt rows with probes="reference" and ``method="zipit_reference"``
@@ -82,7 +84,8 @@ ZIPIT_ONLY_SIDES = ("fxzip_zipit_reference",)  # sides that run the ZipIt rows o
 ZIPIT_METHODS = ("W.Avg", "Permute", "ZipIt a.3 b.125", "ZipIt a1e-4 b.075")
 FXZIP_KW = {"W.Avg": {"method": "weight_average"}, "Permute": {"method": "permute"},
             "ZipIt a.3 b.125": {"method": "zipit", "alpha": 0.3, "beta": 0.125},
-            "ZipIt a1e-4 b.075": {"method": "zipit", "alpha": 0.0001, "beta": 0.075}}
+            "ZipIt a1e-4 b.075": {"method": "zipit", "alpha": 0.0001, "beta": 0.075},
+            "ZipIt a.5 b1": {"method": "zipit", "alpha": 0.5, "beta": 1.0}}
 METRICS = ("joint", "task_a", "task_b", "avg")
 
 
@@ -95,12 +98,36 @@ def mudsc_name(balance: float) -> str:
     return f"MuDSC a.5 b1 ws{fmt(balance)}"
 
 
+MUDSC_AT_ZIPIT_DEFAULTS = "MuDSC a.3 b.125 ws.5"  # MuDSC at fxzip's (and the ZipIt! paper's) alpha / beta
+ZIPIT_AT_MUDSC_DEFAULTS = "ZipIt a.5 b1"  # ZipIt at MuDSC's defaults, from MuDSC's code (its "_act" zip)
+# MuDSC minus ZipIt at each alpha / beta (issue 25's goal), each row from its own official side
+MUDSC_VS_ZIPIT = (("a.5 b1", "MuDSC a.5 b1 ws.5", ZIPIT_AT_MUDSC_DEFAULTS),
+                  ("a.3 b.125", MUDSC_AT_ZIPIT_DEFAULTS, "ZipIt a.3 b.125"))
+
+
 def methods_of(balances: list[float]) -> list[str]:
-    return list(ZIPIT_METHODS) + [mudsc_name(b) for b in balances]
+    return (list(ZIPIT_METHODS) + [ZIPIT_AT_MUDSC_DEFAULTS] + [mudsc_name(b) for b in balances]
+            + [MUDSC_AT_ZIPIT_DEFAULTS])
+
+
+def side_methods(side: str, methods: list[str]) -> list[str]:
+    """The methods of ``methods`` that ``side`` produces rows for."""
+    if side.startswith("official_"):
+        return [m for m in methods if official_side_of(m) == side]
+    if side in ZIPIT_ONLY_SIDES:
+        return [m for m in methods if m.startswith("ZipIt")]
+    return list(methods)
+
+
+def missing_methods(cache: dict, key: str, side: str, methods: list[str]) -> list[str]:
+    """What a cell's side still lacks: every wanted method when the side never ran, else the methods added
+    since it ran (run alone and merged into its rows)."""
+    have = {r["method"] for r in (cache["cells"].get(key, {}).get(side) or {}).get("rows", [])}
+    return [m for m in side_methods(side, methods) if m not in have]
 
 
 def official_side_of(method: str) -> str:
-    return "official_mudsc" if method.startswith("MuDSC") else "official_zipit"
+    return "official_mudsc" if method.startswith("MuDSC") or method == ZIPIT_AT_MUDSC_DEFAULTS else "official_zipit"
 
 
 def cell_key(pair: int, width: int, draw: int) -> str:
@@ -184,6 +211,25 @@ def summarize(cache: dict, methods: list[str]) -> list[dict]:
     return rows
 
 
+def mudsc_minus_zipit(cache: dict) -> list[dict]:
+    """MuDSC minus ZipIt at each alpha / beta of ``MUDSC_VS_ZIPIT``, paired over the cells, for the official
+    codes (each row from the side that makes it) and for each fxzip setting that runs both."""
+    out = []
+    for setting, mudsc, zipit in MUDSC_VS_ZIPIT:
+        for code in ("official",) + tuple(s for s in FXZIP_SIDES if s not in ZIPIT_ONLY_SIDES):
+            diffs = []
+            for _, entry in sorted(cache["cells"].items()):
+                m = cell_rows(entry, official_side_of(mudsc) if code == "official" else code).get(mudsc)
+                z = cell_rows(entry, official_side_of(zipit) if code == "official" else code).get(zipit)
+                if m and z:
+                    diffs.append(round(m["joint"] - z["joint"], 2))
+            if diffs:
+                mu, se = mean_se(diffs)
+                out.append({"setting": setting, "mudsc": mudsc, "zipit": zipit, "code": code, "n": len(diffs),
+                            "d_joint": round(mu, 4), "se_joint": None if se is None else round(se, 4)})
+    return out
+
+
 def goals(summary: list[dict]) -> list[str]:
     """The issue's goals, each with its verdict ('not decided' where a standard error needs 2 cells)."""
     lines = []
@@ -220,8 +266,9 @@ def write_report(cache: dict, methods: list[str], wanted: list[str], header: dic
     have = sorted(cache["cells"])
     missing = {k: [s for s in SIDES if not cache["cells"].get(k, {}).get(s)] for k in wanted}
     missing = {k: v for k, v in missing.items() if v}
+    versus = mudsc_minus_zipit(cache)
     doc = {**header, "methods": methods, "cells": have, "missing": missing, "summary": summary,
-           "goals": goals(summary), "per_cell": cache["cells"]}
+           "goals": goals(summary), "mudsc_minus_zipit": versus, "per_cell": cache["cells"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".json"), "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
@@ -247,6 +294,11 @@ def write_report(cache: dict, methods: list[str], wanted: list[str], header: dic
         md.append(f"| {r['method']} | {r['fxzip'][6:]} | {r['official'][9:]} | {r['n']} | "
                   f"{pm(r['d_joint'], r['se_joint'])} | {pm(r['d_avg'], r['se_avg'])} | {r['equal']}/{r['n']} |")
     md += ["", "## Goals", ""] + [f"- {g}" for g in doc["goals"]]
+    if versus:
+        md += ["", "## MuDSC minus ZipIt (joint, paired over cells)", "",
+               "| alpha / beta | MuDSC row | ZipIt row | code | n | Δ joint |", "|---|---|---|---|---|---|"]
+        md += [f"| {v['setting']} | {v['mudsc']} | {v['zipit']} | {v['code'].replace('fxzip_', 'fxzip ')} | {v['n']} | "
+               f"{pm(v['d_joint'], v['se_joint'])} |" for v in versus]
     md += ["", "## Per cell (joint / avg)", "",
            "| cell | method | official | " + " | ".join(f"fxzip {s[6:]}" for s in settings_of(cache))
            + " | batches sha1 |", "|---|---|---|" + "---|" * len(settings_of(cache)) + "---|"]
@@ -341,7 +393,7 @@ def run_one(args) -> None:
             if name in methods:
                 emit(name, merged, secs)
     elif side == "official_mudsc":
-        names = [m for m in methods if m.startswith("MuDSC")]
+        names = [m for m in methods if official_side_of(m) == "official_mudsc"]
         ns = types.SimpleNamespace(mudsc_repo=str(args.mudsc_repo), width=args.width, balance=args.balance,
                                    perm_balance=[])
         for name, merged, secs, extra in mc.official(ns, models, batches, names):
@@ -354,7 +406,8 @@ def run_one(args) -> None:
         if exact:
             methods = [m for m in methods if m.startswith("ZipIt")]
         kws = {**FXZIP_KW, **{mudsc_name(b): {"method": "mudsc", "alpha": 0.5, "beta": 1.0, "weight_similarity": b}
-                              for b in args.balance}}
+                              for b in args.balance},
+               MUDSC_AT_ZIPIT_DEFAULTS: {"method": "mudsc", "alpha": 0.3, "beta": 0.125, "weight_similarity": 0.5}}
         bases = [oc.reset_bn(copy.deepcopy(m), batches) for m in models]
         for name in methods:
             kw = {**kws[name], "method": "zipit_reference"} if exact else kws[name]
@@ -373,14 +426,14 @@ def machine_line() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}"
 
 
-def side_cmd(args, side: str, pair: int, width: int, draw: int) -> list[str]:
+def side_cmd(args, side: str, pair: int, width: int, draw: int, methods: list[str] | None = None) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", side, "--pair", str(pair), "--width", str(width),
            "--draw", str(draw), "--refs", str(args.refs), "--ckpt-dir", str(args.ckpt_dir),
            "--zipit-repo", str(args.zipit_repo), "--mudsc-repo", str(args.mudsc_repo), "--threads", str(args.threads),
            "--calib-images", str(args.calib_images), "--calib-bs", str(args.calib_bs),
            "--balance", *[str(b) for b in args.balance]]
-    if args.methods:
-        cmd += ["--methods", *args.methods]
+    if methods or args.methods:
+        cmd += ["--methods", *(methods or args.methods)]
     if args.data_npz:
         cmd += ["--data-npz", str(args.data_npz)]
     return cmd
@@ -389,7 +442,8 @@ def side_cmd(args, side: str, pair: int, width: int, draw: int) -> list[str]:
 def run_cells(args) -> None:
     cache = load_cache(args.cache)
     cells = [(p, w, d) for w in args.widths for p in args.pairs for d in args.draws]
-    todo = [(c, s) for c in cells for s in args.sides if not cache["cells"].get(cell_key(*c), {}).get(s)]
+    wanted = [m for m in methods_of(args.balance) if not args.methods or m in args.methods]
+    todo = [(c, s) for c in cells for s in args.sides if missing_methods(cache, cell_key(*c), s, wanted)]
     print(f"{len(cells)} cells x {len(args.sides)} sides: {len(todo)} to run, "
           f"{len(cells) * len(args.sides) - len(todo)} cached ({args.cache})", flush=True)
     for i, ((p, w, d), side) in enumerate(todo):
@@ -399,12 +453,17 @@ def run_cells(args) -> None:
             continue
         t = time.time()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(side_cmd(args, side, p, w, d), capture_output=True, text=True, env=env, cwd=ROOT)
+        old = (cache["cells"].get(key, {}).get(side) or {}).get("rows", [])
+        subset = missing_methods(cache, key, side, wanted) if old else None
+        proc = subprocess.run(side_cmd(args, side, p, w, d, subset), capture_output=True, text=True, env=env,
+                              cwd=ROOT)
         if proc.returncode != 0:
             print(f"[{i + 1}/{len(todo)}] {key} {side}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}",
                   flush=True)
             continue
         rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if old:  # the methods added since the side ran, next to its rows (the original models' rows again too)
+            rows = old + [r for r in rows if r["method"] not in {o["method"] for o in old}]
         shas = {r["calib_sha1"] for r in rows}
         if len(shas) != 1:
             print(f"[{i + 1}/{len(todo)}] {key} {side}: rows disagree on the batches {shas}", flush=True)

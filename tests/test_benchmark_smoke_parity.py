@@ -83,6 +83,27 @@ def test_paired_differences_standard_errors_and_report(tmp_path):
         rp.summarize(cache, methods)
 
 
+def test_a_method_added_later_is_run_alone_for_the_sides_that_make_it():
+    methods = rp.methods_of([0.5])
+    assert methods[-1] == "MuDSC a.3 b.125 ws.5" and "MuDSC a.5 b1 ws.5" in methods
+    cache = {"cells": {"p0_w1_d0": {"official_mudsc": side([("MuDSC a.5 b1 ws.5", 24.25, 46.26)]),
+                                    "official_zipit": side(OFFICIAL + [("ZipIt a1e-4 b.075", 18.17, 38.82)]),
+                                    "fxzip_zipit_reference": side(OFFICIAL[2:])}}}
+    missing = {s: rp.missing_methods(cache, "p0_w1_d0", s, methods) for s in rp.SIDES}
+    assert missing["official_mudsc"] == ["ZipIt a.5 b1", "MuDSC a.3 b.125 ws.5"]  # added since
+    assert missing["official_zipit"] == []
+    assert missing["fxzip_zipit_reference"] == ["ZipIt a1e-4 b.075", "ZipIt a.5 b1"]
+    assert missing["fxzip_default"] == methods  # never ran: everything
+    # MuDSC minus ZipIt, each official row from the side that makes it (ZipIt a.5 b1: MuDSC's code)
+    cache["cells"]["p0_w1_d0"]["official_mudsc"] = side([("MuDSC a.5 b1 ws.5", 24.25, 46.26),
+                                                          ("ZipIt a.5 b1", 29.38, 46.03)])
+    cache["cells"]["p1_w1_d0"] = {"official_mudsc": side([("MuDSC a.5 b1 ws.5", 30.0, 46.0),
+                                                          ("ZipIt a.5 b1", 31.0, 46.0)])}
+    (versus,) = rp.mudsc_minus_zipit(cache)
+    assert (versus["setting"], versus["code"], versus["n"]) == ("a.5 b1", "official", 2)
+    assert versus["d_joint"] == pytest.approx(((24.25 - 29.38) + (30.0 - 31.0)) / 2, abs=1e-4)
+
+
 @pytest.mark.skipif(not (REFS / "official_compare.py").exists(), reason="needs /work/shared/refs")
 def test_fxzip_sides_run_and_resume_from_cache(tmp_path):
     rng = np.random.RandomState(0)

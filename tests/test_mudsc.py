@@ -25,6 +25,28 @@ from fxzip.trace import trace
 
 # ----------------------------------------------------------------- helpers
 
+@pytest.fixture(autouse=True)
+def fxzip_objective(request):
+    """These tests rebuild fxzip's own objective ("pairs") by hand, so they run under it; the default
+    (the reference code's "merge_value") is tested where a test is marked ``default_objective``."""
+    from fxzip.mudsc import objective
+
+    if request.node.get_closest_marker("default_objective"):
+        yield
+        return
+    with objective("pairs"):
+        yield
+
+
+@pytest.mark.default_objective
+def test_the_default_objective_is_the_reference_codes(resnet20) -> None:
+    _, gm, analysis = resnet20
+    other = fxzip.trace(redraw(zoo.resnet20(width=1).eval(), 1), torch.randn(2, 3, 16, 16))
+    _, hist = dual_space_match(analysis, [gm.state_dict(), other.state_dict()], mergeable(analysis), None,
+                               zipit_matcher(analysis, 2), weight_similarity=1.0, max_sweeps=2, progress=False)
+    assert hist["objective_rule"] == "merge_value"
+
+
 def traced(model: nn.Module, example: torch.Tensor):
     gm = trace(model.eval(), example)
     return gm, analyze(gm)

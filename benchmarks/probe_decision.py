@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
     for row in decision["table"]:
         lines.append(f"| {row['policy']} | " + " | ".join(fmt(row[n]) for n in names) + f" | {fmt(row['pooled'])} |")
     best = next((r for r in decision["table"] if r["policy"] == decision["best"]), None)
-    lines += ["", f"Best pooled mean: **{decision['best']}**"
-              + (f" ({fmt(best['pooled'])})" if best else "") + ". Rule: it replaces `all` only if it beats it by "
-              "more than two standard errors of the pooled mean.", "",
+    below = best is not None and best["pooled"]["mean"] <= 0
+    lines += ["", f"Best alternative to `all`: **{decision['best']}**"
+              + (f" ({fmt(best['pooled'])})" if best else "")
+              + ("; every policy is below `all` on the pooled mean" if below else "")
+              + ". Rule: a policy replaces `all` only if it beats it by more than two standard errors of the "
+              "pooled mean.", "",
               f"Decision: the default is **`{decision['default']}`**"
               + ("." if decision["switch"] else
-                 " (no policy beats it by more than two standard errors; the best one's mean is within the "
-                 "cell-to-cell spread).")]
+                 " (no policy beats it by more than two standard errors).")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return doc

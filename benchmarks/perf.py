@@ -800,8 +800,9 @@ def summary(one: dict) -> str:
     if one["kind"] == "matching":
         return f"{r['seconds']:.2f} s, +{r['extra_rss_mb']:.0f} MB"
     if one["kind"] == "refit":
-        return (f"refit / bound {r['refit_over_bound']:.2f}, waves / sequential "
-                f"{r['waves_over_sequential']['refit']:.1f}x")
+        waves = r.get("waves_over_sequential")  # a large-model row measures no wave schedule
+        return f"refit / bound {r['refit_over_bound']:.2f}" + (
+            f", waves / sequential {waves['refit']:.1f}x" if waves else f", +{r['merges']['refit']['extra_rss_mb']:.0f} MB")
     return f"{len(one['rows'])} rows"
 
 

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_perf_smoke_writes_schema(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perf.py"), "--smoke", "--quiet",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perf.py"), "--smoke",  # not quiet: the
+                           # per-row progress lines are code too
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=str(ROOT), timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "perf.json").read_text())
